@@ -1,0 +1,47 @@
+"""Errors of hpo, split by what the caller must do.
+
+One root (`HpoError`); a `SpecError` stops before any work starts, a `TrialFailed`
+fails one trial and lets the worker go on, a `StorageError` wraps a database fault.
+"""
+
+from __future__ import annotations
+
+
+class HpoError(Exception):
+    """Root of every error hpo raises on purpose."""
+
+    exit_code = 1
+
+
+class SpecError(HpoError):
+    """A study spec is malformed; nothing has run yet.
+
+    The message names the file, the field, what was expected and what to do.
+    """
+
+    exit_code = 2
+
+    def __init__(self, source: str, field: str, message: str) -> None:
+        self.source = source
+        self.field = field
+        where = f"[{field}] " if field else ""
+        super().__init__(f"spec {source}: {where}{message}")
+
+
+class TrialFailed(HpoError):
+    """One trial failed on its own (diverged, or an exception while building or fitting).
+
+    The worker records the reason on the trial and carries on with the next one.
+    """
+
+
+class TrialDiverged(TrialFailed):
+    """A seed's loss became NaN or infinite."""
+
+
+class StorageError(HpoError):
+    """The study database could not be reached or holds something unexpected."""
+
+
+class StudyNotFound(StorageError):
+    """No study of that name in the storage."""

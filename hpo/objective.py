@@ -1,0 +1,102 @@
+"""The Optuna objective: a trial in; suggested params, repeated seeded fits, pruning
+reports and the per-seed record out, with the mean (or mean and std) as its value.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import optuna
+
+from hpo.errors import TrialFailed
+from hpo.space import suggest_params
+from hpo.spec import StudySpec
+from hpo.training import RepeatFit, fit_repeats, release_memory
+
+# User attribute names people and our SQL views rely on.
+ATTR_MEAN = "mean"
+ATTR_STD = "std"
+ATTR_SEED_SCORES = "seed_scores"
+ATTR_SEEDS = "seeds"
+ATTR_BEST_EPOCHS = "best_epochs"
+ATTR_EPOCHS_RUN = "epochs_run"
+ATTR_FIT_SECONDS = "fit_seconds"
+ATTR_CURVES = "curves"
+ATTR_PATH = "training_path"
+ATTR_FAIL_REASON = "fail_reason"
+ATTR_PRUNED_AT = "pruned_at_epoch"
+
+
+class Objective:
+    """Fits a trial's params once per seed and returns the objective value(s).
+
+    A pruned trial keeps the record of the epochs it ran; a failed one (NaN loss, or an
+    exception while building or fitting) stores the reason in `fail_reason` and raises
+    `TrialFailed`, which the worker catches before going on to the next trial.
+    """
+
+    def __init__(self, spec: StudySpec) -> None:
+        self.spec = spec
+
+    def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
+        spec = self.spec
+        seeds = spec.seed_values
+        trial.set_user_attr(ATTR_SEEDS, seeds)
+        params = suggest_params(spec, trial)
+        on_epoch = None if spec.is_multi_objective else _Reporter(trial)
+        try:
+            fit = fit_repeats(spec, params, seeds, on_epoch)
+        except TrialFailed as e:
+            trial.set_user_attr(ATTR_FAIL_REASON, str(e))
+            raise
+        except Exception as e:  # noqa: BLE001 - any fault in user-shaped code fails this trial only
+            reason = f"{type(e).__name__}: {e}"
+            trial.set_user_attr(ATTR_FAIL_REASON, reason[:2000])
+            raise TrialFailed(reason) from e
+        finally:
+            release_memory()
+        record_fit(trial, fit)
+        if fit.pruned_at_epoch is not None:
+            raise optuna.TrialPruned(f"pruned after epoch {fit.pruned_at_epoch}")
+        return objective_value(spec, fit)
+
+
+class _Reporter:
+    def __init__(self, trial: optuna.Trial) -> None:
+        self.trial = trial
+
+    def __call__(self, epoch: int, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        self.trial.report(value, epoch)
+        return self.trial.should_prune()
+
+
+def objective_value(spec: StudySpec, fit: RepeatFit) -> float | tuple[float, float]:
+    """The trial's value under the spec's objective mode."""
+    if spec.objective.mode == "pareto":
+        return fit.mean, fit.std
+    if spec.objective.mode == "mean+k*std":
+        sign = 1.0 if spec.direction == "minimize" else -1.0
+        return fit.mean + sign * spec.objective.k * fit.std
+    return fit.mean
+
+
+def record_fit(trial: optuna.Trial, fit: RepeatFit) -> None:
+    """Store every per-seed figure of the fit as trial user attributes."""
+    attrs: dict[str, Any] = {
+        ATTR_MEAN: fit.mean,
+        ATTR_STD: fit.std,
+        ATTR_SEED_SCORES: fit.scores,
+        ATTR_SEEDS: [f.seed for f in fit.fits],
+        ATTR_BEST_EPOCHS: [f.best_epoch for f in fit.fits],
+        ATTR_EPOCHS_RUN: [f.epochs_run for f in fit.fits],
+        ATTR_FIT_SECONDS: round(fit.fit_seconds, 4),
+        ATTR_CURVES: [f.curves for f in fit.fits],
+        ATTR_PATH: fit.path,
+    }
+    if fit.pruned_at_epoch is not None:
+        attrs[ATTR_PRUNED_AT] = fit.pruned_at_epoch
+    for key, value in attrs.items():
+        trial.set_user_attr(key, value)

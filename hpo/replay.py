@@ -1,0 +1,54 @@
+"""Replay: a stored trial in; its params refitted with the same seeds, and stored versus
+replayed per-seed scores out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+
+from hpo.errors import StudyNotFound
+from hpo.objective import ATTR_PRUNED_AT, ATTR_SEED_SCORES, ATTR_SEEDS
+from hpo.space import suggest_params
+from hpo.storage import get_storage
+from hpo.study import load_study
+from hpo.training import fit_repeats, release_memory
+
+
+@dataclass
+class ReplayResult:
+    params: dict[str, Any]
+    seeds: list[int]
+    stored: list[float]
+    replayed: list[float]
+
+    @property
+    def identical(self) -> bool:
+        return self.stored == self.replayed
+
+
+def replay_trial(storage_url: str, study_name: str, number: int) -> ReplayResult:
+    """Refit trial `number` of the study with its stored params and seeds.
+
+    A pruned trial is replayed up to the epoch it was pruned at.
+
+    Raises:
+        StudyNotFound: No such study, or no such trial with stored scores.
+    """
+    study, spec = load_study(get_storage(storage_url), study_name)
+    trials = [t for t in study.get_trials(deepcopy=False) if t.number == number]
+    if not trials or ATTR_SEED_SCORES not in trials[0].user_attrs:
+        raise StudyNotFound(f"study {study_name} has no trial #{number} with stored scores; "
+                            f"see hpo sql \"SELECT number, state FROM trials\"")
+    trial = trials[0]
+    params = suggest_params(spec, optuna.trial.FixedTrial(trial.params, number=number))
+    seeds = list(trial.user_attrs[ATTR_SEEDS])
+    pruned_at = trial.user_attrs.get(ATTR_PRUNED_AT)
+    stop = None if pruned_at is None else (lambda epoch, value: epoch + 1 >= pruned_at)
+    try:
+        fit = fit_repeats(spec, params, seeds, stop)
+    finally:
+        release_memory()
+    return ReplayResult(params, seeds, list(trial.user_attrs[ATTR_SEED_SCORES]), fit.scores)

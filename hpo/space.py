@@ -1,0 +1,74 @@
+"""Search space: a `StudySpec` and an Optuna trial in, a plain params dict out.
+
+Pure: no Keras. Names the spec leaves out take the family's defaults, and parameters that
+only matter under another choice (SGD momentum, a schedule's decay) are asked for only then.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optuna
+
+from hpo.spec import DEFAULT_PARAMS, RECURRENT_FAMILIES, Choice, FloatRange, Fixed, IntRange, Param, StudySpec
+
+# Parameters that are suggested only when another parameter makes them matter.
+_CONDITIONS = {
+    "momentum": ("optimizer", {"sgd"}),
+    "nesterov": ("optimizer", {"sgd"}),
+    "lr_decay": ("lr_schedule", {"time", "exponential"}),
+}
+
+
+def default_params(spec: StudySpec) -> dict[str, Any]:
+    """The vocabulary's values when a study does not search them."""
+    params = dict(DEFAULT_PARAMS)
+    params["window"] = spec.data.window
+    if spec.model.family == "mlp":
+        params["activation"] = "relu"
+    if spec.model.family not in RECURRENT_FAMILIES:
+        params["recurrent_dropout"] = 0.0
+    return params
+
+
+def suggest_params(spec: StudySpec, trial: optuna.trial.BaseTrial) -> dict[str, Any]:
+    """Ask the trial for every parameter of the spec's space and fill in the rest.
+
+    Works with any `BaseTrial`, so `optuna.trial.FixedTrial(stored_params)` replays a trial.
+    """
+    if spec.model.family == "analytic":
+        return {name: _suggest(trial, name, p) for name, p in spec.space.items()}
+    params = default_params(spec)
+    for name in sorted(spec.space, key=lambda n: n in _CONDITIONS):
+        if name in _CONDITIONS:
+            parent, values = _CONDITIONS[name]
+            if params[parent] not in values:
+                continue
+        params[name] = _suggest(trial, name, spec.space[name])
+    return params
+
+
+def _suggest(trial: optuna.trial.BaseTrial, name: str, p: Param) -> Any:
+    if isinstance(p, Fixed):
+        return p.value
+    if isinstance(p, Choice):
+        return trial.suggest_categorical(name, list(p.choices))
+    if isinstance(p, IntRange):
+        return trial.suggest_int(name, p.low, p.high, step=p.step, log=p.log)
+    if isinstance(p, FloatRange):
+        return trial.suggest_float(name, p.low, p.high, step=p.step, log=p.log)
+    raise TypeError(f"unknown parameter kind {p!r}")
+
+
+def grid_search_space(spec: StudySpec) -> dict[str, list[Any]]:
+    """Every grid point of the spec's space, for Optuna's `GridSampler`."""
+    grid: dict[str, list[Any]] = {}
+    for name, p in spec.space.items():
+        if isinstance(p, Choice):
+            grid[name] = list(p.choices)
+        elif isinstance(p, IntRange):
+            grid[name] = list(range(p.low, p.high + 1, p.step))
+        elif isinstance(p, FloatRange) and p.step is not None:
+            n = int(round((p.high - p.low) / p.step))
+            grid[name] = [round(p.low + i * p.step, 12) for i in range(n + 1)]
+    return grid

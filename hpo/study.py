@@ -1,0 +1,108 @@
+"""Studies: a `StudySpec` and a storage in, an Optuna study (created or loaded) out.
+
+The validated spec is stored with the study, so any worker can rebuild it from the
+database alone; the sampler and pruner are made from it the same way everywhere.
+"""
+
+from __future__ import annotations
+
+import json
+
+import optuna
+
+from hpo.errors import SpecError, StudyNotFound
+from hpo.spec import StudySpec, parse_spec, spec_to_dict
+
+SPEC_ATTR = "hpo_spec"
+# Keys of the stored spec that may change between runs of one study.
+_MUTABLE_KEYS = ("trials", "description")
+
+
+def make_sampler(spec: StudySpec, worker: int = 0) -> optuna.samplers.BaseSampler:
+    """The spec's sampler; each worker of a study gets its own seed so they do not
+    propose the same parameters in lock-step."""
+    seed = None if spec.sampler.seed is None else spec.sampler.seed + worker
+    kind = spec.sampler.kind
+    if kind == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if kind == "grid":
+        from hpo.space import grid_search_space
+
+        return optuna.samplers.GridSampler(grid_search_space(spec), seed=seed)
+    if kind == "cmaes":
+        _require(spec, "cmaes", "cmaes")
+        return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=spec.sampler.n_startup_trials)
+    if kind == "gp":
+        _require(spec, "torch", "torch")
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=spec.sampler.n_startup_trials)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=spec.sampler.n_startup_trials,
+                                      constant_liar=True)
+
+
+def _require(spec: StudySpec, module: str, package: str) -> None:
+    try:
+        __import__(module)
+    except ImportError as e:
+        raise SpecError(spec.source, "sampler.kind", f'the "{spec.sampler.kind}" sampler needs the {package} '
+                                                     f'package; pip install {package}, or choose kind = "tpe"') from e
+
+
+def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
+    """The spec's pruner; steps are epochs."""
+    p = spec.pruner
+    if p.kind == "none":
+        return optuna.pruners.NopPruner()
+    if p.kind == "percentile":
+        return optuna.pruners.PercentilePruner(p.percentile, n_startup_trials=p.n_startup_trials,
+                                               n_warmup_steps=p.n_warmup_steps)
+    if p.kind == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=p.min_resource, reduction_factor=p.reduction_factor)
+    if p.kind == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=p.min_resource, max_resource=spec.training.max_epochs,
+                                              reduction_factor=p.reduction_factor)
+    return optuna.pruners.MedianPruner(n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_steps)
+
+
+def create_study(spec: StudySpec, storage: optuna.storages.BaseStorage, worker: int = 0) -> optuna.Study:
+    """Create the spec's study, or load it if it exists with the same spec.
+
+    Raises:
+        SpecError: A study of that name exists with a different spec.
+    """
+    study = optuna.create_study(study_name=spec.name, storage=storage, sampler=make_sampler(spec, worker),
+                                pruner=make_pruner(spec), directions=spec.directions, load_if_exists=True)
+    stored = study.user_attrs.get(SPEC_ATTR)
+    wanted = spec_to_dict(spec)
+    if stored is None:
+        study.set_user_attr(SPEC_ATTR, wanted)
+        study.set_metric_names(spec.metric_names)
+    elif _comparable(stored) != _comparable(wanted):
+        changed = sorted(k for k in set(stored) | set(wanted) if k not in _MUTABLE_KEYS and stored.get(k) != wanted.get(k))
+        raise SpecError(spec.source, ", ".join(changed),
+                        f'study "{spec.name}" already exists in this storage with a different spec; '
+                        "run with --study-name NEW_NAME to start a new study, or restore the old settings")
+    return study
+
+
+def load_study(storage: optuna.storages.BaseStorage, study_name: str, worker: int = 0) -> tuple[optuna.Study, StudySpec]:
+    """Load a study and rebuild its spec from the database (no study file needed).
+
+    Raises:
+        StudyNotFound: No study of that name, or it was not created by hpo.
+    """
+    try:
+        study = optuna.load_study(study_name=study_name, storage=storage)
+    except KeyError as e:
+        names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+        raise StudyNotFound(f'no study "{study_name}" in this storage; studies here: {", ".join(names) or "none"}') from e
+    raw = study.user_attrs.get(SPEC_ATTR)
+    if raw is None:
+        raise StudyNotFound(f'study "{study_name}" was not created by hpo (no stored spec); create it with hpo create')
+    spec = parse_spec(raw, source=f"study {study_name}")
+    study.sampler = make_sampler(spec, worker)
+    study.pruner = make_pruner(spec)
+    return study, spec
+
+
+def _comparable(raw: dict) -> str:
+    return json.dumps({k: v for k, v in raw.items() if k not in _MUTABLE_KEYS}, sort_keys=True)
