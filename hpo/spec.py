@@ -134,6 +134,12 @@ class DataSpec:
     resample_split: bool = False
 
 
+    @property
+    def effective_split(self) -> str:
+        """The split the spec asks for; series keep time order unless told otherwise."""
+        return self.split or ("chronological" if self.name in ("noisy_sine", "csv_series") else "random")
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     family: str = "lstm"
@@ -386,7 +392,6 @@ def _parse_data(t: "_Table", base_dir: Path | None) -> DataSpec:
         if not (isinstance(features, list) and all(isinstance(f, str) for f in features) and features):
             raise SpecError(t.source, f"{t.prefix}features", f"expected a list of column names, got {features!r}")
         features = tuple(features)
-    default_split = "chronological" if name in ("noisy_sine", "csv_series") else "random"
     spec = DataSpec(
         name=name,
         path=path,
@@ -399,12 +404,13 @@ def _parse_data(t: "_Table", base_dir: Path | None) -> DataSpec:
         n_samples=t.int("n_samples", default=1000 if name != "sequence_echo" else 100, low=10, high=10_000_000),
         noise=t.float("noise", default=0.1, low=0.0, high=1e6),
         val_fraction=t.float("val_fraction", default=0.2, low=0.01, high=0.9),
-        split=t.str("split", default=default_split),
+        split=t.str("split", default=None),
         scaling=t.str("scaling", default="standardize" if name != "sequence_echo" else "none"),
         resample_split=t.bool("resample_split", default=False),
     )
     t.choice("task", spec.task, OUTPUTS)
-    t.choice("split", spec.split, SPLITS)
+    if spec.split is not None:
+        t.choice("split", spec.split, SPLITS)
     t.choice("scaling", spec.scaling, SCALINGS)
     if name == "csv_series" and not spec.column:
         raise SpecError(t.source, f"{t.prefix}column", 'dataset "csv_series" needs column = "name of the series column"; add it')

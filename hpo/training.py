@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from hpo.errors import TrialDiverged
+from hpo.errors import TrialDiverged, TrialFailed
 from hpo.spec import RECURRENT_FAMILIES, StudySpec
 
 # Called after every epoch with (epoch index from 0, mean of the seeds' current
@@ -227,7 +227,7 @@ def _build_run(spec: StudySpec, params: dict[str, Any], seed: int) -> _SeedRun:
         x, y = x[: len(x) // b * b], y[: len(y) // b * b]
         xv, yv = xv[: len(xv) // b * b], yv[: len(yv) // b * b]
         if len(x) == 0 or len(xv) == 0:
-            raise TrialDiverged(f"batch_size {b} is larger than the data of a stateful LSTM; lower batch_size")
+            raise TrialFailed(f"batch_size {b} is larger than the data of a stateful LSTM; lower batch_size")
     keras.utils.set_random_seed(seed)
     model = build_model(params, data.input_shape, family=spec.model.family, output=spec.output,
                         n_outputs=data.n_outputs, stateful=spec.model.stateful)
