@@ -29,6 +29,9 @@ def cli(ctx: click.Context, debug: bool) -> None:
     every per-seed score and learning curve is stored in the study database.
     """
     ctx.obj = {"debug": debug}
+    from hpo.study import quiet_optuna
+
+    quiet_optuna()
 
 
 @cli.command()

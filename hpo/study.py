@@ -7,6 +7,7 @@ database alone; the sampler and pruner are made from it the same way everywhere.
 from __future__ import annotations
 
 import json
+import warnings
 
 import optuna
 
@@ -16,6 +17,14 @@ from hpo.spec import StudySpec, parse_spec, spec_to_dict
 SPEC_ATTR = "hpo_spec"
 # Keys of the stored spec that may change between runs of one study.
 _MUTABLE_KEYS = ("trials", "description")
+
+
+def quiet_optuna() -> None:
+    """Keep Optuna's own logging for errors: our progress lines say what happened (a caught
+    trial failure would otherwise print a traceback), and our use of its experimental
+    `set_metric_names` and `constant_liar` is deliberate."""
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
 def make_sampler(spec: StudySpec, worker: int = 0) -> optuna.samplers.BaseSampler:

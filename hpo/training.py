@@ -246,14 +246,36 @@ _determinism_configured = False
 
 
 def configure_determinism() -> None:
-    """Make TensorFlow ops deterministic (once per process), so a replay is exact."""
+    """Import TensorFlow quietly and make its ops deterministic (once per process), so a
+    replay is exact."""
     global _determinism_configured
     if _determinism_configured:
         return
+    _import_tensorflow_quietly()
     import tensorflow as tf
 
     tf.config.experimental.enable_op_determinism()
     _determinism_configured = True
+
+
+def _import_tensorflow_quietly() -> None:
+    # TensorFlow's native start-up lines (oneDNN, CUDA stubs) go to fd 2 before its own
+    # log settings apply; hide just that import. A failing import still raises here.
+    import os
+    import sys
+
+    if "tensorflow" in sys.modules or os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "0":
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        import tensorflow  # noqa: F401
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def release_memory() -> None:

@@ -5,7 +5,6 @@ with a line of progress per finished trial.
 from __future__ import annotations
 
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -15,6 +14,7 @@ from optuna.trial import FrozenTrial, TrialState
 from hpo.errors import TrialFailed
 from hpo.objective import ATTR_FAIL_REASON, ATTR_PRUNED_AT, Objective
 from hpo.spec import StudySpec
+from hpo.study import quiet_optuna
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
@@ -49,7 +49,7 @@ def run_trials(study: optuna.Study, spec: StudySpec, *, budget: int, timeout: fl
         max_consecutive_failures: Stop after this many failed trials in a row.
         echo: Where progress lines go.
     """
-    _quiet_optuna()
+    quiet_optuna()
     summary = RunSummary(spec.name)
     start = time.perf_counter()
     failures_in_a_row = 0
@@ -116,10 +116,4 @@ def describe_trial(spec: StudySpec, trial: FrozenTrial, study: optuna.Study | No
         head += (f" | {counts[TrialState.COMPLETE]} complete, {counts[TrialState.PRUNED]} pruned, "
                  f"{counts[TrialState.FAIL]} failed")
     return head
-
-
-def _quiet_optuna() -> None:
-    # Optuna logs every caught trial failure with a traceback; our progress line says why.
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
