@@ -84,7 +84,9 @@ def create_study(spec: StudySpec, storage: optuna.storages.BaseStorage, worker: 
     wanted = spec_to_dict(spec)
     if stored is None:
         study.set_user_attr(SPEC_ATTR, wanted)
-        study.set_metric_names(spec.metric_names)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(spec.metric_names)
     elif _comparable(stored) != _comparable(wanted):
         changed = sorted(k for k in set(stored) | set(wanted) if k not in _MUTABLE_KEYS and stored.get(k) != wanted.get(k))
         raise SpecError(spec.source, ", ".join(changed),
