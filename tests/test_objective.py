@@ -42,3 +42,21 @@ def test_a_worker_rebuilds_the_study_from_the_database_alone(tmp_path):
     assert isinstance(loaded.pruner, optuna.pruners.MedianPruner)
     run_trials(loaded, rebuilt, budget=4, echo=lambda line: None)
     assert len(loaded.get_trials()) == 4
+
+
+@pytest.mark.parametrize("sampler, pruner", [("tpe", "median"), ("random", "percentile"),
+                                             ("cmaes", "successive_halving"), ("tpe", "hyperband"),
+                                             ("random", "none")])
+def test_every_sampler_and_pruner_runs_a_study(tmp_path, sampler, pruner):
+    study, _ = run(tmp_path, {**BEALE, "sampler": {"kind": sampler, "n_startup_trials": 2},
+                              "pruner": {"kind": pruner, "n_startup_trials": 1, "n_warmup_steps": 0}}, trials=5)
+    states = [t.state for t in study.get_trials()]
+    assert states.count(optuna.trial.TrialState.COMPLETE) + states.count(optuna.trial.TrialState.PRUNED) == 5
+
+
+def test_grid_sampler_walks_the_grid(tmp_path):
+    raw = {**BEALE, "sampler": {"kind": "grid"}, "pruner": {"kind": "none"},
+           "space": {"x": {"choices": [1.0, 3.0]}, "y": {"low": 0.0, "high": 1.0, "step": 0.5}}}
+    study, _ = run(tmp_path, raw, trials=100)
+    assert sorted((t.params["x"], t.params["y"]) for t in study.get_trials()) == [
+        (1.0, 0.0), (1.0, 0.5), (1.0, 1.0), (3.0, 0.0), (3.0, 0.5), (3.0, 1.0)]

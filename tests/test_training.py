@@ -78,3 +78,12 @@ def test_analytic_family_runs_the_machinery_without_training():
     fit = fit_repeats(spec, {"x": 3.0, "y": 0.5}, [0, 1, 2])
     assert fit.path == "analytic" and len(set(fit.scores)) == 3
     assert abs(fit.mean) < 1.0 and all(math.isfinite(s) for s in fit.scores)
+
+
+def test_stateful_lstm_trains_with_fixed_batches():
+    spec = parse_spec({
+        "name": "s", "seeds": 1, "data": {"name": "noisy_sine", "n_samples": 120, "window": 5},
+        "model": {"family": "lstm", "stateful": True}, "training": {"max_epochs": 2},
+        "space": {"units": 4, "batch_size": 8}})
+    fit = fit_repeats(spec, default_params(spec) | {"units": 4, "batch_size": 8}, [5])
+    assert fit.fits[0].epochs_run == 2 and math.isfinite(fit.fits[0].score)
