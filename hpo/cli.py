@@ -104,6 +104,36 @@ def replay(trial_number: int, study_name: str, storage: str) -> None:
     click.echo("identical" if result.identical else "differs (another machine or library version?)")
 
 
+@cli.command()
+@click.argument("query")
+@storage_option
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json", "markdown"]), default="table",
+              show_default=True, help="Output format.")
+def sql(query: str, storage: str, fmt: str) -> None:
+    """Run QUERY on the study database through a read-only connection.
+
+    The views hpo_trials, hpo_trial_params, hpo_seed_scores and hpo_learning_curves
+    read like results tables; the database itself refuses any write.
+    """
+    from hpo.results import format_frame, run_sql
+
+    click.echo(format_frame(run_sql(query, storage), fmt))
+
+
+@cli.command()
+@click.option("--study-name", required=True, help="Study to report on.")
+@storage_option
+@click.option("--top", type=click.IntRange(1), default=5, show_default=True, help="Trials to list.")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json", "markdown"]), default="table",
+              show_default=True, help="Output format.")
+def report(study_name: str, storage: str, top: int, fmt: str) -> None:
+    """The top trials with mean ± std, 95% CI, per-seed scores, params and a learning-curve
+    diagnosis; and whether the best is distinguishable from the runner-up."""
+    from hpo.results import build_report, format_report
+
+    click.echo(format_report(build_report(storage, study_name, top), fmt))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `hpo` command: one line `error: ...` on failure, exit non-zero."""
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])

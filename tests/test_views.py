@@ -5,9 +5,9 @@ import pytest
 import sqlalchemy
 from scipy import stats
 
-from hpo.storage import get_storage
 from hpo.views import VIEW_NAMES, create_views
 from tests.conftest import run_hpo
+from tests.made import add_trial, make_study
 
 
 def query(url: str, sql: str) -> list[dict]:
@@ -20,32 +20,10 @@ def query(url: str, sql: str) -> list[dict]:
 
 
 def hand_made_study(url: str) -> optuna.Study:
-    """Three trials with a categorical, an int and a float param; the last one holds NaN
-    and Infinity the way Python's json writes them."""
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
-    study = optuna.create_study(study_name="hand", storage=get_storage(url))
-    records = [
-        ({"act": "relu", "units": 16, "lr": 0.01}, [0.5, 0.7, 0.6], [3, 4, 5]),
-        ({"act": "tanh", "units": 64, "lr": 0.001}, [0.2, 0.2, 0.3, 0.3], [7, 8, 9, 10]),
-        ({"act": "relu", "units": 32, "lr": 0.1}, [0.4, float("nan"), float("inf")], [1, 1, 1]),
-    ]
-    for params, scores, best in records:
-        study.enqueue_trial(params)
-        trial = study.ask()
-        trial.suggest_categorical("act", ["relu", "tanh"])
-        trial.suggest_int("units", 16, 64)
-        trial.suggest_float("lr", 1e-4, 1.0, log=True)
-        finite = [s for s in scores if math.isfinite(s)]
-        mean = sum(finite) / len(finite)
-        trial.set_user_attr("seeds", list(range(10, 10 + len(scores))))
-        trial.set_user_attr("seed_scores", scores)
-        trial.set_user_attr("mean", mean if len(finite) == len(scores) else float("nan"))
-        trial.set_user_attr("std", float(stats.tstd(finite)) if len(finite) == len(scores) else float("nan"))
-        trial.set_user_attr("best_epochs", best)
-        trial.set_user_attr("epochs_run", [b + 2 for b in best])
-        trial.set_user_attr("curves", [{"loss": [1.0, 0.5, s], "val_loss": [1.1, 0.6, s], "metric": [2.0, 1.0, s],
-                                        "val_metric": [2.1, 1.1, s]} for s in scores])
-        study.tell(trial, mean)
+    study = make_study(url)
+    add_trial(study, {"act": "relu", "units": 16, "lr": 0.01}, [0.5, 0.7, 0.6], best_epochs=[3, 4, 5])
+    add_trial(study, {"act": "tanh", "units": 64, "lr": 0.001}, [0.2, 0.2, 0.3, 0.3], best_epochs=[7, 8, 9, 10])
+    add_trial(study, {"act": "relu", "units": 32, "lr": 0.1}, [0.4, float("nan"), float("inf")])
     return study
 
 
