@@ -134,6 +134,28 @@ def report(study_name: str, storage: str, top: int, fmt: str) -> None:
     click.echo(format_report(build_report(storage, study_name, top), fmt))
 
 
+@cli.command()
+@click.option("--study-name", required=True, help="Study to plot.")
+@storage_option
+@click.option("--top", type=click.IntRange(1), default=10, show_default=True,
+              help="Box plot: this many best trials, one box each.")
+@click.option("--by", "by_param", metavar="PARAM", help="Box plot: one box per value of PARAM over all complete trials.")
+@click.option("--trial", "trial_number", type=int, help="Plot this trial's learning curves instead (one line per seed).")
+@click.option("--output", "-o", type=click.Path(dir_okay=False), help="PNG file to write (default: named after the plot).")
+def plot(study_name: str, storage: str, top: int, by_param: str | None, trial_number: int | None,
+         output: str | None) -> None:
+    """Box plot of per-seed scores (top trials, or --by PARAM), or --trial N's learning curves, as PNG."""
+    from hpo.plots import plot_learning_curves, plot_seed_scores
+
+    if trial_number is not None:
+        path = plot_learning_curves(storage, study_name, trial_number,
+                                    output or f"{study_name}-trial{trial_number}-curves.png")
+    else:
+        default = f"{study_name}-by-{by_param}.png" if by_param else f"{study_name}-top{top}.png"
+        path = plot_seed_scores(storage, study_name, output or default, top=top, by=by_param)
+    click.echo(f"wrote {path}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `hpo` command: one line `error: ...` on failure, exit non-zero."""
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])

@@ -257,6 +257,12 @@ def compare_scores(a: list[float], b: list[float], alpha: float = ALPHA) -> tupl
                          f"(about {max(needed, n + 1)} would resolve a difference this size)")
 
 
+def rank_trials(trials: pd.DataFrame, direction: str) -> pd.DataFrame:
+    """The complete trials of a `trials_frame`, best objective value first (ties by mean)."""
+    done = trials[(trials["state"] == "COMPLETE") & trials["value"].notna()]
+    return done.sort_values(["value", "mean"], ascending=direction == "minimize", kind="stable")
+
+
 def build_report(storage: str | None, study_name: str, top: int = 5) -> Report:
     """The study's top trials by objective value with mean ± std, 95% CI, seeds, params and
     diagnosis; and whether the best is distinguishable from the runner-up.
@@ -268,8 +274,8 @@ def build_report(storage: str | None, study_name: str, top: int = 5) -> Report:
     try:
         direction = study_direction(engine, study_name)
         trials = trials_frame(study_name=study_name, engine=engine)
-        done = trials[(trials["state"] == "COMPLETE") & trials["value"].notna()]
-        ranked = done.sort_values(["value", "mean"], ascending=direction == "minimize", kind="stable").head(top)
+        done = rank_trials(trials, direction)
+        ranked = done.head(top)
         numbers = [int(n) for n in ranked["number"]]
         params = params_frame(study_name=study_name, numbers=numbers, engine=engine)
         seeds = seed_scores_frame(study_name=study_name, numbers=numbers, engine=engine)
