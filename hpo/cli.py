@@ -156,6 +156,17 @@ def plot(study_name: str, storage: str, top: int, by_param: str | None, trial_nu
     click.echo(f"wrote {path}")
 
 
+@cli.command()
+@storage_option
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True, help="Port to listen on.")
+def dashboard(storage: str, host: str, port: int) -> None:
+    """Serve optuna-dashboard on the study database; trials lacking a note get one first."""
+    from hpo.dashboard import serve_dashboard
+
+    serve_dashboard(storage, host, port, echo=click.echo)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `hpo` command: one line `error: ...` on failure, exit non-zero."""
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
