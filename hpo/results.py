@@ -253,6 +253,9 @@ def compare_scores(a: list[float], b: list[float], alpha: float = ALPHA) -> tupl
         return t, p, False, f"not distinguishable at {n} seeds (same mean): either is as good"
     # Seeds per trial for a two-sided 5% test with 80% power at this difference and spread.
     needed = math.ceil((1.96 + 0.84) ** 2 * (var_a + var_b) / diff**2)
+    if needed > 100 * n:
+        return t, p, False, (f"not distinguishable at {n} seeds (Welch p = {p:.2g}): the difference is tiny next "
+                             f"to the spread over seeds; treat them as equally good")
     return t, p, False, (f"not distinguishable at {n} seeds (Welch p = {p:.2g}): raise seeds "
                          f"(about {max(needed, n + 1)} would resolve a difference this size)")
 

@@ -13,6 +13,7 @@ from functools import lru_cache
 import sqlalchemy
 
 from hpo.errors import StorageError
+from hpo.storage import engine_kwargs
 
 VIEW_NAMES = ("hpo_trials", "hpo_trial_params", "hpo_seed_scores", "hpo_learning_curves")
 # Bump when the SQL of any view changes: databases carrying an older marker get the views
@@ -41,7 +42,10 @@ def create_views(engine_or_url: sqlalchemy.engine.Engine | str) -> bool:
         StorageError: The database refused (read-only file, missing privilege, a view of
             ours that other objects depend on).
     """
-    engine = sqlalchemy.create_engine(engine_or_url) if isinstance(engine_or_url, str) else engine_or_url
+    if isinstance(engine_or_url, str):
+        engine = sqlalchemy.create_engine(engine_or_url, **engine_kwargs(engine_or_url))
+    else:
+        engine = engine_or_url
     try:
         if engine.dialect.name == "sqlite":
             return _create_sqlite(engine)

@@ -56,6 +56,8 @@ def test_a_tie_says_raise_seeds_with_a_hand_computed_estimate():
     assert "not distinguishable at 3 seeds" in hint and "raise seeds (about 251" in hint
     assert compare_scores([1.0, 1.2, 0.8], [1.1, 0.9, 1.0])[2] is False
     assert "raise seeds" in compare_scores([1.0], [2.0])[3]
+    # (1.96 + 0.84)^2 * 0.08 / 0.001^2 seeds is beyond any budget: say they are equal instead
+    assert "treat them as equally good" in compare_scores([1.0, 1.2, 0.8], [1.001, 1.201, 0.801])[3]
 
 
 def test_diagnosis_tells_underfit_overfit_and_good_fit():

@@ -1,4 +1,7 @@
 import math
+import subprocess
+import sys
+import time
 
 import optuna
 import pytest
@@ -6,7 +9,7 @@ import sqlalchemy
 from scipy import stats
 
 from hpo.views import VIEW_NAMES, create_views
-from tests.conftest import run_hpo
+from tests.conftest import ROOT
 from tests.made import add_trial, make_study
 
 
@@ -27,8 +30,30 @@ def hand_made_study(url: str) -> optuna.Study:
     return study
 
 
-def test_views_hold_the_numbers_the_trials_stored(storage_url):
-    run_hpo("run", "beale", "--storage", storage_url, "--trials", "6", "--seeds", "3")
+def run_while_replacing_views(storage_url: str, monkeypatch) -> int:
+    """`hpo run beale` in a worker process while this one drops and creates the views
+    (a new version marker each time) and queries them; how many times they were replaced."""
+    worker = subprocess.Popen([sys.executable, "-m", "hpo", "run", "beale", "--storage", storage_url,
+                               "--trials", "8", "--seeds", "3"], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    replaced = 0
+    try:
+        while worker.poll() is None and replaced < 3:
+            monkeypatch.setattr("hpo.views.VIEWS_VERSION", f"hpo views test {replaced}")
+            if create_views(storage_url):
+                replaced += 1
+                query(storage_url, "SELECT count(*) AS n FROM hpo_seed_scores")
+            time.sleep(0.2)
+        output = worker.communicate(timeout=300)[0]
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    assert worker.returncode == 0, output
+    return replaced
+
+
+def test_views_hold_the_numbers_the_trials_stored_even_if_replaced_while_a_worker_writes(storage_url, monkeypatch):
+    assert run_while_replacing_views(storage_url, monkeypatch) >= 1
     study = optuna.load_study(study_name="beale", storage=storage_url)
     trials = {t.number: t for t in study.get_trials()}
 
@@ -108,3 +133,4 @@ def test_a_database_without_optuna_tables_gets_no_views(tmp_path):
     url = f"sqlite:///{tmp_path / 'empty.db'}"
     assert create_views(url) is False
     assert query(url, "SELECT count(*) AS n FROM sqlite_master")[0]["n"] == 0
+
