@@ -52,8 +52,8 @@ def create_views(engine_or_url: sqlalchemy.engine.Engine | str) -> bool:
         if engine.dialect.name == "postgresql":
             return _create_postgresql(engine)
     except sqlalchemy.exc.SQLAlchemyError as e:
-        raise StorageError(f"cannot create the hpo_ views in {engine.url.render_as_string(hide_password=True)}: "
-                           f"{_first_line(e)}") from e
+        raise StorageError(f"storage {engine.url.render_as_string(hide_password=True)}: {_first_line(e)} "
+                           f"(while creating the hpo_ views)") from e
     finally:
         if isinstance(engine_or_url, str):
             engine.dispose()
