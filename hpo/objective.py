@@ -106,8 +106,8 @@ def record_fit(trial: optuna.Trial, fit: RepeatFit) -> None:
 
 def record_note(trial: optuna.Trial, metric: str) -> None:
     """Write the trial's optuna-dashboard note (per-seed scores, diagnosis) from what
-    `record_fit` stored. Here, while the trial still runs, a note costs one write per
-    trial; `hpo dashboard` fills in any trial that lacks one."""
+    `record_fit` stored, so it is there the moment the trial finishes; `hpo dashboard`
+    fills in any trial that lacks one (e.g. recorded before notes existed)."""
     try:
         from optuna_dashboard import save_note
     except ImportError:
