@@ -107,6 +107,69 @@ def replay(trial_number: int, study_name: str, storage: str) -> None:
     click.echo("identical" if result.identical else "differs (another machine or library version?)")
 
 
+@cli.command()
+@click.argument("query")
+@storage_option
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json", "markdown"]), default="table",
+              show_default=True, help="Output format.")
+def sql(query: str, storage: str, fmt: str) -> None:
+    """Run QUERY on the study database through a read-only connection.
+
+    The views hpo_trials, hpo_trial_params, hpo_seed_scores and hpo_learning_curves
+    read like results tables; the database itself refuses any write.
+    """
+    from hpo.results import format_frame, run_sql
+
+    click.echo(format_frame(run_sql(query, storage), fmt))
+
+
+@cli.command()
+@click.option("--study-name", required=True, help="Study to report on.")
+@storage_option
+@click.option("--top", type=click.IntRange(1), default=5, show_default=True, help="Trials to list.")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json", "markdown"]), default="table",
+              show_default=True, help="Output format.")
+def report(study_name: str, storage: str, top: int, fmt: str) -> None:
+    """The top trials with mean ± std, 95% CI, per-seed scores, params and a learning-curve
+    diagnosis; and whether the best is distinguishable from the runner-up."""
+    from hpo.results import build_report, format_report
+
+    click.echo(format_report(build_report(storage, study_name, top), fmt))
+
+
+@cli.command()
+@click.option("--study-name", required=True, help="Study to plot.")
+@storage_option
+@click.option("--top", type=click.IntRange(1), default=10, show_default=True,
+              help="Box plot: this many best trials, one box each.")
+@click.option("--by", "by_param", metavar="PARAM", help="Box plot: one box per value of PARAM over all complete trials.")
+@click.option("--trial", "trial_number", type=int, help="Plot this trial's learning curves instead (one line per seed).")
+@click.option("--output", "-o", type=click.Path(dir_okay=False), help="PNG file to write (default: named after the plot).")
+def plot(study_name: str, storage: str, top: int, by_param: str | None, trial_number: int | None,
+         output: str | None) -> None:
+    """Box plot of per-seed scores (top trials, or --by PARAM), or --trial N's learning curves, as PNG."""
+    from hpo.plots import plot_learning_curves, plot_seed_scores
+
+    if trial_number is not None:
+        path = plot_learning_curves(storage, study_name, trial_number,
+                                    output or f"{study_name}-trial{trial_number}-curves.png")
+    else:
+        default = f"{study_name}-by-{by_param}.png" if by_param else f"{study_name}-top{top}.png"
+        path = plot_seed_scores(storage, study_name, output or default, top=top, by=by_param)
+    click.echo(f"wrote {path}")
+
+
+@cli.command()
+@storage_option
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True, help="Port to listen on.")
+def dashboard(storage: str, host: str, port: int) -> None:
+    """Serve optuna-dashboard on the study database; trials lacking a note get one first."""
+    from hpo.dashboard import serve_dashboard
+
+    serve_dashboard(storage, host, port, echo=click.echo)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `hpo` command: one line `error: ...` on failure, exit non-zero."""
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])

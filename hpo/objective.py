@@ -9,6 +9,7 @@ from typing import Any
 
 import optuna
 
+from hpo.diagnosis import trial_note
 from hpo.errors import TrialFailed
 from hpo.space import suggest_params
 from hpo.spec import StudySpec
@@ -57,6 +58,7 @@ class Objective:
         finally:
             release_memory()
         record_fit(trial, fit)
+        record_note(trial, spec.metric)
         if fit.pruned_at_epoch is not None:
             raise optuna.TrialPruned(f"pruned after epoch {fit.pruned_at_epoch}")
         return objective_value(spec, fit)
@@ -100,3 +102,14 @@ def record_fit(trial: optuna.Trial, fit: RepeatFit) -> None:
         attrs[ATTR_PRUNED_AT] = fit.pruned_at_epoch
     for key, value in attrs.items():
         trial.set_user_attr(key, value)
+
+
+def record_note(trial: optuna.Trial, metric: str) -> None:
+    """Write the trial's optuna-dashboard note (per-seed scores, diagnosis) from what
+    `record_fit` stored, so it is there the moment the trial finishes; `hpo dashboard`
+    fills in any trial that lacks one (e.g. recorded before notes existed)."""
+    try:
+        from optuna_dashboard import save_note
+    except ImportError:
+        return
+    save_note(trial, trial_note(trial.number, trial.user_attrs, metric))

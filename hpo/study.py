@@ -13,6 +13,7 @@ import optuna
 
 from hpo.errors import SpecError, StudyNotFound
 from hpo.spec import StudySpec, parse_spec, spec_to_dict
+from hpo.views import create_views
 
 SPEC_ATTR = "hpo_spec"
 # Keys of the stored spec that may change between runs of one study.
@@ -80,6 +81,8 @@ def create_study(spec: StudySpec, storage: optuna.storages.BaseStorage, worker: 
     """
     study = optuna.create_study(study_name=spec.name, storage=storage, sampler=make_sampler(spec, worker),
                                 pruner=make_pruner(spec), directions=spec.directions, load_if_exists=True)
+    if isinstance(storage, optuna.storages.RDBStorage):
+        create_views(storage.engine)
     stored = study.user_attrs.get(SPEC_ATTR)
     wanted = spec_to_dict(spec)
     if stored is None:
