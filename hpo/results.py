@@ -18,7 +18,7 @@ import sqlalchemy
 
 from hpo.diagnosis import diagnose_curves
 from hpo.errors import StorageError, StudyNotFound
-from hpo.storage import mask_url, resolve_storage_url
+from hpo.storage import resolve_storage_url
 from hpo.views import create_views
 
 FORMATS = ("table", "csv", "json", "markdown")
