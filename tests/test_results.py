@@ -46,6 +46,9 @@ def test_welch_on_a_clear_winner_matches_the_hand_computation():
     assert t == pytest.approx(-1 / math.sqrt(0.02 / 3))
     assert p == pytest.approx(2 * stats.t.sf(1 / math.sqrt(0.02 / 3), 4))
     assert p < 0.001 and distinguishable and hint.startswith("distinguishable at 3 seeds")
+    # Unequal sizes and spreads: the Welch-Satterthwaite degrees of freedom matter.
+    uneven = stats.ttest_ind([1.0, 2.0, 3.0, 4.0], [2.0, 4.0, 6.0], equal_var=False)
+    assert compare_scores([1.0, 2.0, 3.0, 4.0], [2.0, 4.0, 6.0])[:2] == pytest.approx((uneven[0], uneven[1]))
 
 
 def test_a_tie_says_raise_seeds_with_a_hand_computed_estimate():
