@@ -76,6 +76,9 @@ def create_study(spec: StudySpec, storage: optuna.storages.BaseStorage, worker: 
     if stored is None:
         study.set_user_attr(SPEC_ATTR, wanted)
         study.set_metric_names(spec.metric_names)
+    elif stored != wanted and _comparable(stored) == _comparable(wanted):
+        # A new budget or description: `hpo worker` reads the budget from here.
+        study.set_user_attr(SPEC_ATTR, wanted)
     elif _comparable(stored) != _comparable(wanted):
         changed = sorted(k for k in set(stored) | set(wanted) if k not in _MUTABLE_KEYS and stored.get(k) != wanted.get(k))
         raise SpecError(spec.source, ", ".join(changed),
