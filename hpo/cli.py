@@ -189,6 +189,60 @@ def _print_summary(spec, summary, storage: str) -> None:
                f"replay it with: hpo replay --study-name {spec.name} {best.number}")
 
 
+@cli.group("bench-workers")
+def bench_workers() -> None:
+    """Figures for parallel workers: storage overhead, memory, throughput."""
+
+
+@bench_workers.command("storage")
+@storage_option
+@click.option("--trials", type=int, default=100, show_default=True)
+def bench_storage(storage: str, trials: int) -> None:
+    """Seconds per beale trial: hpo's worker loop versus plain Optuna optimize, same database."""
+    from hpo.bench_workers import measure_storage_overhead
+
+    r = measure_storage_overhead(storage, trials)
+    click.echo(f"{r.url}: {trials} beale trials: plain optuna {1000 * r.plain_seconds / trials:.1f} ms/trial, "
+               f"hpo worker {1000 * r.hpo_seconds / trials:.1f} ms/trial, ratio {r.ratio:.2f} "
+               f"({r.extra_ms_per_trial:+.1f} ms/trial)")
+
+
+@bench_workers.command("memory")
+@click.argument("study", default="sine_lstm")
+@storage_option
+@click.option("--trials", type=int, default=200, show_default=True)
+@click.option("--seeds", type=int, default=1, show_default=True)
+@click.option("--max-epochs", type=int, default=2, show_default=True)
+def bench_memory(study: str, storage: str, trials: int, seeds: int, max_epochs: int) -> None:
+    """Resident memory of one worker after 10, 50, 100, ... trials of STUDY."""
+    from hpo.bench_workers import measure_memory
+
+    checkpoints = tuple(sorted({1, 10, *range(50, trials + 1, 50), trials}))
+    for n, mb in measure_memory(storage, study, trials, checkpoints, seeds=seeds, max_epochs=max_epochs):
+        click.echo(f"after {n:>4} trials: RSS {mb:.0f} MB")
+
+
+@bench_workers.command("throughput")
+@click.argument("study", default="sine_lstm")
+@storage_option
+@click.option("--trials", type=int, default=16, show_default=True)
+@click.option("--workers", "worker_counts", default="1,2", show_default=True, help="Comma-separated worker counts.")
+@click.option("--seeds", type=int, default=1, show_default=True)
+@click.option("--max-epochs", type=int, default=5, show_default=True)
+def bench_throughput(study: str, storage: str, trials: int, worker_counts: str, seeds: int, max_epochs: int) -> None:
+    """Trials per minute of `hpo run STUDY --workers N`, each N on a new study."""
+    from hpo.bench_workers import measure_throughput
+
+    rates = {}
+    for n in (int(x) for x in worker_counts.split(",")):
+        rates[n] = measure_throughput(storage, study, trials, n, seeds=seeds, max_epochs=max_epochs)
+        click.echo(f"{n} workers: {rates[n]:.1f} trials/min")
+    first = next(iter(rates))
+    for n, rate in rates.items():
+        if n != first:
+            click.echo(f"{n} vs {first} workers: x{rate / rates[first]:.2f}")
+
+
 @cli.command()
 def studies() -> None:
     """List the study files shipped in studies/."""
