@@ -27,6 +27,8 @@ STORAGE_ENV = "HPO_STORAGE"
 # How long a worker keeps retrying an unreachable database before it gives up.
 RETRY_ENV = "HPO_DB_RETRY_SECONDS"
 DEFAULT_RETRY_SECONDS = 600.0
+# Opening the storage gives up sooner: a mistyped URL should not keep a user waiting.
+CONNECT_RETRY_SECONDS = 15.0
 # A running trial records a heartbeat every HEARTBEAT_INTERVAL seconds; one silent for
 # GRACE_PERIOD seconds belongs to a dead worker and is failed and retried. The grace
 # period must outlast a database restart, or live trials would be taken for dead.
@@ -87,7 +89,7 @@ def get_storage(url: str | None = None, *, heartbeat_interval: int | None = HEAR
         return _retry(lambda: ResilientRDBStorage(
             url, engine_kwargs=engine_kwargs(url), heartbeat_interval=heartbeat_interval or None,
             grace_period=grace_period if heartbeat_interval else None, heartbeat_stale_trial_callback=callback,
-            retry_seconds=retry_seconds), url, retry_seconds)
+            retry_seconds=retry_seconds), url, min(retry_seconds, CONNECT_RETRY_SECONDS))
     except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError, OSError) as e:
         raise StorageError(f"cannot open storage {mask_url(url)}: {_first_line(e)}") from e
 
