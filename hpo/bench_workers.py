@@ -39,24 +39,29 @@ class StorageOverhead:
         return 1000 * (self.hpo_seconds - self.plain_seconds) / self.trials
 
 
-def measure_storage_overhead(url: str, trials: int = 100, study: str = "beale") -> StorageOverhead:
+def measure_storage_overhead(url: str, trials: int = 100, study: str = "beale", rounds: int = 5) -> StorageOverhead:
     """Run `trials` trials of the study with hpo's worker loop (admission lock, counts,
-    heartbeats) and with a plain `study.optimize` on the same database, same objective,
-    sampler and pruner; each in a new study."""
+    heartbeats, progress line) and with a plain `study.optimize` on the same database,
+    same objective, sampler and pruner, each in a new study. The two grow in turns, a
+    `trials / rounds` chunk at a time, so a busy machine slows both alike."""
     _quiet_optuna()
     tag = uuid.uuid4().hex[:8]
     spec = load_spec(study).with_overrides(trials=trials, name=f"bench_plain_{tag}")
     plain = optuna.create_study(study_name=spec.name, storage=url, sampler=make_sampler(spec),
                                 pruner=make_pruner(spec), directions=spec.directions)
-    start = time.perf_counter()
-    plain.optimize(Objective(spec), n_trials=trials, catch=(TrialFailed,), gc_after_trial=False)
-    plain_seconds = time.perf_counter() - start
-
-    spec = spec.with_overrides(name=f"bench_hpo_{tag}")
-    hpo_study = create_study(spec, get_storage(url))
-    start = time.perf_counter()
-    run_trials(hpo_study, spec, budget=trials, echo=lambda line: None)
-    hpo_seconds = time.perf_counter() - start
+    hpo_spec = spec.with_overrides(name=f"bench_hpo_{tag}")
+    hpo_study = create_study(hpo_spec, get_storage(url))
+    plain_seconds = hpo_seconds = 0.0
+    done = 0
+    for r in range(rounds):
+        chunk = trials * (r + 1) // rounds - done
+        start = time.perf_counter()
+        plain.optimize(Objective(spec), n_trials=chunk, catch=(TrialFailed,), gc_after_trial=False)
+        plain_seconds += time.perf_counter() - start
+        done += chunk
+        start = time.perf_counter()
+        run_trials(hpo_study, hpo_spec, budget=done, echo=lambda line: None)
+        hpo_seconds += time.perf_counter() - start
     return StorageOverhead(mask_url(url), trials, hpo_seconds, plain_seconds)
 
 

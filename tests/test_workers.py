@@ -198,3 +198,18 @@ def test_consecutive_failures_stop_the_study(tmp_path):
     failed = by_state(trials, TrialState.FAIL)
     assert 3 <= len(failed) < 20 and all("fail_reason" in t.user_attrs for t in failed)
     assert not by_state(trials, TrialState.RUNNING)
+
+
+def test_workers_share_the_cores():
+    from hpo.cli import _workers_type
+    from hpo.workers import available_cores, limit_threads, worker_threads
+
+    assert worker_threads(4, cores=8) == 2 and worker_threads(3, cores=2) == 1
+    assert _workers_type("auto") == available_cores()
+    env = dict(os.environ)
+    try:
+        limit_threads(2)
+        assert (os.environ["TF_NUM_INTRAOP_THREADS"], os.environ["TF_NUM_INTEROP_THREADS"]) == ("2", "1")
+    finally:
+        os.environ.clear()
+        os.environ.update(env)
