@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import fcntl
 import functools
 import json
@@ -235,6 +236,35 @@ def study_lock(storage: optuna.storages.RDBStorage, study_id: int) -> Iterator[N
 
 
 _local_lock = threading.Lock()
+
+
+def fail_heartless_trials(study: optuna.Study) -> None:
+    """Fail, and queue again, RUNNING trials that never recorded a heartbeat and started
+    more than the grace period ago: their worker died before its first beat, or they
+    were left by a run without heartbeats. Optuna's stale check passes them over."""
+    storage = rdb_storage(study._storage)
+    if not getattr(storage, "heartbeat_interval", None):
+        return
+    grace = storage.grace_period or 2 * storage.heartbeat_interval
+    query = sqlalchemy.text(
+        "SELECT t.trial_id, t.datetime_start FROM trials t WHERE t.study_id = :sid AND t.state = 'RUNNING' "
+        "AND NOT EXISTS (SELECT 1 FROM trial_heartbeats h WHERE h.trial_id = t.trial_id)")
+    with storage.engine.connect() as conn:
+        rows = conn.execute(query, {"sid": study._study_id}).all()
+    # datetime_start is the starting worker's clock (Optuna writes it), so compare with ours.
+    cutoff = datetime.datetime.now() - datetime.timedelta(seconds=grace)
+    for trial_id, started in rows:
+        if isinstance(started, str):
+            started = datetime.datetime.fromisoformat(started)
+        if started is None or started > cutoff:
+            continue
+        try:
+            if storage.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL):
+                callback = storage.heartbeat_stale_trial_callback
+                if callback is not None:
+                    callback(study, storage.get_trial(trial_id))
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass
 
 
 @dataclass(frozen=True)

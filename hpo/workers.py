@@ -11,6 +11,7 @@ case one of those trials has to be retried.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -20,7 +21,7 @@ import threading
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -28,7 +29,8 @@ from optuna.trial import FrozenTrial, TrialState
 from hpo.errors import HpoError, TrialFailed
 from hpo.objective import ATTR_FAIL_REASON, ATTR_PRUNED_AT, Objective
 from hpo.spec import StudySpec
-from hpo.storage import STOP_ATTR, TrialCounts, count_trials, rdb_storage, retry_storage_call, study_lock
+from hpo.storage import (STOP_ATTR, TrialCounts, count_trials, fail_heartless_trials, rdb_storage, retry_storage_call,
+                         study_lock)
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 ATTR_INTERRUPTED = "interrupted"
@@ -135,16 +137,17 @@ def run_trials(study: optuna.Study, spec: StudySpec, *, budget: int, timeout: fl
 
 def _admit(study: optuna.Study, budget: int) -> tuple[optuna.Trial | None, TrialCounts]:
     storage = rdb_storage(study._storage)
-    with study_lock(storage, study._study_id):
+    # No signal may land between creating a trial and its first heartbeat: that trial
+    # would stay RUNNING with nothing to show it is dead.
+    with _signals_held(), study_lock(storage, study._study_id):
         optuna.storages.fail_stale_trials(study)
+        fail_heartless_trials(study)
         counts = count_trials(storage, study._study_id)
         if counts.stop_reason or counts.spent + counts.running >= budget:
             return None, counts
         # Pops a trial queued for retry first, else creates one.
         trial = study.ask()
         if getattr(storage, "heartbeat_interval", None):
-            # Before the lock is released: a worker that dies now still leaves a trial
-            # that goes stale, never one RUNNING for ever.
             storage.record_heartbeat(trial._trial_id)
     return trial, counts
 
@@ -165,16 +168,12 @@ def _run_one(study: optuna.Study, spec: StudySpec, trial: optuna.Trial, objectiv
         if values is not None and not all(math.isfinite(v) for v in _as_list(values)):
             trial.set_user_attr(ATTR_FAIL_REASON, f"objective value {values} is not finite")
             state, values = TrialState.FAIL, None
+        frozen = retry_storage_call(rdb_storage(study._storage), lambda: study.tell(
+            trial, values if state == TrialState.COMPLETE else None, state=state, skip_if_finished=True))
     except Interrupted as e:
         _give_back(study, trial, f"worker stopped by {e.signal_name}")
         summary.lost += 1
         raise
-    except optuna.exceptions.UpdateFinishedTrialError:
-        summary.lost += 1
-        return None
-    try:
-        frozen = retry_storage_call(rdb_storage(study._storage), lambda: study.tell(
-            trial, values if state == TrialState.COMPLETE else None, state=state, skip_if_finished=True))
     except optuna.exceptions.UpdateFinishedTrialError:
         frozen = study._storage.get_trial(trial._trial_id)
     if frozen.state == TrialState.FAIL and ATTR_FAIL_REASON not in frozen.user_attrs:
@@ -194,14 +193,26 @@ def _run_one(study: optuna.Study, spec: StudySpec, trial: optuna.Trial, objectiv
 def _give_back(study: optuna.Study, trial: optuna.Trial, reason: str) -> None:
     """Fail an interrupted trial without counting it, and queue its params again."""
     storage = rdb_storage(study._storage)
+    with _signals_held():
+        try:
+            storage.set_trial_user_attr(trial._trial_id, ATTR_INTERRUPTED, reason)
+            if storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
+                callback = getattr(storage, "heartbeat_stale_trial_callback", None)
+                if callback is not None:
+                    callback(study, storage.get_trial(trial._trial_id))
+        except (optuna.exceptions.UpdateFinishedTrialError, HpoError):
+            pass  # finished already (its result was stored), or the database is gone
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    # Blocked, not ignored: a SIGTERM that arrives meanwhile is handled right after.
+    held = {signal.SIGINT, signal.SIGTERM}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
     try:
-        storage.set_trial_user_attr(trial._trial_id, ATTR_INTERRUPTED, reason)
-        if storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
-            callback = getattr(storage, "heartbeat_stale_trial_callback", None)
-            if callback is not None:
-                callback(study, storage.get_trial(trial._trial_id))
-    except (optuna.exceptions.UpdateFinishedTrialError, HpoError):
-        pass
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _as_list(values: float | tuple | list) -> list[float]:

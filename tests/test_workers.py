@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -213,3 +214,22 @@ def test_workers_share_the_cores():
     finally:
         os.environ.clear()
         os.environ.update(env)
+
+
+def test_running_trial_without_heartbeat_is_failed_and_retried(tmp_path):
+    """A trial left RUNNING with no heartbeat at all (its worker died before the first
+    beat, or an older run without heartbeats crashed) is failed and retried, not waited
+    on for ever."""
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    spec = write_study(tmp_path, "heartless", trials=3, epoch_seconds=0.0)
+    run_hpo("create", str(spec), "--storage", url)
+    study = optuna.load_study(study_name="heartless", storage=url)
+    orphan = study.ask()
+    params = {"x": orphan.suggest_float("x", -4.5, 4.5), "y": orphan.suggest_float("y", -4.5, 4.5)}
+    with sqlite3.connect(tmp_path / "study.db") as conn:
+        conn.execute("UPDATE trials SET datetime_start = datetime('now', 'localtime', '-10 minutes')")
+    run_hpo("run", str(spec), "--storage", url, "--grace-period", "5", timeout=120)
+    trials = trials_of(url, "heartless")
+    assert trials[0].state == TrialState.FAIL
+    assert len(by_state(trials, TrialState.COMPLETE)) == 3 and not by_state(trials, TrialState.RUNNING)
+    assert [t.params for t in trials if t.system_attrs.get("failed_trial") == 0] == [params]
