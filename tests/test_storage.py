@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 
 import optuna
+import pytest
 from optuna.trial import TrialState
 
 from hpo.storage import count_trials, get_storage, rdb_storage
@@ -26,6 +27,7 @@ def test_sqlite_file_is_switched_to_wal(tmp_path):
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")
 def test_count_trials_tells_own_failures_from_lost_ones(storage_url):
     study = optuna.create_study(study_name="counts", storage=get_storage(storage_url))
     study.add_trial(optuna.create_trial(value=1.0))
