@@ -97,13 +97,17 @@ def run_trials(study: optuna.Study, spec: StudySpec, *, budget: int, timeout: fl
     objective = Objective(spec)
     failures_in_a_row = 0
     storage = rdb_storage(study._storage)
+    next_sweep = 0.0
     restore = _raise_on_signals()
     try:
         while True:
             if timeout is not None and time.perf_counter() - start > timeout:
                 summary.stopped_reason = f"stopped starting trials after --timeout {timeout:g} s"
                 break
-            trial, counts = retry_storage_call(storage, lambda: _admit(study, budget))
+            sweep = time.monotonic() >= next_sweep
+            if sweep:
+                next_sweep = time.monotonic() + (getattr(storage, "heartbeat_interval", None) or 0)
+            trial, counts = retry_storage_call(storage, lambda: _admit(study, budget, sweep))
             if trial is None:
                 if counts.stop_reason:
                     if not summary.stopped_reason:
@@ -135,13 +139,16 @@ def run_trials(study: optuna.Study, spec: StudySpec, *, budget: int, timeout: fl
     return summary
 
 
-def _admit(study: optuna.Study, budget: int) -> tuple[optuna.Trial | None, TrialCounts]:
+def _admit(study: optuna.Study, budget: int, sweep: bool) -> tuple[optuna.Trial | None, TrialCounts]:
     storage = rdb_storage(study._storage)
     # No signal may land between creating a trial and its first heartbeat: that trial
     # would stay RUNNING with nothing to show it is dead.
     with _signals_held(), study_lock(storage, study._study_id):
-        optuna.storages.fail_stale_trials(study)
-        fail_heartless_trials(study)
+        if sweep:
+            # Dead workers are looked for once per heartbeat interval, not before every
+            # trial: a trial only goes stale after the grace period anyway.
+            optuna.storages.fail_stale_trials(study)
+            fail_heartless_trials(study)
         counts = count_trials(storage, study._study_id)
         if counts.stop_reason or counts.spent + counts.running >= budget:
             return None, counts
