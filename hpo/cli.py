@@ -140,11 +140,12 @@ def create(study: str, storage: str, study_name: str | None, trials: int | None,
 @click.option("--trials", type=int, help="Finished trials the whole study should end with (default: the stored spec's).")
 @_worker_options
 @click.option("--threads", type=int, help="TensorFlow intra-op threads of this worker (default: TensorFlow's).")
-@click.option("--worker-index", type=int, default=0, show_default=True,
-              help="This worker's number; each worker's sampler is seeded with the spec's seed plus it.")
+@click.option("--worker-index", type=click.IntRange(0, 10**6),
+              help="This worker's number: its sampler is seeded with the spec's seed plus it "
+                   "(default: a random number, so that workers started alike do not propose alike).")
 def worker(storage: str, study_name: str, trials: int | None, timeout: float | None, max_failures: int,
            heartbeat_interval: int | None, grace_period: int | None, threads: int | None,
-           worker_index: int) -> None:
+           worker_index: int | None) -> None:
     """Join the study STUDY_NAME from any machine and run trials until its budget is spent;
     the spec is rebuilt from the database."""
     from hpo.storage import mask_url
@@ -153,6 +154,10 @@ def worker(storage: str, study_name: str, trials: int | None, timeout: float | N
 
     if threads is not None:
         limit_threads(threads)
+    if worker_index is None:
+        import random
+
+        worker_index = random.SystemRandom().randrange(1, 10**6)
     optuna_study, spec = load_study(_open_storage(storage, heartbeat_interval, grace_period), study_name,
                                     worker=worker_index)
     budget = trials if trials is not None else spec.trials

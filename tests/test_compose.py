@@ -109,6 +109,8 @@ def test_compose_commands_run_against_real_postgresql(compose, postgres):
         assert w.returncode == 0, out + err
     trials = optuna.load_study(study_name="compose_beale", storage=url).get_trials(deepcopy=False)
     assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials) == 8 == len(trials)
+    # Started alike, the scaled workers still seed their samplers apart.
+    assert len({tuple(sorted(t.params.items())) for t in trials}) == 8
 
     port = _free_port()
     dashboard = subprocess.Popen(command("dashboard"), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
