@@ -79,18 +79,18 @@ def get_storage(url: str | None = None, *, heartbeat_interval: int | None = HEAR
     url = resolve_storage_url(url)
     if retry_seconds is None:
         retry_seconds = float(os.environ.get(RETRY_ENV, DEFAULT_RETRY_SECONDS))
-    callback = None
-    if heartbeat_interval:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            callback = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
     try:
         _use_wal(url)
-        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-        return _retry(lambda: ResilientRDBStorage(
-            url, engine_kwargs=engine_kwargs(url), heartbeat_interval=heartbeat_interval or None,
-            grace_period=grace_period if heartbeat_interval else None, heartbeat_stale_trial_callback=callback,
-            retry_seconds=retry_seconds), url, min(retry_seconds, CONNECT_RETRY_SECONDS))
+        # Heartbeats and their retry callback are "experimental" in Optuna 5; we rely on them.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            callback = None
+            if heartbeat_interval:
+                callback = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
+            return _retry(lambda: ResilientRDBStorage(
+                url, engine_kwargs=engine_kwargs(url), heartbeat_interval=heartbeat_interval or None,
+                grace_period=grace_period if heartbeat_interval else None, heartbeat_stale_trial_callback=callback,
+                retry_seconds=retry_seconds), url, min(retry_seconds, CONNECT_RETRY_SECONDS))
     except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError, OSError) as e:
         raise StorageError(f"cannot open storage {mask_url(url)}: {_first_line(e)}") from e
 
