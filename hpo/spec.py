@@ -147,6 +147,9 @@ class ModelSpec:
     stateful: bool = False
     function: str = "beale"
     noise: float = 0.0
+    # Analytic family only: wall-clock seconds each epoch sleeps, standing in for training
+    # time when testing or demonstrating workers (crashes, restarts). None: no sleep.
+    epoch_seconds: float | None = None
 
 
 @dataclass(frozen=True)
@@ -447,9 +450,12 @@ def _parse_model(t: "_Table") -> ModelSpec:
         stateful=t.bool("stateful", default=False),
         function=t.str("function", default="beale"),
         noise=t.float("noise", default=0.0, low=0.0, high=1e6),
+        epoch_seconds=t.float("epoch_seconds", default=None, low=0.0, high=3600.0) if "epoch_seconds" in t.raw else None,
     )
     if family == "analytic":
         t.choice("function", spec.function, ANALYTIC_FUNCTIONS)
+    elif spec.epoch_seconds is not None:
+        raise SpecError(t.source, f"{t.prefix}epoch_seconds", 'only the analytic family sleeps per epoch; remove epoch_seconds')
     if spec.stateful and family != "lstm":
         raise SpecError(t.source, f"{t.prefix}stateful", f'stateful models are LSTMs; set family = "lstm" or stateful = false')
     t.finish()

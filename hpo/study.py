@@ -26,6 +26,8 @@ def quiet_optuna() -> None:
     `set_metric_names` and `constant_liar` is deliberate."""
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    # Workers beat their own heartbeats around study.ask/tell; Optuna warns it expects optimize().
+    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
 
 
 def make_sampler(spec: StudySpec, worker: int = 0) -> optuna.samplers.BaseSampler:
@@ -90,6 +92,9 @@ def create_study(spec: StudySpec, storage: optuna.storages.BaseStorage, worker: 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names(spec.metric_names)
+    elif stored != wanted and _comparable(stored) == _comparable(wanted):
+        # A new budget or description: `hpo worker` reads the budget from here.
+        study.set_user_attr(SPEC_ATTR, wanted)
     elif _comparable(stored) != _comparable(wanted):
         changed = sorted(k for k in set(stored) | set(wanted) if k not in _MUTABLE_KEYS and stored.get(k) != wanted.get(k))
         raise SpecError(spec.source, ", ".join(changed),

@@ -150,6 +150,8 @@ def _fit_analytic(spec: StudySpec, params: dict[str, Any], seeds: list[int],
     stoppers = [_stopper(spec) for _ in seeds]
     curves: list[dict[str, list[float]]] = [{k: [] for k in CURVE_KEYS} for _ in seeds]
     for epoch in range(spec.training.max_epochs):
+        if spec.model.epoch_seconds:
+            time.sleep(spec.model.epoch_seconds)
         for i, stopper in enumerate(stoppers):
             if stopper.stopped:
                 continue

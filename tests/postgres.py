@@ -56,6 +56,14 @@ class PostgresServer:
     def stop(self) -> None:
         self._run("pg_ctl", "-D", self.data, "-m", "fast", "-w", "stop")
 
+    def start_if_stopped(self) -> None:
+        """Start the server unless it runs (for a test that stopped it and then failed)."""
+        status = [os.path.join(self.bin_dir, "pg_ctl"), "-D", self.data, "status"]
+        if self.user:
+            status = ["runuser", "-u", self.user, "--", *status]
+        if subprocess.run(status, capture_output=True, cwd=self.dir).returncode != 0:
+            self.start()
+
     def url(self, database: str = "postgres") -> str:
         return f"postgresql+psycopg://hpo@127.0.0.1:{self.port}/{database}"
 
