@@ -314,8 +314,8 @@ def parse_spec(raw: dict[str, Any], *, source: str = "<memory>", base_dir: Path 
     pruner_table = top.table("pruner")
     pruner = _parse_pruner(pruner_table, default_kind="none" if objective.mode == "pareto" else "median")
     if objective.mode == "pareto" and pruner.kind != "none":
-        raise SpecError(source, "pruner.kind", f'objective mode "pareto" has two objectives and Optuna cannot prune '
-                                               f'multi-objective trials; set [pruner] kind = "none"')
+        raise SpecError(source, "pruner.kind", 'objective mode "pareto" has two objectives and Optuna cannot prune '
+                                               'multi-objective trials; set [pruner] kind = "none"')
     space = _parse_space(top.table("space"), model.family)
     output = model.output or _natural_output(data, metric)
     model = dataclasses.replace(model, output=output)
@@ -457,7 +457,7 @@ def _parse_model(t: "_Table") -> ModelSpec:
     elif spec.epoch_seconds is not None:
         raise SpecError(t.source, f"{t.prefix}epoch_seconds", 'only the analytic family sleeps per epoch; remove epoch_seconds')
     if spec.stateful and family != "lstm":
-        raise SpecError(t.source, f"{t.prefix}stateful", f'stateful models are LSTMs; set family = "lstm" or stateful = false')
+        raise SpecError(t.source, f"{t.prefix}stateful", 'stateful models are LSTMs; set family = "lstm" or stateful = false')
     t.finish()
     return spec
 
