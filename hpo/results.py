@@ -127,7 +127,11 @@ def run_sql(sql: str, storage: str | None = None) -> pd.DataFrame:
                 raw.rollback()
         finally:
             raw.close()
-    except Exception as e:  # noqa: BLE001 - every driver error becomes one readable line
+    except Exception as e:
+        # Every database error becomes one readable line; a bug of ours stays a traceback.
+        if not (isinstance(e, (sqlite3.Error, sqlalchemy.exc.SQLAlchemyError))
+                or type(e).__module__.startswith("psycopg")):
+            raise
         raise _query_error(e) from e
     finally:
         engine.dispose()
