@@ -285,8 +285,11 @@ def release_memory() -> None:
     import gc
     import sys
 
-    if "keras" in sys.modules:
-        import keras
+    # Without Keras (the analytic family) there is nothing to free, and a full collection
+    # of a large heap would cost more than the trial.
+    if "keras" not in sys.modules:
+        return
+    import keras
 
-        keras.backend.clear_session()
+    keras.backend.clear_session()
     gc.collect()
