@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -18,9 +19,9 @@ import optuna
 from hpo.errors import TrialFailed
 from hpo.objective import Objective
 from hpo.spec import load_spec
-from hpo.storage import get_storage, mask_url
+from hpo.storage import STORAGE_ENV, count_trials, get_storage, mask_url
 from hpo.study import create_study, make_pruner, make_sampler
-from hpo.workers import _quiet_optuna, run_trials
+from hpo.workers import _package_root, _quiet_optuna, run_trials
 
 
 @dataclass
@@ -65,30 +66,37 @@ def measure_storage_overhead(url: str, trials: int = 100, study: str = "beale", 
     return StorageOverhead(mask_url(url), trials, hpo_seconds, plain_seconds)
 
 
-def rss_mb() -> float:
-    """This process's resident memory in MB (Linux)."""
-    with open("/proc/self/statm") as f:
-        pages = int(f.read().split()[1])
-    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+def _rss_of(pid: int) -> float:
+    with open(f"/proc/{pid}/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def measure_memory(url: str, study: str, trials: int, checkpoints: tuple[int, ...], *, seeds: int | None = None,
-                   max_epochs: int | None = None) -> list[tuple[int, float]]:
-    """Run one worker in this process for `trials` trials; its RSS after each checkpoint."""
+                   max_epochs: int | None = None, max_memory_growth: float | None = None) -> tuple[list[tuple[int, float]], int]:
+    """Run one real `hpo worker` for `trials` trials of the study; its resident memory (read
+    from outside, by process id, which a restarting worker keeps) when the study reaches
+    each checkpoint, and how often it restarted itself."""
     spec = load_spec(study).with_overrides(trials=trials, seeds=seeds, max_epochs=max_epochs,
                                            name=f"bench_memory_{uuid.uuid4().hex[:8]}")
-    hpo_study = create_study(spec, get_storage(url))
+    storage = get_storage(url)
+    hpo_study = create_study(spec, storage)
+    cmd = [sys.executable, "-m", "hpo", "worker", "--study-name", spec.name, "--worker-index", "0",
+           "--max-failures", str(trials)]
+    if max_memory_growth is not None:
+        cmd += ["--max-memory-growth", str(max_memory_growth)]
     seen: list[tuple[int, float]] = []
-    done = 0
-
-    def echo(line: str) -> None:
-        nonlocal done
-        done += 1
-        if done in checkpoints:
-            seen.append((done, rss_mb()))
-
-    run_trials(hpo_study, spec, budget=trials, echo=echo, max_consecutive_failures=trials)
-    return seen
+    pending = sorted(checkpoints)
+    with tempfile.TemporaryFile("w+") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.DEVNULL, cwd=_package_root(),
+                                env={**os.environ, STORAGE_ENV: url})
+        while proc.poll() is None:
+            done = count_trials(storage, hpo_study._study_id).spent
+            while pending and done >= pending[0]:
+                seen.append((pending.pop(0), _rss_of(proc.pid)))
+            time.sleep(0.5)
+        out.seek(0)
+        restarts = sum("restarting" in line for line in out)
+    return seen, restarts
 
 
 def measure_throughput(url: str, study: str, trials: int, workers: int, *, seeds: int | None = None,
@@ -102,6 +110,5 @@ def measure_throughput(url: str, study: str, trials: int, workers: int, *, seeds
     if max_epochs is not None:
         cmd += ["--max-epochs", str(max_epochs)]
     start = time.perf_counter()
-    subprocess.run(cmd, check=True, capture_output=True,
-                   cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    subprocess.run(cmd, check=True, capture_output=True, cwd=_package_root())
     return trials / ((time.perf_counter() - start) / 60)

@@ -6,6 +6,7 @@ Heavy modules (TensorFlow, Keras) are imported inside the commands that train, s
 
 from __future__ import annotations
 
+import os
 import sys
 import traceback
 
@@ -143,17 +144,20 @@ def create(study: str, storage: str, study_name: str | None, trials: int | None,
 @click.option("--trials", type=int, help="Finished trials the whole study should end with (default: the stored spec's).")
 @_worker_options
 @click.option("--threads", type=int, help="TensorFlow intra-op threads of this worker (default: TensorFlow's).")
+@click.option("--max-memory-growth", type=float, default=None,
+              help="Restart this worker (same process id) between trials once its memory has grown this many "
+                   "MB since its first trial; 0 never [default: 150].")
 @click.option("--worker-index", type=click.IntRange(0, 10**6),
               help="This worker's number: its sampler is seeded with the spec's seed plus it "
                    "(default: a random number, so that workers started alike do not propose alike).")
 def worker(storage: str, study_name: str, trials: int | None, timeout: float | None, max_failures: int,
            heartbeat_interval: int | None, grace_period: int | None, threads: int | None,
-           worker_index: int | None) -> None:
+           max_memory_growth: float | None, worker_index: int | None) -> None:
     """Join the study STUDY_NAME from any machine and run trials until its budget is spent;
     the spec is rebuilt from the database."""
     from hpo.storage import mask_url
     from hpo.study import load_study
-    from hpo.workers import limit_threads, run_trials
+    from hpo.workers import MAX_MEMORY_GROWTH_MB, limit_threads, run_trials
 
     if threads is not None:
         limit_threads(threads)
@@ -167,8 +171,16 @@ def worker(storage: str, study_name: str, trials: int | None, timeout: float | N
     if trials is not None and trials < 1:
         raise click.BadParameter(f"--trials {trials} must be at least 1")
     click.echo(f"worker {worker_index} on study {study_name} ({mask_url(storage)}): budget {budget} trials")
+    growth = MAX_MEMORY_GROWTH_MB if max_memory_growth is None else max_memory_growth
     summary = run_trials(optuna_study, spec, budget=budget, timeout=timeout,
-                         max_consecutive_failures=max_failures, echo=click.echo)
+                         max_consecutive_failures=max_failures, echo=click.echo,
+                         max_memory_growth_mb=growth or None)
+    if summary.restart:
+        # TensorFlow does not give back what it keeps per model; a fresh process does.
+        click.echo(f"worker {worker_index}: {summary.stopped_reason}")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(sys.executable, [sys.executable, "-m", "hpo", *sys.argv[1:]])
     click.echo(f"worker {worker_index} done in {summary.seconds:.1f} s: {summary.complete} complete, "
                f"{summary.pruned} pruned, {summary.failed} failed, {summary.lost} given back"
                + (f"; {summary.stopped_reason}" if summary.stopped_reason else ""))
@@ -221,13 +233,18 @@ def bench_storage(storage: str, trials: int) -> None:
 @click.option("--trials", type=int, default=200, show_default=True)
 @click.option("--seeds", type=int, default=1, show_default=True)
 @click.option("--max-epochs", type=int, default=2, show_default=True)
-def bench_memory(study: str, storage: str, trials: int, seeds: int, max_epochs: int) -> None:
-    """Resident memory of one worker after 10, 50, 100, ... trials of STUDY."""
+@click.option("--max-memory-growth", type=float, help="Passed to hpo worker (0: never restart).")
+def bench_memory(study: str, storage: str, trials: int, seeds: int, max_epochs: int,
+                 max_memory_growth: float | None) -> None:
+    """Resident memory of one `hpo worker` after 10, 50, 100, ... trials of STUDY."""
     from hpo.bench_workers import measure_memory
 
     checkpoints = tuple(sorted({1, 10, *range(50, trials + 1, 50), trials}))
-    for n, mb in measure_memory(storage, study, trials, checkpoints, seeds=seeds, max_epochs=max_epochs):
+    seen, restarts = measure_memory(storage, study, trials, checkpoints, seeds=seeds, max_epochs=max_epochs,
+                                    max_memory_growth=max_memory_growth)
+    for n, mb in seen:
         click.echo(f"after {n:>4} trials: RSS {mb:.0f} MB")
+    click.echo(f"the worker restarted itself {restarts} times")
 
 
 @bench_workers.command("throughput")

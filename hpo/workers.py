@@ -38,6 +38,11 @@ ATTR_INTERRUPTED = "interrupted"
 POLL_SECONDS = 1.0
 # How long `run_workers` waits for a stopped child before it kills it.
 STOP_SECONDS = 20.0
+# TensorFlow 2.21 / Keras 3.15 keep about 10 MB per model built and fitted, whatever
+# clear_session and gc do (tensorflow/tensorflow#61791): a worker whose resident memory
+# has grown this much since its first trial ends its loop and starts afresh (`hpo worker`
+# re-executes itself, same PID), so hundreds of trials keep memory flat.
+MAX_MEMORY_GROWTH_MB = 150.0
 
 
 class Interrupted(BaseException):
@@ -65,6 +70,7 @@ class RunSummary:
     best: FrozenTrial | None = None
     lines: list[str] = field(default_factory=list)
     exit_code: int = 0
+    restart: bool = False
 
 
 def count_finished(study: optuna.Study) -> int:
@@ -78,7 +84,8 @@ def clear_stop(study: optuna.Study) -> None:
 
 
 def run_trials(study: optuna.Study, spec: StudySpec, *, budget: int, timeout: float | None = None,
-               max_consecutive_failures: int = 5, echo: Callable[[str], None] = print) -> RunSummary:
+               max_consecutive_failures: int = 5, echo: Callable[[str], None] = print,
+               max_memory_growth_mb: float | None = None) -> RunSummary:
     """Run trials until the study holds `budget` spent trials (complete, pruned, or failed
     on their own), together with any other workers on the same study.
 
@@ -90,9 +97,12 @@ def run_trials(study: optuna.Study, spec: StudySpec, *, budget: int, timeout: fl
         max_consecutive_failures: After this many failed trials in a row, stop the study
             (every worker on it stops).
         echo: Where progress lines go.
+        max_memory_growth_mb: Return with `restart` set, between trials, once resident
+            memory has grown this much since the first trial (None: never).
     """
     quiet_optuna()
     summary = RunSummary(spec.name)
+    baseline_mb: float | None = None
     start = time.perf_counter()
     objective = Objective(spec)
     failures_in_a_row = 0
@@ -122,6 +132,14 @@ def run_trials(study: optuna.Study, spec: StudySpec, *, budget: int, timeout: fl
                 continue
             failures_in_a_row = failures_in_a_row + 1 if frozen.state == TrialState.FAIL else 0
             echo(describe_trial(spec, frozen, study, budget=budget))
+            if max_memory_growth_mb is not None:
+                if baseline_mb is None:
+                    baseline_mb = rss_mb()
+                elif rss_mb() - baseline_mb > max_memory_growth_mb:
+                    summary.restart = True
+                    summary.stopped_reason = (f"memory grew {rss_mb() - baseline_mb:.0f} MB since the first trial "
+                                              f"(over {max_memory_growth_mb:g} MB); restarting to release it")
+                    break
             if failures_in_a_row >= max_consecutive_failures:
                 summary.stopped_reason = (f"stopped the study after {failures_in_a_row} failed trials in a row; "
                                           f"last reason: {frozen.user_attrs.get(ATTR_FAIL_REASON, 'unknown')}; "
@@ -137,6 +155,15 @@ def run_trials(study: optuna.Study, spec: StudySpec, *, budget: int, timeout: fl
     summary.seconds = time.perf_counter() - start
     summary.best = best_trial(study, spec)
     return summary
+
+
+def rss_mb() -> float:
+    """This process's resident memory in MB (Linux; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return 0.0
 
 
 def _admit(study: optuna.Study, budget: int, sweep: bool) -> tuple[optuna.Trial | None, TrialCounts]:

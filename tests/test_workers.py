@@ -233,3 +233,36 @@ def test_running_trial_without_heartbeat_is_failed_and_retried(tmp_path):
     assert trials[0].state == TrialState.FAIL
     assert len(by_state(trials, TrialState.COMPLETE)) == 3 and not by_state(trials, TrialState.RUNNING)
     assert [t.params for t in trials if t.system_attrs.get("failed_trial") == 0] == [params]
+
+
+TINY_LSTM = """
+name = "tiny_lstm"
+seeds = 1
+trials = 3
+[data]
+name = "noisy_sine"
+n_samples = 200
+window = 10
+[model]
+family = "lstm"
+[training]
+max_epochs = 1
+[pruner]
+kind = "none"
+[space]
+units = { low = 2, high = 8 }
+"""
+
+
+def test_worker_restarts_itself_when_memory_grows(tmp_path):
+    """TensorFlow keeps memory per model; a worker past its growth limit re-executes
+    itself between trials (same process) and finishes the budget."""
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    (tmp_path / "tiny.toml").write_text(TINY_LSTM)
+    run_hpo("create", str(tmp_path / "tiny.toml"), "--storage", url)
+    result = run_hpo("worker", "--storage", url, "--study-name", "tiny_lstm", "--max-memory-growth", "1",
+                     timeout=300)
+    assert "restarting to release it" in result.stdout
+    assert re.search(r"worker \d+ done", result.stdout), result.stdout
+    trials = trials_of(url, "tiny_lstm")
+    assert len(by_state(trials, TrialState.COMPLETE)) == 3 == len(trials)
