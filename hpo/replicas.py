@@ -28,7 +28,7 @@ FAMILIES = ("mlp", *RECURRENT_FAMILIES)
 _UNROLL_LIMIT = int(__import__("os").environ.get("HPO_UNROLL", 64))
 
 
-def unsupported_reason(spec: StudySpec) -> str | None:
+def unsupported_reason(spec: StudySpec, params: dict[str, Any]) -> str | None:
     """Why the spec cannot train its seeds as replicas, or None when it can."""
     if spec.model.family not in FAMILIES:
         return f"family {spec.model.family!r} has no replicated layers"
@@ -326,7 +326,7 @@ def build_replicated_model(params: dict[str, Any], input_shape: tuple[int, ...],
 
 
 def fit_replicated(spec: StudySpec, params: dict[str, Any], seeds: list[int],
-                   on_epoch: EpochCallback | None = None, *, jit_compile: bool = True) -> RepeatFit:
+                   on_epoch: EpochCallback | None = None, *, jit_compile: bool = False) -> RepeatFit:
     """Fit the params once per seed, all seeds as replicas of one model.
 
     Same contract and record as the sequential path (`training.fit_repeats`): replica r sees
@@ -397,7 +397,8 @@ class _Trainer:
         self.x_val = tf.constant(data.x_val)
         self.y_val = tf.constant(np.broadcast_to(data.y_val[None], (r, *data.y_val.shape)))
         self.n, self.batch = len(data.x_train), params["batch_size"]
-        steps = max(1, math.ceil(self.n / self.batch))
+        self.steps = steps = max(1, math.ceil(self.n / self.batch))
+        self.row_weight = tf.constant(np.arange(steps * self.batch) < self.n, tf.float32)
         # Keras' clipnorm clips each weight's gradient by its own norm; here that norm is
         # taken per replica, before the (unclipped) optimizer sees the gradients.
         self.clipnorm = params["clipnorm"]
@@ -412,18 +413,20 @@ class _Trainer:
         self._run = tf.function(self._epoch, jit_compile=jit_compile, reduce_retracing=True)
 
     def run_epoch(self, order: np.ndarray, active: np.ndarray) -> np.ndarray:
-        return self._run(tf.constant(order, tf.int32), tf.constant(active)).numpy()
+        # The last, short batch is padded to a full one whose extra rows weigh nothing,
+        # so a single step shape is traced and compiled.
+        padded = np.zeros((order.shape[0], self.steps * self.batch), np.int32)
+        padded[:, : self.n] = order
+        return self._run(tf.constant(padded), tf.constant(active)).numpy()
 
     def _epoch(self, order: tf.Tensor, active: tf.Tensor) -> tf.Tensor:
         r, b, n = self.model.replicas, self.batch, self.n
         loss_sum = tf.zeros((r,))
         metric_sum = tf.zeros((r,))
-        for s in tf.range(n // b):
-            loss, metric = self._step(tf.slice(order, [0, s * b], [r, b]), active)
-            loss_sum += loss
-            metric_sum += metric
-        if n % b:
-            loss, metric = self._step(order[:, n // b * b:], active)
+        for s in tf.range(self.steps):
+            idx = tf.slice(order, [0, s * b], [r, b])
+            weight = tf.slice(self.row_weight, [s * b], [b])
+            loss, metric = self._step(idx, weight, active)
             loss_sum += loss
             metric_sum += metric
         pred = self.model(self.x_val, training=False)
@@ -434,12 +437,14 @@ class _Trainer:
         train_metric = train_loss if self.metric_fn is None else metric_sum / n
         return tf.stack([train_loss, train_metric, val_loss, val_metric])
 
-    def _step(self, idx: tf.Tensor, active: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    def _step(self, idx: tf.Tensor, weight: tf.Tensor, active: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         x, y = tf.gather(self.x, idx), tf.gather(self.y, idx)
+        size = tf.reduce_sum(weight)
         with tf.GradientTape() as tape:
             pred = self.model(x, training=True)
             per_sample = self.loss_fn(y, pred)
-            loss = tf.reduce_mean(per_sample, axis=1) + self.model.replica_penalty()
+            # Keras' batch mean, over the real rows only.
+            loss = tf.reduce_sum(per_sample * weight, axis=1) / size + self.model.replica_penalty()
             # Summing keeps each replica's gradient that of its own loss.
             total = tf.reduce_sum(tf.where(active, loss, 0.0))
         grads = tape.gradient(total, self.variables)
@@ -450,9 +455,9 @@ class _Trainer:
         for v, old in zip(self.variables, before):
             keep = tf.reshape(active, [-1] + [1] * (len(v.shape) - 1))
             v.assign(tf.where(keep, v, old))
-        size = tf.cast(tf.shape(idx)[1], loss.dtype)
-        metric = loss * size if self.metric_fn is None else tf.reduce_sum(self.metric_fn(y, pred), axis=1)
-        return loss * size, metric
+        if self.metric_fn is None:
+            return loss * size, loss * size
+        return loss * size, tf.reduce_sum(self.metric_fn(y, pred) * weight, axis=1)
 
     def _clip(self, g: tf.Tensor) -> tf.Tensor:
         axes = list(range(1, len(g.shape)))
