@@ -387,7 +387,7 @@ def _sample_metric(metric: str) -> Any:
 
 class _Trainer:
     """One compiled function per epoch: every batch's train step for all replicas, then
-    validation, returning `(4, R)` = loss, metric, val_loss, val_metric as Keras logs them."""
+    validation, returning `(4, R)` in `CURVE_KEYS` order, each figure as Keras logs it."""
 
     def __init__(self, model: ReplicatedModel, data: Any, params: dict[str, Any], *, output: str, metric: str,
                  jit_compile: bool) -> None:
@@ -435,7 +435,7 @@ class _Trainer:
         val_metric = val_loss if self.metric_fn is None else tf.reduce_mean(self.metric_fn(self.y_val, pred), axis=1)
         train_loss = loss_sum / n
         train_metric = train_loss if self.metric_fn is None else metric_sum / n
-        return tf.stack([train_loss, train_metric, val_loss, val_metric])
+        return tf.stack([train_loss, val_loss, train_metric, val_metric])
 
     def _step(self, idx: tf.Tensor, weight: tf.Tensor, active: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         x, y = tf.gather(self.x, idx), tf.gather(self.y, idx)
