@@ -23,8 +23,8 @@ from hpo.training import (CURVE_KEYS, EpochCallback, RepeatFit, check_finite, co
 
 FAMILIES = ("mlp", *RECURRENT_FAMILIES)
 
-# Recurrent loops up to this many steps are unrolled into the graph (faster on a CPU and
-# easier for XLA to fuse); longer ones run as a symbolic loop.
+# Recurrent loops up to this many steps are unrolled into the graph, longer ones run as a
+# symbolic loop (tf.scan): unrolled, a reference epoch at R=30 took 0.55 s instead of 1.0 s.
 _UNROLL_LIMIT = 64
 
 

@@ -89,6 +89,24 @@ def test_outputs_and_gradients_match_native_layers(kind):
             np.testing.assert_allclose(g[r], ng.numpy(), atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_long_sequences_run_as_a_symbolic_loop_with_the_same_results(kind, monkeypatch):
+    x = tf.constant(np.random.default_rng(2).normal(size=(R, 4, 7, 3)).astype(np.float32))
+    rep = replicated(kind)
+    rep.build(x.shape)
+    rep.set_replica_weights([[np.random.default_rng(r).normal(size=w.shape[1:]).astype(np.float32) * 0.3
+                              for w in rep.weights] for r in range(R)])
+    results = []
+    for limit in (64, 0):
+        monkeypatch.setattr(replicas, "_UNROLL_LIMIT", limit)
+        with tf.GradientTape() as tape:
+            out = rep(x)
+            loss = tf.reduce_sum(out * out)
+        results.append([out.numpy()] + [g.numpy() for g in tape.gradient(loss, rep.trainable_variables)])
+    for unrolled, looped in zip(*results):
+        np.testing.assert_allclose(unrolled, looped, atol=1e-5)
+
+
 @pytest.mark.parametrize("kind", ["dense", "lstm"])
 def test_shared_input_is_the_same_as_a_copy_per_replica(kind):
     shape = (5, 3) if kind == "dense" else (5, 6, 3)
