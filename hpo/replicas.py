@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any
+from typing import Any, Callable
 
 import keras
 import numpy as np
@@ -165,12 +165,13 @@ class _ReplicatedRNN(_ReplicatedLayer):
         if use_rec_dropout:
             rec_masks = tf.unstack(self._mask([self.gates, self.replicas, batch, self.units],
                                               self.recurrent_dropout))
+        recurrence = self._recurrence(rec_masks)
         state = self._initial_state(batch)
         steps = x.shape[-2]
         if steps is not None and steps <= _UNROLL_LIMIT:
             outputs = []
             for z in tf.unstack(projected, axis=2):
-                h, state = self._step(z, state, rec_masks)
+                h, state = self._step(z, state, recurrence)
                 outputs.append(h)
             if not self.return_sequences:
                 return outputs[-1]
@@ -178,7 +179,7 @@ class _ReplicatedRNN(_ReplicatedLayer):
         sequence = tf.transpose(projected, (2, 0, 1, 3))
 
         def scan_step(carry: tuple, z: tf.Tensor) -> tuple:
-            h, new_state = self._step(z, carry[1], rec_masks)
+            h, new_state = self._step(z, carry[1], recurrence)
             return h, new_state
 
         hs, _ = tf.scan(scan_step, sequence, initializer=(tf.zeros_like(state[0]), state))
@@ -193,11 +194,14 @@ class _ReplicatedRNN(_ReplicatedLayer):
         zeros = tf.zeros(tf.stack([self.replicas, batch, self.units]), self.compute_dtype)
         return (zeros,)
 
-    def _recurrent(self, h: tf.Tensor, rec_masks: list | None) -> tf.Tensor:
+    def _recurrence(self, rec_masks: list | None) -> Callable[[tf.Tensor], tf.Tensor]:
+        # h -> its projection by the recurrent kernel. Weights are read and split once per
+        # call, not once per step: the graph of a step is mostly op overhead at small R.
         if rec_masks is None:
-            return tf.matmul(h, self.recurrent_kernel)
-        kernels = tf.split(self.recurrent_kernel, self.gates, axis=-1)
-        return tf.concat([tf.matmul(h * m, k) for m, k in zip(rec_masks, kernels)], axis=-1)
+            kernel = tf.convert_to_tensor(self.recurrent_kernel)
+            return lambda h: tf.matmul(h, kernel)
+        kernels = tf.split(tf.convert_to_tensor(self.recurrent_kernel), self.gates, axis=-1)
+        return lambda h: tf.concat([tf.matmul(h * m, k) for m, k in zip(rec_masks, kernels)], axis=-1)
 
 
 class ReplicatedSimpleRNN(_ReplicatedRNN):
@@ -205,8 +209,8 @@ class ReplicatedSimpleRNN(_ReplicatedRNN):
 
     gates = 1
 
-    def _step(self, z: tf.Tensor, state: tuple, rec_masks: list | None) -> tuple:
-        h = self.activation(z + self._recurrent(state[0], rec_masks))
+    def _step(self, z: tf.Tensor, state: tuple, recurrence: Callable) -> tuple:
+        h = self.activation(z + recurrence(state[0]))
         return h, (h,)
 
 
@@ -219,9 +223,9 @@ class ReplicatedLSTM(_ReplicatedRNN):
         zeros = tf.zeros(tf.stack([self.replicas, batch, self.units]), self.compute_dtype)
         return (zeros, zeros)
 
-    def _step(self, z: tf.Tensor, state: tuple, rec_masks: list | None) -> tuple:
+    def _step(self, z: tf.Tensor, state: tuple, recurrence: Callable) -> tuple:
         h, c = state
-        i, f, g, o = tf.split(z + self._recurrent(h, rec_masks), 4, axis=-1)
+        i, f, g, o = tf.split(z + recurrence(h), 4, axis=-1)
         c = tf.sigmoid(f) * c + tf.sigmoid(i) * self.activation(g)
         h = tf.sigmoid(o) * self.activation(c)
         return h, (h, c)
@@ -238,9 +242,14 @@ class ReplicatedGRU(_ReplicatedRNN):
     def _input_bias(self) -> tf.Tensor:
         return self.bias[:, 0]
 
-    def _step(self, z: tf.Tensor, state: tuple, rec_masks: list | None) -> tuple:
+    def _recurrence(self, rec_masks: list | None) -> Callable[[tf.Tensor], tf.Tensor]:
+        project = super()._recurrence(rec_masks)
+        bias = self.bias[:, 1][:, None, :]
+        return lambda h: project(h) + bias
+
+    def _step(self, z: tf.Tensor, state: tuple, recurrence: Callable) -> tuple:
         h = state[0]
-        rec = self._recurrent(h, rec_masks) + self.bias[:, 1][:, None, :]
+        rec = recurrence(h)
         x_z, x_r, x_h = tf.split(z, 3, axis=-1)
         r_z, r_r, r_h = tf.split(rec, 3, axis=-1)
         update = tf.sigmoid(x_z + r_z)
