@@ -129,7 +129,7 @@ def fit_repeats(spec: StudySpec, params: dict[str, Any], seeds: list[int],
     if path != "sequential":
         from hpo import replicas
 
-        reason = replicas.unsupported_reason(spec, params)
+        reason = replicas.unsupported_reason(spec)
         if reason is None:
             return replicas.fit_replicated(spec, params, seeds, on_epoch)
         if path == "vectorized":

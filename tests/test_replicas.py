@@ -225,10 +225,16 @@ def test_a_diverging_replica_fails_the_trial():
         replicas.fit_replicated(spec, params, [1, 2])
 
 
-def test_fit_repeats_takes_the_sequential_path_for_stateful_models():
-    spec = small_spec("lstm", epochs=1, stateful=True)
-    assert replicas.unsupported_reason(spec, small_params(spec)) is not None
+@pytest.mark.parametrize("model,data", [
+    ({"stateful": True}, None),
+    ({}, {"name": "noisy_sine", "window": 6, "n_samples": 120, "split": "random", "resample_split": True}),
+])
+def test_fit_repeats_falls_back_to_the_sequential_path(model, data):
+    spec = small_spec("lstm", epochs=1, data=data, **model)
+    assert replicas.unsupported_reason(spec) is not None
     assert fit_repeats(spec, small_params(spec), [1]).path == "sequential"
+    with pytest.raises(ValueError, match="replicas"):
+        fit_repeats(spec, small_params(spec), [1], path="vectorized")
 
 
 @pytest.mark.parametrize("family,extra,metric,data", [
