@@ -81,7 +81,8 @@ def run_bench(seed_counts: list[int], *, epochs: int = 20, samples: int = 1000, 
         epochs: Epochs of every fit (no early stopping).
         samples: Points of the noisy sine (shrink for a smoke test).
         units: LSTM width.
-        sequential: Also time R sequential native fits (the slowest part).
+        sequential: Also time R sequential native fits, as hpo's sequential path runs them
+            (one Keras `fit` call per seed and epoch, in lock-step); the slowest part.
         echo: Called with a progress line per measurement, if given.
     """
     from hpo.space import default_params
@@ -131,7 +132,8 @@ def format_table(result: BenchResult) -> str:
 
 
 def _time_single_fit(spec: StudySpec, params: dict[str, Any]) -> float:
-    """One native Keras fit as a user would write it: build, compile, one `fit` call."""
+    """One native Keras fit as a user would write it: build, compile, one `fit` call for all
+    epochs (cheaper than the per-epoch calls of the lock-step path, so the harder baseline)."""
     import keras
 
     from hpo.data import load_dataset
