@@ -18,13 +18,19 @@ from hpo.spec import StudySpec, parse_spec
 
 @dataclass
 class BenchRow:
-    """Figures for one seed count; `sequential_s` is None when it was skipped."""
+    """Figures for one seed count; `sequential_s` is None when it was skipped.
+
+    `peak_rss_mb` is the process's high-water mark right after the vectorised fit (single
+    and vectorised fits of every R run first); `peak_rss_sequential_mb` after the R
+    sequential fits, which run last because they hold R models at once.
+    """
 
     seeds: int
     single_fit_s: float
-    sequential_s: float | None
     vectorized_s: float
     peak_rss_mb: float
+    sequential_s: float | None = None
+    peak_rss_sequential_mb: float | None = None
 
     @property
     def ratio_vectorized_to_single(self) -> float:
@@ -56,6 +62,7 @@ class BenchResult:
             "ratio_vectorized_to_single": column("ratio_vectorized_to_single"),
             "ratio_sequential_to_single": column("ratio_sequential_to_single"),
             "peak_rss_mb": column("peak_rss_mb"),
+            "peak_rss_sequential_mb": column("peak_rss_sequential_mb"),
         }
 
 
@@ -99,35 +106,37 @@ def run_bench(seed_counts: list[int], *, epochs: int = 20, samples: int = 1000, 
     _time_single_fit(dataclasses.replace(spec, training=dataclasses.replace(spec.training, max_epochs=1)), params)
     release_memory()
     for r in seed_counts:
-        seeds = [spec.seed * 1000 + i for i in range(r)]
+        # The single fit runs right before the replicas, so their ratio sees the same load.
         single = _time_single_fit(spec, params)
         release_memory()
         say(f"R={r}: one native fit {single:.2f} s")
         start = time.perf_counter()
-        fit_repeats(spec, params, seeds, path="vectorized")
+        fit_repeats(spec, params, _seeds(spec, r), path="vectorized")
         vectorized = time.perf_counter() - start
         release_memory()
         say(f"R={r}: {r} replicas together {vectorized:.2f} s")
-        seq = None
-        if sequential:
-            start = time.perf_counter()
-            fit_repeats(spec, params, seeds, path="sequential")
-            seq = time.perf_counter() - start
-            release_memory()
-            say(f"R={r}: {r} sequential fits {seq:.2f} s")
-        result.rows.append(BenchRow(r, single, seq, vectorized, _peak_rss_mb()))
+        result.rows.append(BenchRow(r, single, vectorized, _peak_rss_mb()))
+    for row in result.rows if sequential else []:
+        start = time.perf_counter()
+        fit_repeats(spec, params, _seeds(spec, row.seeds), path="sequential")
+        row.sequential_s = time.perf_counter() - start
+        release_memory()
+        row.peak_rss_sequential_mb = _peak_rss_mb()
+        say(f"R={row.seeds}: {row.seeds} sequential fits {row.sequential_s:.2f} s")
     return result
 
 
 def format_table(result: BenchResult) -> str:
     """The rows as a fixed-width table."""
     lines = [f"{'seeds':>5}  {'single fit s':>12}  {'sequential s':>12}  {'vectorized s':>12}  "
-             f"{'seq/single':>10}  {'vec/single':>10}  {'peak RSS MB':>11}"]
+             f"{'seq/single':>10}  {'vec/single':>10}  {'peak RSS MB':>11}  {'+ sequential':>12}"]
     for row in result.rows:
         seq = "-" if row.sequential_s is None else f"{row.sequential_s:.2f}"
         seq_ratio = "-" if row.ratio_sequential_to_single is None else f"{row.ratio_sequential_to_single:.2f}x"
+        seq_rss = "-" if row.peak_rss_sequential_mb is None else f"{row.peak_rss_sequential_mb:.0f}"
         lines.append(f"{row.seeds:>5}  {row.single_fit_s:>12.2f}  {seq:>12}  {row.vectorized_s:>12.2f}  "
-                     f"{seq_ratio:>10}  {row.ratio_vectorized_to_single:>9.2f}x  {row.peak_rss_mb:>11.0f}")
+                     f"{seq_ratio:>10}  {row.ratio_vectorized_to_single:>9.2f}x  {row.peak_rss_mb:>11.0f}  "
+                     f"{seq_rss:>12}")
     return "\n".join(lines)
 
 
@@ -148,6 +157,10 @@ def _time_single_fit(spec: StudySpec, params: dict[str, Any]) -> float:
     model.fit(data.x_train, data.y_train, batch_size=params["batch_size"], epochs=spec.training.max_epochs,
               validation_data=(data.x_val, data.y_val), verbose=0)
     return time.perf_counter() - start
+
+
+def _seeds(spec: StudySpec, r: int) -> list[int]:
+    return [spec.seed * 1000 + i for i in range(r)]
 
 
 def _peak_rss_mb() -> float:

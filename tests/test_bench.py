@@ -22,7 +22,8 @@ def test_bench_json_through_the_hpo_command():
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout)
     assert result["seeds"] == [1]
-    for key in ("single_fit_s", "sequential_s", "vectorized_s", "ratio_vectorized_to_single", "peak_rss_mb"):
+    for key in ("single_fit_s", "sequential_s", "vectorized_s", "ratio_vectorized_to_single", "peak_rss_mb",
+                "peak_rss_sequential_mb"):
         assert len(result[key]) == 1 and result[key][0] > 0, key
     ratio = result["vectorized_s"][0] / result["single_fit_s"][0]
     assert result["ratio_vectorized_to_single"][0] == pytest.approx(ratio, rel=1e-3)
@@ -37,7 +38,7 @@ def test_bench_rejects_a_bad_seed_list():
 
 
 def test_table_shows_a_row_per_seed_count_and_dashes_for_skipped_sequential_fits():
-    result = BenchResult(config={}, rows=[BenchRow(1, 2.0, None, 1.0, 500.0), BenchRow(5, 2.0, 10.0, 2.5, 600.0)])
+    result = BenchResult(config={}, rows=[BenchRow(1, 2.0, 1.0, 500.0), BenchRow(5, 2.0, 2.5, 600.0, 10.0, 700.0)])
     lines = format_table(result).splitlines()
     assert len(lines) == 3
     assert lines[1].split()[:3] == ["1", "2.00", "-"]
