@@ -8,6 +8,7 @@ they say more than the absolute seconds on a shared or throttled machine.
 from __future__ import annotations
 
 import dataclasses
+import os
 import resource
 import time
 from dataclasses import dataclass, field
@@ -100,7 +101,8 @@ def run_bench(seed_counts: list[int], *, epochs: int = 20, samples: int = 1000, 
     configure_determinism()
     result = BenchResult(config={"data": "noisy_sine", "samples": samples, "window": 20, "family": "lstm",
                                  "units": units, "batch_size": 32, "optimizer": "adam", "learning_rate": 1e-3,
-                                 "epochs": epochs, "early_stopping": False})
+                                 "epochs": epochs, "early_stopping": False,
+                                 "cpus": os.cpu_count(), "load_average_at_start": round(os.getloadavg()[0], 2)})
     say = echo or (lambda line: None)
     # A throwaway fit first, so that no measurement pays for TensorFlow's one-off start-up.
     _time_single_fit(dataclasses.replace(spec, training=dataclasses.replace(spec.training, max_epochs=1)), params)
@@ -123,6 +125,8 @@ def run_bench(seed_counts: list[int], *, epochs: int = 20, samples: int = 1000, 
         release_memory()
         row.peak_rss_sequential_mb = _peak_rss_mb()
         say(f"R={row.seeds}: {row.seeds} sequential fits {row.sequential_s:.2f} s")
+    # Other processes on the machine skew every figure; the load says how much to trust them.
+    result.config["load_average_at_end"] = round(os.getloadavg()[0], 2)
     return result
 
 
@@ -137,6 +141,8 @@ def format_table(result: BenchResult) -> str:
         lines.append(f"{row.seeds:>5}  {row.single_fit_s:>12.2f}  {seq:>12}  {row.vectorized_s:>12.2f}  "
                      f"{seq_ratio:>10}  {row.ratio_vectorized_to_single:>9.2f}x  {row.peak_rss_mb:>11.0f}  "
                      f"{seq_rss:>12}")
+    load = f"load average {result.config.get('load_average_at_start')} -> {result.config.get('load_average_at_end')}"
+    lines.append(f"({result.config.get('cpus')} CPUs, {load})")
     return "\n".join(lines)
 
 

@@ -40,6 +40,6 @@ def test_bench_rejects_a_bad_seed_list():
 def test_table_shows_a_row_per_seed_count_and_dashes_for_skipped_sequential_fits():
     result = BenchResult(config={}, rows=[BenchRow(1, 2.0, 1.0, 500.0), BenchRow(5, 2.0, 2.5, 600.0, 10.0, 700.0)])
     lines = format_table(result).splitlines()
-    assert len(lines) == 3
+    assert len(lines) == 4
     assert lines[1].split()[:3] == ["1", "2.00", "-"]
     assert "1.25x" in lines[2] and "5.00x" in lines[2]
