@@ -279,12 +279,13 @@ class ReplicatedModel(keras.Model):
         penalty = {"l1": params["l1"], "l2": params["l2"]}
         self.stack: list[keras.layers.Layer] = []
         for i in range(params["layers"]):
-            layer_seed = seed * 7919 + i
+            # Each layer's dropout stream, from the first seed, so a replay draws the same masks.
+            layer_seed = int(np.random.SeedSequence([seed, i]).generate_state(1)[0])
             if family == "mlp":
                 self.stack.append(ReplicatedDense(replicas, params["units"], activation=params["activation"],
                                                   seed=layer_seed, **penalty))
                 if params["dropout"] > 0:
-                    self.stack.append(ReplicatedDropout(replicas, params["dropout"], seed=layer_seed + 1))
+                    self.stack.append(ReplicatedDropout(replicas, params["dropout"], seed=layer_seed ^ 1))
             else:
                 self.stack.append(_RNN_LAYERS[family](
                     replicas, params["units"], activation=params["activation"], dropout=params["dropout"],
@@ -292,9 +293,6 @@ class ReplicatedModel(keras.Model):
                     seed=layer_seed, **penalty))
         self.head = ReplicatedDense(replicas, n_outputs,
                                     activation="softmax" if output == "classification" else None)
-        self.build_for(input_shape)
-
-    def build_for(self, input_shape: tuple[int, ...]) -> None:
         self(tf.zeros((1, *input_shape)))
 
     def call(self, x: tf.Tensor, training: bool = False) -> tf.Tensor:
