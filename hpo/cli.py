@@ -29,31 +29,151 @@ def cli(ctx: click.Context, debug: bool) -> None:
     every per-seed score and learning curve is stored in the study database.
     """
     ctx.obj = {"debug": debug}
+    from hpo.study import quiet_optuna
+
+    quiet_optuna()
+
+
+def _workers_type(value: str) -> int:
+    from hpo.workers import available_cores
+
+    if value == "auto":
+        return available_cores()
+    try:
+        n = int(value)
+    except ValueError:
+        raise click.BadParameter(f"expected a number or auto, got {value!r}") from None
+    if n < 1:
+        raise click.BadParameter(f"expected at least 1 worker, got {n}")
+    return n
+
+
+def _spec_options(f):
+    for option in reversed([
+        click.option("--study-name", help="Name of the study in the database (default: the spec's name)."),
+        click.option("--trials", type=int, help="Finished trials the whole study should end with, across "
+                                                "all workers (default: the spec's)."),
+        click.option("--seeds", type=int, help="Fits per trial (overrides the spec)."),
+        click.option("--max-epochs", type=int, help="Epochs per fit at most (overrides the spec)."),
+    ]):
+        f = option(f)
+    return f
+
+
+def _worker_options(f):
+    for option in reversed([
+        click.option("--timeout", type=float, help="Stop starting trials after this many seconds."),
+        click.option("--max-failures", type=int, default=5, show_default=True,
+                     help="Stop the study after this many failed trials in a row."),
+        click.option("--heartbeat-interval", type=int, default=None,
+                     help="Seconds between a running trial's heartbeats [default: 10]."),
+        click.option("--grace-period", type=int, default=None,
+                     help="Seconds without a heartbeat after which a trial's worker counts as dead and "
+                          "the trial is retried; must outlast a database restart [default: 60]."),
+    ]):
+        f = option(f)
+    return f
+
+
+def _open_storage(storage: str, heartbeat_interval: int | None, grace_period: int | None):
+    from hpo.storage import GRACE_PERIOD, HEARTBEAT_INTERVAL, get_storage
+
+    return get_storage(storage, heartbeat_interval=heartbeat_interval or HEARTBEAT_INTERVAL,
+                       grace_period=grace_period or GRACE_PERIOD)
 
 
 @cli.command()
 @click.argument("study")
 @storage_option
-@click.option("--study-name", help="Name of the study in the database (default: the spec's name).")
-@click.option("--trials", type=int, help="Finished trials the study should end with (default: the spec's).")
-@click.option("--timeout", type=float, help="Stop starting trials after this many seconds.")
-@click.option("--seeds", type=int, help="Fits per trial (overrides the spec).")
-@click.option("--max-epochs", type=int, help="Epochs per fit at most (overrides the spec).")
+@_spec_options
+@_worker_options
+@click.option("--workers", type=_workers_type, default="1", show_default=True, metavar="N|auto",
+              help="Local worker processes on the study, or auto (one per core).")
 def run(study: str, storage: str, study_name: str | None, trials: int | None, timeout: float | None,
-        seeds: int | None, max_epochs: int | None) -> None:
+        seeds: int | None, max_epochs: int | None, workers: int, max_failures: int,
+        heartbeat_interval: int | None, grace_period: int | None) -> None:
     """Run the study STUDY (a file, or a name from studies/) until its budget is spent."""
     from hpo.spec import load_spec
-    from hpo.storage import get_storage, mask_url
+    from hpo.storage import mask_url
     from hpo.study import create_study
-    from hpo.workers import run_trials
+    from hpo.workers import clear_stop, run_trials, run_workers, worker_threads
 
     spec = load_spec(study).with_overrides(seeds=seeds, max_epochs=max_epochs, trials=trials, name=study_name)
-    optuna_study = create_study(spec, get_storage(storage))
+    optuna_study = create_study(spec, _open_storage(storage, heartbeat_interval, grace_period))
+    clear_stop(optuna_study)
     click.echo(f"study {spec.name} ({spec.source}) on {mask_url(storage)}: budget {spec.trials} trials, "
                f"{spec.seeds} seeds each, up to {spec.training.max_epochs} epochs, {spec.metric} "
                f"({spec.direction}), objective {spec.objective.mode}")
-    summary = run_trials(optuna_study, spec, budget=spec.trials, timeout=timeout, echo=click.echo)
+    if workers > 1:
+        click.echo(f"{workers} workers, {worker_threads(workers)} TensorFlow threads each")
+        summary = run_workers(storage, spec, workers, budget=spec.trials, timeout=timeout,
+                              max_consecutive_failures=max_failures, heartbeat_interval=heartbeat_interval,
+                              grace_period=grace_period, echo=click.echo,
+                              echo_err=lambda line: click.echo(line, err=True))
+    else:
+        summary = run_trials(optuna_study, spec, budget=spec.trials, timeout=timeout,
+                             max_consecutive_failures=max_failures, echo=click.echo)
     _print_summary(spec, summary, storage)
+    if summary.exit_code:
+        sys.exit(summary.exit_code)
+
+
+@cli.command()
+@click.argument("study")
+@storage_option
+@_spec_options
+def create(study: str, storage: str, study_name: str | None, trials: int | None, seeds: int | None,
+           max_epochs: int | None) -> None:
+    """Create the study STUDY in the database without running trials (start workers with
+    `hpo worker`)."""
+    from hpo.spec import load_spec
+    from hpo.storage import mask_url
+    from hpo.study import create_study
+    from hpo.workers import clear_stop
+
+    spec = load_spec(study).with_overrides(seeds=seeds, max_epochs=max_epochs, trials=trials, name=study_name)
+    clear_stop(create_study(spec, _open_storage(storage, None, None)))
+    click.echo(f"study {spec.name} ({spec.source}) ready on {mask_url(storage)}: budget {spec.trials} trials; "
+               f"start workers with: hpo worker --study-name {spec.name}")
+
+
+@cli.command()
+@storage_option
+@click.option("--study-name", required=True, help="Study to join (created by hpo create or hpo run).")
+@click.option("--trials", type=int, help="Finished trials the whole study should end with (default: the stored spec's).")
+@_worker_options
+@click.option("--threads", type=int, help="TensorFlow intra-op threads of this worker (default: TensorFlow's).")
+@click.option("--worker-index", type=click.IntRange(0, 10**6),
+              help="This worker's number: its sampler is seeded with the spec's seed plus it "
+                   "(default: a random number, so that workers started alike do not propose alike).")
+def worker(storage: str, study_name: str, trials: int | None, timeout: float | None, max_failures: int,
+           heartbeat_interval: int | None, grace_period: int | None, threads: int | None,
+           worker_index: int | None) -> None:
+    """Join the study STUDY_NAME from any machine and run trials until its budget is spent;
+    the spec is rebuilt from the database."""
+    from hpo.storage import mask_url
+    from hpo.study import load_study
+    from hpo.workers import limit_threads, run_trials
+
+    if threads is not None:
+        limit_threads(threads)
+    if worker_index is None:
+        import random
+
+        worker_index = random.SystemRandom().randrange(1, 10**6)
+    optuna_study, spec = load_study(_open_storage(storage, heartbeat_interval, grace_period), study_name,
+                                    worker=worker_index)
+    budget = trials if trials is not None else spec.trials
+    if trials is not None and trials < 1:
+        raise click.BadParameter(f"--trials {trials} must be at least 1")
+    click.echo(f"worker {worker_index} on study {study_name} ({mask_url(storage)}): budget {budget} trials")
+    summary = run_trials(optuna_study, spec, budget=budget, timeout=timeout,
+                         max_consecutive_failures=max_failures, echo=click.echo)
+    click.echo(f"worker {worker_index} done in {summary.seconds:.1f} s: {summary.complete} complete, "
+               f"{summary.pruned} pruned, {summary.failed} failed, {summary.lost} given back"
+               + (f"; {summary.stopped_reason}" if summary.stopped_reason else ""))
+    if summary.exit_code:
+        sys.exit(summary.exit_code)
 
 
 def _print_summary(spec, summary, storage: str) -> None:
@@ -61,7 +181,7 @@ def _print_summary(spec, summary, storage: str) -> None:
 
     click.echo("")
     click.echo(f"done in {summary.seconds:.1f} s: {summary.complete} complete, {summary.pruned} pruned, "
-               f"{summary.failed} failed in this run")
+               f"{summary.failed} failed in this run" + (f", {summary.lost} lost and retried" if summary.lost else ""))
     if summary.stopped_reason:
         click.echo(summary.stopped_reason)
     best = summary.best
@@ -75,6 +195,60 @@ def _print_summary(spec, summary, storage: str) -> None:
                                       for k, v in best.params.items()))
     click.echo(f"stored in {mask_url(storage)} (study {spec.name}); "
                f"replay it with: hpo replay --study-name {spec.name} {best.number}")
+
+
+@cli.group("bench-workers")
+def bench_workers() -> None:
+    """Figures for parallel workers: storage overhead, memory, throughput."""
+
+
+@bench_workers.command("storage")
+@storage_option
+@click.option("--trials", type=int, default=100, show_default=True)
+def bench_storage(storage: str, trials: int) -> None:
+    """Seconds per beale trial: hpo's worker loop versus plain Optuna optimize, same database."""
+    from hpo.bench_workers import measure_storage_overhead
+
+    r = measure_storage_overhead(storage, trials)
+    click.echo(f"{r.url}: {trials} beale trials: plain optuna {1000 * r.plain_seconds / trials:.1f} ms/trial, "
+               f"hpo worker {1000 * r.hpo_seconds / trials:.1f} ms/trial, ratio {r.ratio:.2f} "
+               f"({r.extra_ms_per_trial:+.1f} ms/trial)")
+
+
+@bench_workers.command("memory")
+@click.argument("study", default="sine_lstm")
+@storage_option
+@click.option("--trials", type=int, default=200, show_default=True)
+@click.option("--seeds", type=int, default=1, show_default=True)
+@click.option("--max-epochs", type=int, default=2, show_default=True)
+def bench_memory(study: str, storage: str, trials: int, seeds: int, max_epochs: int) -> None:
+    """Resident memory of one worker after 10, 50, 100, ... trials of STUDY."""
+    from hpo.bench_workers import measure_memory
+
+    checkpoints = tuple(sorted({1, 10, *range(50, trials + 1, 50), trials}))
+    for n, mb in measure_memory(storage, study, trials, checkpoints, seeds=seeds, max_epochs=max_epochs):
+        click.echo(f"after {n:>4} trials: RSS {mb:.0f} MB")
+
+
+@bench_workers.command("throughput")
+@click.argument("study", default="sine_lstm")
+@storage_option
+@click.option("--trials", type=int, default=16, show_default=True)
+@click.option("--workers", "worker_counts", default="1,2", show_default=True, help="Comma-separated worker counts.")
+@click.option("--seeds", type=int, default=1, show_default=True)
+@click.option("--max-epochs", type=int, default=5, show_default=True)
+def bench_throughput(study: str, storage: str, trials: int, worker_counts: str, seeds: int, max_epochs: int) -> None:
+    """Trials per minute of `hpo run STUDY --workers N`, each N on a new study."""
+    from hpo.bench_workers import measure_throughput
+
+    rates = {}
+    for n in (int(x) for x in worker_counts.split(",")):
+        rates[n] = measure_throughput(storage, study, trials, n, seeds=seeds, max_epochs=max_epochs)
+        click.echo(f"{n} workers: {rates[n]:.1f} trials/min")
+    first = next(iter(rates))
+    for n, rate in rates.items():
+        if n != first:
+            click.echo(f"{n} vs {first} workers: x{rate / rates[first]:.2f}")
 
 
 @cli.command()
@@ -102,6 +276,69 @@ def replay(trial_number: int, study_name: str, storage: str) -> None:
     for seed, stored, replayed in zip(result.seeds, result.stored, result.replayed):
         click.echo(f"{seed:>8} {stored:>14.8g} {replayed:>14.8g} {replayed - stored:>10.2g}")
     click.echo("identical" if result.identical else "differs (another machine or library version?)")
+
+
+@cli.command()
+@click.argument("query")
+@storage_option
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json", "markdown"]), default="table",
+              show_default=True, help="Output format.")
+def sql(query: str, storage: str, fmt: str) -> None:
+    """Run QUERY on the study database through a read-only connection.
+
+    The views hpo_trials, hpo_trial_params, hpo_seed_scores and hpo_learning_curves
+    read like results tables; the database itself refuses any write.
+    """
+    from hpo.results import format_frame, run_sql
+
+    click.echo(format_frame(run_sql(query, storage), fmt))
+
+
+@cli.command()
+@click.option("--study-name", required=True, help="Study to report on.")
+@storage_option
+@click.option("--top", type=click.IntRange(1), default=5, show_default=True, help="Trials to list.")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json", "markdown"]), default="table",
+              show_default=True, help="Output format.")
+def report(study_name: str, storage: str, top: int, fmt: str) -> None:
+    """The top trials with mean ± std, 95% CI, per-seed scores, params and a learning-curve
+    diagnosis; and whether the best is distinguishable from the runner-up."""
+    from hpo.results import build_report, format_report
+
+    click.echo(format_report(build_report(storage, study_name, top), fmt))
+
+
+@cli.command()
+@click.option("--study-name", required=True, help="Study to plot.")
+@storage_option
+@click.option("--top", type=click.IntRange(1), default=10, show_default=True,
+              help="Box plot: this many best trials, one box each.")
+@click.option("--by", "by_param", metavar="PARAM", help="Box plot: one box per value of PARAM over all complete trials.")
+@click.option("--trial", "trial_number", type=int, help="Plot this trial's learning curves instead (one line per seed).")
+@click.option("--output", "-o", type=click.Path(dir_okay=False), help="PNG file to write (default: named after the plot).")
+def plot(study_name: str, storage: str, top: int, by_param: str | None, trial_number: int | None,
+         output: str | None) -> None:
+    """Box plot of per-seed scores (top trials, or --by PARAM), or --trial N's learning curves, as PNG."""
+    from hpo.plots import plot_learning_curves, plot_seed_scores
+
+    if trial_number is not None:
+        path = plot_learning_curves(storage, study_name, trial_number,
+                                    output or f"{study_name}-trial{trial_number}-curves.png")
+    else:
+        default = f"{study_name}-by-{by_param}.png" if by_param else f"{study_name}-top{top}.png"
+        path = plot_seed_scores(storage, study_name, output or default, top=top, by=by_param)
+    click.echo(f"wrote {path}")
+
+
+@cli.command()
+@storage_option
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True, help="Port to listen on.")
+def dashboard(storage: str, host: str, port: int) -> None:
+    """Serve optuna-dashboard on the study database; trials lacking a note get one first."""
+    from hpo.dashboard import serve_dashboard
+
+    serve_dashboard(storage, host, port, echo=click.echo)
 
 
 @cli.command()
@@ -140,7 +377,10 @@ def main(argv: list[str] | None = None) -> None:
         click.echo("error: interrupted", err=True)
         sys.exit(130)
     except click.ClickException as e:
-        e.show()
+        hint = ""
+        if isinstance(e, click.UsageError) and e.ctx is not None:
+            hint = f" (see {e.ctx.command_path} --help)"
+        click.echo(f"error: {e.format_message()}{hint}", err=True)
         sys.exit(e.exit_code)
     except HpoError as e:
         if debug:

@@ -102,7 +102,7 @@ def _series(spec: DataSpec, inputs: np.ndarray, targets: np.ndarray, window: int
         raise SpecError("<data>", "data.window", f"window {window} + horizon {spec.horizon} leave {max(n, 0)} samples "
                                                  f"from {len(inputs)} points; shorten the window")
     n_val = max(1, int(round(n * spec.val_fraction)))
-    if spec.split == "chronological":
+    if spec.effective_split == "chronological":
         train_idx, val_idx = np.arange(n - n_val), np.arange(n - n_val, n)
         # Fit the scaler on the points the training windows and targets see, nothing later.
         seen = inputs[: (n - n_val) + window + spec.horizon - 1]
@@ -143,7 +143,7 @@ def _table(spec: DataSpec, x: np.ndarray, y: np.ndarray, task: str, split_seed: 
            steps: tuple[int, int] | None = None, n_classes: int | None = None) -> Dataset:
     n = len(x)
     n_val = max(1, int(round(n * spec.val_fraction)))
-    if spec.split == "chronological":
+    if spec.effective_split == "chronological":
         train_idx, val_idx = np.arange(n - n_val), np.arange(n - n_val, n)
     else:
         order = np.random.default_rng(split_seed).permutation(n)

@@ -9,6 +9,7 @@ from typing import Any
 
 import optuna
 
+from hpo.diagnosis import trial_note
 from hpo.errors import TrialFailed
 from hpo.space import suggest_params
 from hpo.spec import StudySpec
@@ -57,6 +58,7 @@ class Objective:
         finally:
             release_memory()
         record_fit(trial, fit)
+        record_note(trial, spec.metric)
         if fit.pruned_at_epoch is not None:
             raise optuna.TrialPruned(f"pruned after epoch {fit.pruned_at_epoch}")
         return objective_value(spec, fit)
@@ -100,3 +102,30 @@ def record_fit(trial: optuna.Trial, fit: RepeatFit) -> None:
         attrs[ATTR_PRUNED_AT] = fit.pruned_at_epoch
     for key, value in attrs.items():
         trial.set_user_attr(key, value)
+
+
+def record_note(trial: optuna.Trial, metric: str) -> None:
+    """Write the trial's optuna-dashboard note (per-seed scores, diagnosis) from what
+    `record_fit` stored, so it is there the moment the trial finishes; `hpo dashboard`
+    fills in any trial that lacks one (e.g. recorded before notes existed)."""
+    write_trial_note(trial.storage, trial.study._study_id, trial._trial_id,
+                     trial_note(trial.number, trial.user_attrs, metric))
+
+
+def write_trial_note(storage: optuna.storages.BaseStorage, study_id: int, trial_id: int, body: str) -> bool:
+    """Store `body` as the dashboard note of a trial that has none yet; False when
+    optuna-dashboard is not installed.
+
+    optuna-dashboard keeps a note as study system attributes: the body in chunks and a
+    version. Its `save_note` reads every attribute of the study to find the version, a
+    cost that grows with the study (5,000 notes took minutes); a first note is version 1,
+    so it is written directly, body first so no reader sees a version without a body.
+    """
+    try:
+        from optuna_dashboard._note import note_ver_key, split_body
+    except ImportError:
+        return False
+    for key, value in split_body(body, trial_id).items():
+        storage.set_study_system_attr(study_id, key, value)
+    storage.set_study_system_attr(study_id, note_ver_key(trial_id), 1)
+    return True

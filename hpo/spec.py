@@ -134,6 +134,12 @@ class DataSpec:
     resample_split: bool = False
 
 
+    @property
+    def effective_split(self) -> str:
+        """The split the spec asks for; series keep time order unless told otherwise."""
+        return self.split or ("chronological" if self.name in ("noisy_sine", "csv_series") else "random")
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     family: str = "lstm"
@@ -141,6 +147,9 @@ class ModelSpec:
     stateful: bool = False
     function: str = "beale"
     noise: float = 0.0
+    # Analytic family only: wall-clock seconds each epoch sleeps, standing in for training
+    # time when testing or demonstrating workers (crashes, restarts). None: no sleep.
+    epoch_seconds: float | None = None
 
 
 @dataclass(frozen=True)
@@ -305,8 +314,8 @@ def parse_spec(raw: dict[str, Any], *, source: str = "<memory>", base_dir: Path 
     pruner_table = top.table("pruner")
     pruner = _parse_pruner(pruner_table, default_kind="none" if objective.mode == "pareto" else "median")
     if objective.mode == "pareto" and pruner.kind != "none":
-        raise SpecError(source, "pruner.kind", f'objective mode "pareto" has two objectives and Optuna cannot prune '
-                                               f'multi-objective trials; set [pruner] kind = "none"')
+        raise SpecError(source, "pruner.kind", 'objective mode "pareto" has two objectives and Optuna cannot prune '
+                                               'multi-objective trials; set [pruner] kind = "none"')
     space = _parse_space(top.table("space"), model.family)
     output = model.output or _natural_output(data, metric)
     model = dataclasses.replace(model, output=output)
@@ -386,7 +395,6 @@ def _parse_data(t: "_Table", base_dir: Path | None) -> DataSpec:
         if not (isinstance(features, list) and all(isinstance(f, str) for f in features) and features):
             raise SpecError(t.source, f"{t.prefix}features", f"expected a list of column names, got {features!r}")
         features = tuple(features)
-    default_split = "chronological" if name in ("noisy_sine", "csv_series") else "random"
     spec = DataSpec(
         name=name,
         path=path,
@@ -399,12 +407,13 @@ def _parse_data(t: "_Table", base_dir: Path | None) -> DataSpec:
         n_samples=t.int("n_samples", default=1000 if name != "sequence_echo" else 100, low=10, high=10_000_000),
         noise=t.float("noise", default=0.1, low=0.0, high=1e6),
         val_fraction=t.float("val_fraction", default=0.2, low=0.01, high=0.9),
-        split=t.str("split", default=default_split),
+        split=t.str("split", default=None),
         scaling=t.str("scaling", default="standardize" if name != "sequence_echo" else "none"),
         resample_split=t.bool("resample_split", default=False),
     )
     t.choice("task", spec.task, OUTPUTS)
-    t.choice("split", spec.split, SPLITS)
+    if spec.split is not None:
+        t.choice("split", spec.split, SPLITS)
     t.choice("scaling", spec.scaling, SCALINGS)
     if name == "csv_series" and not spec.column:
         raise SpecError(t.source, f"{t.prefix}column", 'dataset "csv_series" needs column = "name of the series column"; add it')
@@ -441,11 +450,14 @@ def _parse_model(t: "_Table") -> ModelSpec:
         stateful=t.bool("stateful", default=False),
         function=t.str("function", default="beale"),
         noise=t.float("noise", default=0.0, low=0.0, high=1e6),
+        epoch_seconds=t.float("epoch_seconds", default=None, low=0.0, high=3600.0) if "epoch_seconds" in t.raw else None,
     )
     if family == "analytic":
         t.choice("function", spec.function, ANALYTIC_FUNCTIONS)
+    elif spec.epoch_seconds is not None:
+        raise SpecError(t.source, f"{t.prefix}epoch_seconds", 'only the analytic family sleeps per epoch; remove epoch_seconds')
     if spec.stateful and family != "lstm":
-        raise SpecError(t.source, f"{t.prefix}stateful", f'stateful models are LSTMs; set family = "lstm" or stateful = false')
+        raise SpecError(t.source, f"{t.prefix}stateful", 'stateful models are LSTMs; set family = "lstm" or stateful = false')
     t.finish()
     return spec
 

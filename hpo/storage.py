@@ -4,15 +4,43 @@
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import fcntl
+import functools
+import json
 import os
+import sys
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
 
 import optuna
 import sqlalchemy
 
 from hpo.errors import StorageError
+from hpo.objective import ATTR_FAIL_REASON
 
 DEFAULT_STORAGE = "sqlite:///hpo.db"
 STORAGE_ENV = "HPO_STORAGE"
+# How long a worker keeps retrying an unreachable database before it gives up.
+RETRY_ENV = "HPO_DB_RETRY_SECONDS"
+DEFAULT_RETRY_SECONDS = 600.0
+# Opening the storage gives up sooner: a mistyped URL should not keep a user waiting.
+CONNECT_RETRY_SECONDS = 15.0
+# A running trial records a heartbeat every HEARTBEAT_INTERVAL seconds; one silent for
+# GRACE_PERIOD seconds belongs to a dead worker and is failed and retried. The grace
+# period must outlast a database restart, or live trials would be taken for dead.
+HEARTBEAT_INTERVAL = 10
+GRACE_PERIOD = 60
+# A trial whose worker died is retried at most this often (a trial that kills every
+# worker it runs on must not loop forever).
+MAX_RETRY = 3
+# Study user attribute: why a worker stopped the study (too many failures in a row).
+STOP_ATTR = "hpo_stop_reason"
+_LOCK_NAMESPACE = 0x68706F  # "hpo": first key of the PostgreSQL advisory lock
 
 
 def resolve_storage_url(url: str | None = None) -> str:
@@ -33,20 +61,258 @@ def engine_kwargs(url: str) -> dict:
     if url.startswith("sqlite"):
         # Several local workers write one file: wait for the lock instead of failing.
         return {"connect_args": {"timeout": 60}}
+    # pool_pre_ping replaces connections a database restart has cut before they are used.
     return {"pool_pre_ping": True, "pool_size": 2, "max_overflow": 4, "pool_recycle": 300}
 
 
-def get_storage(url: str | None = None) -> optuna.storages.RDBStorage:
+def get_storage(url: str | None = None, *, heartbeat_interval: int | None = HEARTBEAT_INTERVAL,
+                grace_period: int | None = GRACE_PERIOD, retry_seconds: float | None = None) -> optuna.storages.RDBStorage:
     """Open (and create if needed) the study database.
+
+    Trials record heartbeats; a trial whose worker died is failed after `grace_period`
+    seconds and queued again with the same params. Calls that hit a dropped connection
+    are retried with backoff for `retry_seconds` (default `HPO_DB_RETRY_SECONDS` or 600).
 
     Raises:
         StorageError: The database cannot be reached or opened.
     """
     url = resolve_storage_url(url)
+    if retry_seconds is None:
+        retry_seconds = float(os.environ.get(RETRY_ENV, DEFAULT_RETRY_SECONDS))
     try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs(url))
-    except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as e:
+        _use_wal(url)
+        # Heartbeats and their retry callback are "experimental" in Optuna 5; we rely on them.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            callback = None
+            if heartbeat_interval:
+                callback = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
+            return _retry(lambda: ResilientRDBStorage(
+                url, engine_kwargs=engine_kwargs(url), heartbeat_interval=heartbeat_interval or None,
+                grace_period=grace_period if heartbeat_interval else None, heartbeat_stale_trial_callback=callback,
+                retry_seconds=retry_seconds), url, min(retry_seconds, CONNECT_RETRY_SECONDS))
+    except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError, OSError) as e:
         raise StorageError(f"cannot open storage {mask_url(url)}: {_first_line(e)}") from e
+
+
+class ResilientRDBStorage(optuna.storages.RDBStorage):
+    """An `RDBStorage` whose calls survive a dropped connection or a database restart:
+    each is retried with backoff until `retry_seconds` have passed.
+
+    A write whose commit reached the database but whose answer was lost is sent again;
+    for state changes the worker treats "already finished" as done.
+    """
+
+    def __init__(self, url: str, *, retry_seconds: float = DEFAULT_RETRY_SECONDS, **kwargs: Any) -> None:
+        self.retry_seconds = retry_seconds
+        super().__init__(url, **kwargs)
+
+
+def _retried(name: str) -> Callable:
+    base = getattr(optuna.storages.RDBStorage, name)
+
+    @functools.wraps(base)
+    def method(self: ResilientRDBStorage, *args: Any, **kwargs: Any) -> Any:
+        return _retry(lambda: base(self, *args, **kwargs), self.url, self.retry_seconds)
+
+    return method
+
+
+for _name in ("create_new_study", "delete_study", "set_study_user_attr", "set_study_system_attr",
+              "get_study_id_from_name", "get_study_name_from_id", "get_study_directions",
+              "get_study_user_attrs", "get_study_system_attrs", "get_trial_user_attrs",
+              "get_trial_system_attrs", "get_all_studies", "create_new_trial", "set_trial_param",
+              "get_trial_param", "set_trial_state_values", "set_trial_intermediate_value",
+              "set_trial_user_attr", "set_trial_system_attr", "get_trial_id_from_study_id_trial_number",
+              "get_trial", "get_all_trials", "get_best_trial", "_get_stale_trial_ids"):
+    setattr(ResilientRDBStorage, _name, _retried(_name))
+
+
+def rdb_storage(storage: optuna.storages.BaseStorage) -> optuna.storages.RDBStorage:
+    """The `RDBStorage` under a study's storage (Optuna wraps it in a cache)."""
+    return getattr(storage, "_backend", storage)
+
+
+def is_connection_error(e: BaseException) -> bool:
+    """True for faults that go away by themselves: a dropped or refused connection, a
+    database restarting, SQLite's busy lock."""
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)):
+            return True
+        if isinstance(cur, sqlalchemy.exc.DBAPIError) and cur.connection_invalidated:
+            return True
+        if type(cur).__module__.startswith("psycopg") and type(cur).__name__ in ("OperationalError", "InterfaceError"):
+            return True
+        cur = cur.__cause__ or cur.__context__
+    return False
+
+
+_outage_lock = threading.Lock()
+
+
+def _retry(call: Callable[[], Any], url: str, retry_seconds: float) -> Any:
+    deadline = time.monotonic() + retry_seconds
+    delay = 0.2
+    warned = False
+    while True:
+        try:
+            result = call()
+        except Exception as e:  # noqa: BLE001 - re-raised unless it is a connection fault
+            if not is_connection_error(e):
+                raise
+            if time.monotonic() + delay > deadline:
+                raise StorageError(f"storage {mask_url(url)} unreachable for {retry_seconds:.0f} s: "
+                                   f"{_first_line(e)}; check the database and run the worker again") from e
+            if not warned:
+                with _outage_lock:
+                    print(f"storage {mask_url(url)}: {_first_line(e)}; retrying for up to {retry_seconds:.0f} s",
+                          file=sys.stderr, flush=True)
+                warned = True
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+            continue
+        if warned:
+            print(f"storage {mask_url(url)}: reachable again", file=sys.stderr, flush=True)
+        return result
+
+
+def retry_storage_call(storage: optuna.storages.BaseStorage, call: Callable[[], Any]) -> Any:
+    """Run `call` (several storage round trips) again from the start after a connection fault."""
+    url = getattr(storage, "url", "")
+    return _retry(call, url, getattr(storage, "retry_seconds", DEFAULT_RETRY_SECONDS))
+
+
+def _use_wal(url: str) -> None:
+    # WAL lets readers go on while one worker writes, so local workers wait on each other
+    # far less; the setting stays with the file. It needs a local disk, as SQLite does anyway.
+    path = sqlite_path(url)
+    if path is None:
+        return
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(path, timeout=60)) as conn:
+        if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+            conn.execute("PRAGMA journal_mode=WAL")
+
+
+def sqlite_path(url: str) -> str | None:
+    """The file a SQLite URL names, or None (another backend, or in memory)."""
+    u = sqlalchemy.engine.make_url(url)
+    if u.get_backend_name() != "sqlite" or not u.database or u.database == ":memory:":
+        return None
+    return u.database
+
+
+@contextlib.contextmanager
+def study_lock(storage: optuna.storages.RDBStorage, study_id: int) -> Iterator[None]:
+    """Hold the study's admission lock: one worker at a time counts the trials and starts one.
+
+    PostgreSQL: a transaction-level advisory lock (released on commit, or by the server if
+    the connection drops). SQLite: an exclusive `flock` on `<file>.hpo-lock` beside the
+    database (SQLite is one machine only). Other backends: a lock within this process only.
+    """
+    url = storage.url
+    backend = sqlalchemy.engine.make_url(url).get_backend_name()
+    if backend == "postgresql":
+        with storage.engine.begin() as conn:
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_xact_lock(:ns, :sid)"),
+                         {"ns": _LOCK_NAMESPACE, "sid": study_id})
+            yield
+        return
+    path = sqlite_path(url)
+    if path is not None:
+        with open(f"{path}.hpo-lock", "a+") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+        return
+    with _local_lock:
+        yield
+
+
+_local_lock = threading.Lock()
+
+
+def fail_heartless_trials(study: optuna.Study) -> None:
+    """Fail, and queue again, RUNNING trials that never recorded a heartbeat and started
+    more than the grace period ago: their worker died before its first beat, or they
+    were left by a run without heartbeats. Optuna's stale check passes them over."""
+    storage = rdb_storage(study._storage)
+    if not getattr(storage, "heartbeat_interval", None):
+        return
+    grace = storage.grace_period or 2 * storage.heartbeat_interval
+    query = sqlalchemy.text(
+        "SELECT t.trial_id, t.datetime_start FROM trials t WHERE t.study_id = :sid AND t.state = 'RUNNING' "
+        "AND NOT EXISTS (SELECT 1 FROM trial_heartbeats h WHERE h.trial_id = t.trial_id)")
+    with storage.engine.connect() as conn:
+        rows = conn.execute(query, {"sid": study._study_id}).all()
+    # datetime_start is the starting worker's clock (Optuna writes it), so compare with ours.
+    cutoff = datetime.datetime.now() - datetime.timedelta(seconds=grace)
+    for trial_id, started in rows:
+        if isinstance(started, str):
+            started = datetime.datetime.fromisoformat(started)
+        if started is None or started > cutoff:
+            continue
+        try:
+            if storage.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL):
+                callback = storage.heartbeat_stale_trial_callback
+                if callback is not None:
+                    callback(study, storage.get_trial(trial_id))
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass
+
+
+@dataclass(frozen=True)
+class TrialCounts:
+    """A study's trials as the budget sees them."""
+
+    complete: int = 0
+    pruned: int = 0
+    failed: int = 0          # failed on their own (count against the budget)
+    lost: int = 0            # failed because their worker died or was stopped (do not count)
+    running: int = 0
+    waiting: int = 0
+    stop_reason: str | None = None
+
+    @property
+    def finished(self) -> int:
+        return self.complete + self.pruned
+
+    @property
+    def spent(self) -> int:
+        """Trials that used up budget."""
+        return self.complete + self.pruned + self.failed
+
+
+def count_trials(storage: optuna.storages.RDBStorage, study_id: int) -> TrialCounts:
+    """Count a study's trials by state in one query (no trial is loaded).
+
+    A failed trial counts against the budget when it carries `fail_reason` (the objective
+    failed on its own); one without (its worker died or was stopped) does not.
+    """
+    query = sqlalchemy.text(
+        "SELECT t.state, CASE WHEN EXISTS (SELECT 1 FROM trial_user_attributes a "
+        f"WHERE a.trial_id = t.trial_id AND a.key = '{ATTR_FAIL_REASON}') THEN 1 ELSE 0 END AS own, COUNT(*) "
+        "FROM trials t WHERE t.study_id = :sid GROUP BY t.state, own")
+    stop = sqlalchemy.text("SELECT value_json FROM study_user_attributes WHERE study_id = :sid AND key = :key")
+    with storage.engine.connect() as conn:
+        rows = conn.execute(query, {"sid": study_id}).all()
+        stop_json = conn.execute(stop, {"sid": study_id, "key": STOP_ATTR}).scalar()
+    counts: dict[str, int] = {}
+    for state, own, n in rows:
+        name = getattr(state, "name", str(state))
+        if name == "FAIL":
+            name = "FAIL_OWN" if own else "FAIL_LOST"
+        counts[name] = counts.get(name, 0) + n
+    return TrialCounts(complete=counts.get("COMPLETE", 0), pruned=counts.get("PRUNED", 0),
+                       failed=counts.get("FAIL_OWN", 0), lost=counts.get("FAIL_LOST", 0),
+                       running=counts.get("RUNNING", 0), waiting=counts.get("WAITING", 0),
+                       stop_reason=json.loads(stop_json) if stop_json else None)
 
 
 def _first_line(e: BaseException) -> str:

@@ -7,15 +7,27 @@ database alone; the sampler and pruner are made from it the same way everywhere.
 from __future__ import annotations
 
 import json
+import warnings
 
 import optuna
 
 from hpo.errors import SpecError, StudyNotFound
 from hpo.spec import StudySpec, parse_spec, spec_to_dict
+from hpo.views import create_views
 
 SPEC_ATTR = "hpo_spec"
 # Keys of the stored spec that may change between runs of one study.
 _MUTABLE_KEYS = ("trials", "description")
+
+
+def quiet_optuna() -> None:
+    """Keep Optuna's own logging for errors: our progress lines say what happened (a caught
+    trial failure would otherwise print a traceback), and our use of its experimental
+    `set_metric_names` and `constant_liar` is deliberate."""
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    # Workers beat their own heartbeats around study.ask/tell; Optuna warns it expects optimize().
+    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
 
 
 def make_sampler(spec: StudySpec, worker: int = 0) -> optuna.samplers.BaseSampler:
@@ -71,11 +83,18 @@ def create_study(spec: StudySpec, storage: optuna.storages.BaseStorage, worker: 
     """
     study = optuna.create_study(study_name=spec.name, storage=storage, sampler=make_sampler(spec, worker),
                                 pruner=make_pruner(spec), directions=spec.directions, load_if_exists=True)
+    if isinstance(storage, optuna.storages.RDBStorage):
+        create_views(storage.engine)
     stored = study.user_attrs.get(SPEC_ATTR)
     wanted = spec_to_dict(spec)
     if stored is None:
         study.set_user_attr(SPEC_ATTR, wanted)
-        study.set_metric_names(spec.metric_names)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(spec.metric_names)
+    elif stored != wanted and _comparable(stored) == _comparable(wanted):
+        # A new budget or description: `hpo worker` reads the budget from here.
+        study.set_user_attr(SPEC_ATTR, wanted)
     elif _comparable(stored) != _comparable(wanted):
         changed = sorted(k for k in set(stored) | set(wanted) if k not in _MUTABLE_KEYS and stored.get(k) != wanted.get(k))
         raise SpecError(spec.source, ", ".join(changed),

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from hpo.errors import TrialDiverged
+from hpo.errors import TrialDiverged, TrialFailed
 from hpo.spec import RECURRENT_FAMILIES, StudySpec
 
 # Called after every epoch with (epoch index from 0, mean of the seeds' current
@@ -163,6 +163,8 @@ def _fit_analytic(spec: StudySpec, params: dict[str, Any], seeds: list[int],
     stoppers = [_stopper(spec) for _ in seeds]
     curves: list[dict[str, list[float]]] = [{k: [] for k in CURVE_KEYS} for _ in seeds]
     for epoch in range(spec.training.max_epochs):
+        if spec.model.epoch_seconds:
+            time.sleep(spec.model.epoch_seconds)
         for i, stopper in enumerate(stoppers):
             if stopper.stopped:
                 continue
@@ -240,7 +242,7 @@ def _build_run(spec: StudySpec, params: dict[str, Any], seed: int) -> _SeedRun:
         x, y = x[: len(x) // b * b], y[: len(y) // b * b]
         xv, yv = xv[: len(xv) // b * b], yv[: len(yv) // b * b]
         if len(x) == 0 or len(xv) == 0:
-            raise TrialDiverged(f"batch_size {b} is larger than the data of a stateful LSTM; lower batch_size")
+            raise TrialFailed(f"batch_size {b} is larger than the data of a stateful LSTM; lower batch_size")
     keras.utils.set_random_seed(seed)
     model = build_model(params, data.input_shape, family=spec.model.family, output=spec.output,
                         n_outputs=data.n_outputs, stateful=spec.model.stateful)
@@ -259,14 +261,36 @@ _determinism_configured = False
 
 
 def configure_determinism() -> None:
-    """Make TensorFlow ops deterministic (once per process), so a replay is exact."""
+    """Import TensorFlow quietly and make its ops deterministic (once per process), so a
+    replay is exact."""
     global _determinism_configured
     if _determinism_configured:
         return
+    _import_tensorflow_quietly()
     import tensorflow as tf
 
     tf.config.experimental.enable_op_determinism()
     _determinism_configured = True
+
+
+def _import_tensorflow_quietly() -> None:
+    # TensorFlow's native start-up lines (oneDNN, CUDA stubs) go to fd 2 before its own
+    # log settings apply; hide just that import. A failing import still raises here.
+    import os
+    import sys
+
+    if "tensorflow" in sys.modules or os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "0":
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        import tensorflow  # noqa: F401
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def release_memory() -> None:

@@ -1,22 +1,54 @@
-"""Workers: a study and a budget in, trials run until the budget or the clock is spent out,
-with a line of progress per finished trial.
+"""Workers: a study and a budget in, trials run until the study holds exactly that many
+spent trials out; one process or N local processes, with a line of progress per trial.
+
+Budget: a worker starts a trial only while holding the study's admission lock and only
+if spent (complete, pruned, failed on its own) plus running trials leave room, so however
+many workers race, no more than the budget are ever started. A trial whose worker died
+(no heartbeat for the grace period) or was stopped is failed, does not count, and is
+queued again with the same params; workers wait while others run rather than exit, in
+case one of those trials has to be retried.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
 import time
-import warnings
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from hpo.errors import TrialFailed
+from hpo.errors import HpoError, TrialFailed
 from hpo.objective import ATTR_FAIL_REASON, ATTR_PRUNED_AT, Objective
 from hpo.spec import StudySpec
+from hpo.study import quiet_optuna
+from hpo.storage import (STOP_ATTR, TrialCounts, count_trials, fail_heartless_trials, rdb_storage, retry_storage_call,
+                         study_lock)
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+ATTR_INTERRUPTED = "interrupted"
+# How often an idle worker looks again whether a running trial of another worker died.
+POLL_SECONDS = 1.0
+# How long `run_workers` waits for a stopped child before it kills it.
+STOP_SECONDS = 20.0
+
+
+class Interrupted(BaseException):
+    """SIGTERM or SIGINT arrived: finish the current trial as failed (not counted) and stop.
+
+    A `BaseException`, so the objective's `except Exception` does not swallow it.
+    """
+
+    def __init__(self, signum: int) -> None:
+        self.signal_name = signal.Signals(signum).name
+        super().__init__(self.signal_name)
 
 
 @dataclass
@@ -27,58 +59,212 @@ class RunSummary:
     complete: int = 0
     pruned: int = 0
     failed: int = 0
+    lost: int = 0
     seconds: float = 0.0
     stopped_reason: str = ""
     best: FrozenTrial | None = None
     lines: list[str] = field(default_factory=list)
+    exit_code: int = 0
 
 
 def count_finished(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=FINISHED))
 
 
+def clear_stop(study: optuna.Study) -> None:
+    """Forget a previous "too many failures" stop, so a new run of the study may go on."""
+    if study.user_attrs.get(STOP_ATTR):
+        study.set_user_attr(STOP_ATTR, None)
+
+
 def run_trials(study: optuna.Study, spec: StudySpec, *, budget: int, timeout: float | None = None,
                max_consecutive_failures: int = 5, echo: Callable[[str], None] = print) -> RunSummary:
-    """Run trials until the study holds `budget` finished (complete or pruned) trials.
+    """Run trials until the study holds `budget` spent trials (complete, pruned, or failed
+    on their own), together with any other workers on the same study.
 
     Args:
-        study: The study, with the spec's sampler and pruner.
+        study: The study, with the spec's sampler and pruner, on an `hpo.storage` storage.
         spec: Its spec.
-        budget: Finished trials the whole study should end with.
+        budget: Spent trials the whole study should end with.
         timeout: Stop starting trials after this many seconds.
-        max_consecutive_failures: Stop after this many failed trials in a row.
+        max_consecutive_failures: After this many failed trials in a row, stop the study
+            (every worker on it stops).
         echo: Where progress lines go.
     """
-    _quiet_optuna()
+    quiet_optuna()
     summary = RunSummary(spec.name)
     start = time.perf_counter()
+    objective = Objective(spec)
     failures_in_a_row = 0
-
-    def progress(study: optuna.Study, trial: FrozenTrial) -> None:
-        nonlocal failures_in_a_row
-        if trial.state == TrialState.COMPLETE:
-            summary.complete += 1
-            failures_in_a_row = 0
-        elif trial.state == TrialState.PRUNED:
-            summary.pruned += 1
-            failures_in_a_row = 0
-        elif trial.state == TrialState.FAIL:
-            summary.failed += 1
-            failures_in_a_row += 1
-        echo(describe_trial(spec, trial, study))
-        if count_finished(study) >= budget:
-            study.stop()
-        elif failures_in_a_row >= max_consecutive_failures:
-            summary.stopped_reason = (f"stopped after {failures_in_a_row} failed trials in a row; "
-                                      f"last reason: {trial.user_attrs.get(ATTR_FAIL_REASON, 'unknown')}")
-            study.stop()
-
-    if count_finished(study) < budget:
-        study.optimize(Objective(spec), timeout=timeout, callbacks=[progress], catch=(TrialFailed,),
-                       gc_after_trial=False)
+    storage = rdb_storage(study._storage)
+    next_sweep = 0.0
+    restore = _raise_on_signals()
+    try:
+        while True:
+            if timeout is not None and time.perf_counter() - start > timeout:
+                summary.stopped_reason = f"stopped starting trials after --timeout {timeout:g} s"
+                break
+            sweep = time.monotonic() >= next_sweep
+            if sweep:
+                next_sweep = time.monotonic() + (getattr(storage, "heartbeat_interval", None) or 0)
+            trial, counts = retry_storage_call(storage, lambda: _admit(study, budget, sweep))
+            if trial is None:
+                if counts.stop_reason:
+                    if not summary.stopped_reason:
+                        summary.stopped_reason = f"study stopped: {counts.stop_reason}"
+                    break
+                if counts.spent >= budget:
+                    break
+                time.sleep(POLL_SECONDS)
+                continue
+            frozen = _run_one(study, spec, trial, objective, summary)
+            if frozen is None:
+                continue
+            failures_in_a_row = failures_in_a_row + 1 if frozen.state == TrialState.FAIL else 0
+            echo(describe_trial(spec, frozen, study, budget=budget))
+            if failures_in_a_row >= max_consecutive_failures:
+                summary.stopped_reason = (f"stopped the study after {failures_in_a_row} failed trials in a row; "
+                                          f"last reason: {frozen.user_attrs.get(ATTR_FAIL_REASON, 'unknown')}; "
+                                          "fix the cause and run again")
+                study.set_user_attr(STOP_ATTR, summary.stopped_reason)
+                summary.exit_code = 1
+                break
+    except Interrupted as e:
+        summary.stopped_reason = f"interrupted by {e.signal_name}"
+        summary.exit_code = 130
+    finally:
+        restore()
     summary.seconds = time.perf_counter() - start
     summary.best = best_trial(study, spec)
     return summary
+
+
+def _admit(study: optuna.Study, budget: int, sweep: bool) -> tuple[optuna.Trial | None, TrialCounts]:
+    storage = rdb_storage(study._storage)
+    # No signal may land between creating a trial and its first heartbeat: that trial
+    # would stay RUNNING with nothing to show it is dead.
+    with _signals_held(), study_lock(storage, study._study_id):
+        if sweep:
+            # Dead workers are looked for once per heartbeat interval, not before every
+            # trial: a trial only goes stale after the grace period anyway.
+            optuna.storages.fail_stale_trials(study)
+            fail_heartless_trials(study)
+        counts = count_trials(storage, study._study_id)
+        if counts.stop_reason or counts.spent + counts.running >= budget:
+            return None, counts
+        # Pops a trial queued for retry first, else creates one.
+        trial = study.ask()
+        if getattr(storage, "heartbeat_interval", None):
+            storage.record_heartbeat(trial._trial_id)
+    return trial, counts
+
+
+def _run_one(study: optuna.Study, spec: StudySpec, trial: optuna.Trial, objective: Objective,
+             summary: RunSummary) -> FrozenTrial | None:
+    """Run one admitted trial and tell the study; None if another worker failed it as stale."""
+    values = None
+    state = TrialState.COMPLETE
+    try:
+        with _Heartbeat(rdb_storage(study._storage), trial._trial_id):
+            try:
+                values = objective(trial)
+            except optuna.TrialPruned:
+                state = TrialState.PRUNED
+            except TrialFailed:
+                state = TrialState.FAIL
+        if values is not None and not all(math.isfinite(v) for v in _as_list(values)):
+            trial.set_user_attr(ATTR_FAIL_REASON, f"objective value {values} is not finite")
+            state, values = TrialState.FAIL, None
+        frozen = retry_storage_call(rdb_storage(study._storage), lambda: study.tell(
+            trial, values if state == TrialState.COMPLETE else None, state=state, skip_if_finished=True))
+    except Interrupted as e:
+        _give_back(study, trial, f"worker stopped by {e.signal_name}")
+        summary.lost += 1
+        raise
+    except optuna.exceptions.UpdateFinishedTrialError:
+        frozen = study._storage.get_trial(trial._trial_id)
+    if frozen.state == TrialState.FAIL and ATTR_FAIL_REASON not in frozen.user_attrs:
+        # No heartbeat reached the database for the grace period (a long outage?), so
+        # another worker failed this trial and queued it again; that copy will count.
+        summary.lost += 1
+        return None
+    if frozen.state == TrialState.COMPLETE:
+        summary.complete += 1
+    elif frozen.state == TrialState.PRUNED:
+        summary.pruned += 1
+    else:
+        summary.failed += 1
+    return frozen
+
+
+def _give_back(study: optuna.Study, trial: optuna.Trial, reason: str) -> None:
+    """Fail an interrupted trial without counting it, and queue its params again."""
+    storage = rdb_storage(study._storage)
+    with _signals_held():
+        try:
+            storage.set_trial_user_attr(trial._trial_id, ATTR_INTERRUPTED, reason)
+            if storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
+                callback = getattr(storage, "heartbeat_stale_trial_callback", None)
+                if callback is not None:
+                    callback(study, storage.get_trial(trial._trial_id))
+        except (optuna.exceptions.UpdateFinishedTrialError, HpoError):
+            pass  # finished already (its result was stored), or the database is gone
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    # Blocked, not ignored: a SIGTERM that arrives meanwhile is handled right after.
+    held = {signal.SIGINT, signal.SIGTERM}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _as_list(values: float | tuple | list) -> list[float]:
+    return list(values) if isinstance(values, (tuple, list)) else [values]
+
+
+class _Heartbeat:
+    """Records the trial's heartbeat every interval on a thread. A failed write (database
+    restarting) is skipped, not fatal: the next one will do, within the grace period."""
+
+    def __init__(self, storage: optuna.storages.BaseStorage, trial_id: int) -> None:
+        self.storage = storage
+        self.trial_id = trial_id
+        self.interval = storage.get_heartbeat_interval() if hasattr(storage, "get_heartbeat_interval") else None
+        self.stop = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def __enter__(self) -> "_Heartbeat":
+        if self.interval:
+            self.thread = threading.Thread(target=self._beat, name=f"heartbeat-{self.trial_id}", daemon=True)
+            self.thread.start()
+        return self
+
+    def _beat(self) -> None:
+        while not self.stop.wait(self.interval):
+            try:
+                optuna.storages.RDBStorage.record_heartbeat(self.storage, self.trial_id)
+            except Exception:  # noqa: BLE001 - the next beat retries
+                pass
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join()
+
+
+def _raise_on_signals() -> Callable[[], None]:
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def handler(signum: int, frame: object) -> None:
+        raise Interrupted(signum)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    return lambda: [signal.signal(s, h) for s, h in old.items()] and None
 
 
 def best_trial(study: optuna.Study, spec: StudySpec) -> FrozenTrial | None:
@@ -95,8 +281,9 @@ def best_trial(study: optuna.Study, spec: StudySpec) -> FrozenTrial | None:
         return None
 
 
-def describe_trial(spec: StudySpec, trial: FrozenTrial, study: optuna.Study | None = None) -> str:
-    """One progress line for a finished trial."""
+def describe_trial(spec: StudySpec, trial: FrozenTrial, study: optuna.Study | None = None,
+                   budget: int | None = None) -> str:
+    """One progress line for a finished trial, with the study-wide tally when given the study."""
     state = trial.state.name.lower()
     attrs = trial.user_attrs
     head = f"trial {trial.number:>4} {state:<8}"
@@ -108,19 +295,154 @@ def describe_trial(spec: StudySpec, trial: FrozenTrial, study: optuna.Study | No
             head += f" pruned at epoch {attrs[ATTR_PRUNED_AT]}"
     elif trial.state == TrialState.FAIL:
         head += f" {attrs.get(ATTR_FAIL_REASON, 'no reason stored')}"
+    retried = trial.system_attrs.get("failed_trial")
+    if retried is not None:
+        head += f" (retry of #{retried})"
     if study is not None:
-        trials = study.get_trials(deepcopy=False)
-        counts = {s: sum(t.state == s for t in trials) for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
         best = best_trial(study, spec)
         if best is not None and "mean" in best.user_attrs:
             head += f" | best #{best.number} {best.user_attrs['mean']:.5g} ± {best.user_attrs['std']:.2g}"
-        head += (f" | {counts[TrialState.COMPLETE]} complete, {counts[TrialState.PRUNED]} pruned, "
-                 f"{counts[TrialState.FAIL]} failed")
+        if isinstance(rdb_storage(study._storage), optuna.storages.RDBStorage):
+            c = count_trials(rdb_storage(study._storage), study._study_id)
+        else:
+            trials = study.get_trials(deepcopy=False)
+            c = TrialCounts(complete=sum(t.state == TrialState.COMPLETE for t in trials),
+                            pruned=sum(t.state == TrialState.PRUNED for t in trials),
+                            failed=sum(t.state == TrialState.FAIL for t in trials))
+        of = f"/{budget}" if budget else ""
+        head += f" | {c.spent}{of} spent: {c.complete} complete, {c.pruned} pruned, {c.failed} failed"
+        if c.lost:
+            head += f", {c.lost} lost and retried"
     return head
 
 
-def _quiet_optuna() -> None:
-    # Optuna logs every caught trial failure with a traceback; our progress line says why.
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+def worker_threads(workers: int, cores: int | None = None) -> int:
+    """TensorFlow intra-op threads per worker so that `workers` processes share the cores."""
+    cores = cores or available_cores()
+    return max(1, cores // max(1, workers))
+
+
+def available_cores() -> int:
+    """Cores this process may run on (what `--workers auto` starts one worker per)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def limit_threads(threads: int) -> None:
+    """Cap this process's TensorFlow (and OpenMP) threads; call before TensorFlow loads."""
+    for name in ("TF_NUM_INTRAOP_THREADS", "OMP_NUM_THREADS"):
+        os.environ[name] = str(threads)
+    os.environ["TF_NUM_INTEROP_THREADS"] = "1"
+
+
+def run_workers(storage_url: str, spec: StudySpec, workers: int, *, budget: int, timeout: float | None = None,
+                max_consecutive_failures: int = 5, heartbeat_interval: int | None = None,
+                grace_period: int | None = None, echo: Callable[[str], None] = print,
+                echo_err: Callable[[str], None] | None = None) -> RunSummary:
+    """Run `workers` local `hpo worker` processes on the study (created already) and relay
+    their progress lines, each prefixed with its worker number.
+
+    SIGINT or SIGTERM to this process stops every worker: each fails its running trial
+    (not counted, queued again) and exits; one that does not within `STOP_SECONDS` is
+    killed, and its trial is retried after the grace period by the next run.
+    """
+    from hpo.storage import STORAGE_ENV, count_trials as _count, get_storage
+
+    echo_err = echo_err or (lambda line: print(line, file=sys.stderr, flush=True))
+    threads = worker_threads(workers)
+    storage = get_storage(storage_url, heartbeat_interval=None)
+    study = optuna.load_study(study_name=spec.name, storage=storage)
+    before = _count(storage, study._study_id)
+    start = time.perf_counter()
+    cmd_tail = ["--study-name", spec.name, "--trials", str(budget), "--threads", str(threads),
+                "--max-failures", str(max_consecutive_failures)]
+    if timeout is not None:
+        cmd_tail += ["--timeout", str(timeout)]
+    if heartbeat_interval is not None:
+        cmd_tail += ["--heartbeat-interval", str(heartbeat_interval)]
+    if grace_period is not None:
+        cmd_tail += ["--grace-period", str(grace_period)]
+    # The URL travels in the environment, not on the command line, where `ps` would show
+    # its password.
+    env = {**os.environ, STORAGE_ENV: storage_url, "PYTHONUNBUFFERED": "1",
+           # The workers run this very package, wherever the command was started from.
+           "PYTHONPATH": os.pathsep.join(filter(None, [_package_root(), os.environ.get("PYTHONPATH")]))}
+    lock = threading.Lock()
+    procs: list[subprocess.Popen] = []
+    for i in range(workers):
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "hpo", "worker", "--worker-index", str(i), *cmd_tail],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+            start_new_session=True, preexec_fn=_die_with_parent))
+    relays = [threading.Thread(target=_relay, args=(p.stdout, f"w{i}", echo, lock), daemon=True)
+              for i, p in enumerate(procs)]
+    relays += [threading.Thread(target=_relay, args=(p.stderr, f"w{i}", echo_err, lock), daemon=True)
+               for i, p in enumerate(procs)]
+    for t in relays:
+        t.start()
+    summary = RunSummary(spec.name)
+    restore = _raise_on_signals()
+    try:
+        for p in procs:
+            p.wait()
+    except Interrupted as e:
+        summary.stopped_reason = f"interrupted by {e.signal_name}; stopped {workers} workers"
+        summary.exit_code = 130
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        _stop_all(procs, echo_err)
+    finally:
+        restore()
+    for t in relays:
+        t.join(timeout=5)
+    after = _count(storage, study._study_id)
+    summary.complete = after.complete - before.complete
+    summary.pruned = after.pruned - before.pruned
+    summary.failed = after.failed - before.failed
+    summary.lost = after.lost - before.lost
+    summary.seconds = time.perf_counter() - start
+    if not summary.stopped_reason and after.stop_reason:
+        summary.stopped_reason = f"study stopped: {after.stop_reason}"
+    codes = [p.returncode for p in procs]
+    if summary.exit_code == 0 and any(codes):
+        summary.exit_code = 1
+        summary.stopped_reason = summary.stopped_reason or f"worker exit codes {codes}"
+    summary.best = best_trial(study, spec)
+    return summary
+
+
+def _package_root() -> str:
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _relay(stream, prefix: str, echo: Callable[[str], None], lock: threading.Lock) -> None:
+    for line in stream:
+        with lock:
+            echo(f"{prefix} {line.rstrip()}")
+
+
+def _stop_all(procs: list[subprocess.Popen], echo_err: Callable[[str], None]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + STOP_SECONDS
+    for i, p in enumerate(procs):
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+            echo_err(f"w{i} did not stop within {STOP_SECONDS:g} s and was killed; "
+                     "its trial is retried once the grace period has passed")
+
+
+def _die_with_parent() -> None:
+    # Linux: a worker gets SIGTERM when `hpo run` dies, even by SIGKILL, so none is left behind.
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 

@@ -1,0 +1,67 @@
+"""Dashboard: a study database URL in, optuna-dashboard serving it out, after every
+finished trial of every hpo study got its markdown note (per-seed scores, diagnosis).
+
+Notes are written where a trial is recorded (the objective, while the trial still runs);
+`hpo dashboard` only fills in the trials that lack one: those recorded before notes
+existed, or by a worker that could not import optuna-dashboard.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import sqlalchemy
+
+from hpo.diagnosis import trial_note
+from hpo.errors import StorageError
+from hpo.objective import write_trial_note
+from hpo.storage import get_storage, mask_url, resolve_storage_url
+from hpo.study import SPEC_ATTR
+from hpo.views import create_views
+
+def write_missing_notes(storage: str | None = None, echo: Callable[[str], None] = lambda _: None) -> int:
+    """Give every finished trial with a per-seed record, in every study created by hpo,
+    a note if it has none. Returns how many notes were written."""
+    from optuna_dashboard._note import note_ver_key
+
+    rdb = get_storage(storage)
+    create_views(rdb.engine)
+    written = 0
+    # get_all_studies, not get_all_study_summaries: the summaries load every trial.
+    for study in rdb.get_all_studies():
+        if SPEC_ATTR not in study.user_attrs:
+            continue
+        study_id = study._study_id
+        # The dashboard keeps notes as study system attributes, one version key per trial.
+        noted = set(rdb.get_study_system_attrs(study_id))
+        # Which trials have a per-seed record, from the view: loading every trial through
+        # Optuna would decode every learning curve (17 s for 5,000 trials) to find none.
+        with rdb.engine.connect() as conn:
+            recorded = conn.execute(sqlalchemy.text(
+                "SELECT trial_id FROM hpo_trials WHERE study_id = :study_id AND n_seeds IS NOT NULL "
+                "AND state IN ('COMPLETE', 'PRUNED')"), {"study_id": study_id}).scalars().all()
+        missing = [trial_id for trial_id in recorded if note_ver_key(trial_id) not in noted]
+        if not missing:
+            continue
+        echo(f"writing notes for {len(missing)} trials of {study.study_name}")
+        metric = study.user_attrs[SPEC_ATTR].get("metric", "score")
+        for trial_id in missing:
+            frozen = rdb.get_trial(trial_id)
+            write_trial_note(rdb, study_id, trial_id, trial_note(frozen.number, frozen.user_attrs, metric))
+        written += len(missing)
+    return written
+
+
+def serve_dashboard(storage: str | None = None, host: str = "127.0.0.1", port: int = 8080,
+                    echo: Callable[[str], None] = print) -> None:
+    """Fill in missing trial notes, then serve optuna-dashboard until interrupted."""
+    from optuna_dashboard import run_server
+
+    url = resolve_storage_url(storage)
+    database = sqlalchemy.engine.make_url(url).database if url.startswith("sqlite") else None
+    if database is not None and not os.path.isfile(database):
+        raise StorageError(f"no study database at {database!r}; run a study first (hpo run ...) or pass --storage")
+    write_missing_notes(url, echo)
+    echo(f"optuna-dashboard for {mask_url(url)} at http://{host}:{port}/ (Ctrl-C stops it)")
+    run_server(get_storage(url), host=host, port=port)

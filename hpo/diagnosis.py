@@ -1,0 +1,101 @@
+"""Learning-curve diagnosis: a trial's per-seed curves in, *underfit*, *overfit* or
+*good fit* out (with the reason), and the trial's markdown note for optuna-dashboard.
+
+Pure Python on plain lists, so the objective (while recording a trial) and the reports
+(reading the database) share one rule.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+UNDERFIT = "underfit"
+OVERFIT = "overfit"
+GOOD_FIT = "good fit"
+UNKNOWN = "unknown"
+# A change counts when it exceeds this share of what the curve learned from its first
+# epoch to its best: small enough to see a real turn, large enough to ignore seed noise.
+CHANGE_SHARE = 0.05
+# "Flat and high": the final loss is still above this share of the first epoch's loss.
+FLAT_SHARE = 0.9
+# "Still improving": validation fell over this many final epochs.
+TAIL_EPOCHS = 2
+
+
+@dataclass(frozen=True)
+class Diagnosis:
+    """The verdict over all seeds and why; `per_seed` holds each seed's verdict."""
+
+    verdict: str
+    reason: str
+    per_seed: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        return f"{self.verdict}: {self.reason}" if self.reason else self.verdict
+
+
+def diagnose_seed(loss: Sequence[float | None], val_loss: Sequence[float | None]) -> tuple[str, str]:
+    """One seed's verdict and reason from its training and validation loss per epoch."""
+    pairs = [(t, v) for t, v in zip(loss, val_loss) if _finite(t) and _finite(v)]
+    if len(pairs) < 2:
+        return UNKNOWN, "fewer than two epochs with finite losses"
+    train = [t for t, _ in pairs]
+    val = [v for _, v in pairs]
+    last = len(val) - 1
+    best = min(range(len(val)), key=val.__getitem__)
+    learned = max(val[0] - val[best], train[0] - min(train), 0.0)
+    tol = CHANGE_SHARE * learned if learned > 0 else 1e-12
+    if best < last and val[last] - val[best] > tol and train[best] - train[last] > tol:
+        return OVERFIT, (f"validation loss rose after its minimum at epoch {best + 1} "
+                         f"while training loss kept falling")
+    tail = max(0, last - TAIL_EPOCHS)
+    if best == last and val[tail] - val[last] > tol:
+        return UNDERFIT, f"validation loss still falling at the last epoch ({last + 1}): train longer"
+    if train[0] > 0 and val[0] > 0 and train[last] > FLAT_SHARE * train[0] and val[last] > FLAT_SHARE * val[0]:
+        return UNDERFIT, "training and validation loss flat and high: the model barely learns"
+    return GOOD_FIT, f"validation loss settled at epoch {best + 1}"
+
+
+def diagnose_curves(curves: Sequence[dict[str, Sequence[float | None]]] | None) -> Diagnosis:
+    """The trial's verdict: the verdict most seeds share (ties go to the more serious one:
+    overfit, then underfit), with the reason of the first seed that has it."""
+    if not curves:
+        return Diagnosis(UNKNOWN, "no learning curves stored")
+    results = [diagnose_seed(c.get("loss") or [], c.get("val_loss") or []) for c in curves]
+    verdicts = [v for v, _ in results]
+    counts = Counter(verdicts)
+    order = (OVERFIT, UNDERFIT, GOOD_FIT, UNKNOWN)
+    verdict = max(order, key=lambda v: (counts[v], -order.index(v)))
+    reason = next(r for v, r in results if v == verdict)
+    if len(results) > 1:
+        reason = f"{counts[verdict]} of {len(results)} seeds; {reason}"
+    return Diagnosis(verdict, reason, tuple(verdicts))
+
+
+def trial_note(number: int, attrs: dict[str, Any], metric: str = "score") -> str:
+    """Markdown for the trial's optuna-dashboard note: mean ± std, one row per seed, diagnosis."""
+    scores = attrs.get("seed_scores") or []
+    seeds = attrs.get("seeds") or list(range(len(scores)))
+    best = attrs.get("best_epochs") or [None] * len(scores)
+    run = attrs.get("epochs_run") or [None] * len(scores)
+    lines = [f"## Trial {number}", ""]
+    if "mean" in attrs:
+        lines += [f"**{metric}: {_fmt(attrs['mean'])} ± {_fmt(attrs.get('std'))}** over {len(scores)} seeds", ""]
+    lines += ["| seed | score | best epoch | epochs run |", "|---:|---:|---:|---:|"]
+    lines += [f"| {s} | {_fmt(v)} | {b if b is not None else ''} | {r if r is not None else ''} |"
+              for s, v, b, r in zip(seeds, scores, best, run)]
+    lines += ["", f"**Diagnosis:** {diagnose_curves(attrs.get('curves'))}"]
+    if attrs.get("pruned_at_epoch") is not None:
+        lines += ["", f"Pruned after epoch {attrs['pruned_at_epoch']}."]
+    return "\n".join(lines) + "\n"
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def _fmt(x: Any) -> str:
+    return f"{x:.5g}" if isinstance(x, (int, float)) else str(x)

@@ -1,0 +1,44 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.postgres import PostgresServer, find_pg_bin
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL server for the session. Outside CI a machine without PostgreSQL
+    skips these tests (and says so); in CI (`CI` set) that is a failure."""
+    bin_dir = find_pg_bin()
+    if bin_dir is None:
+        if os.environ.get("CI"):
+            pytest.fail("PostgreSQL (initdb, pg_ctl) not found in CI; .ci/run should have installed it")
+        pytest.skip("PostgreSQL not installed (apt-get install -y postgresql); these tests run in CI")
+    server = PostgresServer(bin_dir)
+    yield server
+    server.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def storage_url(request, tmp_path):
+    """The same test on every storage backend: a SQLite file, and a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'study.db'}"
+    return request.getfixturevalue("postgres").create_database()
+
+
+def run_hpo(*args: str, env: dict | None = None, cwd: Path | None = None, timeout: float = 600,
+            check: bool = True) -> subprocess.CompletedProcess:
+    """The real `hpo` command (`python -m hpo`) in a subprocess."""
+    full_env = {**os.environ, **(env or {})}
+    result = subprocess.run([sys.executable, "-m", "hpo", *args], capture_output=True, text=True,
+                            env=full_env, cwd=cwd or ROOT, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"hpo {' '.join(args)} exited {result.returncode}\n"
+                             f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}")
+    return result

@@ -1,0 +1,136 @@
+"""The real `hpo` command end to end, on a real SQLite file read back with sqlite3."""
+
+import json
+import sqlite3
+import statistics
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT, run_hpo
+
+
+def trials_with_attrs(db):
+    conn = sqlite3.connect(db)
+    rows = conn.execute("SELECT trial_id, number, state FROM trials ORDER BY number").fetchall()
+    out = []
+    for trial_id, number, state in rows:
+        attrs = {k: json.loads(v) for k, v in conn.execute(
+            "SELECT key, value_json FROM trial_user_attributes WHERE trial_id = ?", (trial_id,))}
+        value = conn.execute("SELECT value FROM trial_values WHERE trial_id = ?", (trial_id,)).fetchone()
+        out.append({"number": number, "state": state, "attrs": attrs, "value": value and value[0]})
+    conn.close()
+    return out
+
+
+@pytest.fixture(scope="module")
+def sine_run(tmp_path_factory):
+    db = tmp_path_factory.mktemp("run") / "x.db"
+    result = run_hpo("run", "sine_lstm", "--trials", "3", "--seeds", "2", "--max-epochs", "5",
+                     "--storage", f"sqlite:///{db}")
+    return db, result
+
+
+def test_run_stores_mean_std_and_every_per_seed_figure(sine_run):
+    db, result = sine_run
+    trials = trials_with_attrs(db)
+    finished = [t for t in trials if t["state"] in ("COMPLETE", "PRUNED")]
+    assert len(finished) == 3 and len(trials) == 3
+    for t in trials:
+        a = t["attrs"]
+        assert {"mean", "std", "seed_scores", "seeds", "best_epochs", "epochs_run", "fit_seconds", "curves"} <= set(a)
+        assert a["seeds"] == [42000, 42001] and len(a["seed_scores"]) == 2
+        assert a["mean"] == pytest.approx(statistics.fmean(a["seed_scores"]), rel=1e-12)
+        assert a["std"] == pytest.approx(statistics.stdev(a["seed_scores"]), rel=1e-12)
+        assert all(1 <= b <= r <= 5 for b, r in zip(a["best_epochs"], a["epochs_run"]))
+        for seed_curves, score, best in zip(a["curves"], a["seed_scores"], a["best_epochs"]):
+            assert seed_curves["val_loss"][best - 1] == pytest.approx(score)
+        if t["state"] == "COMPLETE":
+            assert t["value"] == pytest.approx(a["mean"], rel=1e-12)
+    assert "best trial #" in result.stdout and "3 complete" in result.stdout.replace("0 pruned", "")
+
+
+def test_spec_and_metric_names_are_stored_with_the_study(sine_run):
+    db, _ = sine_run
+    conn = sqlite3.connect(db)
+    spec = json.loads(conn.execute("SELECT value_json FROM study_user_attributes WHERE key = 'hpo_spec'").fetchone()[0])
+    assert spec["seeds"] == 2 and spec["training"]["max_epochs"] == 5 and spec["model"]["family"] == "lstm"
+    names = conn.execute("SELECT value_json FROM study_system_attributes WHERE key LIKE '%metric_names%'").fetchone()
+    assert names and "val_loss mean" in names[0]
+
+
+def test_replay_gives_identical_scores(sine_run):
+    db, _ = sine_run
+    result = run_hpo("replay", "--study-name", "sine_lstm", "--storage", f"sqlite:///{db}", "1")
+    assert result.stdout.strip().endswith("identical"), result.stdout
+
+
+def test_a_diverging_trial_fails_alone_and_the_study_goes_on(tmp_path):
+    spec = tmp_path / "nan.toml"
+    spec.write_text("""
+name = "nan"
+seeds = 2
+trials = 3
+[data]
+name = "noisy_sine"
+n_samples = 120
+window = 5
+[model]
+family = "mlp"
+[training]
+max_epochs = 3
+[sampler]
+kind = "grid"
+[space]
+optimizer = "sgd"
+learning_rate = { choices = [10.0, 0.01] }
+units = 64
+layers = 3
+batch_size = 16
+""")
+    db = tmp_path / "nan.db"
+    result = run_hpo("run", str(spec), "--storage", f"sqlite:///{db}")
+    trials = trials_with_attrs(db)
+    states = sorted(t["state"] for t in trials)
+    assert states == ["COMPLETE", "FAIL"], result.stdout  # the grid has two points
+    failed = next(t for t in trials if t["state"] == "FAIL")
+    assert "became" in failed["attrs"]["fail_reason"] and "seed" in failed["attrs"]["fail_reason"]
+    assert "failed" in result.stdout
+
+
+def test_bad_regions_are_pruned(tmp_path):
+    db = tmp_path / "b.db"
+    run_hpo("run", "beale", "--trials", "30", "--storage", f"sqlite:///{db}")
+    trials = trials_with_attrs(db)
+    pruned = [t for t in trials if t["state"] == "PRUNED"]
+    assert len([t for t in trials if t["state"] in ("COMPLETE", "PRUNED")]) == 30
+    assert pruned and all("pruned_at_epoch" in t["attrs"] for t in pruned)
+    complete = [t["value"] for t in trials if t["state"] == "COMPLETE"]
+    assert statistics.median(t["attrs"]["mean"] for t in pruned) > statistics.median(complete)
+
+
+def test_rerun_tops_up_to_the_budget_and_refuses_a_changed_spec(tmp_path):
+    db = f"sqlite:///{tmp_path / 'b.db'}"
+    run_hpo("run", "beale", "--trials", "5", "--storage", db)
+    run_hpo("run", "beale", "--trials", "8", "--storage", db)
+    assert len([t for t in trials_with_attrs(tmp_path / "b.db") if t["state"] in ("COMPLETE", "PRUNED")]) == 8
+    changed = run_hpo("run", "beale", "--trials", "9", "--seeds", "5", "--storage", db, check=False)
+    assert changed.returncode == 2 and "already exists" in changed.stderr and "--study-name" in changed.stderr
+
+
+def test_help_and_studies_answer_without_tensorflow():
+    code = ("import sys\nfrom hpo.cli import main\n"
+            "for args in (['--help'], ['run', '--help'], ['studies']):\n    main(args)\n"
+            "print('TF LOADED' if 'tensorflow' in sys.modules or 'keras' in sys.modules else 'NO TF')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True).stdout
+    assert out.strip().endswith("NO TF") and "sine_lstm" in out and "--max-epochs" in out
+
+
+def test_errors_are_one_line_and_debug_shows_the_traceback(tmp_path):
+    plain = run_hpo("replay", "--study-name", "nope", "--storage", f"sqlite:///{tmp_path / 'e.db'}", "0", check=False)
+    assert plain.returncode != 0 and plain.stderr.strip().splitlines() == [plain.stderr.strip()]
+    assert plain.stderr.startswith('error: no study "nope"')
+    debug = run_hpo("--debug", "replay", "--study-name", "nope", "--storage", f"sqlite:///{tmp_path / 'e.db'}", "0",
+                    check=False)
+    assert "Traceback" in debug.stderr

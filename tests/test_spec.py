@@ -1,0 +1,107 @@
+import dataclasses
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from hpo.errors import SpecError
+from hpo.spec import STUDIES_DIR, FloatRange, IntRange, list_specs, load_spec, parse_spec, spec_to_dict
+from tests.conftest import run_hpo
+
+GOOD = """
+name = "t"
+metric = "val_loss"
+[data]
+name = "noisy_sine"
+[model]
+family = "lstm"
+[space]
+units = { low = 4, high = 16 }
+learning_rate = { low = 1e-4, high = 1e-2, log = true }
+batch_size = 32
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "s.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_shipped_studies_load_and_round_trip_through_the_database_form():
+    names = [name for name, _ in list_specs()]
+    assert {"sine_lstm", "digits_mlp", "sequence_toy", "beale"} <= set(names)
+    for name in names:
+        spec = load_spec(name)
+        again = parse_spec(spec_to_dict(spec), source="db")
+        assert dataclasses.replace(again, source=spec.source) == spec
+
+
+def test_required_vocabulary_in_default_study():
+    spec = load_spec("sine_lstm")
+    assert {"units", "layers", "dropout", "learning_rate", "batch_size"} <= set(spec.space)
+    assert isinstance(spec.space["units"], IntRange) and spec.space["units"].log
+    assert isinstance(spec.space["dropout"], FloatRange)
+
+
+@pytest.mark.parametrize("edit, field, words", [
+    (lambda t: t.replace('metric = "val_loss"', 'metric = "val_loss"\nepochs = 3'), "epochs", "unknown key"),
+    (lambda t: t.replace("units = { low = 4, high = 16 }", "units = { low = 64, high = 8 }"),
+     "space.units", "low=64 is above high=8; swap them"),
+    (lambda t: t.replace('family = "lstm"', 'family = "transformer"'), "model.family", "'lstm'"),
+    (lambda t: t.replace("batch_size = 32", "batch_size = 0"), "space.batch_size", "outside 1.."),
+    (lambda t: t.replace("units = {", "unitz = {"), "space.unitz", "did you mean 'units'"),
+    (lambda t: t.replace('name = "noisy_sine"', 'name = "noisy_sine"\nscaling = "minmax"'), "data.scaling", "'normalize'"),
+    (lambda t: t.replace('metric = "val_loss"', 'metric = "val_loss"\n[objective]\nmode = "pareto"')
+     .replace("[data]", "[pruner]\nkind = \"median\"\n[data]"), "pruner.kind", "cannot prune multi-objective"),
+])
+def test_malformed_spec_names_file_field_and_fix(tmp_path, edit, field, words):
+    path = write(tmp_path, edit(GOOD))
+    with pytest.raises(SpecError) as e:
+        load_spec(path)
+    message = str(e.value)
+    assert message.startswith(f"spec {path}") or "s.toml" in message
+    assert f"[{field}]" in message
+    assert words in message
+
+
+def test_missing_csv_column_is_named_with_the_columns_there(tmp_path):
+    csv = write(tmp_path, "t,temp\n1,2.0\n2,3.0\n", "series.csv")
+    path = write(tmp_path, GOOD.replace('name = "noisy_sine"', f'name = "csv_series"\npath = "{csv}"\ncolumn = "temperature"'))
+    with pytest.raises(SpecError, match=r"\[data.column\] column \"temperature\" is not in .* \(columns: t, temp\)"):
+        load_spec(path)
+
+
+def test_bad_spec_stops_the_real_command_before_any_trial(tmp_path):
+    path = write(tmp_path, GOOD.replace("batch_size = 32", "batch_size = 0"))
+    db = tmp_path / "x.db"
+    result = run_hpo("run", str(path), "--storage", f"sqlite:///{db}", check=False)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: spec ") and "[space.batch_size]" in lines[0]
+    assert not db.exists()
+
+
+def test_toml_syntax_error_is_one_clear_line(tmp_path):
+    path = write(tmp_path, GOOD + "\nunits = [\n")
+    with pytest.raises(SpecError, match="is not valid TOML"):
+        load_spec(path)
+
+
+def test_overrides_apply_and_are_checked():
+    spec = load_spec("sine_lstm").with_overrides(seeds=2, max_epochs=5, trials=3)
+    assert (spec.seeds, spec.training.max_epochs, spec.trials) == (2, 5, 3)
+    assert spec.seed_values == [42000, 42001]
+    with pytest.raises(SpecError, match="--seeds 0"):
+        spec.with_overrides(seeds=0)
+
+
+def test_direction_follows_the_metric():
+    raw = tomllib.loads(GOOD.replace('metric = "val_loss"', 'metric = "val_accuracy"\ndirection = "minimize"'))
+    with pytest.raises(SpecError, match=r"\[direction\] val_accuracy is to maximize"):
+        parse_spec(raw, source="x.toml")
+
+
+def test_every_study_file_in_studies_is_valid():
+    for path in STUDIES_DIR.glob("*.toml"):
+        assert load_spec(path).name == path.stem

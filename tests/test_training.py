@@ -1,0 +1,90 @@
+import math
+
+import pytest
+
+from hpo.errors import TrialDiverged
+from hpo.space import default_params
+from hpo.spec import parse_spec
+from hpo.training import EarlyStopper, fit_repeats
+
+
+def tiny_spec(**training):
+    return parse_spec({
+        "name": "tiny", "seeds": 2, "seed": 3,
+        "data": {"name": "noisy_sine", "n_samples": 120, "window": 5},
+        "model": {"family": "lstm"},
+        "training": {"max_epochs": 4, "patience": 1, **training},
+        "space": {"units": 4, "batch_size": 16},
+    })
+
+
+def test_early_stopper_keeps_the_best_epoch_score():
+    s = EarlyStopper("minimize", patience=1, min_delta=0.0)
+    for v in (3.0, 2.0, 2.5, 2.4):
+        s.update(v)
+    assert s.stopped and (s.best, s.best_epoch, s.epochs_run) == (2.0, 2, 4)
+    assert s.current == 2.0  # a stopped seed contributes its best
+    m = EarlyStopper("maximize", patience=0, min_delta=0.1)
+    m.update(0.5)
+    m.update(0.55)  # not better by min_delta
+    assert m.stopped and m.best == 0.5
+
+
+@pytest.mark.parametrize("path", ["sequential", "vectorized"])
+def test_seeds_train_in_lock_step_and_report_the_mean_each_epoch(path):
+    spec = tiny_spec()
+    seen = []
+    fit = fit_repeats(spec, default_params(spec) | {"units": 4, "batch_size": 16}, spec.seed_values,
+                      lambda epoch, value: seen.append((epoch, value)) and False, path=path)
+    assert [e for e, _ in seen] == list(range(len(seen))) and 1 <= len(seen) <= 4
+    assert fit.path == path and len(fit.fits) == 2
+    for f in fit.fits:
+        assert f.score == min(f.curves["val_loss"]) and f.curves["val_loss"][f.best_epoch - 1] == f.score
+        assert len(f.curves["loss"]) == f.epochs_run
+    last_epoch = seen[-1][0]
+    current = [f.curves["val_loss"][min(last_epoch, f.epochs_run - 1)] if f.epochs_run > last_epoch else f.score
+               for f in fit.fits]
+    assert seen[-1][1] == pytest.approx(sum(current) / 2)
+    assert fit.mean == pytest.approx(sum(fit.scores) / 2)
+
+
+def test_same_seed_same_scores_other_seed_other_scores():
+    spec = tiny_spec()
+    params = default_params(spec) | {"units": 4, "batch_size": 16}
+    a = fit_repeats(spec, params, [11, 12])
+    b = fit_repeats(spec, params, [11])
+    assert a.fits[0].score == b.fits[0].score  # a seed's fit does not depend on its neighbours
+    assert a.fits[0].score != a.fits[1].score
+
+
+def test_returning_true_prunes_after_that_epoch():
+    spec = tiny_spec(patience=10)
+    fit = fit_repeats(spec, default_params(spec) | {"units": 4, "batch_size": 16}, [1, 2],
+                      lambda epoch, value: epoch == 1)
+    assert fit.pruned_at_epoch == 2 and all(f.epochs_run == 2 for f in fit.fits)
+
+
+def test_a_diverging_fit_raises_with_the_seed_and_epoch():
+    spec = tiny_spec()
+    params = default_params(spec) | {"units": 4, "batch_size": 16, "optimizer": "sgd", "learning_rate": 1e4,
+                                     "activation": "relu"}
+    with pytest.raises(TrialDiverged, match=r"seed \d+: (val_)?loss became (nan|inf)"):
+        fit_repeats(spec, params, [1])
+
+
+def test_analytic_family_runs_the_machinery_without_training():
+    spec = parse_spec({"name": "b", "model": {"family": "analytic", "function": "beale", "noise": 0.1},
+                       "training": {"max_epochs": 8, "patience": 1}, "space": {"x": {"low": -4.5, "high": 4.5},
+                                                                               "y": {"low": -4.5, "high": 4.5}}})
+    fit = fit_repeats(spec, {"x": 3.0, "y": 0.5}, [0, 1, 2])
+    assert fit.path == "analytic" and len(set(fit.scores)) == 3
+    assert abs(fit.mean) < 1.0 and all(math.isfinite(s) for s in fit.scores)
+
+
+def test_stateful_lstm_trains_with_fixed_batches():
+    spec = parse_spec({
+        "name": "s", "seeds": 1, "data": {"name": "noisy_sine", "n_samples": 120, "window": 5},
+        "model": {"family": "lstm", "stateful": True}, "training": {"max_epochs": 2},
+        "space": {"units": 4, "batch_size": 8}})
+    fit = fit_repeats(spec, default_params(spec) | {"units": 4, "batch_size": 8}, [5])
+    assert fit.fits[0].epochs_run == 2 and math.isfinite(fit.fits[0].score)

@@ -1,0 +1,235 @@
+"""Workers with real processes on real databases: exact budgets, a worker SIGKILLed
+mid-trial, a PostgreSQL restart, several workers on one SQLite file, Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from tests.conftest import ROOT, run_hpo
+
+SLOW_STUDY = """
+name = "{name}"
+seeds = 1
+trials = {trials}
+[model]
+family = "analytic"
+function = "beale"
+epoch_seconds = {epoch_seconds}
+[training]
+max_epochs = 8
+patience = 100
+[pruner]
+kind = "none"
+[space]
+x = {{ low = -4.5, high = 4.5 }}
+y = {{ low = -4.5, high = 4.5 }}
+"""
+
+
+def write_study(tmp_path: Path, name: str = "slow", trials: int = 12, epoch_seconds: float = 0.15) -> Path:
+    """A beale study whose trials sleep 8 x epoch_seconds (none pruned), in tmp_path."""
+    path = tmp_path / f"{name}.toml"
+    path.write_text(SLOW_STUDY.format(name=name, trials=trials, epoch_seconds=epoch_seconds))
+    return path
+
+
+def trials_of(url: str, name: str) -> list[optuna.trial.FrozenTrial]:
+    return optuna.load_study(study_name=name, storage=url).get_trials(deepcopy=False)
+
+
+def by_state(trials: list, state: TrialState) -> list:
+    return [t for t in trials if t.state == state]
+
+
+def start_hpo(*args: str, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "hpo", *args], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+
+
+def wait_for_line(proc: subprocess.Popen, needle: str, timeout: float = 60) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if needle in line:
+            return line
+        if not line and proc.poll() is not None:
+            break
+    raise AssertionError(f"no line with {needle!r} from {proc.args}")
+
+
+def processes_with(text: str) -> list[int]:
+    """PIDs whose command line mentions `text` (the tests' unique study names)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if text in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode():
+                    pids.append(int(entry.name))
+            except OSError:
+                pass
+    return pids
+
+
+def test_budget_race_never_more_than_budget(storage_url):
+    """Eight workers race for six instant trials: exactly six finish, none is left over."""
+    result = run_hpo("run", "beale", "--storage", storage_url, "--trials", "6", "--workers", "8", timeout=300)
+    trials = trials_of(storage_url, "beale")
+    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(finished) == 6, result.stdout
+    assert len(trials) == 6, [(t.number, t.state) for t in trials]  # no trial started and given back
+
+
+def test_four_workers_on_one_sqlite_file(tmp_path):
+    """Four local workers share one SQLite file: no lock errors, exact budget."""
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    result = run_hpo("run", "beale", "--storage", url, "--trials", "40", "--workers", "4", timeout=300)
+    output = result.stdout + result.stderr
+    assert "locked" not in output and "retrying" not in output, output
+    trials = trials_of(url, "beale")
+    assert len(by_state(trials, TrialState.COMPLETE)) + len(by_state(trials, TrialState.PRUNED)) == 40
+    assert len(trials) == 40
+    workers_seen = set(re.findall(r"^(w\d+) trial ", result.stdout, re.MULTILINE))
+    assert workers_seen == {"w0", "w1", "w2", "w3"}
+
+
+def test_sigkilled_worker_trial_is_retried_with_same_params(storage_url, tmp_path):
+    """Three workers, twelve trials, one worker SIGKILLed mid-trial: twelve finish, the
+    killed trial is failed and run again with the same params and seeds."""
+    spec = write_study(tmp_path, "killed", trials=12)
+    run_hpo("create", str(spec), "--storage", storage_url)
+    beat = ["--heartbeat-interval", "1", "--grace-period", "3"]
+    workers = [start_hpo("worker", "--storage", storage_url, "--study-name", "killed", "--worker-index", str(i), *beat)
+               for i in range(3)]
+    try:
+        wait_for_line(workers[0], "trial ")
+        time.sleep(0.3)  # into its next trial, which lasts 1.2 s
+        workers[0].kill()
+        for w in workers[1:]:
+            out, err = w.communicate(timeout=120)
+            assert w.returncode == 0, out + err
+    finally:
+        for w in workers:
+            w.kill()
+            w.wait()
+    trials = trials_of(storage_url, "killed")
+    assert len(by_state(trials, TrialState.COMPLETE)) == 12
+    assert not by_state(trials, TrialState.RUNNING)
+    killed = by_state(trials, TrialState.FAIL)
+    assert len(killed) == 1 and "fail_reason" not in killed[0].user_attrs
+    retries = [t for t in trials if t.system_attrs.get("failed_trial") == killed[0].number]
+    assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE
+    assert retries[0].params == killed[0].params
+    assert retries[0].user_attrs["seeds"] == killed[0].user_attrs["seeds"]
+
+
+def test_workers_survive_a_postgresql_restart(postgres, tmp_path):
+    """PostgreSQL is stopped and started again while two workers run: both carry on and
+    the study ends complete, with nothing lost."""
+    url = postgres.create_database()
+    spec = write_study(tmp_path, "restart", trials=10, epoch_seconds=0.1)
+    proc = start_hpo("run", str(spec), "--storage", url, "--workers", "2", "--heartbeat-interval", "1")
+    try:
+        wait_for_line(proc, "trial ")
+        postgres.stop()
+        time.sleep(3)
+        postgres.start()
+        out, err = proc.communicate(timeout=180)
+    finally:
+        proc.kill()
+        proc.wait()
+        postgres.start_if_stopped()
+    assert proc.returncode == 0, out + err
+    assert "retrying" in err and "reachable again" in err, err  # the outage was felt, and survived
+    trials = trials_of(url, "restart")
+    assert len(by_state(trials, TrialState.COMPLETE)) == 10
+    assert not by_state(trials, TrialState.RUNNING)
+
+
+def test_sigterm_stops_every_worker_and_leaves_no_trial_running(tmp_path):
+    """SIGTERM to `hpo run --workers 2` stops both workers; their trials are failed (not
+    counted) and queued again, and the next run ends with the exact budget."""
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    spec = write_study(tmp_path, "sigterm_study", trials=8, epoch_seconds=0.3)
+    proc = start_hpo("run", str(spec), "--storage", url, "--workers", "2")
+    try:
+        wait_for_line(proc, "trial ")
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 130, out + err
+    assert processes_with("sigterm_study") == []
+    trials = trials_of(url, "sigterm_study")
+    assert not by_state(trials, TrialState.RUNNING)
+    interrupted = [t for t in by_state(trials, TrialState.FAIL) if "interrupted" in t.user_attrs]
+    assert interrupted, [(t.number, t.state, t.user_attrs) for t in trials]
+    assert len(by_state(trials, TrialState.WAITING)) == len(interrupted)
+    run_hpo("run", str(spec), "--storage", url, "--workers", "2", timeout=300)
+    trials = trials_of(url, "sigterm_study")
+    assert len(by_state(trials, TrialState.COMPLETE)) == 8
+    assert not by_state(trials, TrialState.WAITING) and not by_state(trials, TrialState.RUNNING)
+    assert {t.number for t in interrupted} <= {t.system_attrs.get("failed_trial") for t in trials}
+
+
+def test_consecutive_failures_stop_the_study(tmp_path):
+    """Trials that fail on their own count against the budget, and a run of them stops
+    every worker with a message that says why."""
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    spec = tmp_path / "diverges.toml"
+    spec.write_text(SLOW_STUDY.format(name="diverges", trials=20, epoch_seconds=0.0)
+                    .replace("low = -4.5, high = 4.5", "low = 1e200, high = 1e201"))
+    result = run_hpo("run", str(spec), "--storage", url, "--workers", "2", "--max-failures", "3", check=False)
+    assert result.returncode == 1
+    assert "stopped the study after 3 failed trials in a row; last reason: OverflowError" in result.stdout
+    trials = trials_of(url, "diverges")
+    failed = by_state(trials, TrialState.FAIL)
+    assert 3 <= len(failed) < 20 and all("fail_reason" in t.user_attrs for t in failed)
+    assert not by_state(trials, TrialState.RUNNING)
+
+
+def test_workers_share_the_cores():
+    from hpo.cli import _workers_type
+    from hpo.workers import available_cores, limit_threads, worker_threads
+
+    assert worker_threads(4, cores=8) == 2 and worker_threads(3, cores=2) == 1
+    assert _workers_type("auto") == available_cores()
+    env = dict(os.environ)
+    try:
+        limit_threads(2)
+        assert (os.environ["TF_NUM_INTRAOP_THREADS"], os.environ["TF_NUM_INTEROP_THREADS"]) == ("2", "1")
+    finally:
+        os.environ.clear()
+        os.environ.update(env)
+
+
+def test_running_trial_without_heartbeat_is_failed_and_retried(tmp_path):
+    """A trial left RUNNING with no heartbeat at all (its worker died before the first
+    beat, or an older run without heartbeats crashed) is failed and retried, not waited
+    on for ever."""
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    spec = write_study(tmp_path, "heartless", trials=3, epoch_seconds=0.0)
+    run_hpo("create", str(spec), "--storage", url)
+    study = optuna.load_study(study_name="heartless", storage=url)
+    orphan = study.ask()
+    params = {"x": orphan.suggest_float("x", -4.5, 4.5), "y": orphan.suggest_float("y", -4.5, 4.5)}
+    with sqlite3.connect(tmp_path / "study.db") as conn:
+        conn.execute("UPDATE trials SET datetime_start = datetime('now', 'localtime', '-10 minutes')")
+    run_hpo("run", str(spec), "--storage", url, "--grace-period", "5", timeout=120)
+    trials = trials_of(url, "heartless")
+    assert trials[0].state == TrialState.FAIL
+    assert len(by_state(trials, TrialState.COMPLETE)) == 3 and not by_state(trials, TrialState.RUNNING)
+    assert [t.params for t in trials if t.system_attrs.get("failed_trial") == 0] == [params]
