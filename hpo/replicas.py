@@ -46,12 +46,15 @@ def unsupported_reason(spec: StudySpec) -> str | None:
 class _ReplicatedLayer(keras.layers.Layer):
     """Shared plumbing: replicated weights, per-replica penalties and dropout masks."""
 
-    def __init__(self, replicas: int, *, l1: float = 0.0, l2: float = 0.0, seed: int | None = None,
-                 **kwargs: Any) -> None:
+    def __init__(self, replicas: int, *, l1: float = 0.0, l2: float = 0.0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.replicas = replicas
         self.l1, self.l2 = l1, l2
-        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def _init_dropout(self, dropout_seeds: list[int] | None) -> None:
+        # One generator per replica, seeded from its seed: a seed's masks, like its fit,
+        # then do not depend on which other seeds train beside it.
+        self._generators = [keras.random.SeedGenerator(s) for s in (dropout_seeds or [None] * self.replicas)]
 
     def replica_penalty(self) -> tf.Tensor:
         """The kernel regulariser of each replica, shape `(R,)` (Keras' `L1L2` per replica)."""
@@ -63,10 +66,10 @@ class _ReplicatedLayer(keras.layers.Layer):
             penalty += self.l2 * tf.reduce_sum(tf.square(kernel), axis=1)
         return penalty
 
-    def _mask(self, shape: Any, rate: float) -> tf.Tensor:
-        # Inverted dropout as keras.random.dropout draws it; every element of the mask is
-        # an independent draw, so replicas (the leading axes) never share a mask.
-        keep = keras.random.uniform(shape, seed=self.seed_generator) >= rate
+    def _mask(self, shape: Any, rate: float, axis: int = 0) -> tf.Tensor:
+        # Inverted dropout as keras.random.dropout draws it; replica r's mask comes from
+        # its own generator and is stacked at `axis`.
+        keep = tf.stack([keras.random.uniform(shape, seed=g) for g in self._generators], axis=axis) >= rate
         return tf.cast(keep, self.compute_dtype) / (1.0 - rate)
 
     def set_replica_weights(self, per_replica: list[list[np.ndarray]]) -> None:
@@ -106,14 +109,15 @@ class ReplicatedDense(_ReplicatedLayer):
 class ReplicatedDropout(_ReplicatedLayer):
     """`keras.layers.Dropout` with an independent mask per replica; input `(R, B, ...)`."""
 
-    def __init__(self, replicas: int, rate: float, **kwargs: Any) -> None:
+    def __init__(self, replicas: int, rate: float, dropout_seeds: list[int] | None = None, **kwargs: Any) -> None:
         super().__init__(replicas, **kwargs)
         self.rate = rate
+        self._init_dropout(dropout_seeds)
 
     def call(self, x: tf.Tensor, training: bool = False) -> tf.Tensor:
         if not training or self.rate <= 0:
             return x
-        return x * self._mask(tf.shape(x), self.rate)
+        return x * self._mask(tf.shape(x)[1:], self.rate)
 
 
 class _ReplicatedRNN(_ReplicatedLayer):
@@ -124,8 +128,11 @@ class _ReplicatedRNN(_ReplicatedLayer):
     gates = 1
 
     def __init__(self, replicas: int, units: int, activation: Any = "tanh", dropout: float = 0.0,
-                 recurrent_dropout: float = 0.0, return_sequences: bool = False, **kwargs: Any) -> None:
+                 recurrent_dropout: float = 0.0, return_sequences: bool = False,
+                 dropout_seeds: list[int] | None = None, **kwargs: Any) -> None:
         super().__init__(replicas, **kwargs)
+        if dropout > 0 or recurrent_dropout > 0:
+            self._init_dropout(dropout_seeds)
         self.units = units
         self.activation = keras.activations.get(activation)
         self.dropout = dropout
@@ -155,7 +162,7 @@ class _ReplicatedRNN(_ReplicatedLayer):
         if use_dropout:
             if shared:
                 x = tf.broadcast_to(x[None], tf.concat([[self.replicas], tf.shape(x)], 0))
-            masks = self._mask([self._mask_count, self.replicas, batch, x.shape[-1]], self.dropout)
+            masks = self._mask([self._mask_count, batch, x.shape[-1]], self.dropout, axis=1)
             kernels = tf.split(kernel, self._mask_count, axis=-1)
             # The input projection of every step at once: masks are fixed over time.
             projected = tf.concat([tf.einsum("rbtf,rfg->rbtg", x * m[:, :, None, :], k)
@@ -167,8 +174,7 @@ class _ReplicatedRNN(_ReplicatedLayer):
         projected += self._input_bias()[:, None, None, :]
         rec_masks = None
         if use_rec_dropout:
-            rec_masks = tf.unstack(self._mask([self.gates, self.replicas, batch, self.units],
-                                              self.recurrent_dropout))
+            rec_masks = tf.unstack(self._mask([self.gates, batch, self.units], self.recurrent_dropout, axis=1))
         recurrence = self._recurrence(rec_masks)
         state = self._initial_state(batch)
         steps = x.shape[-2]
@@ -271,26 +277,28 @@ class ReplicatedModel(keras.Model):
     batch for all replicas) or `(R, B, ...)` and get `(R, B, n_outputs)`."""
 
     def __init__(self, params: dict[str, Any], input_shape: tuple[int, ...], *, family: str, output: str,
-                 n_outputs: int, replicas: int, seed: int = 0) -> None:
+                 n_outputs: int, seeds: list[int]) -> None:
         super().__init__()
-        self.replicas = replicas
+        self.replicas = replicas = len(seeds)
         self.input_dims = tuple(input_shape)
         self.flat_size = math.prod(input_shape) if family == "mlp" and len(input_shape) > 1 else None
         penalty = {"l1": params["l1"], "l2": params["l2"]}
         self.stack: list[keras.layers.Layer] = []
         for i in range(params["layers"]):
-            # Each layer's dropout stream, from the first seed, so a replay draws the same masks.
-            layer_seed = int(np.random.SeedSequence([seed, i]).generate_state(1)[0])
+            # Layer i of replica r draws its masks from a stream of (seed r, i), so a replay,
+            # or the same seed among other neighbours, draws the same masks.
+            streams = [int(np.random.SeedSequence([seed, i]).generate_state(1)[0]) for seed in seeds]
             if family == "mlp":
                 self.stack.append(ReplicatedDense(replicas, params["units"], activation=params["activation"],
-                                                  seed=layer_seed, **penalty))
+                                                  **penalty))
                 if params["dropout"] > 0:
-                    self.stack.append(ReplicatedDropout(replicas, params["dropout"], seed=layer_seed ^ 1))
+                    self.stack.append(ReplicatedDropout(replicas, params["dropout"],
+                                                        dropout_seeds=streams))
             else:
                 self.stack.append(_RNN_LAYERS[family](
                     replicas, params["units"], activation=params["activation"], dropout=params["dropout"],
                     recurrent_dropout=params["recurrent_dropout"], return_sequences=i < params["layers"] - 1,
-                    seed=layer_seed, **penalty))
+                    dropout_seeds=streams, **penalty))
         self.head = ReplicatedDense(replicas, n_outputs,
                                     activation="softmax" if output == "classification" else None)
         self(tf.zeros((1, *input_shape)))
@@ -331,7 +339,7 @@ def build_replicated_model(params: dict[str, Any], input_shape: tuple[int, ...],
         keras.utils.set_random_seed(seed)
         natives.append(build_model(params, input_shape, family=family, output=output, n_outputs=n_outputs))
     model = ReplicatedModel(params, input_shape, family=family, output=output, n_outputs=n_outputs,
-                            replicas=len(seeds), seed=seeds[0])
+                            seeds=seeds)
     model.load_native(natives)
     return model
 

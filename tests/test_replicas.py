@@ -188,6 +188,17 @@ def test_a_stopped_replica_freezes_while_the_other_trains():
     assert any(not np.array_equal(a, b) for a, b in zip(moving, replica_weights(model, 0)))
 
 
+@pytest.mark.parametrize("family", ["mlp", "lstm"])
+def test_with_dropout_a_seeds_fit_does_not_depend_on_its_neighbours(family):
+    spec = small_spec(family, epochs=2)
+    params = small_params(spec, dropout=0.3, recurrent_dropout=0.2 if family == "lstm" else 0.0)
+    alone = replicas.fit_replicated(spec, params, [21])
+    among = replicas.fit_replicated(spec, params, [5, 21, 9])
+    for key, values in alone.fits[0].curves.items():
+        np.testing.assert_allclose(among.fits[1].curves[key], values, rtol=1e-5)
+    assert among.fits[0].curves["loss"] != among.fits[1].curves["loss"]
+
+
 def test_replicas_stop_early_on_their_own_and_keep_their_best_epoch():
     spec = small_spec("lstm", epochs=12, patience=0)
     params = small_params(spec, learning_rate=0.05, dropout=0.3)
