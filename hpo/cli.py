@@ -358,6 +358,33 @@ def dashboard(storage: str, host: str, port: int) -> None:
     serve_dashboard(storage, host, port, echo=click.echo)
 
 
+@cli.command()
+@click.option("--seeds", "seed_counts", default="1,5,30", show_default=True,
+              help="Comma-separated seed counts R to time.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.option("--epochs", type=click.IntRange(1), default=20, show_default=True, help="Epochs per fit.")
+@click.option("--samples", type=click.IntRange(100), default=1000, show_default=True,
+              help="Points of the noisy sine (shrink for a quick run).")
+@click.option("--units", type=click.IntRange(1), default=32, show_default=True, help="LSTM units.")
+@click.option("--skip-sequential", is_flag=True, help="Do not time R sequential fits (the slow part).")
+def bench(seed_counts: str, fmt: str, epochs: int, samples: int, units: int, skip_sequential: bool) -> None:
+    """Time one native Keras fit, R sequential fits and R replicas trained together."""
+    import json
+
+    from hpo.bench import format_table, run_bench
+
+    try:
+        counts = [int(c) for c in seed_counts.split(",") if c.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected numbers like 1,5,30, got {seed_counts!r}", param_hint="--seeds")
+    if not counts or min(counts) < 1:
+        raise click.BadParameter(f"expected seed counts of at least 1, got {seed_counts!r}", param_hint="--seeds")
+    progress = (lambda line: click.echo(line, err=True)) if fmt == "json" else click.echo
+    result = run_bench(counts, epochs=epochs, samples=samples, units=units, sequential=not skip_sequential,
+                       echo=progress)
+    click.echo(json.dumps(result.to_json()) if fmt == "json" else format_table(result))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `hpo` command: one line `error: ...` on failure, exit non-zero."""
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])

@@ -105,14 +105,19 @@ def check_finite(seed: int, epoch: int, logs: dict[str, float]) -> None:
 
 
 def fit_repeats(spec: StudySpec, params: dict[str, Any], seeds: list[int],
-                on_epoch: EpochCallback | None = None) -> RepeatFit:
+                on_epoch: EpochCallback | None = None, *, path: str | None = None) -> RepeatFit:
     """Fit the params once per seed, in lock-step, with per-seed early stopping.
+
+    The built-in families train their seeds as replicas of one model (`replicas.py`,
+    path "vectorized") unless something about the spec needs separate models; then
+    each seed is its own Keras model (path "sequential").
 
     Args:
         spec: The study.
         params: Resolved params (`space.suggest_params`).
         seeds: One fit per seed; the same seed gives the same fit.
         on_epoch: See `EpochCallback`.
+        path: "vectorized" or "sequential" to force a path; None picks one.
 
     Raises:
         TrialDiverged: A seed's loss became NaN or infinite.
@@ -121,6 +126,14 @@ def fit_repeats(spec: StudySpec, params: dict[str, Any], seeds: list[int],
     if spec.model.family == "analytic":
         fits, pruned_at = _fit_analytic(spec, params, seeds, on_epoch)
         return RepeatFit(fits, time.perf_counter() - start, "analytic", pruned_at)
+    if path != "sequential":
+        from hpo import replicas
+
+        reason = replicas.unsupported_reason(spec)
+        if reason is None:
+            return replicas.fit_replicated(spec, params, seeds, on_epoch)
+        if path == "vectorized":
+            raise ValueError(f"cannot train these seeds as replicas: {reason}")
     fits, pruned_at = _fit_sequential(spec, params, seeds, on_epoch)
     return RepeatFit(fits, time.perf_counter() - start, "sequential", pruned_at)
 

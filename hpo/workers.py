@@ -316,7 +316,8 @@ def describe_trial(spec: StudySpec, trial: FrozenTrial, study: optuna.Study | No
     head = f"trial {trial.number:>4} {state:<8}"
     if "mean" in attrs:
         n = len(attrs.get("seed_scores", []))
-        head += f" {spec.metric} {attrs['mean']:.5g} ± {attrs['std']:.2g} ({n} seeds, {attrs.get('fit_seconds', 0):.1f} s)"
+        head += (f" {spec.metric} {attrs['mean']:.5g} ± {attrs['std']:.2g} "
+                 f"({n} seeds, {attrs.get('training_path', '?')}, {attrs.get('fit_seconds', 0):.1f} s)")
         if trial.state == TrialState.PRUNED and ATTR_PRUNED_AT in attrs:
             head += f" pruned at epoch {attrs[ATTR_PRUNED_AT]}"
     elif trial.state == TrialState.FAIL:

@@ -30,13 +30,14 @@ def test_early_stopper_keeps_the_best_epoch_score():
     assert m.stopped and m.best == 0.5
 
 
-def test_seeds_train_in_lock_step_and_report_the_mean_each_epoch():
+@pytest.mark.parametrize("path", ["sequential", "vectorized"])
+def test_seeds_train_in_lock_step_and_report_the_mean_each_epoch(path):
     spec = tiny_spec()
     seen = []
     fit = fit_repeats(spec, default_params(spec) | {"units": 4, "batch_size": 16}, spec.seed_values,
-                      lambda epoch, value: seen.append((epoch, value)) and False)
+                      lambda epoch, value: seen.append((epoch, value)) and False, path=path)
     assert [e for e, _ in seen] == list(range(len(seen))) and 1 <= len(seen) <= 4
-    assert fit.path == "sequential" and len(fit.fits) == 2
+    assert fit.path == path and len(fit.fits) == 2
     for f in fit.fits:
         assert f.score == min(f.curves["val_loss"]) and f.curves["val_loss"][f.best_epoch - 1] == f.score
         assert len(f.curves["loss"]) == f.epochs_run

@@ -1,0 +1,45 @@
+"""`hpo bench` through the real command, on a tiny configuration (no timing assertions)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hpo.bench import BenchResult, BenchRow, format_table
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_bench_json_through_the_hpo_command():
+    proc = subprocess.run(
+        [sys.executable, "-m", "hpo", "bench", "--seeds", "1", "--format", "json", "--epochs", "1",
+         "--samples", "120"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)
+    assert result["seeds"] == [1]
+    for key in ("single_fit_s", "sequential_s", "vectorized_s", "ratio_vectorized_to_single", "peak_rss_mb",
+                "peak_rss_sequential_mb"):
+        assert len(result[key]) == 1 and result[key][0] > 0, key
+    ratio = result["vectorized_s"][0] / result["single_fit_s"][0]
+    assert result["ratio_vectorized_to_single"][0] == pytest.approx(ratio, rel=1e-3)
+    assert result["config"]["epochs"] == 1 and result["config"]["early_stopping"] is False
+
+
+def test_bench_rejects_a_bad_seed_list():
+    proc = subprocess.run([sys.executable, "-m", "hpo", "bench", "--seeds", "1,x"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "--seeds" in proc.stderr
+
+
+def test_table_shows_a_row_per_seed_count_and_dashes_for_skipped_sequential_fits():
+    result = BenchResult(config={}, rows=[BenchRow(1, 2.0, 1.0, 500.0), BenchRow(5, 2.0, 2.5, 600.0, 10.0, 700.0)])
+    lines = format_table(result).splitlines()
+    assert len(lines) == 4
+    assert lines[1].split()[:3] == ["1", "2.00", "-"]
+    assert "1.25x" in lines[2] and "5.00x" in lines[2]
