@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import contextlib
 import os
 import sqlite3
 import statistics
@@ -19,7 +20,7 @@ import sqlalchemy
 from hpo.diagnosis import diagnose_curves
 from hpo.errors import StorageError, StudyNotFound
 from hpo.storage import resolve_storage_url
-from hpo.views import create_views
+from hpo.views import create_views, sqlite_views_current
 
 FORMATS = ("table", "csv", "json", "markdown")
 ALPHA = 0.05
@@ -62,13 +63,18 @@ def connect_readonly(url: str | None = None) -> sqlalchemy.engine.Engine:
         if not path or path == ":memory:" or not os.path.isfile(path):
             raise StorageError(f"no study database at {path or url!r}; run a study first (hpo run ...) "
                                f"or pass --storage")
-        _create_views_if_allowed(url)
         uri = f"file:{quote(os.path.abspath(path))}?mode=ro"
 
         def connect() -> sqlite3.Connection:
             conn = sqlite3.connect(uri, uri=True, check_same_thread=False)
             conn.set_authorizer(_sqlite_authorizer)
             return conn
+
+        # Only open a writable connection when the views need creating: closing the last
+        # one checkpoints a WAL file into the database, which a read must not do.
+        with contextlib.closing(connect()) as probe:
+            if sqlite_views_current(probe.cursor()) is False:
+                _create_views_if_allowed(url)
 
         return sqlalchemy.create_engine("sqlite://", creator=connect, poolclass=sqlalchemy.pool.NullPool)
     _create_views_if_allowed(url)

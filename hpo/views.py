@@ -60,14 +60,20 @@ def create_views(engine_or_url: sqlalchemy.engine.Engine | str) -> bool:
     raise StorageError(f"hpo_ views exist for SQLite and PostgreSQL only, not {engine.dialect.name}")
 
 
-def _create_sqlite(engine: sqlalchemy.engine.Engine) -> bool:
-    def current(cur) -> bool | None:
-        rows = dict(cur.execute("SELECT name, sql FROM sqlite_master WHERE type IN ('table', 'view') "
-                                "AND name IN ('trials', " + ", ".join(f"'{v}'" for v in VIEW_NAMES) + ")").fetchall())
-        if "trials" not in rows:
-            return None
-        return all(VIEWS_VERSION in (rows.get(v) or "") for v in VIEW_NAMES)
+def sqlite_views_current(cur) -> bool | None:
+    """Whether a SQLite database's `hpo_` views are up to date (None: no Optuna tables).
 
+    Reads the catalogue only, so a read-only connection can answer it.
+    """
+    rows = dict(cur.execute("SELECT name, sql FROM sqlite_master WHERE type IN ('table', 'view') "
+                            "AND name IN ('trials', " + ", ".join(f"'{v}'" for v in VIEW_NAMES) + ")").fetchall())
+    if "trials" not in rows:
+        return None
+    return all(VIEWS_VERSION in (rows.get(v) or "") for v in VIEW_NAMES)
+
+
+def _create_sqlite(engine: sqlalchemy.engine.Engine) -> bool:
+    current = sqlite_views_current
     raw = engine.raw_connection()
     try:
         conn = raw.driver_connection

@@ -202,8 +202,8 @@ def _run_one(study: optuna.Study, spec: StudySpec, trial: optuna.Trial, objectiv
         if values is not None and not all(math.isfinite(v) for v in _as_list(values)):
             trial.set_user_attr(ATTR_FAIL_REASON, f"objective value {values} is not finite")
             state, values = TrialState.FAIL, None
-        frozen = retry_storage_call(rdb_storage(study._storage), lambda: study.tell(
-            trial, values if state == TrialState.COMPLETE else None, state=state, skip_if_finished=True))
+        frozen = retry_storage_call(rdb_storage(study._storage), lambda: _tell(
+            study, trial, values if state == TrialState.COMPLETE else None, state))
     except Interrupted as e:
         _give_back(study, trial, f"worker stopped by {e.signal_name}")
         summary.lost += 1
@@ -222,6 +222,19 @@ def _run_one(study: optuna.Study, spec: StudySpec, trial: optuna.Trial, objectiv
     else:
         summary.failed += 1
     return frozen
+
+
+def _tell(study: optuna.Study, trial: optuna.Trial, values, state: TrialState) -> FrozenTrial:
+    try:
+        return study.tell(trial, values, state=state, skip_if_finished=True)
+    except RuntimeError:
+        # GridSampler.after_trial calls study.stop() once the grid is exhausted, which
+        # Optuna allows only inside optimize(); tell has stored the trial by then. Stop
+        # the study for every worker instead.
+        if not isinstance(study.sampler, optuna.samplers.GridSampler):
+            raise
+        study.set_user_attr(STOP_ATTR, "every point of the grid has been tried")
+        return study._storage.get_trial(trial._trial_id)
 
 
 def _give_back(study: optuna.Study, trial: optuna.Trial, reason: str) -> None:

@@ -44,3 +44,9 @@ def add_trial(study: optuna.Study, params: dict, scores: list[float], *, best_ep
 def make_study(url: str, name: str = "hand", direction: str = "minimize") -> optuna.Study:
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     return optuna.create_study(study_name=name, storage=get_storage(url), direction=direction)
+
+
+def close(study: optuna.Study) -> None:
+    """Close the study's connections, so SQLite folds its WAL file into the database file
+    (tests that copy or hash the file need it whole)."""
+    study._storage._backend.engine.dispose()

@@ -14,7 +14,7 @@ from hpo.dashboard import serve_dashboard, write_missing_notes
 from hpo.errors import StorageError
 from hpo.study import SPEC_ATTR
 from tests.conftest import ROOT, run_hpo
-from tests.made import add_trial, make_study
+from tests.made import add_trial, close, make_study
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -37,6 +37,7 @@ def template_db(tmp_path_factory):
     old.set_user_attr(SPEC_ATTR, {"metric": "val_mae"})
     add_trial(old, {"act": "relu", "units": 16, "lr": 0.01}, [1.0, 1.1, 0.9])
     add_trial(old, {"act": "tanh", "units": 32, "lr": 0.01}, [2.0, 2.1, 1.9])
+    close(old)
     return path
 
 
