@@ -15,7 +15,7 @@ from hpo.errors import StudyNotFound
 from hpo.results import (ReadOnlyRefused, build_report, compare_scores, format_report, run_sql,
                          seed_scores_frame, trials_frame)
 from tests.conftest import run_hpo
-from tests.made import add_trial, curve_record, make_study
+from tests.made import add_trial, close, curve_record, make_study
 
 WINNER = [1.0, 1.1, 0.9]
 LOSER = [2.0, 2.1, 1.9]
