@@ -73,8 +73,9 @@ def connect_readonly(url: str | None = None) -> sqlalchemy.engine.Engine:
         # Only open a writable connection when the views need creating: closing the last
         # one checkpoints a WAL file into the database, which a read must not do.
         with contextlib.closing(connect()) as probe:
-            if sqlite_views_current(probe.cursor()) is False:
-                _create_views_if_allowed(url)
+            views_current = sqlite_views_current(probe.cursor())
+        if views_current is False:
+            _create_views_if_allowed(url)
 
         return sqlalchemy.create_engine("sqlite://", creator=connect, poolclass=sqlalchemy.pool.NullPool)
     _create_views_if_allowed(url)
