@@ -122,6 +122,9 @@ def fit_repeats(spec: StudySpec, params: dict[str, Any], seeds: list[int],
     Raises:
         TrialDiverged: A seed's loss became NaN or infinite.
     """
+    if spec.model.family != "analytic":
+        # Before the clock starts: the first trial of a process would pay TensorFlow's import.
+        configure_determinism()
     start = time.perf_counter()
     if spec.model.family == "analytic":
         fits, pruned_at = _fit_analytic(spec, params, seeds, on_epoch)
