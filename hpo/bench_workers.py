@@ -21,7 +21,8 @@ from hpo.objective import Objective
 from hpo.spec import load_spec
 from hpo.storage import STORAGE_ENV, count_trials, get_storage, mask_url
 from hpo.study import create_study, make_pruner, make_sampler
-from hpo.workers import _package_root, _quiet_optuna, run_trials
+from hpo.study import quiet_optuna
+from hpo.workers import _package_root, rss_mb, run_trials
 
 
 @dataclass
@@ -45,7 +46,7 @@ def measure_storage_overhead(url: str, trials: int = 100, study: str = "beale", 
     heartbeats, progress line) and with a plain `study.optimize` on the same database,
     same objective, sampler and pruner, each in a new study. The two grow in turns, a
     `trials / rounds` chunk at a time, so a busy machine slows both alike."""
-    _quiet_optuna()
+    quiet_optuna()
     tag = uuid.uuid4().hex[:8]
     spec = load_spec(study).with_overrides(trials=trials, name=f"bench_plain_{tag}")
     plain = optuna.create_study(study_name=spec.name, storage=url, sampler=make_sampler(spec),
@@ -64,11 +65,6 @@ def measure_storage_overhead(url: str, trials: int = 100, study: str = "beale", 
         run_trials(hpo_study, hpo_spec, budget=done, echo=lambda line: None)
         hpo_seconds += time.perf_counter() - start
     return StorageOverhead(mask_url(url), trials, hpo_seconds, plain_seconds)
-
-
-def _rss_of(pid: int) -> float:
-    with open(f"/proc/{pid}/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def measure_memory(url: str, study: str, trials: int, checkpoints: tuple[int, ...], *, seeds: int | None = None,
@@ -92,7 +88,7 @@ def measure_memory(url: str, study: str, trials: int, checkpoints: tuple[int, ..
         while proc.poll() is None:
             done = count_trials(storage, hpo_study._study_id).spent
             while pending and done >= pending[0]:
-                seen.append((pending.pop(0), _rss_of(proc.pid)))
+                seen.append((pending.pop(0), rss_mb(proc.pid)))
             time.sleep(0.5)
         out.seek(0)
         restarts = sum("restarting" in line for line in out)

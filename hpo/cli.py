@@ -94,12 +94,11 @@ def run(study: str, storage: str, study_name: str | None, trials: int | None, ti
         seeds: int | None, max_epochs: int | None, workers: int, max_failures: int,
         heartbeat_interval: int | None, grace_period: int | None) -> None:
     """Run the study STUDY (a file, or a name from studies/) until its budget is spent."""
-    from hpo.spec import load_spec
     from hpo.storage import mask_url
     from hpo.study import create_study
     from hpo.workers import clear_stop, run_trials, run_workers, worker_threads
 
-    spec = load_spec(study).with_overrides(seeds=seeds, max_epochs=max_epochs, trials=trials, name=study_name)
+    spec = _checked_spec(study, seeds=seeds, max_epochs=max_epochs, trials=trials, name=study_name)
     optuna_study = create_study(spec, _open_storage(storage, heartbeat_interval, grace_period))
     clear_stop(optuna_study)
     click.echo(f"study {spec.name} ({spec.source}) on {mask_url(storage)}: budget {spec.trials} trials, "
@@ -119,6 +118,16 @@ def run(study: str, storage: str, study_name: str | None, trials: int | None, ti
         sys.exit(summary.exit_code)
 
 
+def _checked_spec(study: str, **overrides):
+    """The study file with the command line's overrides, its data built once to check it."""
+    from hpo.data import check_data
+    from hpo.spec import load_spec
+
+    spec = load_spec(study).with_overrides(**overrides)
+    check_data(spec)
+    return spec
+
+
 @cli.command()
 @click.argument("study")
 @storage_option
@@ -127,12 +136,11 @@ def create(study: str, storage: str, study_name: str | None, trials: int | None,
            max_epochs: int | None) -> None:
     """Create the study STUDY in the database without running trials (start workers with
     `hpo worker`)."""
-    from hpo.spec import load_spec
     from hpo.storage import mask_url
     from hpo.study import create_study
     from hpo.workers import clear_stop
 
-    spec = load_spec(study).with_overrides(seeds=seeds, max_epochs=max_epochs, trials=trials, name=study_name)
+    spec = _checked_spec(study, seeds=seeds, max_epochs=max_epochs, trials=trials, name=study_name)
     clear_stop(create_study(spec, _open_storage(storage, None, None)))
     click.echo(f"study {spec.name} ({spec.source}) ready on {mask_url(storage)}: budget {spec.trials} trials; "
                f"start workers with: hpo worker --study-name {spec.name}")
@@ -387,7 +395,9 @@ def bench(seed_counts: str, fmt: str, epochs: int, samples: int, units: int, ski
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `hpo` command: one line `error: ...` on failure, exit non-zero."""
-    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    args = argv if argv is not None else sys.argv[1:]
+    # --debug is an option of `hpo` itself, before the command (not inside a SQL string).
+    debug = bool(args) and args[0] == "--debug"
     try:
         cli.main(args=argv, prog_name="hpo", standalone_mode=False)
     except click.exceptions.Abort:

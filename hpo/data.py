@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from hpo.errors import SpecError
-from hpo.spec import DataSpec
+from hpo.spec import DataSpec, StudySpec
 
 # The built-in series are the same in every study, whatever the study seed.
 _DATA_SEED = 20240611
@@ -156,3 +156,26 @@ def _table(spec: DataSpec, x: np.ndarray, y: np.ndarray, task: str, split_seed: 
         x = x.reshape((n, *steps)) if steps else x[..., None]
     n_outputs = (n_classes or int(y.max()) + 1) if task == "classification" else 1
     return Dataset(x[train_idx], y[train_idx], x[val_idx], y[val_idx], task, n_outputs)
+
+
+def check_data(spec: StudySpec) -> None:
+    """Build the spec's data once for every window its space can ask for, so that a bad
+    CSV or a window longer than the series stops the run before any trial starts.
+
+    Raises:
+        SpecError: Naming the study file and the field.
+    """
+    from hpo.spec import RECURRENT_FAMILIES, Choice, Fixed, IntRange
+
+    if spec.model.family == "analytic":
+        return
+    p = spec.space.get("window")
+    windows = ([p.value] if isinstance(p, Fixed) else list(p.choices) if isinstance(p, Choice)
+               else [p.low, p.high] if isinstance(p, IntRange) else [spec.data.window])
+    for window in windows:
+        try:
+            load_dataset(spec.data, window=window, sequence=spec.model.family in RECURRENT_FAMILIES,
+                         split_seed=spec.seed)
+        except SpecError as e:
+            field = "space.window" if e.field == "data.window" and "window" in spec.space else e.field
+            raise SpecError(spec.source, field, e.detail) from e

@@ -24,6 +24,7 @@ class SpecError(HpoError):
     def __init__(self, source: str, field: str, message: str) -> None:
         self.source = source
         self.field = field
+        self.detail = message
         where = f"[{field}] " if field else ""
         super().__init__(f"spec {source}: {where}{message}")
 

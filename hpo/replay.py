@@ -48,7 +48,8 @@ def replay_trial(storage_url: str, study_name: str, number: int) -> ReplayResult
     pruned_at = trial.user_attrs.get(ATTR_PRUNED_AT)
     stop = None if pruned_at is None else (lambda epoch, value: epoch + 1 >= pruned_at)
     try:
-        fit = fit_repeats(spec, params, seeds, stop)
+        path = trial.user_attrs.get("training_path")
+        fit = fit_repeats(spec, params, seeds, stop, path=path if path in ("vectorized", "sequential") else None)
     finally:
         release_memory()
     return ReplayResult(params, seeds, list(trial.user_attrs[ATTR_SEED_SCORES]), fit.scores)

@@ -136,7 +136,8 @@ class DataSpec:
 
     @property
     def effective_split(self) -> str:
-        """The split the spec asks for; series keep time order unless told otherwise."""
+        """The split the spec asks for; forecast series (noisy_sine, csv_series) keep time
+        order unless told otherwise, the echo toy and tables split at random."""
         return self.split or ("chronological" if self.name in ("noisy_sine", "csv_series") else "random")
 
 
@@ -319,6 +320,15 @@ def parse_spec(raw: dict[str, Any], *, source: str = "<memory>", base_dir: Path 
     space = _parse_space(top.table("space"), model.family)
     output = model.output or _natural_output(data, metric)
     model = dataclasses.replace(model, output=output)
+    if data.name == "csv_table":
+        explicit_task = isinstance(raw.get("data"), dict) and "task" in raw["data"]
+        if explicit_task and data.task != output:
+            raise SpecError(source, "data.task", f'task = "{data.task}" but the model output is "{output}"; '
+                                                 "make them agree (or leave task out: it follows the output)")
+        data = dataclasses.replace(data, task=output)
+    if data.resample_split and data.effective_split == "chronological":
+        raise SpecError(source, "data.resample_split", "a chronological split is the same for every seed; "
+                                                       'set split = "random" or resample_split = false')
     if not analytic:
         _check_consistency(source, data, model, metric, space)
     if sampler.kind == "grid":

@@ -10,6 +10,7 @@ import fcntl
 import functools
 import json
 import os
+import sqlite3
 import sys
 import threading
 import time
@@ -91,8 +92,8 @@ def get_storage(url: str | None = None, *, heartbeat_interval: int | None = HEAR
                 url, engine_kwargs=engine_kwargs(url), heartbeat_interval=heartbeat_interval or None,
                 grace_period=grace_period if heartbeat_interval else None, heartbeat_stale_trial_callback=callback,
                 retry_seconds=retry_seconds), url, min(retry_seconds, CONNECT_RETRY_SECONDS))
-    except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError, OSError) as e:
-        raise StorageError(f"cannot open storage {mask_url(url)}: {_first_line(e)}") from e
+    except (sqlalchemy.exc.SQLAlchemyError, sqlite3.Error, ImportError, ValueError, OSError) as e:
+        raise StorageError(f"cannot open storage {mask_url(url)}: {first_line(e)}") from e
 
 
 class ResilientRDBStorage(optuna.storages.RDBStorage):
@@ -165,10 +166,10 @@ def _retry(call: Callable[[], Any], url: str, retry_seconds: float) -> Any:
                 raise
             if time.monotonic() + delay > deadline:
                 raise StorageError(f"storage {mask_url(url)} unreachable for {retry_seconds:.0f} s: "
-                                   f"{_first_line(e)}; check the database and run the worker again") from e
+                                   f"{first_line(e)}; check the database and run the worker again") from e
             if not warned:
                 with _outage_lock:
-                    print(f"storage {mask_url(url)}: {_first_line(e)}; retrying for up to {retry_seconds:.0f} s",
+                    print(f"storage {mask_url(url)}: {first_line(e)}; retrying for up to {retry_seconds:.0f} s",
                           file=sys.stderr, flush=True)
                 warned = True
             time.sleep(delay)
@@ -315,5 +316,7 @@ def count_trials(storage: optuna.storages.RDBStorage, study_id: int) -> TrialCou
                        stop_reason=json.loads(stop_json) if stop_json else None)
 
 
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+def first_line(e: BaseException) -> str:
+    """The first line of an error's message (a DBAPI error's own, not SQLAlchemy's wrapper)."""
+    text = str(getattr(e, "orig", None) or e).strip()
+    return (text.splitlines() or [type(e).__name__])[0]

@@ -30,10 +30,11 @@ def quiet_optuna() -> None:
     warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
 
 
-def make_sampler(spec: StudySpec, worker: int = 0) -> optuna.samplers.BaseSampler:
-    """The spec's sampler; each worker of a study gets its own seed so they do not
-    propose the same parameters in lock-step."""
-    seed = None if spec.sampler.seed is None else spec.sampler.seed + worker
+def make_sampler(spec: StudySpec, worker: int = 0, trials_before: int = 0) -> optuna.samplers.BaseSampler:
+    """The spec's sampler, seeded from the spec's seed, the worker's index and how many
+    trials the study held when the worker joined: workers do not propose the same params
+    in lock-step, and topping a study up does not replay its first proposals."""
+    seed = None if spec.sampler.seed is None else spec.sampler.seed + worker + 7919 * trials_before
     kind = spec.sampler.kind
     if kind == "random":
         return optuna.samplers.RandomSampler(seed=seed)
@@ -92,14 +93,16 @@ def create_study(spec: StudySpec, storage: optuna.storages.BaseStorage, worker: 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names(spec.metric_names)
-    elif stored != wanted and _comparable(stored) == _comparable(wanted):
-        # A new budget or description: `hpo worker` reads the budget from here.
-        study.set_user_attr(SPEC_ATTR, wanted)
-    elif _comparable(stored) != _comparable(wanted):
+        return study
+    if _comparable(stored) != _comparable(wanted):
         changed = sorted(k for k in set(stored) | set(wanted) if k not in _MUTABLE_KEYS and stored.get(k) != wanted.get(k))
         raise SpecError(spec.source, ", ".join(changed),
                         f'study "{spec.name}" already exists in this storage with a different spec; '
                         "run with --study-name NEW_NAME to start a new study, or restore the old settings")
+    if stored != wanted:
+        # A new budget or description: `hpo worker` reads the budget from here.
+        study.set_user_attr(SPEC_ATTR, wanted)
+    _reseed(study, spec, worker)
     return study
 
 
@@ -119,8 +122,15 @@ def load_study(storage: optuna.storages.BaseStorage, study_name: str, worker: in
         raise StudyNotFound(f'study "{study_name}" was not created by hpo (no stored spec); create it with hpo create')
     spec = parse_spec(raw, source=f"study {study_name}")
     study.sampler = make_sampler(spec, worker)
+    _reseed(study, spec, worker)
     study.pruner = make_pruner(spec)
     return study, spec
+
+
+def _reseed(study: optuna.Study, spec: StudySpec, worker: int) -> None:
+    n = len(study.get_trials(deepcopy=False))
+    if n:
+        study.sampler = make_sampler(spec, worker, trials_before=n)
 
 
 def _comparable(raw: dict) -> str:

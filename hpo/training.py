@@ -80,7 +80,7 @@ class EarlyStopper:
             self.best, self.best_epoch, self.wait = value, self.epochs_run, 0
             return
         self.wait += 1
-        if self.wait > self.patience:
+        if self.wait >= self.patience:
             self.stopped = True
 
     def _improves(self, value: float) -> bool:
@@ -142,8 +142,7 @@ def fit_repeats(spec: StudySpec, params: dict[str, Any], seeds: list[int],
 
 
 def _stopper(spec: StudySpec) -> EarlyStopper:
-    direction = "maximize" if spec.metric == "val_accuracy" else "minimize"
-    return EarlyStopper(direction, spec.training.patience, spec.training.min_delta)
+    return EarlyStopper(spec.direction, spec.training.patience, spec.training.min_delta)
 
 
 def _lock_step(stoppers: list[EarlyStopper], epoch: int, on_epoch: EpochCallback | None) -> bool:

@@ -13,7 +13,7 @@ from functools import lru_cache
 import sqlalchemy
 
 from hpo.errors import StorageError
-from hpo.storage import engine_kwargs
+from hpo.storage import engine_kwargs, first_line
 
 VIEW_NAMES = ("hpo_trials", "hpo_trial_params", "hpo_seed_scores", "hpo_learning_curves")
 # Bump when the SQL of any view changes: databases carrying an older marker get the views
@@ -52,7 +52,7 @@ def create_views(engine_or_url: sqlalchemy.engine.Engine | str) -> bool:
         if engine.dialect.name == "postgresql":
             return _create_postgresql(engine)
     except sqlalchemy.exc.SQLAlchemyError as e:
-        raise StorageError(f"storage {engine.url.render_as_string(hide_password=True)}: {_first_line(e)} "
+        raise StorageError(f"storage {engine.url.render_as_string(hide_password=True)}: {first_line(e)} "
                            f"(while creating the hpo_ views)") from e
     finally:
         if isinstance(engine_or_url, str):
@@ -132,11 +132,6 @@ def _create_postgresql(engine: sqlalchemy.engine.Engine) -> bool:
             conn.execute(sqlalchemy.text(f"CREATE VIEW {name} AS\n{body}"))
             conn.execute(sqlalchemy.text(f"COMMENT ON VIEW {name} IS '{VIEWS_VERSION}'"))
     return True
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(getattr(e, "orig", None) or e).strip()
-    return (text.splitlines() or [type(e).__name__])[0]
 
 
 def _clean(expr: str) -> str:

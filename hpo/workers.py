@@ -157,10 +157,10 @@ def run_trials(study: optuna.Study, spec: StudySpec, *, budget: int, timeout: fl
     return summary
 
 
-def rss_mb() -> float:
-    """This process's resident memory in MB (Linux; 0 elsewhere)."""
+def rss_mb(pid: int | str = "self") -> float:
+    """A process's resident memory in MB (this one by default; Linux, 0 elsewhere)."""
     try:
-        with open("/proc/self/statm") as f:
+        with open(f"/proc/{pid}/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
     except OSError:
         return 0.0

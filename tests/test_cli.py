@@ -6,6 +6,7 @@ import statistics
 import subprocess
 import sys
 
+import optuna
 import pytest
 
 from tests.conftest import ROOT, run_hpo
@@ -134,3 +135,18 @@ def test_errors_are_one_line_and_debug_shows_the_traceback(tmp_path):
     debug = run_hpo("--debug", "replay", "--study-name", "nope", "--storage", f"sqlite:///{tmp_path / 'e.db'}", "0",
                     check=False)
     assert "Traceback" in debug.stderr
+
+
+def test_topping_up_a_study_does_not_replay_its_first_proposals(tmp_path):
+    db = f"sqlite:///{tmp_path / 't.db'}"
+    run_hpo("run", "beale", "--trials", "4", "--storage", db)
+    run_hpo("run", "beale", "--trials", "8", "--storage", db)
+    study = optuna.load_study(study_name="beale", storage=db)
+    points = [(t.params["x"], t.params["y"]) for t in study.trials]
+    assert len(set(points)) == len(points) == 8
+
+
+def test_an_unopenable_sqlite_path_is_one_error_line(tmp_path):
+    result = run_hpo("run", "beale", "--storage", f"sqlite:///{tmp_path}/no/such/dir/x.db", check=False)
+    assert result.returncode == 1 and result.stderr.strip().splitlines() == [
+        f"error: cannot open storage sqlite:///{tmp_path}/no/such/dir/x.db: unable to open database file"]

@@ -105,3 +105,27 @@ def test_direction_follows_the_metric():
 def test_every_study_file_in_studies_is_valid():
     for path in STUDIES_DIR.glob("*.toml"):
         assert load_spec(path).name == path.stem
+
+
+def test_a_table_task_follows_the_output_and_a_conflict_is_refused(tmp_path):
+    csv = write(tmp_path, "a,b,label\n1,2,x\n3,4,y\n5,6,x\n", "t.csv")
+    base = f'name = "t"\nmetric = "val_accuracy"\n[data]\nname = "csv_table"\npath = "{csv}"\ntarget = "label"\n' \
+           '[model]\nfamily = "mlp"\n'
+    assert load_spec(write(tmp_path, base)).data.task == "classification"
+    with pytest.raises(SpecError, match=r"\[data.task\] task = \"regression\" but the model output is \"classification\""):
+        load_spec(write(tmp_path, base.replace('target = "label"', 'target = "label"\ntask = "regression"')))
+
+
+def test_resampling_a_chronological_split_is_refused(tmp_path):
+    path = write(tmp_path, GOOD.replace('name = "noisy_sine"', 'name = "noisy_sine"\nresample_split = true'))
+    with pytest.raises(SpecError, match=r"\[data.resample_split\] a chronological split is the same"):
+        load_spec(path)
+
+
+def test_a_window_longer_than_the_data_stops_the_command_before_any_trial(tmp_path):
+    csv = write(tmp_path, "v\n" + "\n".join(str(i) for i in range(12)), "short.csv")
+    path = write(tmp_path, GOOD.replace('name = "noisy_sine"', f'name = "csv_series"\npath = "{csv}"\ncolumn = "v"')
+                 + "window = { low = 2, high = 50 }\n")
+    db = tmp_path / "w.db"
+    result = run_hpo("run", str(path), "--storage", f"sqlite:///{db}", check=False)
+    assert result.returncode == 2 and "[space.window] window 50" in result.stderr and not db.exists()

@@ -19,8 +19,10 @@ def tiny_spec(**training):
 
 
 def test_early_stopper_keeps_the_best_epoch_score():
-    s = EarlyStopper("minimize", patience=1, min_delta=0.0)
+    # Keras' rule: stop once `patience` epochs in a row brought no improvement.
+    s = EarlyStopper("minimize", patience=2, min_delta=0.0)
     for v in (3.0, 2.0, 2.5, 2.4):
+        assert not s.stopped
         s.update(v)
     assert s.stopped and (s.best, s.best_epoch, s.epochs_run) == (2.0, 2, 4)
     assert s.current == 2.0  # a stopped seed contributes its best

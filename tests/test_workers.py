@@ -265,3 +265,8 @@ def test_worker_restarts_itself_when_memory_grows(tmp_path):
     assert re.search(r"worker \d+ done", result.stdout), result.stdout
     trials = trials_of(url, "tiny_lstm")
     assert len(by_state(trials, TrialState.COMPLETE)) == 3 == len(trials)
+
+
+def test_bench_workers_storage_runs_through_the_real_command(tmp_path):
+    result = run_hpo("bench-workers", "storage", "--storage", f"sqlite:///{tmp_path / 'b.db'}", "--trials", "3")
+    assert "plain optuna" in result.stdout and "hpo worker" in result.stdout and "ratio" in result.stdout
