@@ -83,20 +83,38 @@ def _open_storage(storage: str, heartbeat_interval: int | None, grace_period: in
                        grace_period=grace_period or GRACE_PERIOD)
 
 
+_memory_option = click.option(
+    "--max-memory-growth", type=float, default=None,
+    help="Restart a worker (same process id) between trials once its memory has grown this many MB since its "
+         "first trial: TensorFlow keeps memory per fitted model; 0 never [default: 150].")
+
+
+def _restart_if_memory_grew(summary, label: str) -> None:
+    """Re-execute this very command when a run stopped to give memory back; the study's
+    budget carries over, so the new process goes on where this one stopped."""
+    if not summary.restart:
+        return
+    click.echo(f"{label}: {summary.stopped_reason}")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-m", "hpo", *sys.argv[1:]])
+
+
 @cli.command()
 @click.argument("study")
 @storage_option
 @_spec_options
 @_worker_options
+@_memory_option
 @click.option("--workers", type=_workers_type, default="1", show_default=True, metavar="N|auto",
               help="Local worker processes on the study, or auto (one per core).")
 def run(study: str, storage: str, study_name: str | None, trials: int | None, timeout: float | None,
         seeds: int | None, max_epochs: int | None, workers: int, max_failures: int,
-        heartbeat_interval: int | None, grace_period: int | None) -> None:
+        heartbeat_interval: int | None, grace_period: int | None, max_memory_growth: float | None) -> None:
     """Run the study STUDY (a file, or a name from studies/) until its budget is spent."""
     from hpo.storage import mask_url
     from hpo.study import create_study
-    from hpo.workers import clear_stop, run_trials, run_workers, worker_threads
+    from hpo.workers import MAX_MEMORY_GROWTH_MB, clear_stop, run_trials, run_workers, worker_threads
 
     spec = _checked_spec(study, seeds=seeds, max_epochs=max_epochs, trials=trials, name=study_name)
     optuna_study = create_study(spec, _open_storage(storage, heartbeat_interval, grace_period))
@@ -108,11 +126,14 @@ def run(study: str, storage: str, study_name: str | None, trials: int | None, ti
         click.echo(f"{workers} workers, {worker_threads(workers)} TensorFlow threads each")
         summary = run_workers(storage, spec, workers, budget=spec.trials, timeout=timeout,
                               max_consecutive_failures=max_failures, heartbeat_interval=heartbeat_interval,
-                              grace_period=grace_period, echo=click.echo,
+                              grace_period=grace_period, max_memory_growth=max_memory_growth, echo=click.echo,
                               echo_err=lambda line: click.echo(line, err=True))
     else:
+        growth = MAX_MEMORY_GROWTH_MB if max_memory_growth is None else max_memory_growth
         summary = run_trials(optuna_study, spec, budget=spec.trials, timeout=timeout,
-                             max_consecutive_failures=max_failures, echo=click.echo)
+                             max_consecutive_failures=max_failures, echo=click.echo,
+                             max_memory_growth_mb=growth or None)
+        _restart_if_memory_grew(summary, "hpo run")
     _print_summary(spec, summary, storage)
     if summary.exit_code:
         sys.exit(summary.exit_code)
@@ -152,9 +173,7 @@ def create(study: str, storage: str, study_name: str | None, trials: int | None,
 @click.option("--trials", type=int, help="Finished trials the whole study should end with (default: the stored spec's).")
 @_worker_options
 @click.option("--threads", type=int, help="TensorFlow intra-op threads of this worker (default: TensorFlow's).")
-@click.option("--max-memory-growth", type=float, default=None,
-              help="Restart this worker (same process id) between trials once its memory has grown this many "
-                   "MB since its first trial; 0 never [default: 150].")
+@_memory_option
 @click.option("--worker-index", type=click.IntRange(0, 10**6),
               help="This worker's number: its sampler is seeded with the spec's seed plus it "
                    "(default: a random number, so that workers started alike do not propose alike).")
@@ -183,12 +202,8 @@ def worker(storage: str, study_name: str, trials: int | None, timeout: float | N
     summary = run_trials(optuna_study, spec, budget=budget, timeout=timeout,
                          max_consecutive_failures=max_failures, echo=click.echo,
                          max_memory_growth_mb=growth or None)
-    if summary.restart:
-        # TensorFlow does not give back what it keeps per model; a fresh process does.
-        click.echo(f"worker {worker_index}: {summary.stopped_reason}")
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.execv(sys.executable, [sys.executable, "-m", "hpo", *sys.argv[1:]])
+    # TensorFlow does not give back what it keeps per model; a fresh process does.
+    _restart_if_memory_grew(summary, f"worker {worker_index}")
     click.echo(f"worker {worker_index} done in {summary.seconds:.1f} s: {summary.complete} complete, "
                f"{summary.pruned} pruned, {summary.failed} failed, {summary.lost} given back"
                + (f"; {summary.stopped_reason}" if summary.stopped_reason else ""))

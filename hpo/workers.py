@@ -378,7 +378,8 @@ def limit_threads(threads: int) -> None:
 
 def run_workers(storage_url: str, spec: StudySpec, workers: int, *, budget: int, timeout: float | None = None,
                 max_consecutive_failures: int = 5, heartbeat_interval: int | None = None,
-                grace_period: int | None = None, echo: Callable[[str], None] = print,
+                grace_period: int | None = None, max_memory_growth: float | None = None,
+                echo: Callable[[str], None] = print,
                 echo_err: Callable[[str], None] | None = None) -> RunSummary:
     """Run `workers` local `hpo worker` processes on the study (created already) and relay
     their progress lines, each prefixed with its worker number.
@@ -403,6 +404,8 @@ def run_workers(storage_url: str, spec: StudySpec, workers: int, *, budget: int,
         cmd_tail += ["--heartbeat-interval", str(heartbeat_interval)]
     if grace_period is not None:
         cmd_tail += ["--grace-period", str(grace_period)]
+    if max_memory_growth is not None:
+        cmd_tail += ["--max-memory-growth", str(max_memory_growth)]
     # The URL travels in the environment, not on the command line, where `ps` would show
     # its password.
     env = {**os.environ, STORAGE_ENV: storage_url, "PYTHONUNBUFFERED": "1",

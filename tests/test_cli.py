@@ -150,3 +150,12 @@ def test_an_unopenable_sqlite_path_is_one_error_line(tmp_path):
     result = run_hpo("run", "beale", "--storage", f"sqlite:///{tmp_path}/no/such/dir/x.db", check=False)
     assert result.returncode == 1 and result.stderr.strip().splitlines() == [
         f"error: cannot open storage sqlite:///{tmp_path}/no/such/dir/x.db: unable to open database file"]
+
+
+def test_a_single_process_run_restarts_itself_when_memory_grows_and_finishes_the_budget(tmp_path):
+    db = tmp_path / "m.db"
+    result = run_hpo("run", "sine_lstm", "--trials", "3", "--seeds", "1", "--max-epochs", "1",
+                     "--max-memory-growth", "1", "--storage", f"sqlite:///{db}")
+    assert "hpo run: memory grew" in result.stdout and "restarting to release it" in result.stdout
+    trials = trials_with_attrs(db)
+    assert len(trials) == 3 and all(t["state"] in ("COMPLETE", "PRUNED") for t in trials)
