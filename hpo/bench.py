@@ -113,14 +113,14 @@ def run_bench(seed_counts: list[int], *, epochs: int = 20, samples: int = 1000, 
         release_memory()
         say(f"R={r}: one native fit {single:.2f} s")
         start = time.perf_counter()
-        fit_repeats(spec, params, _seeds(spec, r), path="vectorized")
+        fit_repeats(spec, params, dataclasses.replace(spec, seeds=r).seed_values, path="vectorized")
         vectorized = time.perf_counter() - start
         release_memory()
         say(f"R={r}: {r} replicas together {vectorized:.2f} s")
         result.rows.append(BenchRow(r, single, vectorized, _peak_rss_mb()))
     for row in result.rows if sequential else []:
         start = time.perf_counter()
-        fit_repeats(spec, params, _seeds(spec, row.seeds), path="sequential")
+        fit_repeats(spec, params, dataclasses.replace(spec, seeds=row.seeds).seed_values, path="sequential")
         row.sequential_s = time.perf_counter() - start
         release_memory()
         row.peak_rss_sequential_mb = _peak_rss_mb()
@@ -163,10 +163,6 @@ def _time_single_fit(spec: StudySpec, params: dict[str, Any]) -> float:
     model.fit(data.x_train, data.y_train, batch_size=params["batch_size"], epochs=spec.training.max_epochs,
               validation_data=(data.x_val, data.y_val), verbose=0)
     return time.perf_counter() - start
-
-
-def _seeds(spec: StudySpec, r: int) -> list[int]:
-    return [spec.seed * 1000 + i for i in range(r)]
 
 
 def _peak_rss_mb() -> float:

@@ -8,15 +8,13 @@ existed, or by a worker that could not import optuna-dashboard.
 
 from __future__ import annotations
 
-import os
 from typing import Callable
 
 import sqlalchemy
 
 from hpo.diagnosis import trial_note
-from hpo.errors import StorageError
 from hpo.objective import write_trial_note
-from hpo.storage import get_storage, mask_url, resolve_storage_url
+from hpo.storage import existing_sqlite_path, get_storage, mask_url, resolve_storage_url
 from hpo.study import SPEC_ATTR
 from hpo.views import create_views
 
@@ -59,9 +57,7 @@ def serve_dashboard(storage: str | None = None, host: str = "127.0.0.1", port: i
     from optuna_dashboard import run_server
 
     url = resolve_storage_url(storage)
-    database = sqlalchemy.engine.make_url(url).database if url.startswith("sqlite") else None
-    if database is not None and not os.path.isfile(database):
-        raise StorageError(f"no study database at {database!r}; run a study first (hpo run ...) or pass --storage")
+    existing_sqlite_path(url)
     write_missing_notes(url, echo)
     echo(f"optuna-dashboard for {mask_url(url)} at http://{host}:{port}/ (Ctrl-C stops it)")
     run_server(get_storage(url), host=host, port=port)

@@ -19,7 +19,7 @@ import sqlalchemy
 
 from hpo.diagnosis import diagnose_curves
 from hpo.errors import StorageError, StudyNotFound
-from hpo.storage import resolve_storage_url
+from hpo.storage import existing_sqlite_path, resolve_storage_url
 from hpo.views import create_views, sqlite_views_current
 
 FORMATS = ("table", "csv", "json", "markdown")
@@ -54,15 +54,8 @@ def connect_readonly(url: str | None = None) -> sqlalchemy.engine.Engine:
         StorageError: No such database, or it cannot be reached.
     """
     url = resolve_storage_url(url)
-    try:
-        parsed = sqlalchemy.engine.make_url(url)
-    except sqlalchemy.exc.ArgumentError as e:
-        raise StorageError(f"not a storage URL: {url!r}; expected e.g. sqlite:///hpo.db") from e
-    if parsed.get_backend_name() == "sqlite":
-        path = parsed.database or ""
-        if not path or path == ":memory:" or not os.path.isfile(path):
-            raise StorageError(f"no study database at {path or url!r}; run a study first (hpo run ...) "
-                               f"or pass --storage")
+    path = existing_sqlite_path(url)
+    if path is not None:
         uri = f"file:{quote(os.path.abspath(path))}?mode=ro"
 
         def connect() -> sqlite3.Connection:

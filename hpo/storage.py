@@ -316,6 +316,25 @@ def count_trials(storage: optuna.storages.RDBStorage, study_id: int) -> TrialCou
                        stop_reason=json.loads(stop_json) if stop_json else None)
 
 
+def existing_sqlite_path(url: str) -> str | None:
+    """The file of a SQLite URL, which must exist (a read must not create an empty
+    database); None for other backends.
+
+    Raises:
+        StorageError: The URL is malformed, or names a SQLite file that does not exist.
+    """
+    try:
+        parsed = sqlalchemy.engine.make_url(url)
+    except sqlalchemy.exc.ArgumentError as e:
+        raise StorageError(f"not a storage URL: {url!r}; expected e.g. sqlite:///hpo.db") from e
+    if parsed.get_backend_name() != "sqlite":
+        return None
+    path = parsed.database or ""
+    if not path or path == ":memory:" or not os.path.isfile(path):
+        raise StorageError(f"no study database at {path or url!r}; run a study first (hpo run ...) or pass --storage")
+    return path
+
+
 def first_line(e: BaseException) -> str:
     """The first line of an error's message (a DBAPI error's own, not SQLAlchemy's wrapper)."""
     text = str(getattr(e, "orig", None) or e).strip()
