@@ -308,9 +308,10 @@ def build_report(storage: str | None, study_name: str, top: int = 5) -> Report:
     table = ranked[["number", "value", "mean", "std", "ci_low", "ci_high", "n_seeds", "mean_best_epoch"]].copy()
     table.insert(0, "rank", range(1, len(table) + 1))
     table["seed_scores"] = [json.dumps([_round(s) for s in scores.get(n, [])]) for n in numbers]
-    wide = params.pivot(index="number", columns="param_name", values="value") if not params.empty else None
-    table["params"] = [", ".join(f"{k}={_short(v)}" for k, v in wide.loc[n].items() if v is not None)
-                       if wide is not None and n in wide.index else "" for n in numbers]
+    # Conditional params (SGD's momentum, a schedule's decay) exist only on some trials.
+    by_trial = {n: dict(zip(g["param_name"], g["value"])) for n, g in params.groupby("number")}
+    table["params"] = [", ".join(f"{k}={_short(v)}" for k, v in sorted(by_trial.get(n, {}).items()))
+                       for n in numbers]
     table["diagnosis"] = [str(diagnose_curves(_curves_of(curves, n))) for n in numbers]
     table = table.reset_index(drop=True)
 

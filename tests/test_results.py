@@ -84,7 +84,7 @@ def test_trial_note_lists_every_seed_and_the_diagnosis():
 
 def test_report_ranks_trials_with_hand_computed_statistics(storage_url):
     study = make_study(storage_url)
-    add_trial(study, {"act": "relu", "units": 16, "lr": 0.01}, LOSER)
+    add_trial(study, {"act": "relu", "units": 16}, LOSER)  # without lr, as a conditional param would be
     add_trial(study, {"act": "tanh", "units": 64, "lr": 0.001}, WINNER)
     add_trial(study, {"act": "relu", "units": 32, "lr": 0.1}, [3.0, 3.0, float("nan")])
 
@@ -96,6 +96,7 @@ def test_report_ranks_trials_with_hand_computed_statistics(storage_url):
     assert top.loc[0, "mean"] == pytest.approx(1.0) and top.loc[0, "std"] == pytest.approx(0.1)
     assert (top.loc[0, "ci_low"], top.loc[0, "ci_high"]) == pytest.approx((1.0 - half, 1.0 + half))
     assert top.loc[0, "params"] == "act=tanh, lr=0.001, units=64"
+    assert top.loc[1, "params"] == "act=relu, units=16"
     assert json.loads(top.loc[0, "seed_scores"]) == WINNER
     assert top.loc[0, "diagnosis"].startswith("good fit")
     c = report.comparison
