@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from hpo.errors import SpecError
-from hpo.spec import DataSpec, StudySpec
+from hpo.spec import RECURRENT_FAMILIES, Choice, DataSpec, Fixed, IntRange, StudySpec
 
 # The built-in series are the same in every study, whatever the study seed.
 _DATA_SEED = 20240611
@@ -165,8 +165,6 @@ def check_data(spec: StudySpec) -> None:
     Raises:
         SpecError: Naming the study file and the field.
     """
-    from hpo.spec import RECURRENT_FAMILIES, Choice, Fixed, IntRange
-
     if spec.model.family == "analytic":
         return
     p = spec.space.get("window")

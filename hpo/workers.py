@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import optuna
@@ -32,7 +32,6 @@ from hpo.study import quiet_optuna
 from hpo.storage import (STOP_ATTR, TrialCounts, count_trials, fail_heartless_trials, rdb_storage, retry_storage_call,
                          study_lock)
 
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 ATTR_INTERRUPTED = "interrupted"
 # How often an idle worker looks again whether a running trial of another worker died.
 POLL_SECONDS = 1.0
@@ -68,13 +67,8 @@ class RunSummary:
     seconds: float = 0.0
     stopped_reason: str = ""
     best: FrozenTrial | None = None
-    lines: list[str] = field(default_factory=list)
     exit_code: int = 0
     restart: bool = False
-
-
-def count_finished(study: optuna.Study) -> int:
-    return len(study.get_trials(deepcopy=False, states=FINISHED))
 
 
 def clear_stop(study: optuna.Study) -> None:
@@ -342,13 +336,7 @@ def describe_trial(spec: StudySpec, trial: FrozenTrial, study: optuna.Study | No
         best = best_trial(study, spec)
         if best is not None and "mean" in best.user_attrs:
             head += f" | best #{best.number} {best.user_attrs['mean']:.5g} ± {best.user_attrs['std']:.2g}"
-        if isinstance(rdb_storage(study._storage), optuna.storages.RDBStorage):
-            c = count_trials(rdb_storage(study._storage), study._study_id)
-        else:
-            trials = study.get_trials(deepcopy=False)
-            c = TrialCounts(complete=sum(t.state == TrialState.COMPLETE for t in trials),
-                            pruned=sum(t.state == TrialState.PRUNED for t in trials),
-                            failed=sum(t.state == TrialState.FAIL for t in trials))
+        c = count_trials(rdb_storage(study._storage), study._study_id)
         of = f"/{budget}" if budget else ""
         head += f" | {c.spent}{of} spent: {c.complete} complete, {c.pruned} pruned, {c.failed} failed"
         if c.lost:
