@@ -46,3 +46,7 @@ class StorageError(HpoError):
 
 class StudyNotFound(StorageError):
     """No study of that name in the storage."""
+
+
+class BackendError(HpoError):
+    """The Keras backend asked for cannot be used in this process."""

@@ -25,6 +25,7 @@ ATTR_EPOCHS_RUN = "epochs_run"
 ATTR_FIT_SECONDS = "fit_seconds"
 ATTR_CURVES = "curves"
 ATTR_PATH = "training_path"
+ATTR_BACKEND = "backend"
 ATTR_FAIL_REASON = "fail_reason"
 ATTR_PRUNED_AT = "pruned_at_epoch"
 
@@ -98,6 +99,8 @@ def record_fit(trial: optuna.Trial, fit: RepeatFit) -> None:
         ATTR_CURVES: [f.curves for f in fit.fits],
         ATTR_PATH: fit.path,
     }
+    if fit.backend is not None:
+        attrs[ATTR_BACKEND] = fit.backend
     if fit.pruned_at_epoch is not None:
         attrs[ATTR_PRUNED_AT] = fit.pruned_at_epoch
     for key, value in attrs.items():

@@ -10,7 +10,7 @@ from typing import Any
 import optuna
 
 from hpo.errors import StudyNotFound
-from hpo.objective import ATTR_PRUNED_AT, ATTR_SEED_SCORES, ATTR_SEEDS
+from hpo.objective import ATTR_BACKEND, ATTR_PRUNED_AT, ATTR_SEED_SCORES, ATTR_SEEDS
 from hpo.space import suggest_params
 from hpo.storage import get_storage
 from hpo.study import load_study
@@ -49,7 +49,8 @@ def replay_trial(storage_url: str, study_name: str, number: int) -> ReplayResult
     stop = None if pruned_at is None else (lambda epoch, value: epoch + 1 >= pruned_at)
     try:
         path = trial.user_attrs.get("training_path")
-        fit = fit_repeats(spec, params, seeds, stop, path=path if path in ("vectorized", "sequential") else None)
+        fit = fit_repeats(spec, params, seeds, stop, path=path if path in ("vectorized", "sequential") else None,
+                          backend=trial.user_attrs.get(ATTR_BACKEND))
     finally:
         release_memory()
     return ReplayResult(params, seeds, list(trial.user_attrs[ATTR_SEED_SCORES]), fit.scores)

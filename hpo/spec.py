@@ -27,6 +27,7 @@ SCALINGS = ("none", "normalize", "standardize")
 SPLITS = ("chronological", "random")
 SAMPLERS = ("tpe", "random", "grid", "cmaes", "gp")
 PRUNERS = ("median", "hyperband", "successive_halving", "percentile", "none")
+BACKENDS = ("jax", "tensorflow")
 OBJECTIVE_MODES = ("mean", "mean+k*std", "pareto")
 ANALYTIC_FUNCTIONS = ("beale", "rosenbrock", "sphere")
 METRICS = {
@@ -158,6 +159,8 @@ class TrainingSpec:
     max_epochs: int = 30
     patience: int = 5
     min_delta: float = 0.0
+    # None: HPO_BACKEND, else hpo's default (backend.py).
+    backend: str | None = None
 
 
 @dataclass(frozen=True)
@@ -477,7 +480,10 @@ def _parse_training(t: "_Table") -> TrainingSpec:
         max_epochs=t.int("max_epochs", default=30, low=1, high=100_000),
         patience=t.int("patience", default=5, low=0, high=100_000),
         min_delta=t.float("min_delta", default=0.0, low=0.0, high=1e9),
+        backend=t.str("backend", default=None),
     )
+    if spec.backend is not None:
+        t.choice("backend", spec.backend, BACKENDS)
     t.finish()
     return spec
 

@@ -2,6 +2,9 @@
 
 The seeds train in lock-step, one epoch at a time, so that after each epoch the caller
 sees the mean of their current validation metric and may stop the whole trial (pruning).
+One loop serves every path; a path only says how an epoch of all seeds is trained:
+`vectorized` (the JAX engine, all seeds as replicas of one program), `sequential` (one
+Keras model per seed) or `analytic` (a pseudo learning curve, no Keras).
 """
 
 from __future__ import annotations
@@ -10,10 +13,11 @@ import math
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import numpy as np
 
+from hpo.backend import use_backend
 from hpo.errors import TrialDiverged, TrialFailed
 from hpo.spec import RECURRENT_FAMILIES, StudySpec
 
@@ -43,6 +47,7 @@ class RepeatFit:
     fit_seconds: float
     path: str
     pruned_at_epoch: int | None = None
+    backend: str | None = None
 
     @property
     def scores(self) -> list[float]:
@@ -95,178 +100,207 @@ class EarlyStopper:
         return self.best if self.stopped else self.last
 
 
-def check_finite(seed: int, epoch: int, logs: dict[str, float]) -> None:
-    """Raise `TrialDiverged` when a fit's loss turned NaN or infinite."""
-    for key in ("loss", "val_loss"):
-        value = logs.get(key)
-        if value is not None and not math.isfinite(value):
-            raise TrialDiverged(f"seed {seed}: {key} became {value} at epoch {epoch + 1}; "
-                                "the learning rate is likely too high for this configuration")
+class EpochTrainer(Protocol):
+    """One training path: trains every seed one epoch and returns each log (`loss`,
+    `val_loss`, the metrics and their `val_` forms) as one value per seed. Seeds whose
+    `active` entry is False have stopped early: their weights must not change."""
+
+    def run_epoch(self, active: np.ndarray) -> dict[str, np.ndarray]: ...
 
 
 def fit_repeats(spec: StudySpec, params: dict[str, Any], seeds: list[int],
-                on_epoch: EpochCallback | None = None, *, path: str | None = None) -> RepeatFit:
+                on_epoch: EpochCallback | None = None, *, path: str | None = None,
+                backend: str | None = None) -> RepeatFit:
     """Fit the params once per seed, in lock-step, with per-seed early stopping.
 
-    The built-in families train their seeds as replicas of one model (`replicas.py`,
-    path "vectorized") unless something about the spec needs separate models; then
-    each seed is its own Keras model (path "sequential").
+    On the JAX backend the seeds train as replicas of one vectorised program
+    (`engine.py`, path "vectorized"); a stateful LSTM, a split resampled per seed, or the
+    TensorFlow backend train one Keras model per seed (path "sequential"). Both give
+    seed r the fit `model.fit(shuffle=True)` gives after `set_random_seed(r)`.
 
     Args:
         spec: The study.
         params: Resolved params (`space.suggest_params`).
         seeds: One fit per seed; the same seed gives the same fit.
-        on_epoch: See `EpochCallback`.
+        on_epoch: See `EpochCallback`. Its time is not counted in `fit_seconds`.
         path: "vectorized" or "sequential" to force a path; None picks one.
+        backend: "jax" or "tensorflow" to force a Keras backend (a replay uses the
+            trial's); None: the spec's, `HPO_BACKEND`, or the default.
 
     Raises:
         TrialDiverged: A seed's loss became NaN or infinite.
+        BackendError: Keras is already loaded in this process with another backend.
     """
-    if spec.model.family != "analytic":
-        # Before the clock starts: the first trial of a process would pay TensorFlow's import.
-        configure_determinism()
-    start = time.perf_counter()
     if spec.model.family == "analytic":
-        fits, pruned_at = _fit_analytic(spec, params, seeds, on_epoch)
-        return RepeatFit(fits, time.perf_counter() - start, "analytic", pruned_at)
-    if path != "sequential":
-        from hpo import replicas
+        trainer: EpochTrainer = _AnalyticTrainer(spec, params, seeds)
+        return _lock_step(spec, seeds, trainer, on_epoch, "analytic", None)
+    backend = use_backend(backend or spec.training.backend)
+    # Before the clock starts: the first trial of a process would pay the import.
+    configure_determinism(backend)
+    unsupported = _unsupported_reason(spec, backend)
+    if path == "vectorized" and unsupported:
+        raise ValueError(f"cannot train these seeds as vectorized replicas: {unsupported}")
+    chosen = "sequential" if path == "sequential" or unsupported else "vectorized"
+    start = time.perf_counter()
+    if chosen == "vectorized":
+        trainer = _vectorized_trainer(spec, params, seeds)
+    else:
+        trainer = _SequentialTrainer(spec, params, seeds)
+    return _lock_step(spec, seeds, trainer, on_epoch, chosen, backend, setup=time.perf_counter() - start)
 
-        reason = replicas.unsupported_reason(spec)
-        if reason is None:
-            return replicas.fit_replicated(spec, params, seeds, on_epoch)
-        if path == "vectorized":
-            raise ValueError(f"cannot train these seeds as replicas: {reason}")
-    fits, pruned_at = _fit_sequential(spec, params, seeds, on_epoch)
-    return RepeatFit(fits, time.perf_counter() - start, "sequential", pruned_at)
+
+def _unsupported_reason(spec: StudySpec, backend: str) -> str | None:
+    if backend != "jax":
+        return f"the {backend} backend trains one model per seed; vectorised replicas need JAX"
+    if spec.model.stateful:
+        return "a stateful LSTM carries its state across batches of one fixed data order"
+    if spec.data.resample_split:
+        return "each seed resamples its own train/validation split"
+    return None
+
+
+def _lock_step(spec: StudySpec, seeds: list[int], trainer: EpochTrainer, on_epoch: EpochCallback | None,
+               path: str, backend: str | None, setup: float = 0.0) -> RepeatFit:
+    """The one loop of every path: an epoch of all active seeds, their curves and early
+    stopping, then the seeds' mean to the pruner."""
+    stoppers = [_stopper(spec) for _ in seeds]
+    curves: list[dict[str, list[float]]] = [{k: [] for k in CURVE_KEYS} for _ in seeds]
+    sources = {"loss": "loss", "val_loss": "val_loss", "metric": spec.metric.removeprefix("val_"),
+               "val_metric": spec.metric}
+    fit_seconds, pruned_at = setup, None
+    for epoch in range(spec.training.max_epochs):
+        active = np.array([not s.stopped for s in stoppers])
+        start = time.perf_counter()
+        logs = trainer.run_epoch(active)
+        fit_seconds += time.perf_counter() - start
+        for i in np.flatnonzero(active):
+            for key in ("loss", "val_loss"):
+                value = float(logs[key][i])
+                if not math.isfinite(value):
+                    raise TrialDiverged(f"seed {seeds[i]}: {key} became {value} at epoch {epoch + 1}; "
+                                        "the learning rate is likely too high for this configuration")
+            for key, source in sources.items():
+                curves[i][key].append(float(logs[source][i]))
+            stoppers[i].update(float(logs[spec.metric][i]))
+        # The pruner's time (a database round trip, possibly a database outage) is not fit time.
+        if on_epoch is not None and on_epoch(epoch, float(statistics.fmean(s.current for s in stoppers))):
+            pruned_at = epoch + 1
+            break
+        if all(s.stopped for s in stoppers):
+            break
+    fits = [SeedFit(seed, float(s.best), s.best_epoch, s.epochs_run, c) for seed, s, c in zip(seeds, stoppers, curves)]
+    return RepeatFit(fits, fit_seconds, path, pruned_at, backend)
 
 
 def _stopper(spec: StudySpec) -> EarlyStopper:
     return EarlyStopper(spec.direction, spec.training.patience, spec.training.min_delta)
 
 
-def _lock_step(stoppers: list[EarlyStopper], epoch: int, on_epoch: EpochCallback | None) -> bool:
-    """After an epoch: True when the trial should stop (pruned)."""
-    if on_epoch is None:
-        return False
-    return bool(on_epoch(epoch, float(statistics.fmean(s.current for s in stoppers))))
+class _AnalyticTrainer:
+    def __init__(self, spec: StudySpec, params: dict[str, Any], seeds: list[int]) -> None:
+        from hpo import analytic
+
+        self.spec = spec
+        self.values = np.array([analytic.curve(spec.model.function, params, seed=s, epochs=spec.training.max_epochs,
+                                               noise=spec.model.noise) for s in seeds])
+        self.epoch = 0
+
+    def run_epoch(self, active: np.ndarray) -> dict[str, np.ndarray]:
+        if self.spec.model.epoch_seconds:
+            time.sleep(self.spec.model.epoch_seconds)
+        v = self.values[:, self.epoch]
+        self.epoch += 1
+        return {"loss": v, "val_loss": v, "value": v, "val_value": v}
 
 
-def _finish(seeds: list[int], stoppers: list[EarlyStopper], curves: list[dict[str, list[float]]]) -> list[SeedFit]:
-    return [SeedFit(seed, float(s.best), s.best_epoch, s.epochs_run, c) for seed, s, c in zip(seeds, stoppers, curves)]
-
-
-def _fit_analytic(spec: StudySpec, params: dict[str, Any], seeds: list[int],
-                  on_epoch: EpochCallback | None) -> tuple[list[SeedFit], int | None]:
-    from hpo import analytic
-
-    values = [analytic.curve(spec.model.function, params, seed=s, epochs=spec.training.max_epochs,
-                             noise=spec.model.noise) for s in seeds]
-    stoppers = [_stopper(spec) for _ in seeds]
-    curves: list[dict[str, list[float]]] = [{k: [] for k in CURVE_KEYS} for _ in seeds]
-    for epoch in range(spec.training.max_epochs):
-        if spec.model.epoch_seconds:
-            time.sleep(spec.model.epoch_seconds)
-        for i, stopper in enumerate(stoppers):
-            if stopper.stopped:
-                continue
-            v = values[i][epoch]
-            check_finite(seeds[i], epoch, {"loss": v})
-            for key in CURVE_KEYS:
-                curves[i][key].append(v)
-            stopper.update(v)
-        if _lock_step(stoppers, epoch, on_epoch):
-            return _finish(seeds, stoppers, curves), epoch + 1
-        if all(s.stopped for s in stoppers):
-            break
-    return _finish(seeds, stoppers, curves), None
-
-
-@dataclass
-class _SeedRun:
-    seed: int
-    model: Any
-    x: np.ndarray
-    y: np.ndarray
-    validation: tuple[np.ndarray, np.ndarray]
-    rng: np.random.Generator
-    stopper: EarlyStopper
-    curves: dict[str, list[float]] = field(default_factory=lambda: {k: [] for k in CURVE_KEYS})
-
-
-def _fit_sequential(spec: StudySpec, params: dict[str, Any], seeds: list[int],
-                    on_epoch: EpochCallback | None) -> tuple[list[SeedFit], int | None]:
-    configure_determinism()
-    metric_key = spec.metric.removeprefix("val_")
-    runs = [_build_run(spec, params, seed) for seed in seeds]
-    batch_size = params["batch_size"]
-    for epoch in range(spec.training.max_epochs):
-        for run in runs:
-            if run.stopper.stopped:
-                continue
-            x, y = run.x, run.y
-            if not spec.model.stateful:
-                # Each seed shuffles with its own generator, so its data order does not
-                # depend on how many other seeds train beside it.
-                order = run.rng.permutation(len(x))
-                x, y = x[order], y[order]
-            history = run.model.fit(x, y, batch_size=batch_size, epochs=1, verbose=0, shuffle=False,
-                                    validation_data=run.validation)
-            logs = {k: float(v[-1]) for k, v in history.history.items()}
-            if spec.model.stateful:
-                _reset_states(run.model)
-            check_finite(run.seed, epoch, logs)
-            for key, source in (("loss", "loss"), ("val_loss", "val_loss"),
-                                ("metric", metric_key), ("val_metric", spec.metric)):
-                run.curves[key].append(logs[source])
-            run.stopper.update(logs[spec.metric])
-        stoppers = [r.stopper for r in runs]
-        if _lock_step(stoppers, epoch, on_epoch):
-            return _finish(seeds, stoppers, [r.curves for r in runs]), epoch + 1
-        if all(s.stopped for s in stoppers):
-            break
-    return _finish(seeds, [r.stopper for r in runs], [r.curves for r in runs]), None
-
-
-def _build_run(spec: StudySpec, params: dict[str, Any], seed: int) -> _SeedRun:
-    import keras
-
+def _load_data(spec: StudySpec, params: dict[str, Any], split_seed: int) -> Any:
     from hpo.data import load_dataset
+
+    return load_dataset(spec.data, window=params.get("window"), sequence=spec.model.family in RECURRENT_FAMILIES,
+                        split_seed=split_seed)
+
+
+def _compiled_builder(spec: StudySpec, params: dict[str, Any], data: Any, n_train: int) -> Callable[[], Any]:
+    """A function that builds and compiles the trial's Keras model (uncalled: each seed
+    builds it under its own `set_random_seed`)."""
     from hpo.models import build_model, compile_model
 
-    split_seed = seed if spec.data.resample_split else spec.seed
-    data = load_dataset(spec.data, window=params.get("window"), sequence=spec.model.family in RECURRENT_FAMILIES,
-                        split_seed=split_seed)
-    x, y, xv, yv = data.x_train, data.y_train, data.x_val, data.y_val
-    if spec.model.stateful:
-        # A stateful LSTM runs fixed-size batches; drop the ragged tail.
-        b = params["batch_size"]
-        x, y = x[: len(x) // b * b], y[: len(y) // b * b]
-        xv, yv = xv[: len(xv) // b * b], yv[: len(yv) // b * b]
-        if len(x) == 0 or len(xv) == 0:
-            raise TrialFailed(f"batch_size {b} is larger than the data of a stateful LSTM; lower batch_size")
-    keras.utils.set_random_seed(seed)
-    model = build_model(params, data.input_shape, family=spec.model.family, output=spec.output,
-                        n_outputs=data.n_outputs, stateful=spec.model.stateful)
-    steps = max(1, math.ceil(len(x) / params["batch_size"]))
-    compile_model(model, params, output=spec.output, steps_per_epoch=steps)
-    return _SeedRun(seed, model, x, y, (xv, yv), np.random.default_rng(seed), _stopper(spec))
+    steps = max(1, math.ceil(n_train / params["batch_size"]))
+
+    def build() -> Any:
+        model = build_model(params, data.input_shape, family=spec.model.family, output=spec.output,
+                            n_outputs=data.n_outputs, stateful=spec.model.stateful)
+        compile_model(model, params, output=spec.output, steps_per_epoch=steps)
+        return model
+
+    return build
 
 
-def _reset_states(model: Any) -> None:
-    for layer in model.layers:
-        if getattr(layer, "stateful", False):
-            layer.reset_state()
+def _vectorized_trainer(spec: StudySpec, params: dict[str, Any], seeds: list[int]) -> EpochTrainer:
+    from hpo.engine import Replicas
+
+    data = _load_data(spec, params, spec.seed)
+    build = _compiled_builder(spec, params, data, len(data.x_train))
+    return Replicas(build, seeds, data.x_train, data.y_train, data.x_val, data.y_val, params["batch_size"])
+
+
+class _SequentialTrainer:
+    """One Keras model per seed, one `fit` call per seed per epoch on the data order
+    `model.fit(shuffle=True)` would draw for that seed."""
+
+    def __init__(self, spec: StudySpec, params: dict[str, Any], seeds: list[int]) -> None:
+        import keras
+
+        from hpo.engine import fit_shuffler
+
+        self.spec = spec
+        self.batch_size = params["batch_size"]
+        self.runs = []
+        for seed in seeds:
+            data = _load_data(spec, params, seed if spec.data.resample_split else spec.seed)
+            x, y, xv, yv = data.x_train, data.y_train, data.x_val, data.y_val
+            if spec.model.stateful:
+                # A stateful LSTM runs fixed-size batches; drop the ragged tail.
+                b = self.batch_size
+                x, y = x[: len(x) // b * b], y[: len(y) // b * b]
+                xv, yv = xv[: len(xv) // b * b], yv[: len(yv) // b * b]
+                if len(x) == 0 or len(xv) == 0:
+                    raise TrialFailed(f"batch_size {b} is larger than the data of a stateful LSTM; lower batch_size")
+            keras.utils.set_random_seed(seed)
+            model = _compiled_builder(spec, params, data, len(x))()
+            self.runs.append((model, x, y, (xv, yv), fit_shuffler(seed, len(x))))
+
+    def run_epoch(self, active: np.ndarray) -> dict[str, np.ndarray]:
+        logs: dict[str, list[float]] = {}
+        for (model, x, y, validation, shuffler), on in zip(self.runs, active):
+            if on:
+                if not self.spec.model.stateful:
+                    order = shuffler.permutation(len(x))
+                    x, y = x[order], y[order]
+                history = model.fit(x, y, batch_size=self.batch_size, epochs=1, verbose=0, shuffle=False,
+                                    validation_data=validation).history
+                if self.spec.model.stateful:
+                    for layer in model.layers:
+                        if getattr(layer, "stateful", False):
+                            layer.reset_state()
+                seed_logs = {k: float(v[-1]) for k, v in history.items()}
+            else:
+                seed_logs = {}
+            for key in ("loss", "val_loss", *(k for k in seed_logs if k not in logs)):
+                logs.setdefault(key, [])
+            for key in logs:
+                logs[key].append(seed_logs.get(key, math.nan))
+        return {k: np.asarray(v) for k, v in logs.items()}
 
 
 _determinism_configured = False
 
 
-def configure_determinism() -> None:
-    """Import TensorFlow quietly and make its ops deterministic (once per process), so a
-    replay is exact."""
+def configure_determinism(backend: str) -> None:
+    """Import the backend quietly and, on TensorFlow, make its ops deterministic (once
+    per process), so a replay is exact."""
     global _determinism_configured
-    if _determinism_configured:
+    if _determinism_configured or backend != "tensorflow":
         return
     _import_tensorflow_quietly()
     import tensorflow as tf

@@ -5,7 +5,12 @@ from pathlib import Path
 
 import pytest
 
+from hpo.backend import use_backend
 from tests.postgres import PostgresServer, find_pg_bin
+
+# Keras fixes its backend at first import: choose it (hpo's default, or HPO_BACKEND)
+# before any test module imports Keras.
+use_backend()
 
 ROOT = Path(__file__).resolve().parent.parent
 

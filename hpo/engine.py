@@ -1,0 +1,305 @@
+"""Vectorised seeds: a Keras model factory, arrays and R seeds in; R replicas of the model
+trained as one `jax.vmap` program, one epoch per call, with per-replica logs out.
+
+Works for any Keras model on the JAX backend: the compiled model's own pure `train_step`
+and `test_step` (built on `stateless_call` and `optimizer.stateless_apply`) are batched
+over a leading replica axis, and `jax.lax.scan` runs an epoch's batches on the device.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import json
+import random
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+# One compiled epoch per model configuration: a later trial with the same configuration
+# (and batch shapes) reuses it, so it pays no tracing or compilation. Bounded, so a long
+# study whose configurations keep changing does not accumulate compiled programs.
+_CACHE_SIZE = 8
+_programs: "collections.OrderedDict[str, _Program]" = collections.OrderedDict()
+
+# How many of Python's `random` draws after `set_random_seed` are searched for the seeds
+# of a model's initializers and seed generators.
+_MAX_DRAWS = 4096
+
+
+class EngineError(RuntimeError):
+    """The model cannot be trained as vectorised replicas (the message says why)."""
+
+
+@dataclass
+class _Program:
+    model: Any
+    epoch: Callable[..., Any]
+    draw_index: list[int | None] | None
+    metric_names: list[str]
+
+
+class Replicas:
+    """R replicas of one compiled Keras model, each as if fitted alone under its seed.
+
+    Replica r starts from the weights (and dropout seed-generator state) of the model that
+    `build()` returns after `keras.utils.set_random_seed(seeds[r])`, sees each epoch's
+    training data in the order `model.fit(shuffle=True)` would draw under that seed
+    (a fresh `np.random.permutation` per epoch, the last short batch included), and is
+    validated batch by batch as `fit(validation_data=...)` does.
+
+    Args:
+        build: Returns a new, compiled Keras model (called under each replica's seed).
+        seeds: One replica per seed.
+        x, y: Training arrays; xv, yv: validation arrays.
+        batch_size: Batch size for training and validation, as in `model.fit`.
+    """
+
+    def __init__(self, build: Callable[[], Any], seeds: list[int], x: np.ndarray, y: np.ndarray,
+                 xv: np.ndarray, yv: np.ndarray, batch_size: int) -> None:
+        import jax
+        import keras
+
+        self.seeds = list(seeds)
+        self.batch_size = int(batch_size)
+        keras.utils.set_random_seed(self.seeds[0])
+        model = build()
+        _disable_cudnn(model)
+        sample = (x[: self.batch_size], y[: self.batch_size])
+        model._symbolic_build(data_batch=sample)
+        program = _program_for(model, build, self.seeds, sample)
+        self.model = program.model
+        self._epoch = program.epoch
+        self.metric_names = program.metric_names
+        states = _initial_states(model, build, self.seeds, program.draw_index, sample)
+        self.state = jax.tree.map(lambda *leaves: np.stack(leaves), *states)
+        self._shufflers = [fit_shuffler(s, len(x)) for s in self.seeds]
+        self.x, self.y = jax.device_put(x), jax.device_put(y)
+        self.xv, self.yv = jax.device_put(xv), jax.device_put(yv)
+        self.n = len(x)
+
+    def run_epoch(self, active: np.ndarray) -> dict[str, np.ndarray]:
+        """Train one epoch; replicas where `active` is False keep weights and optimizer
+        state unchanged. Returns each log (`loss`, metrics, `val_loss`, `val_...`) as an
+        array of shape `(R,)`; entries of inactive replicas are meaningless."""
+        orders = np.stack([rs.permutation(self.n) for rs in self._shufflers]).astype(np.int32)
+        self.state, logs = self._epoch(self.state, np.asarray(active, bool), orders, self.x, self.y,
+                                       self.xv, self.yv, self.batch_size)
+        return {k: np.asarray(v, dtype=np.float64) for k, v in logs.items()}
+
+    def weights(self, r: int) -> list[np.ndarray]:
+        """Replica r's current weights in `model.get_weights()` order."""
+        trainable, non_trainable = self.state[0], self.state[1]
+        by_id = {id(v): np.asarray(t[r]) for v, t in zip(self.model.trainable_variables, trainable)}
+        by_id.update({id(v): np.asarray(t[r]) for v, t in zip(self.model.non_trainable_variables, non_trainable)})
+        return [by_id[id(v)] for v in self.model.weights]
+
+
+def fit_shuffler(seed: int, n: int) -> np.random.RandomState:
+    """The generator of the training orders `model.fit(shuffle=True)` draws under the
+    seed: one `permutation(n)` per epoch."""
+    # `set_random_seed` seeds NumPy's global generator; `model.fit` then draws one
+    # permutation while it builds the compiled loss and metrics from a first batch, and
+    # one per epoch after that (Keras 3's array adapter).
+    shuffler = np.random.RandomState(seed)
+    shuffler.permutation(n)
+    return shuffler
+
+
+def _disable_cudnn(model: Any) -> None:
+    # cuDNN's fused RNN primitive has no batching rule, so under vmap the recurrent
+    # layers must take Keras' generic scan; on a CPU it changes nothing.
+    for layer in model._flatten_layers():
+        if hasattr(layer, "use_cudnn"):
+            layer.use_cudnn = False
+
+
+def _config_key(model: Any) -> str:
+    optimizer = dict(model.optimizer.get_config())
+    if isinstance(optimizer.get("learning_rate"), float):
+        # A plain learning rate is an optimizer variable: traced, not compiled in.
+        optimizer.pop("learning_rate")
+    parts = [model.get_config(), optimizer, model.get_compile_config(),
+             [(v.path, tuple(v.shape), str(v.dtype)) for v in model.variables]]
+    return json.dumps(parts, sort_keys=True, default=repr)
+
+
+def _program_for(model: Any, build: Callable[[], Any], seeds: list[int], sample: tuple) -> _Program:
+    key = _config_key(model)
+    program = _programs.get(key)
+    if program is None:
+        program = _Program(model, _compile_epoch(model), _checked_draw_index(model, build, seeds[0], sample),
+                           [m.name for m in model.metrics])
+        _programs[key] = program
+        while len(_programs) > _CACHE_SIZE:
+            _programs.popitem(last=False)
+    _programs.move_to_end(key)
+    return program
+
+
+def clear_cache() -> None:
+    """Forget every compiled epoch (and the models they hold)."""
+    _programs.clear()
+
+
+def _compile_epoch(model: Any) -> Callable[..., Any]:
+    import jax
+    import jax.numpy as jnp
+
+    metrics_init = [jnp.zeros(v.shape, v.dtype) for v in model.metrics_variables]
+
+    def keep_active(active: Any, new: Any, old: Any) -> Any:
+        return jax.tree.map(lambda n, o: jnp.where(active, n, o), new, old)
+
+    def train_replica(state: Any, active: Any, xb: Any, yb: Any) -> tuple[Any, Any]:
+        trainable, non_trainable, optimizer_vars, metrics = state
+        logs, new = model.train_step((trainable, non_trainable, optimizer_vars, metrics), (xb, yb))
+        return keep_active(active, new, state), logs
+
+    def test_replica(state: Any, xb: Any, yb: Any) -> tuple[Any, Any]:
+        logs, new = model.test_step(state, (xb, yb))
+        return new, logs
+
+    train_batch = jax.vmap(train_replica)
+    test_batch = jax.vmap(test_replica, in_axes=(0, None, None))
+
+    def run_batches(step: Callable, state: Any, indices: Any, batch_size: int, data: tuple) -> tuple[Any, Any]:
+        # Full batches in one scan, then the short remainder as its own batch, as
+        # model.fit and evaluate do (nothing dropped).
+        n = indices.shape[-1]
+        full = n // batch_size
+        logs = None
+        if full:
+            head = indices[..., : full * batch_size]
+            head = head.reshape(*head.shape[:-1], full, batch_size)
+            head = jnp.moveaxis(head, -2, 0)
+            state, all_logs = jax.lax.scan(lambda s, idx: step(s, idx, data), state, head)
+            logs = jax.tree.map(lambda v: v[-1], all_logs)
+        if n % batch_size:
+            state, logs = step(state, indices[..., full * batch_size:], data)
+        return state, logs
+
+    def train_step(state: Any, idx: Any, data: tuple) -> tuple[Any, Any]:
+        active, x, y = data
+        return train_batch(state, active, x[idx], y[idx])
+
+    def test_step(state: Any, idx: Any, data: tuple) -> tuple[Any, Any]:
+        x, y = data
+        return test_batch(state, x[idx], y[idx])
+
+    def epoch(state: Any, active: Any, orders: Any, x: Any, y: Any, xv: Any, yv: Any,
+              batch_size: int) -> tuple[Any, dict[str, Any]]:
+        trainable, non_trainable, optimizer_vars, _ = state
+        replicas = active.shape[0]
+        fresh = [jnp.broadcast_to(m, (replicas, *m.shape)) for m in metrics_init]
+        state, train_logs = run_batches(train_step, (trainable, non_trainable, optimizer_vars, fresh),
+                                        orders, batch_size, (active, x, y))
+        trainable, non_trainable, optimizer_vars, _ = state
+        _, val_logs = run_batches(test_step, (trainable, non_trainable, fresh),
+                                  jnp.arange(xv.shape[0]), batch_size, (xv, yv))
+        logs = dict(train_logs)
+        logs.update({f"val_{k}": v for k, v in val_logs.items()})
+        return (trainable, non_trainable, optimizer_vars, fresh), logs
+
+    return jax.jit(epoch, static_argnames="batch_size")
+
+
+def _seed_of(variable: Any) -> int | None:
+    # The seed a variable's values were drawn from when Keras built it: a random
+    # initializer's integer seed, or a SeedGenerator state's first element.
+    init = getattr(variable, "_initializer", None)
+    seed = getattr(init, "seed", None)
+    if isinstance(seed, int) and not isinstance(seed, bool):
+        return seed
+    if variable.name == "seed_generator_state":
+        return int(np.asarray(variable.value)[0])
+    return None
+
+
+def _draws(seed: int, count: int) -> list[int]:
+    # keras.random.make_default_seed, after keras.utils.set_random_seed(seed).
+    rng = random.Random(seed)
+    return [rng.randint(1, int(1e9)) for _ in range(count)]
+
+
+def _draw_index(model: Any, seed: int) -> list[int | None] | None:
+    """For each model variable, which of Python's random draws after
+    `set_random_seed(seed)` seeded it (None: not random). None when some random
+    variable cannot be traced back to a draw; then every replica is built natively."""
+    draws = {d: i for i, d in enumerate(_draws(seed, _MAX_DRAWS))}
+    index: list[int | None] = []
+    for v in model.variables:
+        s = _seed_of(v)
+        if s is not None and s not in draws:
+            return None
+        index.append(None if s is None else draws[s])
+    return index
+
+
+def _variable_values(model: Any) -> tuple[list, list, list, list]:
+    return ([np.asarray(v.value) for v in model.trainable_variables],
+            [np.asarray(v.value) for v in model.non_trainable_variables],
+            [np.asarray(v.value) for v in model.optimizer.variables],
+            [np.asarray(v.value) for v in model.metrics_variables])
+
+
+def _initial_states(template: Any, build: Callable[[], Any], seeds: list[int],
+                    draw_index: list[int | None] | None, sample: tuple) -> list[tuple[list, list, list, list]]:
+    """Each seed's initial state, equal to that of `build()` under the seed.
+
+    Building R whole Keras models only to read their weights dominates a trial at many
+    seeds; instead each random variable's initializer is re-run with the seed Keras would
+    have drawn for it under the replica's seed. That is checked against one natively
+    built model, and where it does not hold every replica is built natively.
+    """
+    import keras
+
+    first = _variable_values(template)
+    states = [first]
+    for seed in seeds[1:]:
+        if draw_index is None:
+            states.append(_variable_values(_build_native(build, seed, sample)))
+        else:
+            values = dict(zip((id(v) for v in template.variables), _derived_values(template, draw_index, seed)))
+            states.append(([values[id(v)] for v in template.trainable_variables],
+                           [values[id(v)] for v in template.non_trainable_variables], first[2], first[3]))
+    return states
+
+
+def _build_native(build: Callable[[], Any], seed: int, sample: tuple) -> Any:
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    model = build()
+    model._symbolic_build(data_batch=sample)
+    return model
+
+
+def _checked_draw_index(model: Any, build: Callable[[], Any], seed: int, sample: tuple) -> list[int | None] | None:
+    index = _draw_index(model, seed)
+    if index is None:
+        return None
+    # One native build under another seed must agree with the derived weights.
+    other = seed + 1
+    native = _build_native(build, other, sample)
+    derived = _derived_values(model, index, other)
+    expected = [np.asarray(v.value) for v in native.variables]
+    if len(expected) != len(derived) or not all(np.array_equal(a, b) for a, b in zip(expected, derived)):
+        return None
+    return index
+
+
+def _derived_values(template: Any, draw_index: list[int | None], seed: int) -> list[np.ndarray]:
+    draws = _draws(seed, max((i for i in draw_index if i is not None), default=-1) + 1)
+    values = []
+    for v, i in zip(template.variables, draw_index):
+        if i is None:
+            values.append(np.asarray(v.value))
+        elif v.name == "seed_generator_state":
+            values.append(np.asarray([draws[i], 0], dtype=np.asarray(v.value).dtype))
+        else:
+            init = copy.copy(v._initializer)
+            init.seed = draws[i]
+            values.append(np.asarray(init(tuple(v.shape), dtype=v.dtype)))
+    return values

@@ -1,0 +1,196 @@
+"""The vectorised engine against plain Keras: every replica is the fit `model.fit` gives
+under its seed, whatever the model."""
+
+import keras
+import numpy as np
+import pytest
+
+from hpo import engine
+from hpo.errors import TrialDiverged
+from hpo.space import default_params
+from hpo.spec import parse_spec
+from hpo.training import _lock_step, fit_repeats
+
+pytestmark = pytest.mark.skipif(keras.backend.backend() != "jax", reason="the vectorised engine runs on JAX; "
+                                                                          "this suite runs on HPO_BACKEND=tensorflow")
+
+STEPS, N_TRAIN, N_VAL = 6, 83, 29  # 83 = 2 batches of 32 and a short one of 19, as model.fit makes
+
+
+@pytest.fixture(scope="module")
+def arrays():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(N_TRAIN + N_VAL, STEPS, 2)).astype("float32")
+    y = (x[:, :, 0].sum(axis=1, keepdims=True) * 0.3).astype("float32")
+    tokens = rng.integers(0, 30, size=(N_TRAIN + N_VAL, STEPS)).astype("int32")
+    return {"x": x[:N_TRAIN], "y": y[:N_TRAIN], "xv": x[N_TRAIN:], "yv": y[N_TRAIN:],
+            "tokens": tokens[:N_TRAIN], "tokens_v": tokens[N_TRAIN:]}
+
+
+def builder(kind: str, dropout: float = 0.0):
+    def build():
+        if kind == "embedding":
+            inputs = keras.Input((STEPS,), dtype="int32")
+            h = keras.layers.GRU(5)(keras.layers.Embedding(30, 4)(inputs))
+        else:
+            inputs = keras.Input((STEPS, 2))
+            h = {"dense": lambda: keras.layers.Dense(6, activation="relu")(keras.layers.Flatten()(inputs)),
+                 "lstm": lambda: keras.layers.LSTM(5)(inputs),
+                 "gru": lambda: keras.layers.GRU(5)(inputs),
+                 "simple_rnn": lambda: keras.layers.SimpleRNN(5)(inputs),
+                 "conv1d": lambda: keras.layers.GlobalAveragePooling1D()(
+                     keras.layers.Conv1D(4, 3, activation="relu")(inputs))}[kind]()
+        if dropout:
+            h = keras.layers.Dropout(dropout)(h)
+        model = keras.Model(inputs, keras.layers.Dense(1)(h))
+        model.compile(keras.optimizers.Adam(0.01), "mse", metrics=["mae"])
+        return model
+    return build
+
+
+def inputs_for(kind, arrays):
+    if kind == "embedding":
+        return arrays["tokens"], arrays["tokens_v"]
+    return arrays["x"], arrays["xv"]
+
+
+def native_history(build, seed, x, y, xv, yv, epochs, batch_size=32):
+    keras.utils.set_random_seed(seed)
+    return build().fit(x, y, epochs=epochs, batch_size=batch_size, shuffle=True, validation_data=(xv, yv),
+                       verbose=0).history
+
+
+@pytest.mark.parametrize("kind, dropout", [("dense", 0.0), ("lstm", 0.0), ("gru", 0.0), ("simple_rnn", 0.0),
+                                           ("conv1d", 0.0), ("embedding", 0.0), ("dense", 0.4), ("lstm", 0.3)])
+def test_each_replica_is_the_native_fit_under_its_seed(kind, dropout, arrays):
+    # The same batches in the same order, the short last batch included, and (with
+    # dropout) the same masks: curves agree with plain model.fit to float precision.
+    build, seeds, epochs = builder(kind, dropout), [7, 8, 9], 3
+    x, xv = inputs_for(kind, arrays)
+    replicas = engine.Replicas(build, seeds, x, arrays["y"], xv, arrays["yv"], batch_size=32)
+    logs = [replicas.run_epoch(np.ones(3, bool)) for _ in range(epochs)]
+    for r, seed in enumerate(seeds):
+        history = native_history(build, seed, x, arrays["y"], xv, arrays["yv"], epochs)
+        for key in ("loss", "mae", "val_loss", "val_mae"):
+            np.testing.assert_allclose([e[key][r] for e in logs], history[key], rtol=1e-5, atol=1e-7,
+                                       err_msg=f"{kind} seed {seed} {key}")
+
+
+def test_initial_weights_are_the_native_models(arrays):
+    build, seeds = builder("lstm", 0.2), [3, 41, 1000007]
+    replicas = engine.Replicas(build, seeds, arrays["x"], arrays["y"], arrays["xv"], arrays["yv"], batch_size=32)
+    for r, seed in enumerate(seeds):
+        keras.utils.set_random_seed(seed)
+        native = build().get_weights()
+        assert all(np.array_equal(a, b) for a, b in zip(native, replicas.weights(r)))
+    assert not np.array_equal(replicas.weights(0)[0], replicas.weights(1)[0])
+
+
+class _ScaledInit(keras.layers.Layer):
+    """A custom layer drawing its weights with NumPy: not traceable to Keras' seeds."""
+
+    def build(self, input_shape):
+        self.w = self.add_weight(shape=(input_shape[-1], 3),
+                                 initializer=lambda shape, dtype=None: np.random.normal(size=shape).astype("float32"))
+
+    def call(self, x):
+        return x @ self.w
+
+
+def test_a_custom_initializer_falls_back_to_native_builds(arrays):
+    def build():
+        inputs = keras.Input((STEPS, 2))
+        model = keras.Model(inputs, keras.layers.Dense(1)(keras.layers.Flatten()(_ScaledInit()(inputs))))
+        model.compile("adam", "mse", metrics=["mae"])
+        return model
+
+    seeds = [5, 6]
+    replicas = engine.Replicas(build, seeds, arrays["x"], arrays["y"], arrays["xv"], arrays["yv"], batch_size=16)
+    for r, seed in enumerate(seeds):
+        keras.utils.set_random_seed(seed)
+        assert all(np.array_equal(a, b) for a, b in zip(build().get_weights(), replicas.weights(r)))
+
+
+def test_a_replicas_fit_does_not_depend_on_its_neighbours(arrays):
+    build = builder("gru", 0.3)
+    alone = engine.Replicas(build, [21], arrays["x"], arrays["y"], arrays["xv"], arrays["yv"], batch_size=32)
+    among = engine.Replicas(build, [5, 21, 9], arrays["x"], arrays["y"], arrays["xv"], arrays["yv"], batch_size=32)
+    # Replica 3 diverges (its weights made huge): replica 2 must not notice.
+    trainable = [np.array(v) for v in among.state[0]]
+    trainable[0][2] *= 1e20
+    among.state = (trainable, *among.state[1:])
+    for _ in range(3):
+        a, b = alone.run_epoch(np.ones(1, bool)), among.run_epoch(np.ones(3, bool))
+        assert a["val_loss"][0] == pytest.approx(b["val_loss"][1], rel=1e-6)
+    assert not b["val_loss"][2] == pytest.approx(b["val_loss"][1], rel=0.5)
+
+
+def test_a_stopped_replica_stays_frozen(arrays):
+    replicas = engine.Replicas(builder("lstm"), [1, 2], arrays["x"], arrays["y"], arrays["xv"], arrays["yv"],
+                               batch_size=32)
+    replicas.run_epoch(np.ones(2, bool))
+    frozen = [w.copy() for w in replicas.weights(1)]
+    optimizer_state = [np.asarray(v[1]).copy() for v in replicas.state[2]]
+    replicas.run_epoch(np.array([True, False]))
+    assert all(np.array_equal(a, b) for a, b in zip(frozen, replicas.weights(1)))
+    assert all(np.array_equal(a, np.asarray(v[1])) for a, v in zip(optimizer_state, replicas.state[2]))
+
+
+def small_spec(**training):
+    return parse_spec({"name": "e", "seeds": 2, "data": {"name": "noisy_sine", "n_samples": 140, "window": 6},
+                       "model": {"family": "gru"}, "training": {"max_epochs": 6, "patience": 1, **training},
+                       "space": {"units": 4, "batch_size": 16}})
+
+
+def test_replicas_stop_early_on_their_own_and_keep_their_best_epoch():
+    spec = small_spec()
+    seeds = [1, 2, 3]
+    means = []
+    fit = fit_repeats(spec, default_params(spec) | {"units": 4, "batch_size": 16, "learning_rate": 0.05}, seeds,
+                      lambda epoch, mean: means.append(mean) and False)
+    assert fit.path == "vectorized" and fit.backend == "jax"
+    for f in fit.fits:
+        assert f.score == min(f.curves["val_loss"]) == f.curves["val_loss"][f.best_epoch - 1]
+        assert f.epochs_run == len(f.curves["val_loss"])
+    assert len({f.epochs_run for f in fit.fits}) > 1 or all(f.epochs_run == 6 for f in fit.fits)
+    # A stopped replica contributes its best score to every later pruning report.
+    last = len(means) - 1
+    stopped = [f.epochs_run - f.best_epoch >= spec.training.patience for f in fit.fits]
+    expected = [f.score if s else f.curves["val_loss"][last] for f, s in zip(fit.fits, stopped)]
+    assert means[-1] == pytest.approx(np.mean(expected))
+
+
+def test_a_nan_in_one_replica_fails_the_trial_naming_that_seed(arrays):
+    spec = small_spec()
+    replicas = engine.Replicas(builder("dense"), [11, 12], arrays["x"], arrays["y"], arrays["xv"], arrays["yv"],
+                               batch_size=32)
+    trainable = [np.array(v) for v in replicas.state[0]]
+    trainable[0][1] = np.nan
+    replicas.state = (trainable, *replicas.state[1:])
+    with pytest.raises(TrialDiverged, match=r"^seed 12: loss became nan at epoch 1"):
+        _lock_step(spec, [11, 12], replicas, None, "vectorized", "jax")
+
+
+def test_scores_agree_with_plain_keras_fit_and_early_stopping():
+    # What a user would run by hand: model.fit(..., shuffle=True, validation_data=...,
+    # callbacks=[EarlyStopping(patience, restore_best_weights=True)]) under each seed,
+    # scored by evaluating the restored weights. 20 seeds, with dropout.
+    spec = parse_spec({"name": "plain", "seeds": 20, "data": {"name": "noisy_sine", "n_samples": 120, "window": 4},
+                       "model": {"family": "mlp"}, "training": {"max_epochs": 8, "patience": 2},
+                       "space": {"units": 8, "batch_size": 16, "dropout": 0.2}})
+    params = default_params(spec) | {"units": 8, "batch_size": 16, "dropout": 0.2}
+    fit = fit_repeats(spec, params, spec.seed_values)
+    from hpo.data import load_dataset
+    from hpo.training import _compiled_builder
+
+    data = load_dataset(spec.data, window=4, sequence=False, split_seed=spec.seed)
+    build = _compiled_builder(spec, params, data, len(data.x_train))
+    plain = []
+    for seed in spec.seed_values:
+        keras.utils.set_random_seed(seed)
+        model = build()
+        model.fit(data.x_train, data.y_train, epochs=8, batch_size=16, shuffle=True, verbose=0,
+                  validation_data=(data.x_val, data.y_val),
+                  callbacks=[keras.callbacks.EarlyStopping(patience=2, restore_best_weights=True)])
+        plain.append(model.evaluate(data.x_val, data.y_val, batch_size=16, verbose=0)[0])
+    np.testing.assert_allclose(fit.scores, plain, rtol=1e-4)
