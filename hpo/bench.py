@@ -1,5 +1,6 @@
-"""Benchmark: a reference configuration and seed counts in; wall times of one native Keras
-fit, of R sequential fits and of R replicas trained together, their ratios and peak memory out.
+"""Benchmark: a reference Keras model and seed counts in; wall times of one native Keras
+fit, of R native fits one after another and of R replicas trained together (fresh and for a
+repeated shape, fixed cost apart from per-epoch cost), their ratios and peak memory out.
 
 Every ratio compares figures measured in the same process, one right after the other, so
 they say more than the absolute seconds on a shared or throttled machine.
@@ -7,35 +8,53 @@ they say more than the absolute seconds on a shared or throttled machine.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import resource
+import statistics
 import time
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
 
-from hpo.spec import StudySpec, parse_spec
+import numpy as np
+
+from hpo.errors import BackendError
+
+# The models `hpo bench --model` can time: plain Keras models as a user would write them
+# (none is a built-in family), on windows of the built-in noisy sine.
+MODELS = {
+    "lstm": "LSTM(32) + Dense(1), windows of 20 (the reference)",
+    "conv1d": "Conv1D(32, 5) + Conv1D(32, 5) + GlobalAveragePooling1D + Dense(1), windows of 20",
+    "embedding_gru": "Embedding(64, 16) + GRU(32) + Dense(1), the sine quantised to 64 tokens, windows of 20",
+}
 
 
 @dataclass
 class BenchRow:
     """Figures for one seed count; `sequential_s` is None when it was skipped.
 
-    `peak_rss_mb` is the process's high-water mark right after the vectorised fit (single
-    and vectorised fits of every R run first); `peak_rss_sequential_mb` after the R
-    sequential fits, which run last because they hold R models at once.
+    `vectorized_s` trains R replicas of a shape this process has not compiled yet;
+    `repeat_s` the same shape again with other seeds (what a later trial of a study pays).
+    `fixed_s`/`fixed_repeat_s` are their costs beyond the epochs, `epoch_s` the median
+    epoch. `peak_rss_mb` is the process's high-water mark after the vectorised fits.
     """
 
     seeds: int
     single_fit_s: float
     vectorized_s: float
+    repeat_s: float
+    fixed_s: float
+    fixed_repeat_s: float
+    epoch_s: float
     peak_rss_mb: float
     sequential_s: float | None = None
-    peak_rss_sequential_mb: float | None = None
 
     @property
     def ratio_vectorized_to_single(self) -> float:
         return self.vectorized_s / self.single_fit_s
+
+    @property
+    def ratio_repeat_to_single(self) -> float:
+        return self.repeat_s / self.single_fit_s
 
     @property
     def ratio_sequential_to_single(self) -> float | None:
@@ -51,80 +70,94 @@ class BenchResult:
 
     def to_json(self) -> dict[str, Any]:
         """One object; per-seed-count figures are lists aligned with `seeds`."""
-        def column(name: str) -> list[Any]:
-            return [_round(getattr(row, name)) for row in self.rows]
-
-        return {
-            "config": self.config,
-            "seeds": column("seeds"),
-            "single_fit_s": column("single_fit_s"),
-            "sequential_s": column("sequential_s"),
-            "vectorized_s": column("vectorized_s"),
-            "ratio_vectorized_to_single": column("ratio_vectorized_to_single"),
-            "ratio_sequential_to_single": column("ratio_sequential_to_single"),
-            "peak_rss_mb": column("peak_rss_mb"),
-            "peak_rss_sequential_mb": column("peak_rss_sequential_mb"),
-        }
+        names = [f for f in asdict(self.rows[0])] if self.rows else []
+        out: dict[str, Any] = {"config": self.config}
+        for name in names + ["ratio_vectorized_to_single", "ratio_repeat_to_single", "ratio_sequential_to_single"]:
+            out[name] = [_round(getattr(row, name)) for row in self.rows]
+        return out
 
 
-def reference_spec(*, epochs: int = 20, samples: int = 1000, units: int = 32) -> StudySpec:
-    """The reference configuration: built-in `noisy_sine`, windows of 20, one LSTM layer,
-    batch 32, Adam 1e-3, early stopping off."""
-    return parse_spec({
-        "name": "bench",
-        "data": {"name": "noisy_sine", "window": 20, "n_samples": samples},
-        "model": {"family": "lstm", "output": "regression"},
-        "training": {"max_epochs": epochs, "patience": epochs},
-        "pruner": {"kind": "none"},
-        "space": {"units": units, "layers": 1, "batch_size": 32, "optimizer": "adam", "learning_rate": 1e-3},
-    }, source="<bench>")
+def reference_data(model: str, samples: int = 1000) -> tuple[np.ndarray, ...]:
+    """(x, y, x_val, y_val) for a bench model: windows of 20 of the built-in noisy sine."""
+    from hpo.data import load_dataset
+    from hpo.spec import DataSpec
+
+    data = load_dataset(DataSpec(name="noisy_sine", window=20, n_samples=samples), window=20, sequence=True,
+                        split_seed=0)
+    x, xv = data.x_train, data.x_val
+    if model == "embedding_gru":
+        edges = np.linspace(x.min(), x.max(), 63)
+        x, xv = np.digitize(x[..., 0], edges).astype("int32"), np.digitize(xv[..., 0], edges).astype("int32")
+    return x, data.y_train, xv, data.y_val
 
 
-def run_bench(seed_counts: list[int], *, epochs: int = 20, samples: int = 1000, units: int = 32,
-              sequential: bool = True, echo: Any = None) -> BenchResult:
-    """Time the reference configuration for each seed count.
+def reference_builder(model: str, units: int = 32) -> Callable[[], Any]:
+    """A function building and compiling the bench model (Adam 1e-3, MSE)."""
+    import keras
+
+    def build() -> Any:
+        if model == "embedding_gru":
+            inputs = keras.Input((20,), dtype="int32")
+            h = keras.layers.GRU(units)(keras.layers.Embedding(64, 16)(inputs))
+        elif model == "conv1d":
+            inputs = keras.Input((20, 1))
+            h = keras.layers.Conv1D(units, 5, activation="relu")(inputs)
+            h = keras.layers.GlobalAveragePooling1D()(keras.layers.Conv1D(units, 5, activation="relu")(h))
+        else:
+            inputs = keras.Input((20, 1))
+            h = keras.layers.LSTM(units)(inputs)
+        net = keras.Model(inputs, keras.layers.Dense(1)(h))
+        net.compile(keras.optimizers.Adam(1e-3), "mse", metrics=["mae"])
+        return net
+
+    return build
+
+
+def run_bench(seed_counts: list[int], *, model: str = "lstm", epochs: int = 20, samples: int = 1000,
+              units: int = 32, sequential: bool = True, echo: Any = None) -> BenchResult:
+    """Time the bench model for each seed count (batch 32, no early stopping).
 
     Args:
         seed_counts: R values, e.g. [1, 5, 30].
-        epochs: Epochs of every fit (no early stopping).
+        model: A name from `MODELS`.
+        epochs: Epochs of every fit.
         samples: Points of the noisy sine (shrink for a smoke test).
-        units: LSTM width.
-        sequential: Also time R sequential native fits, as hpo's sequential path runs them
-            (one Keras `fit` call per seed and epoch, in lock-step); the slowest part.
+        units: Width of the recurrent or convolutional layers.
+        sequential: Also time R native fits one after another (the slowest part).
         echo: Called with a progress line per measurement, if given.
     """
-    from hpo.space import default_params
-    from hpo.training import configure_determinism, fit_repeats, release_memory
+    from hpo.backend import use_backend
+    from hpo.training import configure_determinism, release_memory
 
-    spec = reference_spec(epochs=epochs, samples=samples, units=units)
-    params = default_params(spec) | {name: p.value for name, p in spec.space.items()}
-    configure_determinism()
-    result = BenchResult(config={"data": "noisy_sine", "samples": samples, "window": 20, "family": "lstm",
-                                 "units": units, "batch_size": 32, "optimizer": "adam", "learning_rate": 1e-3,
-                                 "epochs": epochs, "early_stopping": False,
-                                 "cpus": os.cpu_count(), "load_average_at_start": round(os.getloadavg()[0], 2)})
+    backend = use_backend()
+    if backend != "jax":
+        raise BackendError(f"hpo bench times the vectorised JAX engine; this process runs {backend} "
+                           "(unset HPO_BACKEND or set it to jax)")
+    configure_determinism(backend)
+    build = reference_builder(model, units)
+    data = reference_data(model, samples)
+    result = BenchResult(config={"model": model, "description": MODELS[model], "samples": samples,
+                                 "units": units, "batch_size": 32, "epochs": epochs, "early_stopping": False,
+                                 "backend": backend, "device": _device(backend), "cpus": os.cpu_count(),
+                                 "load_average_at_start": round(os.getloadavg()[0], 2)})
     say = echo or (lambda line: None)
-    # A throwaway fit first, so that no measurement pays for TensorFlow's one-off start-up.
-    _time_single_fit(dataclasses.replace(spec, training=dataclasses.replace(spec.training, max_epochs=1)), params)
+    # A throwaway fit first, so that no measurement pays for the framework's start-up.
+    _time_native_fit(build, data, 1, seed=0)
     release_memory()
     for r in seed_counts:
         # The single fit runs right before the replicas, so their ratio sees the same load.
-        single = _time_single_fit(spec, params)
+        single = _time_native_fit(build, data, epochs, seed=0)
         release_memory()
         say(f"R={r}: one native fit {single:.2f} s")
-        start = time.perf_counter()
-        fit_repeats(spec, params, dataclasses.replace(spec, seeds=r).seed_values, path="vectorized")
-        vectorized = time.perf_counter() - start
+        fresh = _time_replicas(build, data, epochs, list(range(r)), clear=True)
+        repeat = _time_replicas(build, data, epochs, list(range(1000, 1000 + r)), clear=False)
         release_memory()
-        say(f"R={r}: {r} replicas together {vectorized:.2f} s")
-        result.rows.append(BenchRow(r, single, vectorized, _peak_rss_mb()))
+        say(f"R={r}: {r} replicas together {fresh[0]:.2f} s, again with other seeds {repeat[0]:.2f} s")
+        result.rows.append(BenchRow(r, single, fresh[0], repeat[0], fresh[1], repeat[1], repeat[2], _peak_rss_mb()))
     for row in result.rows if sequential else []:
-        start = time.perf_counter()
-        fit_repeats(spec, params, dataclasses.replace(spec, seeds=row.seeds).seed_values, path="sequential")
-        row.sequential_s = time.perf_counter() - start
+        row.sequential_s = sum(_time_native_fit(build, data, epochs, seed=s) for s in range(row.seeds))
         release_memory()
-        row.peak_rss_sequential_mb = _peak_rss_mb()
-        say(f"R={row.seeds}: {row.seeds} sequential fits {row.sequential_s:.2f} s")
+        say(f"R={row.seeds}: {row.seeds} native fits one after another {row.sequential_s:.2f} s")
     # Other processes on the machine skew every figure; the load says how much to trust them.
     result.config["load_average_at_end"] = round(os.getloadavg()[0], 2)
     return result
@@ -132,37 +165,60 @@ def run_bench(seed_counts: list[int], *, epochs: int = 20, samples: int = 1000, 
 
 def format_table(result: BenchResult) -> str:
     """The rows as a fixed-width table."""
-    lines = [f"{'seeds':>5}  {'single fit s':>12}  {'sequential s':>12}  {'vectorized s':>12}  "
-             f"{'seq/single':>10}  {'vec/single':>10}  {'peak RSS MB':>11}  {'+ sequential':>12}"]
+    head = ["seeds", "one fit s", "R fits s", "together s", "again s", "R fits/one", "together/one", "again/one",
+            "fixed s", "fixed again s", "epoch s", "peak RSS MB"]
+    widths = [max(len(h), 6) for h in head]
+    lines = ["  ".join(h.rjust(w) for h, w in zip(head, widths))]
     for row in result.rows:
         seq = "-" if row.sequential_s is None else f"{row.sequential_s:.2f}"
         seq_ratio = "-" if row.ratio_sequential_to_single is None else f"{row.ratio_sequential_to_single:.2f}x"
-        seq_rss = "-" if row.peak_rss_sequential_mb is None else f"{row.peak_rss_sequential_mb:.0f}"
-        lines.append(f"{row.seeds:>5}  {row.single_fit_s:>12.2f}  {seq:>12}  {row.vectorized_s:>12.2f}  "
-                     f"{seq_ratio:>10}  {row.ratio_vectorized_to_single:>9.2f}x  {row.peak_rss_mb:>11.0f}  "
-                     f"{seq_rss:>12}")
-    load = f"load average {result.config.get('load_average_at_start')} -> {result.config.get('load_average_at_end')}"
-    lines.append(f"({result.config.get('cpus')} CPUs, {load})")
+        cells = [str(row.seeds), f"{row.single_fit_s:.2f}", seq, f"{row.vectorized_s:.2f}", f"{row.repeat_s:.2f}",
+                 seq_ratio, f"{row.ratio_vectorized_to_single:.2f}x", f"{row.ratio_repeat_to_single:.2f}x",
+                 f"{row.fixed_s:.3f}", f"{row.fixed_repeat_s:.3f}", f"{row.epoch_s:.4f}", f"{row.peak_rss_mb:.0f}"]
+        lines.append("  ".join(c.rjust(w) for c, w in zip(cells, widths)))
+    c = result.config
+    lines.append(f"({c.get('model')} on {c.get('device')}, {c.get('cpus')} CPUs, "
+                 f"load average {c.get('load_average_at_start')} -> {c.get('load_average_at_end')})")
     return "\n".join(lines)
 
 
-def _time_single_fit(spec: StudySpec, params: dict[str, Any]) -> float:
-    """One native Keras fit as a user would write it: build, compile, one `fit` call for all
-    epochs (cheaper than the per-epoch calls of the lock-step path, so the harder baseline)."""
+def _time_native_fit(build: Callable[[], Any], data: tuple, epochs: int, seed: int) -> float:
+    """One native Keras fit as a user would write it: build, compile, one `fit` call."""
     import keras
 
-    from hpo.data import load_dataset
-    from hpo.models import build_model, compile_model
-
-    data = load_dataset(spec.data, window=params["window"])
+    x, y, xv, yv = data
     start = time.perf_counter()
-    keras.utils.set_random_seed(spec.seed)
-    model = build_model(params, data.input_shape, family=spec.model.family, output=spec.output,
-                        n_outputs=data.n_outputs)
-    compile_model(model, params, output=spec.output, steps_per_epoch=-(-len(data.x_train) // params["batch_size"]))
-    model.fit(data.x_train, data.y_train, batch_size=params["batch_size"], epochs=spec.training.max_epochs,
-              validation_data=(data.x_val, data.y_val), verbose=0)
+    keras.utils.set_random_seed(seed)
+    build().fit(x, y, batch_size=32, epochs=epochs, validation_data=(xv, yv), verbose=0)
     return time.perf_counter() - start
+
+
+def _time_replicas(build: Callable[[], Any], data: tuple, epochs: int, seeds: list[int],
+                   clear: bool) -> tuple[float, float, float]:
+    """(wall seconds, fixed seconds, median epoch seconds) of R replicas for `epochs`."""
+    from hpo import engine
+
+    if clear:
+        engine.clear_cache()
+    start = time.perf_counter()
+    replicas = engine.Replicas(build, seeds, *data, batch_size=32)
+    epoch_times = []
+    for _ in range(epochs):
+        t = time.perf_counter()
+        replicas.run_epoch(np.ones(len(seeds), bool))
+        epoch_times.append(time.perf_counter() - t)
+    wall = time.perf_counter() - start
+    median = statistics.median(epoch_times)
+    return wall, max(0.0, wall - epochs * median), median
+
+
+def _device(backend: str) -> str:
+    if backend == "jax":
+        import jax
+
+        device = jax.devices()[0]
+        return f"{device.platform}: {getattr(device, 'device_kind', '')}".strip()
+    return "cpu"
 
 
 def _peak_rss_mb() -> float:

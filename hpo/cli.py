@@ -388,10 +388,15 @@ def dashboard(storage: str, host: str, port: int) -> None:
 @click.option("--epochs", type=click.IntRange(1), default=20, show_default=True, help="Epochs per fit.")
 @click.option("--samples", type=click.IntRange(100), default=1000, show_default=True,
               help="Points of the noisy sine (shrink for a quick run).")
-@click.option("--units", type=click.IntRange(1), default=32, show_default=True, help="LSTM units.")
-@click.option("--skip-sequential", is_flag=True, help="Do not time R sequential fits (the slow part).")
-def bench(seed_counts: str, fmt: str, epochs: int, samples: int, units: int, skip_sequential: bool) -> None:
-    """Time one native Keras fit, R sequential fits and R replicas trained together."""
+@click.option("--units", type=click.IntRange(1), default=32, show_default=True,
+              help="Width of the recurrent or convolutional layers.")
+@click.option("--model", type=click.Choice(["lstm", "conv1d", "embedding_gru"]), default="lstm", show_default=True,
+              help="lstm: the reference LSTM; conv1d, embedding_gru: models no built-in family has.")
+@click.option("--skip-sequential", is_flag=True, help="Do not time R native fits one after another (the slow part).")
+def bench(seed_counts: str, fmt: str, epochs: int, samples: int, units: int, model: str,
+          skip_sequential: bool) -> None:
+    """Time one native Keras fit, R native fits, and R replicas trained together (fresh and
+    for a repeated shape), on the device JAX uses."""
     import json
 
     from hpo.bench import format_table, run_bench
@@ -403,8 +408,8 @@ def bench(seed_counts: str, fmt: str, epochs: int, samples: int, units: int, ski
     if not counts or min(counts) < 1:
         raise click.BadParameter(f"expected seed counts of at least 1, got {seed_counts!r}", param_hint="--seeds")
     progress = (lambda line: click.echo(line, err=True)) if fmt == "json" else click.echo
-    result = run_bench(counts, epochs=epochs, samples=samples, units=units, sequential=not skip_sequential,
-                       echo=progress)
+    result = run_bench(counts, model=model, epochs=epochs, samples=samples, units=units,
+                       sequential=not skip_sequential, echo=progress)
     click.echo(json.dumps(result.to_json()) if fmt == "json" else format_table(result))
 
 

@@ -48,6 +48,17 @@ class RepeatFit:
     path: str
     pruned_at_epoch: int | None = None
     backend: str | None = None
+    # Wall time of each lock-step epoch; fit_seconds less these is the trial's fixed
+    # cost (loading data, building, tracing and compiling).
+    epoch_seconds: list[float] = field(default_factory=list)
+
+    @property
+    def fixed_seconds(self) -> float:
+        """The trial's cost beyond its epochs, each epoch counted at the median epoch's
+        time (the first epoch also pays compilation)."""
+        if not self.epoch_seconds:
+            return self.fit_seconds
+        return max(0.0, self.fit_seconds - len(self.epoch_seconds) * statistics.median(self.epoch_seconds))
 
     @property
     def scores(self) -> list[float]:
@@ -167,12 +178,12 @@ def _lock_step(spec: StudySpec, seeds: list[int], trainer: EpochTrainer, on_epoc
     curves: list[dict[str, list[float]]] = [{k: [] for k in CURVE_KEYS} for _ in seeds]
     sources = {"loss": "loss", "val_loss": "val_loss", "metric": spec.metric.removeprefix("val_"),
                "val_metric": spec.metric}
-    fit_seconds, pruned_at = setup, None
+    pruned_at, epoch_seconds = None, []
     for epoch in range(spec.training.max_epochs):
         active = np.array([not s.stopped for s in stoppers])
         start = time.perf_counter()
         logs = trainer.run_epoch(active)
-        fit_seconds += time.perf_counter() - start
+        epoch_seconds.append(time.perf_counter() - start)
         for i in np.flatnonzero(active):
             for key in ("loss", "val_loss"):
                 value = float(logs[key][i])
@@ -189,7 +200,7 @@ def _lock_step(spec: StudySpec, seeds: list[int], trainer: EpochTrainer, on_epoc
         if all(s.stopped for s in stoppers):
             break
     fits = [SeedFit(seed, float(s.best), s.best_epoch, s.epochs_run, c) for seed, s, c in zip(seeds, stoppers, curves)]
-    return RepeatFit(fits, fit_seconds, path, pruned_at, backend)
+    return RepeatFit(fits, setup + sum(epoch_seconds), path, pruned_at, backend, epoch_seconds)
 
 
 def _stopper(spec: StudySpec) -> EarlyStopper:
@@ -297,12 +308,15 @@ _determinism_configured = False
 
 
 def configure_determinism(backend: str) -> None:
-    """Import the backend quietly and, on TensorFlow, make its ops deterministic (once
-    per process), so a replay is exact."""
+    """Import Keras quietly and, on TensorFlow, make its ops deterministic (once per
+    process), so a replay is exact."""
     global _determinism_configured
-    if _determinism_configured or backend != "tensorflow":
+    if _determinism_configured:
         return
     _import_tensorflow_quietly()
+    import keras  # noqa: F401
+    if backend != "tensorflow":
+        return
     import tensorflow as tf
 
     tf.config.experimental.enable_op_determinism()

@@ -14,20 +14,25 @@ from hpo.bench import BenchResult, BenchRow, format_table
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_bench_json_through_the_hpo_command():
+@pytest.mark.parametrize("model", ["lstm", "conv1d"])
+def test_bench_json_through_the_hpo_command(model):
     proc = subprocess.run(
-        [sys.executable, "-m", "hpo", "bench", "--seeds", "1", "--format", "json", "--epochs", "1",
-         "--samples", "120"],
+        [sys.executable, "-m", "hpo", "bench", "--seeds", "2", "--format", "json", "--epochs", "2",
+         "--samples", "120", "--model", model],
         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout)
-    assert result["seeds"] == [1]
-    for key in ("single_fit_s", "sequential_s", "vectorized_s", "ratio_vectorized_to_single", "peak_rss_mb",
-                "peak_rss_sequential_mb"):
+    assert result["seeds"] == [2]
+    for key in ("single_fit_s", "sequential_s", "vectorized_s", "repeat_s", "epoch_s", "peak_rss_mb",
+                "ratio_vectorized_to_single", "ratio_repeat_to_single"):
         assert len(result[key]) == 1 and result[key][0] > 0, key
     ratio = result["vectorized_s"][0] / result["single_fit_s"][0]
     assert result["ratio_vectorized_to_single"][0] == pytest.approx(ratio, rel=1e-3)
-    assert result["config"]["epochs"] == 1 and result["config"]["early_stopping"] is False
+    # A repeated shape reuses the compiled epoch: it pays no compilation again.
+    assert result["repeat_s"][0] < result["vectorized_s"][0]
+    config = result["config"]
+    assert config["model"] == model and config["epochs"] == 2 and config["early_stopping"] is False
+    assert config["backend"] == "jax" and config["device"].startswith("cpu")
 
 
 def test_bench_rejects_a_bad_seed_list():
@@ -38,8 +43,11 @@ def test_bench_rejects_a_bad_seed_list():
 
 
 def test_table_shows_a_row_per_seed_count_and_dashes_for_skipped_sequential_fits():
-    result = BenchResult(config={}, rows=[BenchRow(1, 2.0, 1.0, 500.0), BenchRow(5, 2.0, 2.5, 600.0, 10.0, 700.0)])
+    result = BenchResult(config={"model": "lstm", "device": "cpu"}, rows=[
+        BenchRow(1, 2.0, 1.0, 0.5, 0.4, 0.01, 0.03, 500.0),
+        BenchRow(5, 2.0, 2.5, 1.5, 0.9, 0.02, 0.07, 600.0, 10.0)])
     lines = format_table(result).splitlines()
     assert len(lines) == 4
     assert lines[1].split()[:3] == ["1", "2.00", "-"]
-    assert "1.25x" in lines[2] and "5.00x" in lines[2]
+    assert "1.25x" in lines[2] and "5.00x" in lines[2] and "0.75x" in lines[2]
+    assert "lstm on cpu" in lines[3]
