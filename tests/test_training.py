@@ -90,3 +90,51 @@ def test_stateful_lstm_trains_with_fixed_batches():
         "space": {"units": 4, "batch_size": 8}})
     fit = fit_repeats(spec, default_params(spec) | {"units": 4, "batch_size": 8}, [5])
     assert fit.fits[0].epochs_run == 2 and math.isfinite(fit.fits[0].score)
+
+
+def test_a_process_cannot_switch_the_backend_keras_loaded_with():
+    import keras
+
+    from hpo.backend import use_backend
+    from hpo.errors import BackendError
+
+    other = "tensorflow" if keras.backend.backend() == "jax" else "jax"
+    with pytest.raises(BackendError, match=f"already loaded Keras with the {keras.backend.backend()} backend"):
+        use_backend(other)
+
+
+@pytest.mark.parametrize("how", ["spec", "environment"])
+def test_the_tensorflow_backend_trains_one_model_per_seed(how, tmp_path):
+    # A study (or HPO_BACKEND) picks the backend before Keras loads in the worker process;
+    # TensorFlow trains each seed as its own Keras model.
+    import json
+    import sqlite3
+
+    from tests.conftest import run_hpo
+
+    study = tmp_path / "tf.toml"
+    backend_line = 'backend = "tensorflow"' if how == "spec" else ""
+    study.write_text(f"""
+name = "tf"
+seeds = 2
+[data]
+name = "noisy_sine"
+n_samples = 120
+window = 5
+[model]
+family = "gru"
+[training]
+max_epochs = 2
+{backend_line}
+[space]
+units = 4
+batch_size = 16
+""")
+    db = tmp_path / "tf.db"
+    env = {"HPO_BACKEND": "tensorflow"} if how == "environment" else {"HPO_BACKEND": "jax"}
+    run_hpo("run", str(study), "--trials", "1", "--storage", f"sqlite:///{db}", env=env)
+    conn = sqlite3.connect(db)
+    attrs = dict(conn.execute("SELECT key, value_json FROM trial_user_attributes").fetchall())
+    conn.close()
+    assert json.loads(attrs["backend"]) == "tensorflow" and json.loads(attrs["training_path"]) == "sequential"
+    assert len(json.loads(attrs["seed_scores"])) == 2
