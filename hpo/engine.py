@@ -8,7 +8,6 @@ over a leading replica axis, and `jax.lax.scan` runs an epoch's batches on the d
 
 from __future__ import annotations
 
-import collections
 import copy
 import json
 import random
@@ -20,8 +19,8 @@ import numpy as np
 # One compiled epoch per model configuration: a later trial with the same configuration
 # (and batch shapes) reuses it, so it pays no tracing or compilation. Bounded, so a long
 # study whose configurations keep changing does not accumulate compiled programs.
-_CACHE_SIZE = 8
-_programs: "collections.OrderedDict[str, _Program]" = collections.OrderedDict()
+_CACHE_SIZE = 4
+_programs: dict[str, "_Program"] = {}
 
 # How many of Python's `random` draws after `set_random_seed` are searched for the seeds
 # of a model's initializers and seed generators.
@@ -144,18 +143,22 @@ def _program_for(model: Any, build: Callable[[], Any], seeds: list[int], sample:
     key = _config_key(model)
     program = _programs.get(key)
     if program is None:
+        if len(_programs) >= _CACHE_SIZE:
+            # JAX keeps traces and executables in process-wide caches that an evicted
+            # program alone would not release; start afresh instead of growing.
+            clear_cache()
         program = _Program(model, _compile_epoch(model), _checked_draw_index(model, build, seeds[0], sample),
                            [m.name for m in model.metrics])
         _programs[key] = program
-        while len(_programs) > _CACHE_SIZE:
-            _programs.popitem(last=False)
-    _programs.move_to_end(key)
     return program
 
 
 def clear_cache() -> None:
-    """Forget every compiled epoch (and the models they hold)."""
+    """Forget every compiled epoch (and the models they hold), and JAX's own caches."""
+    import jax
+
     _programs.clear()
+    jax.clear_caches()
 
 
 def _compile_epoch(model: Any) -> Callable[..., Any]:
