@@ -3,7 +3,7 @@ trained as one `jax.vmap` program, one epoch per call, with per-replica logs out
 
 Works for any Keras model on the JAX backend: the compiled model's own pure `train_step`
 and `test_step` (built on `stateless_call` and `optimizer.stateless_apply`) are batched
-over a leading replica axis, and `jax.lax.scan` runs an epoch's batches on the device.
+over a leading replica axis, one jitted step per batch.
 """
 
 from __future__ import annotations
@@ -27,16 +27,11 @@ _programs: dict[str, "_Program"] = {}
 _MAX_DRAWS = 4096
 
 
-class EngineError(RuntimeError):
-    """The model cannot be trained as vectorised replicas (the message says why)."""
-
-
 @dataclass
 class _Program:
     model: Any
     epoch: Callable[..., Any]
     draw_index: list[int | None] | None
-    metric_names: list[str]
 
 
 class Replicas:
@@ -70,7 +65,6 @@ class Replicas:
         program = _program_for(model, build, self.seeds, sample)
         self.model = program.model
         self._epoch = program.epoch
-        self.metric_names = program.metric_names
         states = _initial_states(model, build, self.seeds, program.draw_index, sample)
         self.state = jax.tree.map(lambda *leaves: np.stack(leaves), *states)
         self._shufflers = [fit_shuffler(s, len(x)) for s in self.seeds]
@@ -116,7 +110,15 @@ def _disable_cudnn(model: Any) -> None:
 
 def _config_key(model: Any) -> str:
     """What the compiled epoch depends on, names aside: two trials whose models differ
-    only in layer names (Keras numbers them per process) share one compiled program."""
+    only in layer names (Keras numbers them per process) share one compiled program.
+
+    Only Keras' own layers and model classes say all they compute in their config; a
+    model with a custom layer or a Lambda gets a key of its own, never shared.
+    """
+    keras_made = all(type(obj).__module__.startswith("keras.") and type(obj).__name__ != "Lambda"
+                     for obj in [model, *model._flatten_layers()])
+    if not keras_made:
+        return f"unshared-{id(model)}"
     optimizer = dict(model.optimizer.get_config())
     optimizer.pop("name", None)
     if isinstance(optimizer.get("learning_rate"), float):
@@ -147,8 +149,7 @@ def _program_for(model: Any, build: Callable[[], Any], seeds: list[int], sample:
             # JAX keeps traces and executables in process-wide caches that an evicted
             # program alone would not release; start afresh instead of growing.
             clear_cache()
-        program = _Program(model, _compile_epoch(model), _checked_draw_index(model, build, seeds[0], sample),
-                           [m.name for m in model.metrics])
+        program = _Program(model, _compile_epoch(model), _checked_draw_index(model, build, seeds[0], sample))
         _programs[key] = program
     return program
 

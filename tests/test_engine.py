@@ -194,3 +194,42 @@ def test_scores_agree_with_plain_keras_fit_and_early_stopping():
                   callbacks=[keras.callbacks.EarlyStopping(patience=2, restore_best_weights=True)])
         plain.append(model.evaluate(data.x_val, data.y_val, batch_size=16, verbose=0)[0])
     np.testing.assert_allclose(fit.scores, plain, rtol=1e-4)
+
+
+class _Scale(keras.layers.Layer):
+    """A custom layer whose factor is not in its config, as quick custom layers often are."""
+
+    def __init__(self, factor, **kwargs):
+        super().__init__(**kwargs)
+        self.factor = factor
+
+    def call(self, x):
+        return x * self.factor
+
+
+def test_a_repeated_shape_reuses_its_compiled_program_but_a_custom_layer_never_shares_one(arrays):
+    def build(factor=None, units=4):
+        def make():
+            inputs = keras.Input((STEPS, 2))
+            h = keras.layers.Flatten()(inputs if factor is None else _Scale(factor)(inputs))
+            model = keras.Model(inputs, keras.layers.Dense(1)(keras.layers.Dense(units)(h)))
+            model.compile(keras.optimizers.Adam(0.01), "mse", metrics=["mae"])
+            return model
+        return make
+
+    def program(make):
+        engine.Replicas(make, [1], arrays["x"], arrays["y"], arrays["xv"], arrays["yv"], batch_size=32)
+        return engine._programs[engine._config_key(_built(make))]
+
+    engine.clear_cache()
+    assert program(build()) is program(build())  # same shape: one program
+    assert program(build(units=5)) is not program(build(units=4))
+    a = engine.Replicas(build(1.0), [1], arrays["x"], arrays["y"], arrays["xv"], arrays["yv"], batch_size=32)
+    b = engine.Replicas(build(3.0), [1], arrays["x"], arrays["y"], arrays["xv"], arrays["yv"], batch_size=32)
+    assert a.run_epoch(np.ones(1, bool))["loss"][0] != b.run_epoch(np.ones(1, bool))["loss"][0]
+    assert len(engine._programs) <= engine._CACHE_SIZE
+
+
+def _built(make):
+    keras.utils.set_random_seed(1)
+    return make()
