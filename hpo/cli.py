@@ -86,7 +86,8 @@ def _open_storage(storage: str, heartbeat_interval: int | None, grace_period: in
 _memory_option = click.option(
     "--max-memory-growth", type=float, default=None,
     help="Restart a worker (same process id) between trials once its memory has grown this many MB since its "
-         "first trial: TensorFlow keeps memory per fitted model; 0 never [default: 150].")
+         "first trial: TensorFlow keeps memory per fitted model; 0 never [default: 150 on the TensorFlow "
+         "backend, never on JAX].")
 
 
 def _restart_if_memory_grew(summary, label: str) -> None:
@@ -114,7 +115,7 @@ def run(study: str, storage: str, study_name: str | None, trials: int | None, ti
     """Run the study STUDY (a file, or a name from studies/) until its budget is spent."""
     from hpo.storage import mask_url
     from hpo.study import create_study
-    from hpo.workers import MAX_MEMORY_GROWTH_MB, clear_stop, run_trials, run_workers, worker_threads
+    from hpo.workers import clear_stop, memory_growth_limit, run_trials, run_workers, worker_threads
 
     spec = _checked_spec(study, seeds=seeds, max_epochs=max_epochs, trials=trials, name=study_name)
     optuna_study = create_study(spec, _open_storage(storage, heartbeat_interval, grace_period))
@@ -129,10 +130,9 @@ def run(study: str, storage: str, study_name: str | None, trials: int | None, ti
                               grace_period=grace_period, max_memory_growth=max_memory_growth, echo=click.echo,
                               echo_err=lambda line: click.echo(line, err=True))
     else:
-        growth = MAX_MEMORY_GROWTH_MB if max_memory_growth is None else max_memory_growth
         summary = run_trials(optuna_study, spec, budget=spec.trials, timeout=timeout,
                              max_consecutive_failures=max_failures, echo=click.echo,
-                             max_memory_growth_mb=growth or None)
+                             max_memory_growth_mb=memory_growth_limit(spec, max_memory_growth))
         _restart_if_memory_grew(summary, "hpo run")
     _print_summary(spec, summary, storage)
     if summary.exit_code:
@@ -184,7 +184,7 @@ def worker(storage: str, study_name: str, trials: int | None, timeout: float | N
     the spec is rebuilt from the database."""
     from hpo.storage import mask_url
     from hpo.study import load_study
-    from hpo.workers import MAX_MEMORY_GROWTH_MB, limit_threads, run_trials
+    from hpo.workers import limit_threads, memory_growth_limit, run_trials
 
     if threads is not None:
         limit_threads(threads)
@@ -198,10 +198,9 @@ def worker(storage: str, study_name: str, trials: int | None, timeout: float | N
     if trials is not None and trials < 1:
         raise click.BadParameter(f"--trials {trials} must be at least 1")
     click.echo(f"worker {worker_index} on study {study_name} ({mask_url(storage)}): budget {budget} trials")
-    growth = MAX_MEMORY_GROWTH_MB if max_memory_growth is None else max_memory_growth
     summary = run_trials(optuna_study, spec, budget=budget, timeout=timeout,
                          max_consecutive_failures=max_failures, echo=click.echo,
-                         max_memory_growth_mb=growth or None)
+                         max_memory_growth_mb=memory_growth_limit(spec, max_memory_growth))
     # TensorFlow does not give back what it keeps per model; a fresh process does.
     _restart_if_memory_grew(summary, f"worker {worker_index}")
     click.echo(f"worker {worker_index} done in {summary.seconds:.1f} s: {summary.complete} complete, "

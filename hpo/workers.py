@@ -44,6 +44,19 @@ STOP_SECONDS = 20.0
 MAX_MEMORY_GROWTH_MB = 150.0
 
 
+def memory_growth_limit(spec: StudySpec, requested: float | None) -> float | None:
+    """The resident-memory growth after which a process restarts itself between trials:
+    `requested` (0: never), else `MAX_MEMORY_GROWTH_MB` where TensorFlow trains (it keeps
+    what it holds per model), else None (JAX's caches are bounded; nothing to restart for)."""
+    from hpo.backend import resolve_backend
+
+    if requested is not None:
+        return requested or None
+    if spec.model.family == "analytic" or resolve_backend(spec.training.backend) != "tensorflow":
+        return None
+    return MAX_MEMORY_GROWTH_MB
+
+
 class Interrupted(BaseException):
     """SIGTERM or SIGINT arrived: finish the current trial as failed (not counted) and stop.
 

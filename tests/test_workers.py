@@ -270,3 +270,21 @@ def test_worker_restarts_itself_when_memory_grows(tmp_path):
 def test_bench_workers_storage_runs_through_the_real_command(tmp_path):
     result = run_hpo("bench-workers", "storage", "--storage", f"sqlite:///{tmp_path / 'b.db'}", "--trials", "3")
     assert "plain optuna" in result.stdout and "hpo worker" in result.stdout and "ratio" in result.stdout
+
+
+def test_only_the_tensorflow_backend_restarts_for_memory_by_default(monkeypatch):
+    # TensorFlow keeps memory per fitted model; the JAX engine's caches are bounded.
+    from hpo.spec import parse_spec
+    from hpo.workers import MAX_MEMORY_GROWTH_MB, memory_growth_limit
+
+    monkeypatch.delenv("HPO_BACKEND", raising=False)
+
+    def spec(backend):
+        training = {"backend": backend} if backend else {}
+        return parse_spec({"name": "m", "data": {"name": "noisy_sine"}, "model": {"family": "lstm"},
+                           "training": training})
+
+    assert memory_growth_limit(spec("tensorflow"), None) == MAX_MEMORY_GROWTH_MB
+    assert memory_growth_limit(spec("jax"), None) is None
+    assert memory_growth_limit(spec(None), None) is None
+    assert memory_growth_limit(spec("jax"), 5.0) == 5.0 and memory_growth_limit(spec("tensorflow"), 0.0) is None
