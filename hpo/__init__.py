@@ -7,3 +7,13 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # hpo.tune / hpo.run / hpo.load_spec, imported on first use: `import hpo` (and
+    # `hpo --help`) stays free of Optuna's and Keras' start-up cost.
+    if name in ("tune", "run", "load_spec"):
+        from hpo import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'hpo' has no attribute {name!r}")

@@ -6,9 +6,11 @@ Heavy modules (TensorFlow, Keras) are imported inside the commands that train, s
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import traceback
+from pathlib import Path
 
 import click
 
@@ -113,26 +115,28 @@ def run(study: str, storage: str, study_name: str | None, trials: int | None, ti
         seeds: int | None, max_epochs: int | None, workers: int, max_failures: int,
         heartbeat_interval: int | None, grace_period: int | None, max_memory_growth: float | None) -> None:
     """Run the study STUDY (a file, or a name from studies/) until its budget is spent."""
-    from hpo.storage import mask_url
-    from hpo.study import create_study
-    from hpo.workers import clear_stop, memory_growth_limit, run_trials, run_workers, worker_threads
+    from hpo.api import describe_start, start
+    from hpo.spec import load_spec
+    from hpo.workers import run_workers, worker_threads
 
-    spec = _checked_spec(study, seeds=seeds, max_epochs=max_epochs, trials=trials, name=study_name)
-    optuna_study = create_study(spec, _open_storage(storage, heartbeat_interval, grace_period))
-    clear_stop(optuna_study)
-    click.echo(f"study {spec.name} ({spec.source}) on {mask_url(storage)}: budget {spec.trials} trials, "
-               f"{spec.seeds} seeds each, up to {spec.training.max_epochs} epochs, {spec.metric} "
-               f"({spec.direction}), objective {spec.objective.mode}")
+    spec = load_spec(study).with_overrides(seeds=seeds, max_epochs=max_epochs, trials=trials, name=study_name)
     if workers > 1:
+        from hpo.study import create_study
+        from hpo.training import check_spec_runs
+        from hpo.workers import clear_stop
+
+        check_spec_runs(spec)
+        clear_stop(create_study(spec, _open_storage(storage, heartbeat_interval, grace_period)))
+        click.echo(describe_start(spec, storage))
         click.echo(f"{workers} workers, {worker_threads(workers)} TensorFlow threads each")
         summary = run_workers(storage, spec, workers, budget=spec.trials, timeout=timeout,
                               max_consecutive_failures=max_failures, heartbeat_interval=heartbeat_interval,
                               grace_period=grace_period, max_memory_growth=max_memory_growth, echo=click.echo,
                               echo_err=lambda line: click.echo(line, err=True))
     else:
-        summary = run_trials(optuna_study, spec, budget=spec.trials, timeout=timeout,
-                             max_consecutive_failures=max_failures, echo=click.echo,
-                             max_memory_growth_mb=memory_growth_limit(spec, max_memory_growth))
+        _, summary = start(spec, storage, timeout=timeout, max_failures=max_failures,
+                           heartbeat_interval=heartbeat_interval, grace_period=grace_period,
+                           max_memory_growth=max_memory_growth, echo=click.echo)
         _restart_if_memory_grew(summary, "hpo run")
     _print_summary(spec, summary, storage)
     if summary.exit_code:
@@ -140,12 +144,13 @@ def run(study: str, storage: str, study_name: str | None, trials: int | None, ti
 
 
 def _checked_spec(study: str, **overrides):
-    """The study file with the command line's overrides, its data built once to check it."""
-    from hpo.data import check_data
+    """The study file with the command line's overrides, its data and model built once to
+    check them."""
     from hpo.spec import load_spec
+    from hpo.training import check_spec_runs
 
     spec = load_spec(study).with_overrides(**overrides)
-    check_data(spec)
+    check_spec_runs(spec)
     return spec
 
 
@@ -177,13 +182,17 @@ def create(study: str, storage: str, study_name: str | None, trials: int | None,
 @click.option("--worker-index", type=click.IntRange(0, 10**6),
               help="This worker's number: its sampler is seeded with the spec's seed plus it "
                    "(default: a random number, so that workers started alike do not propose alike).")
+@click.option("--study-dir", type=click.Path(file_okay=False, path_type=Path), envvar="HPO_STUDY_DIR",
+              help="This machine's copy of the study file's folder, where its build and loader files are "
+                   "[default: the folder recorded when the study was created].")
 def worker(storage: str, study_name: str, trials: int | None, timeout: float | None, max_failures: int,
            heartbeat_interval: int | None, grace_period: int | None, threads: int | None,
-           max_memory_growth: float | None, worker_index: int | None) -> None:
+           max_memory_growth: float | None, worker_index: int | None, study_dir: Path | None) -> None:
     """Join the study STUDY_NAME from any machine and run trials until its budget is spent;
     the spec is rebuilt from the database."""
     from hpo.storage import mask_url
     from hpo.study import load_study
+    from hpo.training import check_spec_runs
     from hpo.workers import limit_threads, memory_growth_limit, run_trials
 
     if threads is not None:
@@ -194,6 +203,10 @@ def worker(storage: str, study_name: str, trials: int | None, timeout: float | N
         worker_index = random.SystemRandom().randrange(1, 10**6)
     optuna_study, spec = load_study(_open_storage(storage, heartbeat_interval, grace_period), study_name,
                                     worker=worker_index)
+    if study_dir is not None:
+        spec = dataclasses.replace(spec, base_dir=str(study_dir.resolve()))
+    # The hooks' code must be the code the study's trials were fitted with.
+    check_spec_runs(spec)
     budget = trials if trials is not None else spec.trials
     if trials is not None and trials < 1:
         raise click.BadParameter(f"--trials {trials} must be at least 1")

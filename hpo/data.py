@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from hpo.errors import SpecError
-from hpo.spec import RECURRENT_FAMILIES, Choice, DataSpec, Fixed, IntRange, StudySpec
+from hpo.spec import (CUSTOM, DATA_PARAMS, LOADER, RECURRENT_FAMILIES, SERIES_DATASETS, Choice, DataSpec, Fixed,
+                      IntRange, StudySpec)
 
 # The built-in series are the same in every study, whatever the study seed.
 _DATA_SEED = 20240611
@@ -51,7 +54,7 @@ class _Scaler:
 
 
 def load_dataset(spec: DataSpec, *, window: int | None = None, sequence: bool = True,
-                 split_seed: int = 0) -> Dataset:
+                 split_seed: int = 0, maxlen: int | None = None, vocab_size: int | None = None) -> Dataset:
     """Build the train/validation arrays for one fit.
 
     Args:
@@ -60,12 +63,39 @@ def load_dataset(spec: DataSpec, *, window: int | None = None, sequence: bool = 
         sequence: True for recurrent families, whose inputs are `(n, steps, features)`.
         split_seed: Seed of a random split (the study seed, or the fit's seed when the
             spec resamples the split per seed).
+        maxlen, vocab_size: Tokens per text and vocabulary of a `csv_text` dataset; the
+            spec's when None.
     """
-    return _load_cached(spec, window or spec.window, sequence, split_seed)
+    return _load_cached(spec, window or spec.window, sequence, split_seed, maxlen or spec.maxlen,
+                        vocab_size or spec.vocab_size)
+
+
+def load_trial_data(spec: StudySpec, params: dict[str, Any], split_seed: int | None = None) -> Dataset:
+    """A trial's arrays: the user's loader's, or the built-in dataset shaped by the params
+    (window, maxlen, vocab_size) for the spec's model family.
+
+    Args:
+        spec: The study.
+        params: Resolved params.
+        split_seed: Seed of a random split; the study seed when None.
+    """
+    if spec.data.name == LOADER:
+        return _user_arrays(spec)
+    return load_dataset(spec.data, sequence=_wants_sequence(spec), split_seed=spec.seed if split_seed is None else split_seed,
+                        **{name: params.get(name) for name in DATA_PARAMS})
+
+
+def _wants_sequence(spec: StudySpec) -> bool:
+    # Recurrent families read every dataset as steps; a user's model gets series as
+    # (steps, 1) windows and tables as rows of features.
+    if spec.model.family == CUSTOM:
+        return spec.data.name in SERIES_DATASETS
+    return spec.model.family in RECURRENT_FAMILIES
 
 
 @functools.lru_cache(maxsize=16)
-def _load_cached(spec: DataSpec, window: int, sequence: bool, split_seed: int) -> Dataset:
+def _load_cached(spec: DataSpec, window: int, sequence: bool, split_seed: int, maxlen: int,
+                 vocab_size: int) -> Dataset:
     if spec.name == "digits":
         from sklearn.datasets import load_digits
 
@@ -75,6 +105,8 @@ def _load_cached(spec: DataSpec, window: int, sequence: bool, split_seed: int) -
                       steps=(8, 8))
     if spec.name == "csv_table":
         return _csv_table(spec, split_seed, sequence)
+    if spec.name == "csv_text":
+        return _csv_text(spec, split_seed, maxlen, vocab_size)
     if spec.name == "noisy_sine":
         rng = np.random.default_rng(_DATA_SEED)
         t = np.arange(spec.n_samples, dtype=np.float64)
@@ -139,6 +171,97 @@ def _csv_table(spec: DataSpec, split_seed: int, sequence: bool) -> Dataset:
     return _table(spec, x, y[:, None], "regression", split_seed, sequence)
 
 
+def _csv_text(spec: DataSpec, split_seed: int, maxlen: int, vocab_size: int) -> Dataset:
+    import keras
+    import pandas as pd
+
+    frame = pd.read_csv(spec.path, dtype={spec.text_column: str})
+    texts = frame[spec.text_column].fillna("").astype(str).to_numpy()
+    labels, y = np.unique(frame[spec.label_column].astype(str).to_numpy(), return_inverse=True)
+    if len(labels) < 2:
+        raise SpecError(spec.path, "data.label_column", f'column "{spec.label_column}" holds one label only; '
+                                                        "a classifier needs at least two")
+    n = len(texts)
+    n_val = max(1, int(round(n * spec.val_fraction)))
+    order = np.random.default_rng(split_seed).permutation(n)
+    train_idx, val_idx = order[n_val:], order[:n_val]
+    # The vocabulary is learnt from the training texts only, like any scaling.
+    vectorize = keras.layers.TextVectorization(max_tokens=vocab_size, output_sequence_length=maxlen)
+    vectorize.adapt(list(texts[train_idx]))
+    x = np.asarray(vectorize(list(texts))).astype(np.int32)
+    y = y.astype(np.int32)
+    return Dataset(x[train_idx], y[train_idx], x[val_idx], y[val_idx], "classification", len(labels))
+
+
+_user_cache: dict[tuple, Dataset] = {}
+
+
+def _user_arrays(spec: StudySpec) -> Dataset:
+    """The user's loader called once per process (per code version), its arrays checked."""
+    from hpo import hooks
+
+    data = spec.data
+    key = (data.loader, data.loader_sha256)
+    if key not in _user_cache:
+        load = hooks.load_hook(data.loader, None if spec.base_dir is None else Path(spec.base_dir), spec.source,
+                               "data.loader", sha256=data.loader_sha256, parameters=0)
+        try:
+            arrays = load() if callable(load) else load
+        except Exception as e:  # noqa: BLE001 - the user's loader failing is a data error
+            raise SpecError(spec.source, "data.loader", f"{data.loader} raised {type(e).__name__}: {e}; fix it") from e
+        _user_cache[key] = check_arrays(arrays, spec.source, data.loader, spec.output)
+    return _user_cache[key]
+
+
+def check_arrays(arrays: Any, source: str, ref: str, task: str) -> Dataset:
+    """(x_train, y_train, x_val, y_val), or a dict with those keys, as a checked `Dataset`.
+
+    Raises:
+        SpecError: Naming the study and the loader, and what is wrong: not four arrays, lengths or sample
+            shapes that disagree, non-numeric dtypes, or values that are not finite.
+    """
+    names = ("x_train", "y_train", "x_val", "y_val")
+    if isinstance(arrays, dict):
+        missing = [k for k in names if k not in arrays]
+        if missing:
+            raise SpecError(source, "data.loader", f"{ref}: the dict lacks {', '.join(missing)}; return keys {', '.join(names)}")
+        arrays = tuple(arrays[k] for k in names)
+    if not isinstance(arrays, (tuple, list)) or len(arrays) != 4:
+        raise SpecError(source, "data.loader", f"{ref}: expected (x_train, y_train, x_val, y_val), got {type(arrays).__name__}"
+                                              f"{'' if not isinstance(arrays, (tuple, list)) else f' of {len(arrays)}'}; "
+                                              "return those four arrays")
+    xt, yt, xv, yv = (np.asarray(a) for a in arrays)
+    for name, a in zip(names, (xt, yt, xv, yv)):
+        if a.dtype.kind not in "biuf":
+            raise SpecError(source, "data.loader", f"{ref}: {name} has dtype {a.dtype}; give numbers (tokenise text first)")
+        if a.ndim == 0 or len(a) == 0:
+            raise SpecError(source, "data.loader", f"{ref}: {name} is empty; give at least one sample")
+        if a.dtype.kind == "f" and not np.isfinite(a).all():
+            raise SpecError(source, "data.loader", f"{ref}: {name} holds {int((~np.isfinite(a)).sum())} NaN or infinite "
+                                                  "values; fill or drop them")
+    for x, y, split in ((xt, yt, "train"), (xv, yv, "val")):
+        if len(x) != len(y):
+            raise SpecError(source, "data.loader", f"{ref}: x_{split} has {len(x)} samples but y_{split} {len(y)}; make them agree")
+    if xt.shape[1:] != xv.shape[1:]:
+        raise SpecError(source, "data.loader", f"{ref}: x_train samples are {xt.shape[1:]} but x_val samples {xv.shape[1:]}; "
+                                              "make them agree")
+    x_dtype = np.int32 if xt.dtype.kind in "biu" else np.float32
+    if task == "classification":
+        if yt.dtype.kind == "f" and not (np.mod(yt, 1) == 0).all():
+            raise SpecError(source, "data.loader", f"{ref}: a classification target must hold class numbers 0..K-1, "
+                                                  "got fractions; give integer labels or use a regression output")
+        labels = np.concatenate([yt.ravel(), yv.ravel()]).astype(np.int64)
+        if labels.min() < 0:
+            raise SpecError(source, "data.loader", f"{ref}: class labels must be 0..K-1, got a negative one")
+        return Dataset(xt.astype(x_dtype), yt.reshape(len(yt)).astype(np.int32), xv.astype(x_dtype),
+                       yv.reshape(len(yv)).astype(np.int32), "classification", int(labels.max()) + 1)
+    yt2 = yt.reshape(len(yt), -1).astype(np.float32)
+    yv2 = yv.reshape(len(yv), -1).astype(np.float32)
+    if yt2.shape[1] != yv2.shape[1]:
+        raise SpecError(source, "data.loader", f"{ref}: y_train has {yt2.shape[1]} outputs but y_val {yv2.shape[1]}; make them agree")
+    return Dataset(xt.astype(x_dtype), yt2, xv.astype(x_dtype), yv2, "regression", yt2.shape[1])
+
+
 def _table(spec: DataSpec, x: np.ndarray, y: np.ndarray, task: str, split_seed: int, sequence: bool,
            steps: tuple[int, int] | None = None, n_classes: int | None = None) -> Dataset:
     n = len(x)
@@ -167,13 +290,15 @@ def check_data(spec: StudySpec) -> None:
     """
     if spec.model.family == "analytic":
         return
+    if spec.data.name == LOADER:
+        _user_arrays(spec)
+        return
     p = spec.space.get("window")
     windows = ([p.value] if isinstance(p, Fixed) else list(p.choices) if isinstance(p, Choice)
                else [p.low, p.high] if isinstance(p, IntRange) else [spec.data.window])
     for window in windows:
         try:
-            load_dataset(spec.data, window=window, sequence=spec.model.family in RECURRENT_FAMILIES,
-                         split_seed=spec.seed)
+            load_dataset(spec.data, window=window, sequence=_wants_sequence(spec), split_seed=spec.seed)
         except SpecError as e:
             field = "space.window" if e.field == "data.window" and "window" in spec.space else e.field
             raise SpecError(spec.source, field, e.detail) from e

@@ -1,17 +1,88 @@
 """Models: a resolved params dict and an input shape in, a compiled `keras.Model` out.
 
-Nothing here knows about Optuna, so a model can be rebuilt, replayed or replicated from
-the params a trial stored.
+The built-in families and the user's own `build(params, input_shape, n_outputs)` are the
+same kind of thing (`model_factory`); nothing here knows about Optuna, so a model can be
+rebuilt, replayed or replicated from the params a trial stored.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
 import keras
 
+from hpo.errors import SpecError
+from hpo.spec import CUSTOM, StudySpec
+
+# A model builder: (params, input_shape, n_outputs) -> an uncompiled keras.Model.
+Builder = Callable[[dict[str, Any], tuple[int, ...], int], keras.Model]
+
 RECURRENT_LAYERS = {"lstm": keras.layers.LSTM, "gru": keras.layers.GRU, "simple_rnn": keras.layers.SimpleRNN}
+
+
+def model_factory(spec: StudySpec) -> Builder:
+    """The spec's model builder: the user's `[model] build` function (its code checked
+    against the hash the study recorded), or a built-in family's."""
+    if spec.model.family == CUSTOM:
+        from hpo import hooks
+
+        return hooks.load_hook(spec.model.build, None if spec.base_dir is None else Path(spec.base_dir), spec.source,
+                               "model.build", sha256=spec.model.build_sha256, parameters=3)
+
+    def build(params: dict[str, Any], input_shape: tuple[int, ...], n_outputs: int) -> keras.Model:
+        return build_model(params, input_shape, family=spec.model.family, output=spec.output, n_outputs=n_outputs,
+                           stateful=spec.model.stateful)
+
+    return build
+
+
+def check_model(spec: StudySpec, params: dict[str, Any], input_shape: tuple[int, ...], n_outputs: int,
+                n_train: int) -> None:
+    """Build and compile the spec's model once, so a build hook that fails, returns no
+    model, or a head that disagrees with the data stops the run before any trial.
+
+    Raises:
+        SpecError: Naming the study file, the hook and the fix.
+    """
+    field = "model.build" if spec.model.family == CUSTOM else "model.family"
+    what = spec.model.build or spec.model.family
+    build = model_factory(spec)
+    try:
+        model = build(params, input_shape, n_outputs)
+    except SpecError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure of the user's code, reported as theirs
+        raise SpecError(spec.source, field, f"{what} raised {type(e).__name__}: {e} when built with the first point "
+                                            f"of the space ({_short(params)}); fix it") from e
+    if not isinstance(model, keras.Model):
+        raise SpecError(spec.source, field, f"{what} returned {type(model).__name__}, not a keras.Model; "
+                                            "return keras.Model(inputs, outputs) (uncompiled)")
+    try:
+        out = model.compute_output_spec(keras.KerasTensor((2, *input_shape), dtype=_input_dtype(input_shape, model)))
+    except Exception as e:  # noqa: BLE001
+        raise SpecError(spec.source, field, f"{what} builds a model that cannot take inputs of shape {input_shape}: "
+                                            f"{type(e).__name__}: {e}; make its Input shape {input_shape}") from e
+    width = out.shape[-1] if len(out.shape) > 1 else 1
+    if width != n_outputs:
+        kind = "classes" if spec.output == "classification" else "targets"
+        raise SpecError(spec.source, field, f"{what} returns {width} outputs per sample but the data has {n_outputs} "
+                                            f"{kind}; end the model with a layer of n_outputs units")
+    try:
+        compile_model(model, params, output=spec.output, steps_per_epoch=max(1, n_train // params["batch_size"]),
+                      loss=spec.training.loss)
+    except ValueError as e:
+        raise SpecError(spec.source, "training.loss", f"{e}; name a Keras loss such as \"mse\" or "
+                                                      "\"sparse_categorical_crossentropy\"") from e
+
+
+def _input_dtype(input_shape: tuple[int, ...], model: keras.Model) -> str:
+    return model.inputs[0].dtype if getattr(model, "inputs", None) else "float32"
+
+
+def _short(params: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(params.items()) if v is not None)[:300]
 
 
 def build_model(params: dict[str, Any], input_shape: tuple[int, ...], *, family: str, output: str,
@@ -26,12 +97,16 @@ def build_model(params: dict[str, Any], input_shape: tuple[int, ...], *, family:
         n_outputs: Width of the head.
         stateful: A stateful LSTM keeps its state across batches; the batch size is fixed.
     """
+    tokens = len(input_shape) == 1 and family != "mlp" and params.get("vocab_size")
     if stateful:
         inputs = keras.Input(batch_shape=(params["batch_size"], *input_shape))
     else:
-        inputs = keras.Input(shape=input_shape)
+        inputs = keras.Input(shape=input_shape, dtype="int32" if tokens else None)
     regularizer = _regularizer(params)
     x = inputs
+    if tokens:
+        # Token ids (a csv_text dataset): an embedding front for the recurrent layers.
+        x = keras.layers.Embedding(params["vocab_size"], params["embedding_dim"])(x)
     for i in range(params["layers"]):
         if family == "mlp":
             if i == 0 and len(input_shape) > 1:
@@ -56,13 +131,21 @@ def build_model(params: dict[str, Any], input_shape: tuple[int, ...], *, family:
     return keras.Model(inputs, outputs)
 
 
-def compile_model(model: keras.Model, params: dict[str, Any], *, output: str, steps_per_epoch: int) -> None:
-    """Compile with the params' optimizer, schedule and clipping, and the task's loss and metrics."""
+def compile_model(model: keras.Model, params: dict[str, Any], *, output: str, steps_per_epoch: int,
+                  loss: str | None = None) -> None:
+    """Compile with the params' optimizer, schedule and clipping, and the task's loss (or
+    `loss`, a Keras loss name) and metrics.
+
+    Raises:
+        ValueError: `loss` is not a Keras loss.
+    """
+    if loss is not None:
+        keras.losses.get(loss)
     if output == "classification":
         model.compile(optimizer=make_optimizer(params, steps_per_epoch),
-                      loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+                      loss=loss or "sparse_categorical_crossentropy", metrics=["accuracy"])
     else:
-        model.compile(optimizer=make_optimizer(params, steps_per_epoch), loss="mse", metrics=["mae", "mse"])
+        model.compile(optimizer=make_optimizer(params, steps_per_epoch), loss=loss or "mse", metrics=["mae", "mse"])
 
 
 def make_optimizer(params: dict[str, Any], steps_per_epoch: int) -> keras.optimizers.Optimizer:

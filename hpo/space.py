@@ -24,6 +24,8 @@ def default_params(spec: StudySpec) -> dict[str, Any]:
     """The vocabulary's values when a study does not search them."""
     params = dict(DEFAULT_PARAMS)
     params["window"] = spec.data.window
+    if spec.data.name == "csv_text":
+        params["maxlen"], params["vocab_size"] = spec.data.maxlen, spec.data.vocab_size
     if spec.model.family == "mlp":
         params["activation"] = "relu"
     if spec.model.family not in RECURRENT_FAMILIES:
@@ -72,3 +74,15 @@ def grid_search_space(spec: StudySpec) -> dict[str, list[Any]]:
             n = int(round((p.high - p.low) / p.step))
             grid[name] = [round(p.low + i * p.step, 12) for i in range(n + 1)]
     return grid
+
+
+def first_params(spec: StudySpec) -> dict[str, Any]:
+    """The params of the space's first point (low ends, first choices), to build a
+    study's model once before any trial."""
+    first: dict[str, Any] = {}
+    for name, p in spec.space.items():
+        if isinstance(p, Choice):
+            first[name] = p.choices[0]
+        elif isinstance(p, (IntRange, FloatRange)):
+            first[name] = p.low
+    return suggest_params(spec, optuna.trial.FixedTrial(first))

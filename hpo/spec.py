@@ -19,9 +19,13 @@ from hpo.errors import SpecError
 STUDIES_DIR = Path(__file__).resolve().parent.parent / "studies"
 
 FAMILIES = ("lstm", "gru", "simple_rnn", "mlp", "analytic")
+# The family of a study whose [model] names the user's own `build` function.
+CUSTOM = "custom"
 RECURRENT_FAMILIES = ("lstm", "gru", "simple_rnn")
 OUTPUTS = ("regression", "classification")
-DATASETS = ("noisy_sine", "sequence_echo", "digits", "csv_series", "csv_table")
+DATASETS = ("noisy_sine", "sequence_echo", "digits", "csv_series", "csv_table", "csv_text")
+# The dataset of a study whose [data] names the user's own `loader` function.
+LOADER = "loader"
 SERIES_DATASETS = ("noisy_sine", "sequence_echo", "csv_series")
 SCALINGS = ("none", "normalize", "standardize")
 SPLITS = ("chronological", "random")
@@ -57,6 +61,9 @@ DEFAULT_PARAMS: dict[str, Any] = {
     "activation": "tanh",
     "clipnorm": 0.0,
     "window": None,
+    "maxlen": None,
+    "vocab_size": None,
+    "embedding_dim": 16,
 }
 CHOICES = {
     "optimizer": ("adam", "rmsprop", "sgd"),
@@ -79,7 +86,12 @@ BOUNDS: dict[str, tuple[float, float, bool]] = {
     "l2": (0.0, 10.0, False),
     "clipnorm": (0.0, 1e6, False),
     "window": (1, 10_000, True),
+    "maxlen": (1, 100_000, True),
+    "vocab_size": (3, 10_000_000, True),
+    "embedding_dim": (1, 100_000, True),
 }
+# Vocabulary names that shape the data rather than the model.
+DATA_PARAMS = ("window", "maxlen", "vocab_size")
 
 
 @dataclass(frozen=True)
@@ -133,6 +145,12 @@ class DataSpec:
     split: str | None = None
     scaling: str = "standardize"
     resample_split: bool = False
+    text_column: str | None = None
+    label_column: str | None = None
+    maxlen: int = 50
+    vocab_size: int = 2000
+    loader: str | None = None
+    loader_sha256: str | None = None
 
 
     @property
@@ -152,6 +170,9 @@ class ModelSpec:
     # Analytic family only: wall-clock seconds each epoch sleeps, standing in for training
     # time when testing or demonstrating workers (crashes, restarts). None: no sleep.
     epoch_seconds: float | None = None
+    # The user's `build(params, input_shape, n_outputs)`, and the sha256 of its code.
+    build: str | None = None
+    build_sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -161,6 +182,8 @@ class TrainingSpec:
     min_delta: float = 0.0
     # None: HPO_BACKEND, else hpo's default (backend.py).
     backend: str | None = None
+    # A Keras loss name; None: the output kind's (mse, sparse categorical cross-entropy).
+    loss: str | None = None
 
 
 @dataclass(frozen=True)
@@ -199,6 +222,9 @@ class StudySpec:
     pruner: PrunerSpec = field(default_factory=PrunerSpec)
     space: dict[str, Param] = field(default_factory=dict)
     source: str = "<memory>"
+    # The study file's folder on the machine that made the spec: hooks are resolved
+    # against it, or against a worker's own copy of the folder (`--study-dir`).
+    base_dir: str | None = None
 
     @property
     def seed_values(self) -> list[int]:
@@ -270,7 +296,7 @@ def load_spec(name_or_path: str | Path) -> StudySpec:
         raw = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
         raise SpecError(source, "", f"is not valid TOML: {e}; fix the syntax") from e
-    return parse_spec(raw, source=source, base_dir=path.parent)
+    return parse_spec(raw, source=source, base_dir=path.resolve().parent)
 
 
 def list_specs() -> list[tuple[str, str]]:
@@ -287,11 +313,19 @@ def list_specs() -> list[tuple[str, str]]:
 
 
 def parse_spec(raw: dict[str, Any], *, source: str = "<memory>", base_dir: Path | None = None) -> StudySpec:
-    """Validate a spec dict (as read from TOML or from the study database)."""
+    """Validate a spec dict (as read from TOML or from the study database).
+
+    Hooks (`[model] build`, `[data] loader`) are resolved against `base_dir` (the study
+    file's folder; else the stored one) and their code hashed, unless the dict already
+    records the hash (a spec read back from a study: checked when a worker loads the code).
+    """
     top = _Table(raw, source, "")
     name = top.str("name", required=True)
     description = top.str("description", default="")
-    model = _parse_model(top.table("model"))
+    stored_dir = top.str("base_dir", default=None)
+    if base_dir is None and stored_dir is not None:
+        base_dir = Path(stored_dir)
+    model = _parse_model(top.table("model"), base_dir)
     analytic = model.family == "analytic"
     metric = top.str("metric", default="value" if analytic else "val_loss")
     if analytic:
@@ -322,6 +356,8 @@ def parse_spec(raw: dict[str, Any], *, source: str = "<memory>", base_dir: Path 
                                                'multi-objective trials; set [pruner] kind = "none"')
     space = _parse_space(top.table("space"), model.family)
     output = model.output or _natural_output(data, metric)
+    if model.family == CUSTOM and data.name == LOADER and model.output is None and metric != "val_accuracy":
+        output = "regression"
     model = dataclasses.replace(model, output=output)
     if data.name == "csv_table":
         explicit_task = isinstance(raw.get("data"), dict) and "task" in raw["data"]
@@ -341,7 +377,8 @@ def parse_spec(raw: dict[str, Any], *, source: str = "<memory>", base_dir: Path 
     top.finish()
     return StudySpec(name=name, description=description, metric=metric, direction=direction, seeds=seeds,
                      seed=seed, trials=trials, objective=objective, data=data, model=model, training=training,
-                     sampler=sampler, pruner=pruner, space=space, source=source)
+                     sampler=sampler, pruner=pruner, space=space, source=source,
+                     base_dir=None if base_dir is None else str(base_dir))
 
 
 def spec_to_dict(spec: StudySpec) -> dict[str, Any]:
@@ -357,8 +394,14 @@ def spec_to_dict(spec: StudySpec) -> dict[str, Any]:
         "training": section(spec.training), "sampler": section(spec.sampler), "pruner": section(spec.pruner),
         "space": {name: _param_to_raw(p) for name, p in spec.space.items()},
     }
+    if spec.model.family == CUSTOM:
+        out["model"] = {k: v for k, v in out["model"].items() if k in ("build", "build_sha256", "output")}
     if spec.model.family != "analytic":
         out["data"] = section(spec.data)
+        if spec.data.name == LOADER:
+            out["data"] = {k: v for k, v in out["data"].items() if k in ("loader", "loader_sha256", "task")}
+    if spec.base_dir is not None:
+        out["base_dir"] = spec.base_dir
     return out
 
 
@@ -374,7 +417,7 @@ def _param_to_raw(p: Param) -> Any:
 
 
 def _natural_output(data: DataSpec, metric: str) -> str:
-    if data.name == "digits" or metric == "val_accuracy":
+    if data.name in ("digits", "csv_text") or metric == "val_accuracy":
         return "classification"
     if data.name == "csv_table":
         return data.task
@@ -390,10 +433,13 @@ def _parse_objective(t: "_Table") -> ObjectiveSpec:
 
 
 def _parse_data(t: "_Table", base_dir: Path | None) -> DataSpec:
+    loader = t.str("loader", default=None)
+    if loader is not None:
+        return _parse_loader(t, loader, base_dir)
     name = t.str("name", required=True)
     t.choice("name", name, DATASETS)
     path = t.str("path", default=None)
-    if name in ("csv_series", "csv_table"):
+    if name in ("csv_series", "csv_table", "csv_text"):
         if path is None:
             raise SpecError(t.source, f"{t.prefix}path", f'dataset "{name}" needs path = "file.csv"; add it')
         resolved = Path(path)
@@ -423,6 +469,10 @@ def _parse_data(t: "_Table", base_dir: Path | None) -> DataSpec:
         split=t.str("split", default=None),
         scaling=t.str("scaling", default="standardize" if name != "sequence_echo" else "none"),
         resample_split=t.bool("resample_split", default=False),
+        text_column=t.str("text_column", default=None),
+        label_column=t.str("label_column", default=None),
+        maxlen=t.int("maxlen", default=50, low=1, high=100_000),
+        vocab_size=t.int("vocab_size", default=2000, low=3, high=10_000_000),
     )
     t.choice("task", spec.task, OUTPUTS)
     if spec.split is not None:
@@ -432,8 +482,29 @@ def _parse_data(t: "_Table", base_dir: Path | None) -> DataSpec:
         raise SpecError(t.source, f"{t.prefix}column", 'dataset "csv_series" needs column = "name of the series column"; add it')
     if name == "csv_table" and not spec.target:
         raise SpecError(t.source, f"{t.prefix}target", 'dataset "csv_table" needs target = "name of the target column"; add it')
-    if name in ("csv_series", "csv_table"):
+    if name == "csv_text":
+        for key in ("text_column", "label_column"):
+            if not getattr(spec, key):
+                raise SpecError(t.source, f"{t.prefix}{key}", f'dataset "csv_text" needs {key} = "name of the column"; add it')
+    if name in ("csv_series", "csv_table", "csv_text"):
         _check_csv_columns(t, spec)
+    t.finish()
+    return spec
+
+
+def _parse_loader(t: "_Table", loader: str, base_dir: Path | None) -> DataSpec:
+    from hpo.hooks import code_hash
+
+    name = t.str("name", default=LOADER)
+    if name != LOADER:
+        raise SpecError(t.source, f"{t.prefix}name", f'a [data] table with loader = "..." takes no name (got "{name}"); '
+                                                     "remove one of them")
+    sha = t.str("loader_sha256", default=None)
+    if sha is None:
+        sha = code_hash(loader, base_dir, t.source, f"{t.prefix}loader")
+    spec = DataSpec(name=LOADER, loader=loader, loader_sha256=sha, scaling="none",
+                    task=t.str("task", default="regression"))
+    t.choice("task", spec.task, OUTPUTS)
     t.finish()
     return spec
 
@@ -443,7 +514,8 @@ def _check_csv_columns(t: "_Table", spec: DataSpec) -> None:
 
     with open(spec.path, newline="") as f:
         header = next(csv.reader(f), [])
-    wanted = [("column", spec.column)] if spec.name == "csv_series" else [("target", spec.target)]
+    wanted = {"csv_series": [("column", spec.column)], "csv_table": [("target", spec.target)],
+              "csv_text": [("text_column", spec.text_column), ("label_column", spec.label_column)]}[spec.name]
     wanted += [("features", c) for c in spec.features or ()]
     for key, col in wanted:
         if col not in header:
@@ -451,7 +523,10 @@ def _check_csv_columns(t: "_Table", spec: DataSpec) -> None:
                                                           f"(columns: {', '.join(header)}){_did_you_mean(col, header)}")
 
 
-def _parse_model(t: "_Table") -> ModelSpec:
+def _parse_model(t: "_Table", base_dir: Path | None) -> ModelSpec:
+    build = t.str("build", default=None)
+    if build is not None:
+        return _parse_build(t, build, base_dir)
     family = t.str("family", required=True)
     t.choice("family", family, FAMILIES)
     output = t.str("output", default=None)
@@ -475,12 +550,30 @@ def _parse_model(t: "_Table") -> ModelSpec:
     return spec
 
 
+def _parse_build(t: "_Table", build: str, base_dir: Path | None) -> ModelSpec:
+    from hpo.hooks import code_hash
+
+    family = t.str("family", default=CUSTOM)
+    if family != CUSTOM:
+        raise SpecError(t.source, f"{t.prefix}family", f'[model] names both family = "{family}" and build = "{build}"; '
+                                                       "keep one of them")
+    output = t.str("output", default=None)
+    if output is not None:
+        t.choice("output", output, OUTPUTS)
+    sha = t.str("build_sha256", default=None)
+    if sha is None:
+        sha = code_hash(build, base_dir, t.source, f"{t.prefix}build")
+    t.finish()
+    return ModelSpec(family=CUSTOM, output=output, build=build, build_sha256=sha)
+
+
 def _parse_training(t: "_Table") -> TrainingSpec:
     spec = TrainingSpec(
         max_epochs=t.int("max_epochs", default=30, low=1, high=100_000),
         patience=t.int("patience", default=5, low=0, high=100_000),
         min_delta=t.float("min_delta", default=0.0, low=0.0, high=1e9),
         backend=t.str("backend", default=None),
+        loss=t.str("loss", default=None),
     )
     if spec.backend is not None:
         t.choice("backend", spec.backend, BACKENDS)
@@ -516,7 +609,7 @@ def _parse_space(t: "_Table", family: str) -> dict[str, Param]:
     space: dict[str, Param] = {}
     for name in list(t.raw):
         field_name = f"{t.prefix}{name}"
-        if family != "analytic" and name not in DEFAULT_PARAMS:
+        if family not in ("analytic", CUSTOM) and name not in DEFAULT_PARAMS:
             raise SpecError(t.source, field_name, f"unknown parameter; the {family} family understands "
                                                   f"{', '.join(DEFAULT_PARAMS)}{_did_you_mean(name, list(DEFAULT_PARAMS))}")
         space[name] = _parse_param(t.source, field_name, name, t.raw[name], family)
@@ -607,6 +700,12 @@ def _check_consistency(source: str, data: DataSpec, model: ModelSpec, metric: st
         raise SpecError(source, "model.output", 'dataset "digits" is a classification task; set output = "classification"')
     if "window" in space and data.name not in SERIES_DATASETS:
         raise SpecError(source, "space.window", f'window is the input length of series data; dataset "{data.name}" has none, remove it')
+    for name in ("maxlen", "vocab_size"):
+        if name in space and data.name != "csv_text":
+            raise SpecError(source, f"space.{name}", f'{name} shapes the tokens of a csv_text dataset; dataset "{data.name}" '
+                                                     "has none, remove it")
+    if model.family == CUSTOM:
+        return
     if model.family == "mlp" and "recurrent_dropout" in space:
         raise SpecError(source, "space.recurrent_dropout", 'the mlp family has no recurrent layers; remove recurrent_dropout')
 

@@ -17,7 +17,7 @@ from hpo.views import create_views
 
 SPEC_ATTR = "hpo_spec"
 # Keys of the stored spec that may change between runs of one study.
-_MUTABLE_KEYS = ("trials", "description")
+_MUTABLE_KEYS = ("trials", "description", "base_dir")
 
 
 def quiet_optuna() -> None:

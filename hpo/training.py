@@ -19,7 +19,7 @@ import numpy as np
 
 from hpo.backend import use_backend
 from hpo.errors import TrialDiverged, TrialFailed
-from hpo.spec import RECURRENT_FAMILIES, StudySpec
+from hpo.spec import StudySpec
 
 # Called after every epoch with (epoch index from 0, mean of the seeds' current
 # validation metric); returning True stops the trial (it is pruned).
@@ -160,6 +160,31 @@ def fit_repeats(spec: StudySpec, params: dict[str, Any], seeds: list[int],
     return _lock_step(spec, seeds, trainer, on_epoch, chosen, backend, setup=time.perf_counter() - start)
 
 
+def check_spec_runs(spec: StudySpec) -> None:
+    """Load the spec's data and build its model once, with the first point of its space,
+    so a bad CSV, a failing loader or build hook, or a model that does not fit the data
+    stops before any trial (and before anything is written to the study database).
+
+    Raises:
+        SpecError: Naming the study file, the field and the fix.
+        BackendError: Keras is loaded with another backend than the spec asks for.
+    """
+    from hpo.data import check_data
+
+    if spec.model.family != "analytic":
+        # Before any data code imports Keras (a csv_text dataset tokenises with it).
+        configure_determinism(use_backend(spec.training.backend))
+    check_data(spec)
+    if spec.model.family == "analytic":
+        return
+    from hpo.models import check_model
+    from hpo.space import first_params
+
+    params = first_params(spec)
+    data = _load_data(spec, params, spec.seed)
+    check_model(spec, params, data.input_shape, data.n_outputs, len(data.x_train))
+
+
 def _unsupported_reason(spec: StudySpec, backend: str) -> str | None:
     if backend != "jax":
         return f"the {backend} backend trains one model per seed; vectorised replicas need JAX"
@@ -225,23 +250,22 @@ class _AnalyticTrainer:
 
 
 def _load_data(spec: StudySpec, params: dict[str, Any], split_seed: int) -> Any:
-    from hpo.data import load_dataset
+    from hpo.data import load_trial_data
 
-    return load_dataset(spec.data, window=params.get("window"), sequence=spec.model.family in RECURRENT_FAMILIES,
-                        split_seed=split_seed)
+    return load_trial_data(spec, params, split_seed)
 
 
 def _compiled_builder(spec: StudySpec, params: dict[str, Any], data: Any, n_train: int) -> Callable[[], Any]:
     """A function that builds and compiles the trial's Keras model (uncalled: each seed
-    builds it under its own `set_random_seed`)."""
-    from hpo.models import build_model, compile_model
+    builds it under its own `set_random_seed`); the built-in family's or the user's."""
+    from hpo.models import compile_model, model_factory
 
     steps = max(1, math.ceil(n_train / params["batch_size"]))
+    factory = model_factory(spec)
 
     def build() -> Any:
-        model = build_model(params, data.input_shape, family=spec.model.family, output=spec.output,
-                            n_outputs=data.n_outputs, stateful=spec.model.stateful)
-        compile_model(model, params, output=spec.output, steps_per_epoch=steps)
+        model = factory(params, data.input_shape, data.n_outputs)
+        compile_model(model, params, output=spec.output, steps_per_epoch=steps, loss=spec.training.loss)
         return model
 
     return build
