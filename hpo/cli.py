@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shlex
 import sys
 import traceback
 from pathlib import Path
@@ -65,12 +66,13 @@ def _spec_options(f):
 
 def _worker_options(f):
     for option in reversed([
-        click.option("--timeout", type=float, help="Stop starting trials after this many seconds."),
-        click.option("--max-failures", type=int, default=5, show_default=True,
+        click.option("--timeout", type=click.FloatRange(0, min_open=True),
+                     help="Stop starting trials after this many seconds."),
+        click.option("--max-failures", type=click.IntRange(1), default=5, show_default=True,
                      help="Stop the study after this many failed trials in a row."),
-        click.option("--heartbeat-interval", type=int, default=None,
+        click.option("--heartbeat-interval", type=click.IntRange(1), default=None,
                      help="Seconds between a running trial's heartbeats [default: 10]."),
-        click.option("--grace-period", type=int, default=None,
+        click.option("--grace-period", type=click.IntRange(1), default=None,
                      help="Seconds without a heartbeat after which a trial's worker counts as dead and "
                           "the trial is retried; must outlast a database restart [default: 60]."),
     ]):
@@ -177,7 +179,7 @@ def create(study: str, storage: str, study_name: str | None, trials: int | None,
 @click.option("--study-name", required=True, help="Study to join (created by hpo create or hpo run).")
 @click.option("--trials", type=int, help="Finished trials the whole study should end with (default: the stored spec's).")
 @_worker_options
-@click.option("--threads", type=int, help="TensorFlow intra-op threads of this worker (default: TensorFlow's).")
+@click.option("--threads", type=click.IntRange(1), help="TensorFlow intra-op threads of this worker (default: TensorFlow's).")
 @_memory_option
 @click.option("--worker-index", type=click.IntRange(0, 10**6),
               help="This worker's number: its sampler is seeded with the spec's seed plus it "
@@ -241,7 +243,19 @@ def _print_summary(spec, summary, storage: str) -> None:
     click.echo("params: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                       for k, v in best.params.items()))
     click.echo(f"stored in {mask_url(storage)} (study {spec.name}); "
-               f"replay it with: hpo replay --study-name {spec.name} {best.number}")
+               f"replay it with: hpo replay --study-name {shlex.quote(spec.name)} {best.number}{_storage_arg(storage)}")
+
+
+def _storage_arg(storage: str) -> str:
+    # Printed commands must run as printed: name a storage that is not the default (or
+    # HPO_STORAGE, which the command reads too), unless it holds a password.
+    from hpo.storage import mask_url
+
+    if storage in (DEFAULT_STORAGE, os.environ.get(STORAGE_ENV)):
+        return ""
+    if mask_url(storage) != storage:
+        return f' --storage "${STORAGE_ENV}"'
+    return f" --storage {shlex.quote(storage)}"
 
 
 @cli.group("bench-workers")

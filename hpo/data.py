@@ -6,6 +6,7 @@ is fitted on the training split only, and the split is fixed unless the spec res
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from hpo.errors import SpecError
-from hpo.spec import (CUSTOM, DATA_PARAMS, LOADER, RECURRENT_FAMILIES, SERIES_DATASETS, Choice, DataSpec, Fixed,
+from hpo.spec import (CUSTOM, DATA_PARAMS, LOADER, resolve_data_path, RECURRENT_FAMILIES, SERIES_DATASETS, Choice, DataSpec, Fixed,
                       IntRange, StudySpec)
 
 # The built-in series are the same in every study, whatever the study seed.
@@ -81,8 +82,15 @@ def load_trial_data(spec: StudySpec, params: dict[str, Any], split_seed: int | N
     """
     if spec.data.name == LOADER:
         return _user_arrays(spec)
-    return load_dataset(spec.data, sequence=_wants_sequence(spec), split_seed=spec.seed if split_seed is None else split_seed,
+    return load_dataset(_located(spec), sequence=_wants_sequence(spec), split_seed=spec.seed if split_seed is None else split_seed,
                         **{name: params.get(name) for name in DATA_PARAMS})
+
+
+def _located(spec: StudySpec) -> DataSpec:
+    # A data file's stored path is relative to the study file's folder on this machine.
+    if spec.data.path is None:
+        return spec.data
+    return dataclasses.replace(spec.data, path=str(resolve_data_path(spec.data.path, spec.base_dir)))
 
 
 def _wants_sequence(spec: StudySpec) -> bool:
@@ -131,6 +139,10 @@ def _load_cached(spec: DataSpec, window: int, sequence: bool, split_seed: int, m
 def _series(spec: DataSpec, inputs: np.ndarray, targets: np.ndarray, window: int, split_seed: int) -> Dataset:
     n = len(inputs) - window - spec.horizon + 1
     if n < 4:
+        # Name the field that is wrong: the horizon when the window alone would leave enough.
+        if len(inputs) - window >= 4:
+            raise SpecError("<data>", "data.horizon", f"horizon {spec.horizon} with window {window} leaves {max(n, 0)} "
+                                                      f"samples from {len(inputs)} points; shorten the horizon")
         raise SpecError("<data>", "data.window", f"window {window} + horizon {spec.horizon} leave {max(n, 0)} samples "
                                                  f"from {len(inputs)} points; shorten the window")
     n_val = max(1, int(round(n * spec.val_fraction)))
@@ -298,7 +310,7 @@ def check_data(spec: StudySpec) -> None:
                else [p.low, p.high] if isinstance(p, IntRange) else [spec.data.window])
     for window in windows:
         try:
-            load_dataset(spec.data, window=window, sequence=_wants_sequence(spec), split_seed=spec.seed)
+            load_dataset(_located(spec), window=window, sequence=_wants_sequence(spec), split_seed=spec.seed)
         except SpecError as e:
             field = "space.window" if e.field == "data.window" and "window" in spec.space else e.field
             raise SpecError(spec.source, field, e.detail) from e

@@ -29,6 +29,12 @@ class SpecError(HpoError):
         super().__init__(f"spec {source}: {where}{message}")
 
 
+class OptionError(HpoError):
+    """A command-line option (or a Python API argument) is out of range; nothing has run."""
+
+    exit_code = 2
+
+
 class TrialFailed(HpoError):
     """One trial failed on its own (diverged, or an exception while building or fitting).
 

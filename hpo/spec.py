@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
-from hpo.errors import SpecError
+from hpo.errors import OptionError, SpecError
 
 STUDIES_DIR = Path(__file__).resolve().parent.parent / "studies"
 
@@ -40,6 +40,9 @@ METRICS = {
     "val_mse": "minimize",
     "val_accuracy": "maximize",
 }
+
+# (lowest, highest) of the study-wide counts, in a study file and on the command line.
+LIMITS = {"seeds": (1, 1000), "trials": (1, 10**7), "max_epochs": (1, 100_000)}
 
 # The search-space vocabulary of the built-in families, with the value used when the
 # spec leaves a name out.
@@ -256,19 +259,25 @@ class StudySpec:
 
     def with_overrides(self, *, seeds: int | None = None, max_epochs: int | None = None,
                        trials: int | None = None, name: str | None = None) -> "StudySpec":
-        """Return a copy with command-line overrides applied and checked."""
+        """Return a copy with command-line overrides applied and checked against the limits
+        a study file has.
+
+        Raises:
+            OptionError: An override outside its limits, naming the option.
+        """
         spec = self
+        for option, value, (low, high) in (("--seeds", seeds, LIMITS["seeds"]),
+                                           ("--max-epochs", max_epochs, LIMITS["max_epochs"]),
+                                           ("--trials", trials, LIMITS["trials"])):
+            if value is not None and not low <= value <= high:
+                raise OptionError(f"{option} {value} is outside {low}..{high}; choose a value in that range")
+        if name is not None and not name.strip():
+            raise OptionError("--study-name is empty; give the study a name")
         if seeds is not None:
-            if seeds < 1:
-                raise SpecError(self.source, "seeds", f"--seeds {seeds} must be at least 1")
             spec = dataclasses.replace(spec, seeds=seeds)
         if max_epochs is not None:
-            if max_epochs < 1:
-                raise SpecError(self.source, "training.max_epochs", f"--max-epochs {max_epochs} must be at least 1")
             spec = dataclasses.replace(spec, training=dataclasses.replace(spec.training, max_epochs=max_epochs))
         if trials is not None:
-            if trials < 1:
-                raise SpecError(self.source, "trials", f"--trials {trials} must be at least 1")
             spec = dataclasses.replace(spec, trials=trials)
         if name:
             spec = dataclasses.replace(spec, name=name)
@@ -280,6 +289,8 @@ def find_spec_file(name_or_path: str) -> Path:
     candidate = Path(name_or_path)
     if candidate.is_file():
         return candidate
+    if candidate.is_dir():
+        raise SpecError(name_or_path, "", "is a directory, not a study file; name a .toml file inside it")
     for path in (STUDIES_DIR / f"{name_or_path}.toml", Path("studies") / f"{name_or_path}.toml"):
         if path.is_file():
             return path
@@ -293,10 +304,29 @@ def load_spec(name_or_path: str | Path) -> StudySpec:
     path = find_spec_file(str(name_or_path))
     source = _display_path(path)
     try:
-        raw = tomllib.loads(path.read_text())
+        raw = tomllib.loads(read_utf8(path, source))
     except tomllib.TOMLDecodeError as e:
         raise SpecError(source, "", f"is not valid TOML: {e}; fix the syntax") from e
     return parse_spec(raw, source=source, base_dir=path.resolve().parent)
+
+
+def read_utf8(path: Path, source: str, field: str = "") -> str:
+    """A text file's content, or a `SpecError` saying why it is not UTF-8 text."""
+    try:
+        data = path.read_bytes()
+    except IsADirectoryError as e:
+        raise SpecError(source, field, f"{path} is a directory, not a file; name the file inside it") from e
+    except OSError as e:
+        raise SpecError(source, field, f"cannot read {path}: {e.strerror}; check the path and its permissions") from e
+    if data.startswith(b"\xef\xbb\xbf"):
+        raise SpecError(source, field, f"{path} starts with a UTF-8 byte-order mark; save it as UTF-8 without BOM")
+    if b"\x00" in data:
+        raise SpecError(source, field, f"{path} is a binary file, not text; give a text file")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SpecError(source, field, f"{path} is not UTF-8 text (byte {e.start}: {data[e.start:e.start + 1]!r}); "
+                                       "save it as UTF-8") from e
 
 
 def list_specs() -> list[tuple[str, str]]:
@@ -312,15 +342,21 @@ def list_specs() -> list[tuple[str, str]]:
     return rows
 
 
-def parse_spec(raw: dict[str, Any], *, source: str = "<memory>", base_dir: Path | None = None) -> StudySpec:
+def parse_spec(raw: dict[str, Any], *, source: str = "<memory>", base_dir: Path | None = None,
+               check_files: bool = True) -> StudySpec:
     """Validate a spec dict (as read from TOML or from the study database).
 
     Hooks (`[model] build`, `[data] loader`) are resolved against `base_dir` (the study
     file's folder; else the stored one) and their code hashed, unless the dict already
     records the hash (a spec read back from a study: checked when a worker loads the code).
+    A data file's path is kept relative to the study file's folder, so the spec is the same
+    whatever the working directory; `check_files=False` (a spec read back from a study, on
+    a machine that may not hold the files) skips reading them.
     """
     top = _Table(raw, source, "")
     name = top.str("name", required=True)
+    if not name.strip():
+        raise SpecError(source, "name", 'is empty; give the study a name, e.g. name = "my_study"')
     description = top.str("description", default="")
     stored_dir = top.str("base_dir", default=None)
     if base_dir is None and stored_dir is not None:
@@ -340,11 +376,11 @@ def parse_spec(raw: dict[str, Any], *, source: str = "<memory>", base_dir: Path 
     if direction != natural:
         raise SpecError(source, "direction", f'{metric} is to {natural}, got direction = "{direction}"; '
                                              f'set direction = "{natural}" or leave it out')
-    seeds = top.int("seeds", default=3, low=1, high=1000)
+    seeds = top.int("seeds", default=3, low=LIMITS["seeds"][0], high=LIMITS["seeds"][1])
     seed = top.int("seed", default=0, low=0, high=2**31 - 1)
-    trials = top.int("trials", default=20, low=1, high=10**7)
+    trials = top.int("trials", default=20, low=LIMITS["trials"][0], high=LIMITS["trials"][1])
     objective = _parse_objective(top.table("objective"))
-    data = DataSpec() if analytic else _parse_data(top.table("data"), base_dir)
+    data = DataSpec() if analytic else _parse_data(top.table("data"), base_dir, check_files)
     if analytic:
         top.table("data").finish()
     training = _parse_training(top.table("training"))
@@ -432,7 +468,7 @@ def _parse_objective(t: "_Table") -> ObjectiveSpec:
     return ObjectiveSpec(mode=mode, k=k)
 
 
-def _parse_data(t: "_Table", base_dir: Path | None) -> DataSpec:
+def _parse_data(t: "_Table", base_dir: Path | None, check_files: bool = True) -> DataSpec:
     loader = t.str("loader", default=None)
     if loader is not None:
         return _parse_loader(t, loader, base_dir)
@@ -442,13 +478,8 @@ def _parse_data(t: "_Table", base_dir: Path | None) -> DataSpec:
     if name in ("csv_series", "csv_table", "csv_text"):
         if path is None:
             raise SpecError(t.source, f"{t.prefix}path", f'dataset "{name}" needs path = "file.csv"; add it')
-        resolved = Path(path)
-        if not resolved.is_absolute() and base_dir is not None and not resolved.is_file():
-            resolved = base_dir / path
-        if not resolved.is_file():
-            raise SpecError(t.source, f"{t.prefix}path", f"CSV file {path} does not exist; fix the path "
-                                                         f"(relative paths are read from the working directory or the spec's folder)")
-        path = str(resolved)
+        if check_files:
+            path = _portable_path(t, path, base_dir)
     features = t.get("features", None)
     if features is not None:
         if not (isinstance(features, list) and all(isinstance(f, str) for f in features) and features):
@@ -486,10 +517,34 @@ def _parse_data(t: "_Table", base_dir: Path | None) -> DataSpec:
         for key in ("text_column", "label_column"):
             if not getattr(spec, key):
                 raise SpecError(t.source, f"{t.prefix}{key}", f'dataset "csv_text" needs {key} = "name of the column"; add it')
-    if name in ("csv_series", "csv_table", "csv_text"):
-        _check_csv_columns(t, spec)
+    if name in ("csv_series", "csv_table", "csv_text") and check_files:
+        _check_csv_columns(t, spec, base_dir)
     t.finish()
     return spec
+
+
+def resolve_data_path(path: str, base_dir: str | Path | None) -> Path:
+    """A data file's path as stored (relative to the study file's folder, or absolute)
+    on this machine."""
+    p = Path(path)
+    return p if p.is_absolute() or base_dir is None else Path(base_dir) / p
+
+
+def _portable_path(t: "_Table", path: str, base_dir: Path | None) -> str:
+    # Relative paths are the study file's folder's; stored relative to it, the spec is
+    # the same from any working directory and on any machine with a copy of the folder.
+    found = resolve_data_path(path, base_dir)
+    if found.is_dir():
+        raise SpecError(t.source, f"{t.prefix}path", f"{found} is a directory, not a CSV file; name the file inside it")
+    if not found.is_file():
+        raise SpecError(t.source, f"{t.prefix}path", f"CSV file {found} does not exist; fix the path (relative paths "
+                                                     "are read from the study file's folder)")
+    if base_dir is not None:
+        try:
+            return found.resolve().relative_to(Path(base_dir).resolve()).as_posix()
+        except ValueError:
+            pass
+    return str(found.resolve())
 
 
 def _parse_loader(t: "_Table", loader: str, base_dir: Path | None) -> DataSpec:
@@ -509,17 +564,25 @@ def _parse_loader(t: "_Table", loader: str, base_dir: Path | None) -> DataSpec:
     return spec
 
 
-def _check_csv_columns(t: "_Table", spec: DataSpec) -> None:
+def _check_csv_columns(t: "_Table", spec: DataSpec, base_dir: Path | None) -> None:
     import csv
 
-    with open(spec.path, newline="") as f:
-        header = next(csv.reader(f), [])
+    path = resolve_data_path(spec.path, base_dir)
+    lines = read_utf8(path, t.source, f"{t.prefix}path").splitlines()
+    if not any(line.strip() for line in lines):
+        raise SpecError(t.source, f"{t.prefix}path", f"{path} is empty; give a CSV file with a header row and data")
+    if not any(line.strip() for line in lines[1:]):
+        raise SpecError(t.source, f"{t.prefix}path", f"{path} has a header but no rows; add data rows")
+    header = next(csv.reader(lines[:1]), [])
     wanted = {"csv_series": [("column", spec.column)], "csv_table": [("target", spec.target)],
               "csv_text": [("text_column", spec.text_column), ("label_column", spec.label_column)]}[spec.name]
     wanted += [("features", c) for c in spec.features or ()]
+    if spec.name == "csv_table" and not spec.features and header == [spec.target]:
+        raise SpecError(t.source, f"{t.prefix}features", f'{path} has no column besides the target "{spec.target}"; '
+                                                         "a table needs feature columns")
     for key, col in wanted:
         if col not in header:
-            raise SpecError(t.source, f"{t.prefix}{key}", f'column "{col}" is not in {spec.path} '
+            raise SpecError(t.source, f"{t.prefix}{key}", f'column "{col}" is not in {path} '
                                                           f"(columns: {', '.join(header)}){_did_you_mean(col, header)}")
 
 
@@ -569,7 +632,7 @@ def _parse_build(t: "_Table", build: str, base_dir: Path | None) -> ModelSpec:
 
 def _parse_training(t: "_Table") -> TrainingSpec:
     spec = TrainingSpec(
-        max_epochs=t.int("max_epochs", default=30, low=1, high=100_000),
+        max_epochs=t.int("max_epochs", default=30, low=LIMITS["max_epochs"][0], high=LIMITS["max_epochs"][1]),
         patience=t.int("patience", default=5, low=0, high=100_000),
         min_delta=t.float("min_delta", default=0.0, low=0.0, high=1e9),
         backend=t.str("backend", default=None),
@@ -643,6 +706,9 @@ def _parse_param(source: str, field_name: str, name: str, raw: Any, family: str)
         for key, v in (("low", low), ("high", high)):
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise SpecError(source, field_name, f"{key} must be a number, got {v!r}")
+            if not math.isfinite(v) or abs(v) > _LARGEST:
+                raise SpecError(source, field_name, f"{key}={v!r} is not a usable bound; give a finite number "
+                                                    f"between -{_LARGEST:g} and {_LARGEST:g}")
         if not isinstance(log, bool):
             raise SpecError(source, field_name, f"log must be true or false, got {log!r}")
         if low > high:
@@ -654,8 +720,12 @@ def _parse_param(source: str, field_name: str, name: str, raw: Any, family: str)
         is_int = isinstance(low, int) and isinstance(high, int) and (step is None or isinstance(step, int))
         if name in BOUNDS and BOUNDS[name][2] and not is_int:
             raise SpecError(source, field_name, f"{name} is a whole number; write low and high without a decimal point")
-        if step is not None and (isinstance(step, bool) or not isinstance(step, (int, float)) or step <= 0):
+        if step is not None and (isinstance(step, bool) or not isinstance(step, (int, float)) or step <= 0
+                                 or not math.isfinite(step)):
             raise SpecError(source, field_name, f"step must be a positive number, got {step!r}")
+        if step is not None and _off_grid(low, high, step):
+            raise SpecError(source, field_name, f"step={step} does not divide the range {low}..{high} (Optuna would "
+                                                f"silently shorten it); choose high = low + a multiple of step")
         param = IntRange(low, high, log, step or 1) if is_int else FloatRange(float(low), float(high), log,
                                                                               None if step is None else float(step))
     else:
@@ -664,6 +734,15 @@ def _parse_param(source: str, field_name: str, name: str, raw: Any, family: str)
     if family != "analytic":
         _check_param_values(source, field_name, name, param)
     return param
+
+
+# Bounds beyond this overflow the arithmetic of samplers (1e308 * 2 is inf).
+_LARGEST = 1e15
+
+
+def _off_grid(low: float, high: float, step: float) -> bool:
+    steps = (high - low) / step
+    return abs(steps - round(steps)) > 1e-9 * max(1.0, abs(steps))
 
 
 def _check_param_values(source: str, field_name: str, name: str, param: Param) -> None:

@@ -120,7 +120,7 @@ def load_study(storage: optuna.storages.BaseStorage, study_name: str, worker: in
     raw = study.user_attrs.get(SPEC_ATTR)
     if raw is None:
         raise StudyNotFound(f'study "{study_name}" was not created by hpo (no stored spec); create it with hpo create')
-    spec = parse_spec(raw, source=f"study {study_name}")
+    spec = parse_spec(raw, source=f"study {study_name}", check_files=False)
     study.sampler = make_sampler(spec, worker)
     _reseed(study, spec, worker)
     study.pruner = make_pruner(spec)
