@@ -19,6 +19,7 @@ import sqlalchemy
 
 from hpo.diagnosis import diagnose_curves
 from hpo.errors import StorageError, StudyNotFound
+from hpo.stats import bootstrap_ci, expected_best, p_improvement, p_improvement_words, welch
 from hpo.storage import existing_sqlite_path, resolve_storage_url
 from hpo.views import create_views, sqlite_views_current
 
@@ -252,7 +253,7 @@ def compare_scores(a: list[float], b: list[float], alpha: float = ALPHA) -> tupl
         same = mean_a == mean_b
         return (math.nan, 1.0 if same else 0.0, not same,
                 "identical per-seed scores" if same else "every seed agrees exactly: the difference is real")
-    t, p = _welch(mean_a, var_a, len(a), mean_b, var_b, len(b))
+    t, p = welch(a, b)
     if p < alpha:
         return t, p, True, f"distinguishable at {n} seeds (Welch p = {p:.2g})"
     diff = abs(mean_a - mean_b)
@@ -265,17 +266,6 @@ def compare_scores(a: list[float], b: list[float], alpha: float = ALPHA) -> tupl
                              f"to the spread over seeds; treat them as equally good")
     return t, p, False, (f"not distinguishable at {n} seeds (Welch p = {p:.2g}): raise seeds "
                          f"(about {max(needed, n + 1)} would resolve a difference this size)")
-
-
-def _welch(mean_a: float, var_a: float, n_a: int, mean_b: float, var_b: float, n_b: int) -> tuple[float, float]:
-    # scipy.special rather than scipy.stats: the same t distribution without half a
-    # second of imports on every `hpo report`.
-    from scipy.special import stdtr
-
-    se_a, se_b = var_a / n_a, var_b / n_b
-    t = (mean_a - mean_b) / math.sqrt(se_a + se_b)
-    df = (se_a + se_b) ** 2 / (se_a**2 / (n_a - 1) + se_b**2 / (n_b - 1))
-    return t, float(2 * stdtr(df, -abs(t)))
 
 
 def rank_trials(trials: pd.DataFrame, direction: str) -> pd.DataFrame:

@@ -29,6 +29,20 @@ def _resampled_means(a: np.ndarray, rng: np.random.Generator, resamples: int) ->
     return a[idx].mean(axis=1)
 
 
+def welch(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
+    """Welch's t-test of two samples (each at least two values, not both constant): (t, p)."""
+    # scipy.special rather than scipy.stats: the same t distribution without half a
+    # second of imports on every `hpo report`.
+    from scipy.special import stdtr
+
+    n_a, n_b = len(a), len(b)
+    var_a, var_b = float(np.var(a, ddof=1)), float(np.var(b, ddof=1))
+    se_a, se_b = var_a / n_a, var_b / n_b
+    t = (float(np.mean(a)) - float(np.mean(b))) / math.sqrt(se_a + se_b)
+    df = (se_a + se_b) ** 2 / (se_a**2 / (n_a - 1) + se_b**2 / (n_b - 1))
+    return t, float(2 * stdtr(df, -abs(t)))
+
+
 def bootstrap_ci(scores: Sequence[float | None], level: float = LEVEL,
                  resamples: int = RESAMPLES) -> tuple[float, float]:
     """Percentile-bootstrap interval of the mean over seeds: (low, high).
