@@ -215,6 +215,11 @@ class Comparison:
 
     @property
     def words(self) -> str:
+        """P(improvement) in words; a bootstrap over a handful of seeds is optimistic, so
+        when Welch's test is not convinced the sentence says so rather than "clear winner"."""
+        if not self.distinguishable and math.isfinite(self.p_improvement) and self.p_improvement >= 0.75:
+            return (f"#{self.best} is ahead of #{self.runner_up} in {100 * self.p_improvement:.0f}% of bootstrap "
+                    f"resamples, but that many seeds cannot confirm it: the winner is not distinguishable yet")
         return p_improvement_words(self.p_improvement, f"#{self.best}", f"#{self.runner_up}")
 
 
