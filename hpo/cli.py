@@ -388,13 +388,17 @@ def report(study_name: str, storage: str, top: int, fmt: str, wide: bool) -> Non
               help="Box plot: this many best trials, one box each.")
 @click.option("--by", "by_param", metavar="PARAM", help="Box plot: one box per value of PARAM over all complete trials.")
 @click.option("--trial", "trial_number", type=int, help="Plot this trial's learning curves instead (one line per seed).")
+@click.option("--expected-best", is_flag=True, help="Plot the expected best score vs number of trials instead.")
 @click.option("--output", "-o", type=click.Path(dir_okay=False), help="PNG file to write (default: named after the plot).")
 def plot(study_name: str, storage: str, top: int, by_param: str | None, trial_number: int | None,
-         output: str | None) -> None:
-    """Box plot of per-seed scores (top trials, or --by PARAM), or --trial N's learning curves, as PNG."""
-    from hpo.plots import plot_learning_curves, plot_seed_scores
+         expected_best: bool, output: str | None) -> None:
+    """Box plot of per-seed scores (top trials, or --by PARAM), --trial N's learning curves,
+    or --expected-best (expected best score vs trials), as PNG."""
+    from hpo.plots import plot_expected_best, plot_learning_curves, plot_seed_scores
 
-    if trial_number is not None:
+    if expected_best:
+        path = plot_expected_best(storage, study_name, output or f"{study_name}-expected-best.png")
+    elif trial_number is not None:
         path = plot_learning_curves(storage, study_name, trial_number,
                                     output or f"{study_name}-trial{trial_number}-curves.png")
     else:
