@@ -134,3 +134,30 @@ def test_adaptive_seeds_spend_fewer_fits_than_fixed_seeds_and_reach_the_same_win
     # Far-off grid points are told apart from the incumbent at the first batch and stop.
     assert sum(r.startswith("worse than incumbent") for r in reasons) >= 5
     assert all(2 <= len(a["seed_scores"]) <= 8 and len(a["seed_scores"]) % 2 == 0 for a in attrs.values())
+
+
+def test_seeds_confirm_and_score_are_checked_with_one_line_errors(tmp_path):
+    import pytest
+
+    from hpo.errors import SpecError
+    from hpo.spec import parse_spec, spec_to_dict
+
+    base = {"name": "s", "model": {"family": "analytic"}, "space": {"x": {"low": -1.0, "high": 1.0}}}
+    spec = parse_spec({**base, "seeds": {"min": 2, "max": 6}, "confirm": {"top": 2, "seeds": 4},
+                       "training": {"score": "last"}})
+    assert (spec.seeds, spec.seeds_max, spec.confirm.top, spec.training.score) == (2, 6, 2, "last")
+    assert parse_spec(spec_to_dict(spec)) == spec
+    assert spec.with_overrides(seeds=4).seeds_max is None
+    for raw, field, words in [({"seeds": {"min": 5, "max": 3}}, "seeds.max", "set max >= min"),
+                              ({"seeds": {"min": 2, "most": 3}}, "seeds.most", "unknown key"),
+                              ({"confirm": {"seeds": 1}}, "confirm.seeds", "outside 2..1000"),
+                              ({"training": {"score": "final"}}, "training.score", "'best', 'last'")]:
+        with pytest.raises(SpecError) as e:
+            parse_spec({**base, **raw})
+        assert field in str(e.value) and words in str(e.value) and "\n" not in str(e.value)
+    bad = tmp_path / "bad.toml"
+    bad.write_text('name = "b"\nseeds = { min = 5, max = 3 }\n[model]\nfamily = "analytic"\n'
+                   '[space]\nx = { low = -1.0, high = 1.0 }\n')
+    result = run_hpo("run", str(bad), "--storage", f"sqlite:///{tmp_path / 'b.db'}", check=False)
+    assert result.returncode == 2 and result.stderr.startswith("error: ") and len(result.stderr.splitlines()) == 1
+    assert not (tmp_path / "b.db").exists()
