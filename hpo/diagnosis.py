@@ -87,6 +87,8 @@ def trial_note(number: int, attrs: dict[str, Any], metric: str = "score") -> str
     lines += [f"| {s} | {_fmt(v)} | {b if b is not None else ''} | {r if r is not None else ''} |"
               for s, v, b, r in zip(seeds, scores, best, run)]
     lines += ["", f"**Diagnosis:** {diagnose_curves(attrs.get('curves'))}"]
+    if attrs.get("seed_stop_reason"):
+        lines += ["", f"Adaptive seeds stopped at {len(scores)}: {attrs['seed_stop_reason']}."]
     if attrs.get("pruned_at_epoch") is not None:
         lines += ["", f"Pruned after epoch {attrs['pruned_at_epoch']}."]
     return "\n".join(lines) + "\n"
