@@ -128,7 +128,7 @@ class _Reporter:
             from tqdm import tqdm
 
             self.bar = tqdm(total=spec.training.max_epochs, desc=f"trial {trial.number}", unit="epoch",
-                            leave=False, dynamic_ncols=True)
+                            leave=False, dynamic_ncols=True, file=sys.stdout)
 
     def __call__(self, epoch: int, value: float) -> bool:
         if self.bar is not None:
