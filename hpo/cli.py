@@ -144,6 +144,7 @@ def run(study: str, storage: str, study_name: str | None, trials: int | None, ti
                            heartbeat_interval=heartbeat_interval, grace_period=grace_period,
                            max_memory_growth=max_memory_growth, echo=click.echo)
         _restart_if_memory_grew(summary, "hpo run")
+        _auto_confirm(optuna_study, spec, summary)
     _print_summary(spec, summary, storage)
     if summary.exit_code:
         sys.exit(summary.exit_code)
@@ -222,11 +223,40 @@ def worker(storage: str, study_name: str, trials: int | None, timeout: float | N
                          max_memory_growth_mb=memory_growth_limit(spec, max_memory_growth), worker=worker_index)
     # TensorFlow does not give back what it keeps per model; a fresh process does.
     _restart_if_memory_grew(summary, f"worker {worker_index}")
+    _auto_confirm(optuna_study, spec, summary)
     click.echo(f"worker {worker_index} done in {summary.seconds:.1f} s: {summary.complete} complete, "
                f"{summary.pruned} pruned, {summary.failed} failed, {summary.lost} given back"
                + (f"; {summary.stopped_reason}" if summary.stopped_reason else ""))
     if summary.exit_code:
         sys.exit(summary.exit_code)
+
+
+def _auto_confirm(optuna_study, spec, summary) -> None:
+    """The spec's `[confirm]`, once the study is done: its budget spent or its grid
+    exhausted (not after a failure, an interrupt, a timeout or a memory restart)."""
+    cut_short = (summary.stopped_reason or "").startswith("stopped starting trials")
+    if spec.confirm.top and not summary.exit_code and not summary.restart and not cut_short:
+        from hpo.confirm import confirm_study
+
+        confirm_study(optuna_study, spec, spec.confirm.top, spec.confirm.seeds, echo=click.echo)
+
+
+@cli.command()
+@click.option("--study-name", required=True, help="Study whose top trials to confirm.")
+@storage_option
+@click.option("--top", type=click.IntRange(1), default=3, show_default=True, help="Trials to refit.")
+@click.option("--seeds", type=click.IntRange(2), default=10, show_default=True,
+              help="Fresh seeds per trial (none of the study's trials used them).")
+def confirm(study_name: str, storage: str, top: int, seeds: int) -> None:
+    """Refit the top trials on fresh seeds and store confirm_seeds/scores/mean/std on each;
+    several of these on one study share the work (each trial is refitted once)."""
+    from hpo.confirm import confirm_study
+    from hpo.study import load_study
+
+    optuna_study, spec = load_study(_open_storage(storage, None, None), study_name)
+    done = confirm_study(optuna_study, spec, top, seeds, echo=click.echo)
+    click.echo(f"confirmed {len(done)} trial{'s' * (len(done) != 1)} here; "
+               f"see hpo report --study-name {study_name}")
 
 
 def _print_summary(spec, summary, storage: str) -> None:
@@ -370,12 +400,15 @@ def sql(query: str, storage: str, fmt: str) -> None:
 @click.option("--top", type=click.IntRange(1), default=5, show_default=True, help="Trials to list.")
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json", "markdown"]), default="table",
               show_default=True, help="Output format.")
-def report(study_name: str, storage: str, top: int, fmt: str) -> None:
-    """The top trials with mean ± std, 95% CI, per-seed scores, params and a learning-curve
-    diagnosis; and whether the best is distinguishable from the runner-up."""
+@click.option("--wide", is_flag=True, help="Every column (params, per-seed scores, full diagnosis); "
+                                          "the default fits 120 columns.")
+def report(study_name: str, storage: str, top: int, fmt: str, wide: bool) -> None:
+    """The top trials with mean ± std, bootstrap 95% CI, seeds, the mean confirmed on fresh
+    seeds and a learning-curve diagnosis; whether the best beats the runner-up; and the
+    expected best score vs number of trials."""
     from hpo.results import build_report, format_report
 
-    click.echo(format_report(build_report(storage, study_name, top), fmt))
+    click.echo(format_report(build_report(storage, study_name, top), fmt, wide=wide))
 
 
 @cli.command()
@@ -385,13 +418,17 @@ def report(study_name: str, storage: str, top: int, fmt: str) -> None:
               help="Box plot: this many best trials, one box each.")
 @click.option("--by", "by_param", metavar="PARAM", help="Box plot: one box per value of PARAM over all complete trials.")
 @click.option("--trial", "trial_number", type=int, help="Plot this trial's learning curves instead (one line per seed).")
+@click.option("--expected-best", is_flag=True, help="Plot the expected best score vs number of trials instead.")
 @click.option("--output", "-o", type=click.Path(dir_okay=False), help="PNG file to write (default: named after the plot).")
 def plot(study_name: str, storage: str, top: int, by_param: str | None, trial_number: int | None,
-         output: str | None) -> None:
-    """Box plot of per-seed scores (top trials, or --by PARAM), or --trial N's learning curves, as PNG."""
-    from hpo.plots import plot_learning_curves, plot_seed_scores
+         expected_best: bool, output: str | None) -> None:
+    """Box plot of per-seed scores (top trials, or --by PARAM), --trial N's learning curves,
+    or --expected-best (expected best score vs trials), as PNG."""
+    from hpo.plots import plot_expected_best, plot_learning_curves, plot_seed_scores
 
-    if trial_number is not None:
+    if expected_best:
+        path = plot_expected_best(storage, study_name, output or f"{study_name}-expected-best.png")
+    elif trial_number is not None:
         path = plot_learning_curves(storage, study_name, trial_number,
                                     output or f"{study_name}-trial{trial_number}-curves.png")
     else:

@@ -21,8 +21,6 @@ UNKNOWN = "unknown"
 CHANGE_SHARE = 0.05
 # "Flat and high": the final loss is still above this share of the first epoch's loss.
 FLAT_SHARE = 0.9
-# "Still improving": validation fell over this many final epochs.
-TAIL_EPOCHS = 2
 
 
 @dataclass(frozen=True)
@@ -51,8 +49,9 @@ def diagnose_seed(loss: Sequence[float | None], val_loss: Sequence[float | None]
     if best < last and val[last] - val[best] > tol and train[best] - train[last] > tol:
         return OVERFIT, (f"validation loss rose after its minimum at epoch {best + 1} "
                          f"while training loss kept falling")
-    tail = max(0, last - TAIL_EPOCHS)
-    if best == last and val[tail] - val[last] > tol:
+    # Best epoch == last epoch with validation still falling: whatever the size of the last
+    # step, training stopped while it still helped (seen: best epoch 10 of 10 called good fit).
+    if best == last and val[last] < val[last - 1]:
         return UNDERFIT, f"validation loss still falling at the last epoch ({last + 1}): train longer"
     if train[0] > 0 and val[0] > 0 and train[last] > FLAT_SHARE * train[0] and val[last] > FLAT_SHARE * val[0]:
         return UNDERFIT, "training and validation loss flat and high: the model barely learns"
@@ -88,6 +87,8 @@ def trial_note(number: int, attrs: dict[str, Any], metric: str = "score") -> str
     lines += [f"| {s} | {_fmt(v)} | {b if b is not None else ''} | {r if r is not None else ''} |"
               for s, v, b, r in zip(seeds, scores, best, run)]
     lines += ["", f"**Diagnosis:** {diagnose_curves(attrs.get('curves'))}"]
+    if attrs.get("seed_stop_reason"):
+        lines += ["", f"Adaptive seeds stopped at {len(scores)}: {attrs['seed_stop_reason']}."]
     if attrs.get("pruned_at_epoch") is not None:
         lines += ["", f"Pruned after epoch {attrs['pruned_at_epoch']}."]
     return "\n".join(lines) + "\n"

@@ -5,6 +5,8 @@ reports and the per-seed record out, with the mean (or mean and std) as its valu
 from __future__ import annotations
 
 import math
+import statistics
+import sys
 from typing import Any
 
 import optuna
@@ -13,6 +15,7 @@ from hpo.diagnosis import trial_note
 from hpo.errors import TrialFailed
 from hpo.space import suggest_params
 from hpo.spec import StudySpec
+from hpo.stats import welch
 from hpo.training import RepeatFit, fit_repeats, release_memory
 
 # User attribute names people and our SQL views rely on.
@@ -28,6 +31,10 @@ ATTR_PATH = "training_path"
 ATTR_BACKEND = "backend"
 ATTR_FAIL_REASON = "fail_reason"
 ATTR_PRUNED_AT = "pruned_at_epoch"
+ATTR_SEED_STOP = "seed_stop_reason"
+# Adaptive seeds: a challenger stops adding seeds once Welch's test at this level tells it
+# from the incumbent (either way).
+RACE_ALPHA = 0.05
 
 
 class Objective:
@@ -46,9 +53,11 @@ class Objective:
         seeds = spec.seed_values
         trial.set_user_attr(ATTR_SEEDS, seeds)
         params = suggest_params(spec, trial)
-        on_epoch = None if spec.is_multi_objective else _Reporter(trial)
+        on_epoch = None if spec.is_multi_objective else _Reporter(trial, spec)
         try:
             fit = fit_repeats(spec, params, seeds, on_epoch)
+            if spec.seeds_max is not None and fit.pruned_at_epoch is None:
+                fit = self._race(trial, params, fit)
         except TrialFailed as e:
             trial.set_user_attr(ATTR_FAIL_REASON, str(e))
             raise
@@ -58,6 +67,8 @@ class Objective:
             raise TrialFailed(reason) from e
         finally:
             release_memory()
+            if isinstance(on_epoch, _Reporter):
+                on_epoch.close()
         record_fit(trial, fit)
         record_note(trial, spec.metric)
         if fit.pruned_at_epoch is not None:
@@ -65,15 +76,73 @@ class Objective:
         return objective_value(spec, fit)
 
 
+    def _race(self, trial: optuna.Trial, params: dict[str, Any], fit: RepeatFit) -> RepeatFit:
+        """Adaptive seeds: add batches of `seeds` new seeds (trained together, continuing the
+        trial's sequence) while Welch's test cannot tell the trial from the incumbent, up
+        to `seeds_max`. Only the first batch reports to the pruner: later batches would
+        report epochs Optuna has already seen. Stores why it stopped in `seed_stop_reason`."""
+        spec = self.spec
+        reason = f"reached seeds max = {spec.seeds_max}"
+        while len(fit.fits) < spec.seeds_max:
+            incumbent = _incumbent(trial)
+            if incumbent is None:
+                reason = "no complete trial to race yet"
+                break
+            number, best = incumbent
+            if len(best) < 2 or len(fit.fits) < 2:
+                reason = f"incumbent #{number} has too few seeds to test against"
+                break
+            if len(set(best)) == 1 and len(set(fit.scores)) == 1:
+                reason = f"constant scores, told apart from incumbent #{number} exactly"
+                break
+            _, p = welch(fit.scores, best)
+            if p < RACE_ALPHA:
+                better = (fit.mean < statistics.fmean(best)) == (spec.direction == "minimize")
+                reason = f"{'better' if better else 'worse'} than incumbent #{number} (Welch p = {p:.2g})"
+                break
+            start = spec.seed * 1000 + len(fit.fits)
+            batch = [start + i for i in range(min(spec.seeds, spec.seeds_max - len(fit.fits)))]
+            more = fit_repeats(spec, params, batch, None)
+            fit = RepeatFit(fit.fits + more.fits, fit.fit_seconds + more.fit_seconds, fit.path)
+        trial.set_user_attr(ATTR_SEED_STOP, reason)
+        return fit
+
+
+def _incumbent(trial: optuna.Trial) -> tuple[int, list[float]] | None:
+    """The study's best complete trial so far: (number, per-seed scores), or None."""
+    try:
+        best = trial.study.best_trial
+    except ValueError:
+        return None
+    scores = [s for s in best.user_attrs.get(ATTR_SEED_SCORES) or [] if s is not None and math.isfinite(s)]
+    return best.number, scores
+
+
 class _Reporter:
-    def __init__(self, trial: optuna.Trial) -> None:
+    """Per-epoch hook: reports the seeds' mean to the pruner and, when stdout is a
+    terminal, keeps a live line with the trial's epoch and current mean."""
+
+    def __init__(self, trial: optuna.Trial, spec: StudySpec) -> None:
         self.trial = trial
+        self.bar = None
+        if sys.stdout.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=spec.training.max_epochs, desc=f"trial {trial.number}", unit="epoch",
+                            leave=False, dynamic_ncols=True, file=sys.stdout)
 
     def __call__(self, epoch: int, value: float) -> bool:
+        if self.bar is not None:
+            self.bar.update(epoch + 1 - self.bar.n)
+            self.bar.set_postfix_str(f"seeds' mean {value:.5g}", refresh=False)
         if not math.isfinite(value):
             return False
         self.trial.report(value, epoch)
         return self.trial.should_prune()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def objective_value(spec: StudySpec, fit: RepeatFit) -> float | tuple[float, float]:

@@ -1,16 +1,20 @@
 """Plots: a study database (read through `hpo.results`) in, PNG files out: box plots of
-per-seed scores (top trials, or grouped by one parameter) and a trial's learning curves.
+per-seed scores (top trials, or grouped by one parameter), a trial's learning curves, and
+the expected best score vs number of trials.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from hpo.errors import HpoError, StorageError
-from hpo.results import (connect_readonly, curves_frame, params_frame, rank_trials, seed_scores_frame,
+from hpo.results import (_frame, connect_readonly, curves_frame, params_frame, rank_trials, seed_scores_frame,
                          study_direction, trials_frame)
+from hpo.stats import expected_best
 
 # Inches at DPI: 1000 x 600 pixels, readable on a laptop screen and in a README.
 FIGSIZE = (10.0, 6.0)
@@ -32,6 +36,18 @@ def _pyplot():
     return plt
 
 
+def _study_metric(engine, study_name: str) -> tuple[str, str]:
+    """(the objective's metric, the name of its training-side curve) from the stored spec."""
+    rows = _frame(engine, "SELECT a.value_json FROM study_user_attributes a JOIN studies s ON s.study_id = a.study_id "
+                          "WHERE s.study_name = :name AND a.key = 'hpo_spec'", name=study_name)
+    if rows.empty:
+        return "score", "metric"
+    spec = json.loads(rows["value_json"].iloc[0])
+    metric = spec.get("metric", "score")
+    # The "metric" curves hold the objective's metric on training and validation data.
+    return metric, metric.removeprefix("val_")
+
+
 def plot_seed_scores(storage: str | None, study_name: str, output: str | Path, *, top: int = 10,
                      by: str | None = None) -> Path:
     """Box-and-whisker plot of per-seed scores: one box per top trial, best first; or with
@@ -49,26 +65,43 @@ def plot_seed_scores(storage: str | None, study_name: str, output: str | Path, *
         numbers = [int(n) for n in (ranked["number"] if by else ranked["number"].head(top))]
         seeds = seed_scores_frame(study_name=study_name, numbers=numbers, engine=engine)
         params = params_frame(study_name=study_name, numbers=numbers, engine=engine) if by else None
+        metric, _ = _study_metric(engine, study_name)
     finally:
         engine.dispose()
     seeds = seeds.dropna(subset=["score"])
     if by:
-        labels, groups, xlabel = _grouped(seeds, params, by, study_name)
-        title = f"{study_name}: per-seed scores by {by} ({len(numbers)} complete trials)"
+        labels, groups, xlabel, drawn = _grouped(seeds, params, by, study_name)
+        title = f"{study_name}: {metric} per seed by {by} ({drawn} complete trials, {len(seeds)} seeds)"
     else:
         per_trial = seeds.groupby("number")["score"].apply(list)
-        labels = [f"#{n}" for n in numbers if n in per_trial.index]
+        labels = [f"#{n}\n({len(per_trial[n])} seeds)" for n in numbers if n in per_trial.index]
         groups = [per_trial[n] for n in numbers if n in per_trial.index]
-        xlabel = f"trial (best {direction[:3]} first)"
-        title = f"{study_name}: per-seed scores of the top {len(groups)} trials"
+        xlabel = f"trial, best first ({direction})"
+        title = f"{study_name}: {metric} per seed of the top {len(groups)} of {len(ranked)} complete trials"
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=FIGSIZE, dpi=DPI)
-    ax.boxplot(groups, tick_labels=labels, showmeans=True)
+    # Every seed is drawn as a point, so the box draws no outliers of its own (they would
+    # appear twice).
+    ax.boxplot(groups, tick_labels=labels, showmeans=True, showfliers=False,
+               medianprops={"color": "tab:orange"},
+               meanprops={"marker": "^", "markerfacecolor": "tab:green", "markeredgecolor": "tab:green"})
+    rng = np.random.default_rng(0)
     for i, values in enumerate(groups, start=1):
-        ax.scatter([i] * len(values), values, s=12, alpha=0.6, color="tab:blue", zorder=3)
+        jitter = rng.uniform(-0.08, 0.08, len(values))
+        ax.scatter(i + jitter, values, s=14, alpha=0.6, color="tab:blue", zorder=3)
+    from matplotlib.lines import Line2D
+
+    ax.legend(handles=[Line2D([], [], color="tab:orange", label="median"),
+                       Line2D([], [], marker="^", linestyle="", color="tab:green", label="mean"),
+                       Line2D([], [], marker="o", linestyle="", color="tab:blue", alpha=0.6, label="one seed")],
+              loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    values = np.concatenate([np.asarray(g, dtype=float) for g in groups]) if groups else np.array([])
+    log = len(values) and np.all(values > 0) and values.max() / values.min() > 100
+    if log:
+        ax.set_yscale("log")
     ax.set_title(title)
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("score per seed")
+    ax.set_ylabel(f"{metric} ({direction}{', log scale' if log else ''})")
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, plt, output)
 
@@ -81,8 +114,10 @@ def _grouped(seeds: pd.DataFrame, params: pd.DataFrame, by: str, study_name: str
     merged = seeds.merge(rows[["number", "value", "value_number", "kind"]], on="number")
     kind = rows["kind"].iloc[0]
     if kind == "float" and merged["value_number"].nunique() > MAX_GROUPS:
-        merged["group"] = pd.qcut(merged["value_number"], MAX_GROUPS, duplicates="drop", precision=3).astype(str)
-        order = sorted(merged["group"].unique(), key=lambda g: float(g.strip("([").split(",")[0]))
+        bins = pd.qcut(merged["value_number"], MAX_GROUPS, duplicates="drop")
+        merged["group"] = [f"{b.left:.3g}\nto {b.right:.3g}" for b in bins]
+        lefts = {f"{b.left:.3g}\nto {b.right:.3g}": b.left for b in bins}
+        order = sorted(merged["group"].unique(), key=lefts.__getitem__)
     else:
         merged["group"] = merged["value_number"].map("{:.4g}".format) if kind == "float" else merged["value"]
         numeric = merged.dropna(subset=["value_number"]).drop_duplicates("group")
@@ -91,13 +126,15 @@ def _grouped(seeds: pd.DataFrame, params: pd.DataFrame, by: str, study_name: str
         else:
             order = sorted(merged["group"].unique())
     groups = [merged.loc[merged["group"] == g, "score"].tolist() for g in order]
-    labels = [f"{g}\n(n={len(v)})" for g, v in zip(order, groups)]
-    return labels, groups, by
+    trials = [merged.loc[merged["group"] == g, "number"].nunique() for g in order]
+    labels = [f"{g}\n({t} trials,\n{len(v)} seeds)" for g, t, v in zip(order, trials, groups)]
+    return labels, groups, by, int(merged["number"].nunique())
 
 
 def plot_learning_curves(storage: str | None, study_name: str, trial_number: int, output: str | Path) -> Path:
     """Learning curves of one trial: training (solid) and validation (dashed), one colour
-    per seed; loss on the left, the metric on the right.
+    per seed, each seed's best epoch marked; loss on the left, the compiled metric on the
+    right; a log scale where values span decades; the legend beside the plots.
 
     Raises:
         PlotError: No such trial, or it stored no curves.
@@ -106,35 +143,96 @@ def plot_learning_curves(storage: str | None, study_name: str, trial_number: int
     try:
         study_direction(engine, study_name)
         curves = curves_frame(study_name=study_name, numbers=[trial_number], engine=engine)
+        seeds = seed_scores_frame(study_name=study_name, numbers=[trial_number], engine=engine)
+        metric, curve_name = _study_metric(engine, study_name)
     finally:
         engine.dispose()
     if curves.empty:
         raise PlotError(f'trial {trial_number} of study "{study_name}" has no learning curves '
                         f"(no such trial, or it failed before its first epoch)")
+    best_epoch = dict(zip(seeds["seed_index"], seeds["best_epoch"]))
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=FIGSIZE, dpi=DPI)
+    # When the objective's metric is the loss itself, a second panel would repeat the first.
+    panels = [("loss", "val_loss", "loss")] + ([] if curve_name == "loss" else [("metric", "val_metric", curve_name)])
+    fig, axes = plt.subplots(1, len(panels), figsize=FIGSIZE, dpi=DPI, squeeze=False)
+    axes = list(axes[0])
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, (train, val, name) in zip(axes, [("loss", "val_loss", "loss"), ("metric", "val_metric", "metric")]):
+    handles = []
+    for ax, (train, val, name) in zip(axes, panels):
         for i, (seed_index, g) in enumerate(curves.groupby("seed_index", sort=True)):
             g = g.sort_values("epoch")
             colour = colours[i % len(colours)]
             seed = g["seed"].iloc[0]
-            ax.plot(g["epoch"], g[train], color=colour, linestyle="-", label=f"seed {seed} training")
-            ax.plot(g["epoch"], g[val], color=colour, linestyle="--", label=f"seed {seed} validation")
-        ax.set_title(f"{name}: training (solid) and validation (dashed)")
+            line, = ax.plot(g["epoch"], g[train], color=colour, linestyle="-", linewidth=1)
+            ax.plot(g["epoch"], g[val], color=colour, linestyle="--", linewidth=1)
+            b = best_epoch.get(seed_index)
+            at = g[g["epoch"] == b]
+            if b is not None and not at.empty and pd.notna(at[val].iloc[0]):
+                ax.plot([b], [at[val].iloc[0]], marker="o", markersize=6, color=colour, markeredgecolor="black")
+            if ax is axes[0]:
+                handles.append((line, f"seed {seed} (best epoch {b})"))
+        values = pd.concat([curves[train], curves[val]]).dropna()
+        positive = values[values > 0]
+        if len(positive) == len(values) and len(values) and positive.max() / positive.min() > 100:
+            ax.set_yscale("log")
+        ax.set_title(name if name == "loss" else f"{name} (the objective's metric)")
         ax.set_xlabel("epoch")
-        ax.set_ylabel(name)
+        ax.set_ylabel(name + (" (log scale)" if ax.get_yscale() == "log" else ""))
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize="small")
-    fig.suptitle(f"{study_name}: trial {trial_number}")
+    from matplotlib.lines import Line2D
+
+    style = [Line2D([], [], color="grey", linestyle="-", label="training"),
+             Line2D([], [], color="grey", linestyle="--", label="validation"),
+             Line2D([], [], color="grey", marker="o", linestyle="", markeredgecolor="black",
+                    label="best epoch (validation)")]
+    fig.legend(handles=[h for h, _ in handles] + style, labels=[l for _, l in handles] + [h.get_label() for h in style],
+               loc="center right", fontsize="small")
+    fig.suptitle(f"{study_name}: trial {trial_number}, {len(handles)} seeds (objective: {metric})")
+    fig.tight_layout(rect=(0, 0, 0.78, 1))
+    return _save(fig, plt, output, layout=False)
+
+
+def plot_expected_best(storage: str | None, study_name: str, output: str | Path) -> Path:
+    """Expected best score vs number of trials (Dodge et al. 2019) beside the best found
+    so far in trial order: a curve still falling at the right edge says more trials help.
+
+    Raises:
+        PlotError: No complete trial.
+    """
+    engine = connect_readonly(storage)
+    try:
+        direction = study_direction(engine, study_name)
+        trials = trials_frame(study_name=study_name, engine=engine)
+        metric, _ = _study_metric(engine, study_name)
+    finally:
+        engine.dispose()
+    done = trials[(trials["state"] == "COMPLETE") & trials["value"].notna()].sort_values("number")
+    if done.empty:
+        raise PlotError(f'study "{study_name}" has no complete trial yet; nothing to plot')
+    values = done["value"].to_numpy(dtype=float)
+    curve = expected_best(values, direction)
+    running = np.minimum.accumulate(values) if direction == "minimize" else np.maximum.accumulate(values)
+    n = np.arange(1, len(values) + 1)
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=FIGSIZE, dpi=DPI)
+    ax.plot(n, curve, color="tab:blue", marker=".", label="expected best of n trials (Dodge et al. 2019)")
+    ax.step(n, running, where="post", color="tab:grey", alpha=0.7, label="best so far, in trial order")
+    if np.all(values > 0) and values.max() / values.min() > 100:
+        ax.set_yscale("log")
+    ax.set_xlabel("number of trials")
+    ax.set_ylabel(f"best {metric} ({direction})")
+    ax.set_title(f"{study_name}: expected best {metric} vs trials ({len(values)} complete trials)")
+    ax.grid(alpha=0.3)
+    ax.legend()
     return _save(fig, plt, output)
 
 
-def _save(fig, plt, output: str | Path) -> Path:
+def _save(fig, plt, output: str | Path, layout: bool = True) -> Path:
     path = Path(output)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fig.tight_layout()
+        if layout:
+            fig.tight_layout()
         fig.savefig(path, dpi=DPI, format="png")
     except OSError as e:
         raise StorageError(f"cannot write the plot to {path}: {e.strerror or e}") from e

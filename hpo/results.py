@@ -9,9 +9,10 @@ import json
 import math
 import contextlib
 import os
+import re
 import sqlite3
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import quote
 
 import pandas as pd
@@ -19,6 +20,7 @@ import sqlalchemy
 
 from hpo.diagnosis import diagnose_curves
 from hpo.errors import StorageError, StudyNotFound
+from hpo.stats import bootstrap_ci, expected_best, p_improvement, p_improvement_words, welch
 from hpo.storage import existing_sqlite_path, resolve_storage_url
 from hpo.views import create_views, sqlite_views_current
 
@@ -201,7 +203,8 @@ def curves_frame(storage: str | None = None, study_name: str | None = None, **kw
 
 @dataclass
 class Comparison:
-    """Best trial against the runner-up: Welch's t-test on their per-seed scores."""
+    """Best trial against the runner-up: Welch's t-test and bootstrap P(improvement) on
+    their per-seed scores (the confirmation's when both were confirmed)."""
 
     best: int
     runner_up: int
@@ -210,17 +213,31 @@ class Comparison:
     p: float
     distinguishable: bool
     hint: str
+    p_improvement: float = math.nan
+    on: str = "selection seeds"
+
+    @property
+    def words(self) -> str:
+        """P(improvement) in words; a bootstrap over a handful of seeds is optimistic, so
+        when Welch's test is not convinced the sentence says so rather than "clear winner"."""
+        if not self.distinguishable and math.isfinite(self.p_improvement) and self.p_improvement >= 0.75:
+            return (f"#{self.best} is ahead of #{self.runner_up} in {100 * self.p_improvement:.0f}% of bootstrap "
+                    f"resamples, but that many seeds cannot confirm it: the winner is not distinguishable yet")
+        return p_improvement_words(self.p_improvement, f"#{self.best}", f"#{self.runner_up}")
 
 
 @dataclass
 class Report:
-    """What `hpo report` prints: the top trials and the best-vs-runner-up comparison."""
+    """What `hpo report` prints: the top trials, the best-vs-runner-up comparison, and
+    the expected best score vs number of trials."""
 
     study_name: str
     direction: str
     n_complete: int
     top: pd.DataFrame
     comparison: Comparison | None
+    expected_best: list[float] = field(default_factory=list)
+    ranked_by: str = "objective value"
 
 
 def study_direction(engine: sqlalchemy.engine.Engine, study_name: str) -> str:
@@ -255,7 +272,7 @@ def compare_scores(a: list[float], b: list[float], alpha: float = ALPHA) -> tupl
         same = mean_a == mean_b
         return (math.nan, 1.0 if same else 0.0, not same,
                 "identical per-seed scores" if same else "every seed agrees exactly: the difference is real")
-    t, p = _welch(mean_a, var_a, len(a), mean_b, var_b, len(b))
+    t, p = welch(a, b)
     if p < alpha:
         return t, p, True, f"distinguishable at {n} seeds (Welch p = {p:.2g})"
     diff = abs(mean_a - mean_b)
@@ -270,26 +287,24 @@ def compare_scores(a: list[float], b: list[float], alpha: float = ALPHA) -> tupl
                          f"(about {max(needed, n + 1)} would resolve a difference this size)")
 
 
-def _welch(mean_a: float, var_a: float, n_a: int, mean_b: float, var_b: float, n_b: int) -> tuple[float, float]:
-    # scipy.special rather than scipy.stats: the same t distribution without half a
-    # second of imports on every `hpo report`.
-    from scipy.special import stdtr
-
-    se_a, se_b = var_a / n_a, var_b / n_b
-    t = (mean_a - mean_b) / math.sqrt(se_a + se_b)
-    df = (se_a + se_b) ** 2 / (se_a**2 / (n_a - 1) + se_b**2 / (n_b - 1))
-    return t, float(2 * stdtr(df, -abs(t)))
-
-
 def rank_trials(trials: pd.DataFrame, direction: str) -> pd.DataFrame:
     """The complete trials of a `trials_frame`, best objective value first (ties by mean)."""
     done = trials[(trials["state"] == "COMPLETE") & trials["value"].notna()]
     return done.sort_values(["value", "mean"], ascending=direction == "minimize", kind="stable")
 
 
+def confirmations_frame(storage: str | None = None, study_name: str | None = None, **kw) -> pd.DataFrame:
+    """`hpo_confirmations` (one row per trial refitted on fresh seeds by `hpo confirm`)."""
+    return _view("hpo_confirmations", "study_name, number", storage, study_name, **kw)
+
+
 def build_report(storage: str | None, study_name: str, top: int = 5) -> Report:
-    """The study's top trials by objective value with mean ± std, 95% CI, seeds, params and
-    diagnosis; and whether the best is distinguishable from the runner-up.
+    """The study's top trials with mean ± std, a bootstrap 95% CI, seeds, the confirmed
+    mean on fresh seeds, params and diagnosis; whether the best is distinguishable from
+    the runner-up; and the expected best score vs number of trials.
+
+    Trials confirmed on fresh seeds rank first, by their confirmed mean (the selection
+    mean of the winner is biased in its favour); the rest follow by objective value.
 
     Raises:
         StudyNotFound: No study of that name.
@@ -299,32 +314,75 @@ def build_report(storage: str | None, study_name: str, top: int = 5) -> Report:
         direction = study_direction(engine, study_name)
         trials = trials_frame(study_name=study_name, engine=engine)
         done = rank_trials(trials, direction)
-        ranked = done.head(top)
+        confirmed = confirmations_frame(study_name=study_name, engine=engine)
+        confirmed = {int(r.number): r for r in confirmed.itertuples(index=False)}
+        minimize = direction == "minimize"
+        order = sorted(range(len(done)), key=lambda i: (
+            0 if int(done["number"].iloc[i]) in confirmed else 1,
+            (1 if minimize else -1) * confirmed[int(done["number"].iloc[i])].confirm_mean
+            if int(done["number"].iloc[i]) in confirmed else 0.0, i))
+        ranked = done.iloc[order].head(top)
         numbers = [int(n) for n in ranked["number"]]
         params = params_frame(study_name=study_name, numbers=numbers, engine=engine)
         seeds = seed_scores_frame(study_name=study_name, numbers=numbers, engine=engine)
         curves = curves_frame(study_name=study_name, numbers=numbers, engine=engine)
+        stops = _frame(engine, "SELECT t.number, u.value_json FROM trial_user_attributes u "
+                               "JOIN trials t ON t.trial_id = u.trial_id JOIN studies s ON s.study_id = t.study_id "
+                               "WHERE s.study_name = :name AND u.key = 'seed_stop_reason'", name=study_name)
     finally:
         engine.dispose()
 
-    scores = {n: g["score"].tolist() for n, g in seeds.groupby("number")}
-    table = ranked[["number", "value", "mean", "std", "ci_low", "ci_high", "n_seeds", "mean_best_epoch"]].copy()
+    scores = {n: [_round(x) for x in g["score"]] for n, g in seeds.groupby("number")}
+    stop_reason = {int(n): json.loads(v) for n, v in zip(stops["number"], stops["value_json"])}
+    table = ranked[["number", "value", "mean", "std", "n_seeds", "mean_best_epoch"]].copy().reset_index(drop=True)
     table.insert(0, "rank", range(1, len(table) + 1))
-    table["seed_scores"] = [json.dumps([_round(s) for s in scores.get(n, [])]) for n in numbers]
+    cis = [bootstrap_ci(scores.get(n, [])) for n in numbers]
+    table.insert(5, "ci_low", [c[0] for c in cis])
+    table.insert(6, "ci_high", [c[1] for c in cis])
+    table["confirm_mean"] = [confirmed[n].confirm_mean if n in confirmed else math.nan for n in numbers]
+    table["confirm_std"] = [confirmed[n].confirm_std if n in confirmed else math.nan for n in numbers]
+    table["seed_scores"] = [scores.get(n, []) for n in numbers]
     # Conditional params (SGD's momentum, a schedule's decay) exist only on some trials.
     by_trial = {n: dict(zip(g["param_name"], g["value"])) for n, g in params.groupby("number")}
-    table["params"] = [", ".join(f"{k}={_short(v)}" for k, v in sorted(by_trial.get(n, {}).items()))
-                       for n in numbers]
-    table["diagnosis"] = [str(diagnose_curves(_curves_of(curves, n))) for n in numbers]
-    table = table.reset_index(drop=True)
+    table["params"] = [{k: _param_value(v) for k, v in sorted(by_trial.get(n, {}).items())} for n in numbers]
+    table["confirmation"] = [_confirmation(confirmed.get(n)) for n in numbers]
+    table["seed_stop_reason"] = [stop_reason.get(n) for n in numbers]
+    diagnoses = [diagnose_curves(_curves_of(curves, n)) for n in numbers]
+    table["verdict"] = [d.verdict for d in diagnoses]
+    table["diagnosis"] = [str(d) for d in diagnoses]
 
     comparison = None
     if len(numbers) >= 2:
         best, second = numbers[0], numbers[1]
-        t, p, ok, hint = compare_scores(scores.get(best, []), scores.get(second, []))
-        diff = float(ranked["value"].iloc[1] - ranked["value"].iloc[0])
-        comparison = Comparison(best, second, abs(diff), t, p, ok, hint)
-    return Report(study_name, direction, len(done), table, comparison)
+        both = best in confirmed and second in confirmed
+        a = json.loads(confirmed[best].confirm_scores) if both else scores.get(best, [])
+        b = json.loads(confirmed[second].confirm_scores) if both else scores.get(second, [])
+        t, p, ok, hint = compare_scores(a, b)
+        key = "confirm_mean" if both else "value"
+        diff = abs(float(table[key].iloc[1] - table[key].iloc[0]))
+        comparison = Comparison(best, second, diff, t, p, ok, hint, p_improvement(a, b, direction),
+                                "fresh confirmation seeds" if both else "selection seeds")
+    curve = expected_best(done["value"].tolist(), direction)
+    return Report(study_name, direction, len(done), table, comparison, [float(x) for x in curve],
+                  "confirmed mean, then objective value" if confirmed else "objective value")
+
+
+def _confirmation(row) -> dict | None:
+    if row is None:
+        return None
+    return {"mean": float(row.confirm_mean), "std": float(row.confirm_std),
+            "seeds": json.loads(row.confirm_seeds), "scores": json.loads(row.confirm_scores)}
+
+
+def _param_value(v):
+    """A param as its own type: numbers as numbers, true/false as booleans."""
+    if v in ("true", "false"):
+        return v == "true"
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return v
+    return int(f) if f.is_integer() and "." not in str(v) and "e" not in str(v).lower() else f
 
 
 def _curves_of(curves: pd.DataFrame, number: int) -> list[dict[str, list]]:
@@ -372,23 +430,111 @@ def _markdown(frame: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def format_report(report: Report, fmt: str = "table") -> str:
-    """The report as text in one of FORMATS (csv and json carry the comparison as columns)."""
+# Columns of the default report, which fits a 120-column terminal; --wide shows all.
+_NARROW_WIDTH = 120
+
+
+def _num(x, digits: int = 5) -> str:
+    return "" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}g}"
+
+
+def _narrow(top: pd.DataFrame) -> pd.DataFrame:
+    rows = []
+    for r in top.itertuples(index=False):
+        confirmed = ""
+        if r.confirmation is not None:
+            confirmed = f"{_num(r.confirm_mean)} ± {_num(r.confirm_std, 2)} ({len(r.confirmation['seeds'])})"
+        diag = r.verdict + (": train longer" if "train longer" in r.diagnosis else "")
+        m = re.match(r"(\d+) of (\d+) seeds", r.diagnosis.split(": ", 1)[-1])
+        diag += f" ({m.group(1)}/{m.group(2)} seeds)" if m else ""
+        rows.append({"rank": r.rank, "trial": r.number, "mean ± std": f"{_num(r.mean)} ± {_num(r.std, 2)}",
+                     "95% CI (bootstrap)": f"[{_num(r.ci_low, 4)}, {_num(r.ci_high, 4)}]" if not math.isnan(r.ci_low) else "",
+                     "seeds": r.n_seeds, "confirmed (seeds)": confirmed, "diagnosis": diag})
+    return pd.DataFrame(rows)
+
+
+def _wide(top: pd.DataFrame) -> pd.DataFrame:
+    frame = top.drop(columns=["confirmation", "verdict"]).copy()
+    frame["seed_scores"] = [json.dumps(x) for x in frame["seed_scores"]]
+    frame["params"] = [", ".join(f"{k}={_short(v)}" for k, v in p.items()) for p in frame["params"]]
+    return frame
+
+
+def report_dict(report: Report) -> dict:
+    """The report as plain JSON types: arrays for scores, objects for params and confirmation."""
     c = report.comparison
-    if fmt in ("csv", "json"):
-        frame = report.top.copy()
+    trials = []
+    for rec in report.top.to_dict(orient="records"):
+        trials.append({k: (None if isinstance(v, float) and math.isnan(v) else
+                           (v.item() if hasattr(v, "item") else v)) for k, v in rec.items()})
+    return {
+        "study_name": report.study_name, "direction": report.direction, "n_complete": report.n_complete,
+        "ranked_by": report.ranked_by, "trials": trials,
+        "comparison": None if c is None else {
+            "best": c.best, "runner_up": c.runner_up, "difference": c.difference, "on": c.on,
+            "welch_t": None if math.isnan(c.t) else c.t, "welch_p": None if math.isnan(c.p) else c.p,
+            "distinguishable": c.distinguishable, "p_improvement": None if math.isnan(c.p_improvement) else c.p_improvement,
+            "summary": f"{c.hint}; {c.words}"},
+        "expected_best": report.expected_best,
+    }
+
+
+def _expected_best_line(report: Report) -> str:
+    curve = report.expected_best
+    n = len(curve)
+    if n < 2:
+        return ""
+    marks = sorted({1, max(1, n // 4), max(1, n // 2), n})
+    pts = ", ".join(f"n={k}: {curve[k - 1]:.4g}" for k in marks)
+    # Doubling the trials is worth it when it is expected to gain more than the seed noise
+    # of the best trial (what a single trial's mean can be trusted to).
+    gain = abs(curve[n // 2 - 1] - curve[-1])
+    noise = float(report.top["std"].iloc[0]) if len(report.top) else 0.0
+    verdict = (f"the last doubling of trials gained {gain:.3g}, more than the best trial's seed std {noise:.2g}: "
+               "more trials would likely help" if gain > noise else
+               f"the last doubling of trials gained {gain:.3g}, within the best trial's seed std {noise:.2g}: "
+               "more trials would add little")
+    return f"expected best of n trials (Dodge et al. 2019): {pts}; {verdict}"
+
+
+def format_report(report: Report, fmt: str = "table", wide: bool = False) -> str:
+    """The report as text in one of FORMATS. The default table fits 120 columns; `wide`
+    shows every column. json is one object with real arrays and objects; csv is the wide
+    table with the comparison on the first row."""
+    c = report.comparison
+    if fmt == "json":
+        return json.dumps(report_dict(report), allow_nan=False, default=str)
+    if fmt == "csv":
+        frame = _wide(report.top)
         frame["distinguishable_from_next"] = None
         if c is not None and not frame.empty:
             frame.loc[0, "distinguishable_from_next"] = c.distinguishable
             frame["welch_p"] = [c.p] + [None] * (len(frame) - 1)
+            frame["p_improvement"] = [c.p_improvement] + [None] * (len(frame) - 1)
         return format_frame(frame, fmt)
     head = (f"study {report.study_name}: {report.n_complete} complete trials, {report.direction}; "
-            f"top {len(report.top)} by objective value")
+            f"top {len(report.top)} by {report.ranked_by}")
     lines = [f"## {head}" if fmt == "markdown" else head, ""]
-    lines.append(format_frame(report.top, "markdown" if fmt == "markdown" else "table"))
+    frame = _wide(report.top) if wide else _narrow(report.top)
+    lines.append(format_frame(frame, "markdown" if fmt == "markdown" else "table"))
     lines.append("")
     if c is None:
         lines.append("fewer than two complete trials: nothing to compare yet")
     else:
-        lines.append(f"best #{c.best} vs runner-up #{c.runner_up}: difference {c.difference:.4g}; {c.hint}")
+        lines.append(f"best #{c.best} vs runner-up #{c.runner_up} on {c.on}: difference {c.difference:.4g}; {c.hint}")
+        lines.append(c.words)
+    line = _expected_best_line(report)
+    if line:
+        lines.append(line)
+    if not wide and fmt == "table":
+        lines = [_fold(l, _NARROW_WIDTH) for block in lines for l in block.split("\n")]
     return "\n".join(lines)
+
+
+def _fold(line: str, width: int) -> str:
+    """A prose line wrapped to `width` (table rows are built to fit already)."""
+    if len(line) <= width:
+        return line
+    import textwrap
+
+    return "\n".join(textwrap.wrap(line, width, subsequent_indent="  "))

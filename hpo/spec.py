@@ -187,6 +187,17 @@ class TrainingSpec:
     backend: str | None = None
     # A Keras loss name; None: the output kind's (mse, sparse categorical cross-entropy).
     loss: str | None = None
+    # "best": a seed's score is its best epoch's (early stopping); "last": its final epoch's,
+    # as in experiments that train a fixed number of epochs and report where they ended.
+    score: str = "best"
+
+
+@dataclass(frozen=True)
+class ConfirmSpec:
+    """Refit the `top` trials on `seeds` fresh seeds when the budget is spent (top = 0: off)."""
+
+    top: int = 0
+    seeds: int = 10
 
 
 @dataclass(frozen=True)
@@ -217,6 +228,10 @@ class StudySpec:
     seeds: int = 3
     seed: int = 0
     trials: int = 20
+    # Adaptive seeds: a trial starts with `seeds` and may grow to `seeds_max` while it
+    # cannot be told from the incumbent (None: always exactly `seeds`).
+    seeds_max: int | None = None
+    confirm: ConfirmSpec = field(default_factory=ConfirmSpec)
     objective: ObjectiveSpec = field(default_factory=ObjectiveSpec)
     data: DataSpec = field(default_factory=DataSpec)
     model: ModelSpec = field(default_factory=ModelSpec)
@@ -274,7 +289,7 @@ class StudySpec:
         if name is not None and not name.strip():
             raise OptionError("--study-name is empty; give the study a name")
         if seeds is not None:
-            spec = dataclasses.replace(spec, seeds=seeds)
+            spec = dataclasses.replace(spec, seeds=seeds, seeds_max=None)
         if max_epochs is not None:
             spec = dataclasses.replace(spec, training=dataclasses.replace(spec.training, max_epochs=max_epochs))
         if trials is not None:
@@ -376,7 +391,7 @@ def parse_spec(raw: dict[str, Any], *, source: str = "<memory>", base_dir: Path 
     if direction != natural:
         raise SpecError(source, "direction", f'{metric} is to {natural}, got direction = "{direction}"; '
                                              f'set direction = "{natural}" or leave it out')
-    seeds = top.int("seeds", default=3, low=LIMITS["seeds"][0], high=LIMITS["seeds"][1])
+    seeds, seeds_max = _parse_seeds(top)
     seed = top.int("seed", default=0, low=0, high=2**31 - 1)
     trials = top.int("trials", default=20, low=LIMITS["trials"][0], high=LIMITS["trials"][1])
     objective = _parse_objective(top.table("objective"))
@@ -410,10 +425,11 @@ def parse_spec(raw: dict[str, Any], *, source: str = "<memory>", base_dir: Path 
         for pname, p in space.items():
             if isinstance(p, FloatRange) and p.step is None:
                 raise SpecError(source, f"space.{pname}", "the grid sampler needs a finite grid; give a step or a list of choices")
+    confirm = _parse_confirm(top.table("confirm"))
     top.finish()
     return StudySpec(name=name, description=description, metric=metric, direction=direction, seeds=seeds,
-                     seed=seed, trials=trials, objective=objective, data=data, model=model, training=training,
-                     sampler=sampler, pruner=pruner, space=space, source=source,
+                     seeds_max=seeds_max, confirm=confirm, seed=seed, trials=trials, objective=objective, data=data,
+                     model=model, training=training, sampler=sampler, pruner=pruner, space=space, source=source,
                      base_dir=None if base_dir is None else str(base_dir))
 
 
@@ -425,7 +441,9 @@ def spec_to_dict(spec: StudySpec) -> dict[str, Any]:
 
     out: dict[str, Any] = {
         "name": spec.name, "description": spec.description, "metric": spec.metric,
-        "direction": spec.direction, "seeds": spec.seeds, "seed": spec.seed, "trials": spec.trials,
+        "direction": spec.direction, "seed": spec.seed, "trials": spec.trials,
+        "seeds": spec.seeds if spec.seeds_max is None else {"min": spec.seeds, "max": spec.seeds_max},
+        "confirm": section(spec.confirm),
         "objective": section(spec.objective), "model": section(spec.model),
         "training": section(spec.training), "sampler": section(spec.sampler), "pruner": section(spec.pruner),
         "space": {name: _param_to_raw(p) for name, p in spec.space.items()},
@@ -637,9 +655,31 @@ def _parse_training(t: "_Table") -> TrainingSpec:
         min_delta=t.float("min_delta", default=0.0, low=0.0, high=1e9),
         backend=t.str("backend", default=None),
         loss=t.str("loss", default=None),
+        score=t.str("score", default="best"),
     )
     if spec.backend is not None:
         t.choice("backend", spec.backend, BACKENDS)
+    t.choice("score", spec.score, ("best", "last"))
+    t.finish()
+    return spec
+
+
+def _parse_seeds(top: "_Table") -> tuple[int, int | None]:
+    """`seeds = 5` (fixed) or `seeds = { min = 3, max = 15 }` (adaptive): (min, max or None)."""
+    if not isinstance(top.raw.get("seeds"), dict):
+        return top.int("seeds", default=3, low=LIMITS["seeds"][0], high=LIMITS["seeds"][1]), None
+    t = top.table("seeds")
+    low = t.int("min", default=3, low=1, high=1000)
+    high = t.int("max", default=low, low=1, high=1000)
+    t.finish()
+    if high < low:
+        raise SpecError(top.source, "seeds.max", f"max = {high} is below min = {low}; set max >= min")
+    return low, (high if high > low else None)
+
+
+def _parse_confirm(t: "_Table") -> ConfirmSpec:
+    spec = ConfirmSpec(top=t.int("top", default=0, low=0, high=1000),
+                       seeds=t.int("seeds", default=10, low=2, high=1000))
     t.finish()
     return spec
 

@@ -77,7 +77,11 @@ class RepeatFit:
 @dataclass
 class EarlyStopper:
     """Keras' EarlyStopping rule for one seed, with the best-epoch score kept
-    (what `restore_best_weights=True` would evaluate to)."""
+    (what `restore_best_weights=True` would evaluate to).
+
+    With `score = "last"` the seed trains every epoch and scores its final one (a fixed
+    training length, as published experiments often report), so nothing stops it early.
+    """
 
     direction: str
     patience: int
@@ -88,10 +92,14 @@ class EarlyStopper:
     wait: int = 0
     stopped: bool = False
     last: float = math.nan
+    score: str = "best"
 
     def update(self, value: float) -> None:
         self.epochs_run += 1
         self.last = value
+        if self.score == "last":
+            self.best, self.best_epoch = value, self.epochs_run
+            return
         if math.isnan(self.best) or self._improves(value):
             self.best, self.best_epoch, self.wait = value, self.epochs_run, 0
             return
@@ -229,7 +237,8 @@ def _lock_step(spec: StudySpec, seeds: list[int], trainer: EpochTrainer, on_epoc
 
 
 def _stopper(spec: StudySpec) -> EarlyStopper:
-    return EarlyStopper(spec.direction, spec.training.patience, spec.training.min_delta)
+    return EarlyStopper(spec.direction, spec.training.patience, spec.training.min_delta,
+                        score=spec.training.score)
 
 
 class _AnalyticTrainer:

@@ -15,10 +15,10 @@ import sqlalchemy
 from hpo.errors import StorageError
 from hpo.storage import engine_kwargs, first_line
 
-VIEW_NAMES = ("hpo_trials", "hpo_trial_params", "hpo_seed_scores", "hpo_learning_curves")
+VIEW_NAMES = ("hpo_trials", "hpo_trial_params", "hpo_seed_scores", "hpo_learning_curves", "hpo_confirmations")
 # Bump when the SQL of any view changes: databases carrying an older marker get the views
 # dropped and created again on the next create_views.
-VIEWS_VERSION = "hpo views v1"
+VIEWS_VERSION = "hpo views v2"
 # The 95% interval uses Student's t for up to this many seeds (precomputed constants, so
 # neither SQLite nor PostgreSQL needs sqrt or an inverse t); beyond it the bounds are NULL.
 _MAX_CI_SEEDS = 200
@@ -218,7 +218,21 @@ FROM trials t JOIN studies s ON s.study_id = t.study_id
 JOIN trial_user_attributes uc ON uc.trial_id = t.trial_id AND uc.key = 'curves'
 JOIN json_each({_clean('uc.value_json')}) c
 JOIN json_each(c.value, '$.loss') e"""
-    return {"hpo_trials": trials, "hpo_trial_params": params, "hpo_seed_scores": seeds, "hpo_learning_curves": curves}
+
+    # One row per confirmed trial: selection-time figures beside the fresh-seed ones.
+    confirmations = f"""SELECT s.study_name, s.study_id, t.trial_id, t.number, t.state,
+       json_extract({attr('mean')}, '$') AS mean,
+       json_extract({attr('std')}, '$') AS std,
+       json_array_length({attr('seed_scores')}) AS n_seeds,
+       json_extract(uc.value_json, '$') AS confirm_mean,
+       json_extract({attr('confirm_std')}, '$') AS confirm_std,
+       json_array_length({attr('confirm_scores')}) AS n_confirm_seeds,
+       {attr('confirm_seeds')} AS confirm_seeds,
+       {attr('confirm_scores')} AS confirm_scores
+FROM trials t JOIN studies s ON s.study_id = t.study_id
+JOIN trial_user_attributes uc ON uc.trial_id = t.trial_id AND uc.key = 'confirm_mean'"""
+    return {"hpo_trials": trials, "hpo_trial_params": params, "hpo_seed_scores": seeds, "hpo_learning_curves": curves,
+            "hpo_confirmations": confirmations}
 
 
 def _postgresql_views() -> dict[str, str]:
@@ -295,4 +309,17 @@ JOIN trial_user_attributes uc ON uc.trial_id = t.trial_id AND uc.key = 'curves'
 CROSS JOIN LATERAL (SELECT {attr('seeds')} AS seeds) a
 CROSS JOIN LATERAL jsonb_array_elements({_clean('uc.value_json')}::jsonb) WITH ORDINALITY AS c(curve, i)
 CROSS JOIN LATERAL jsonb_array_elements(c.curve -> 'loss') WITH ORDINALITY AS e(loss, j)"""
-    return {"hpo_trials": trials, "hpo_trial_params": params, "hpo_seed_scores": seeds, "hpo_learning_curves": curves}
+
+    confirmations = f"""SELECT s.study_name, s.study_id, t.trial_id, t.number, t.state::text AS state,
+       {num(attr('mean'))} AS mean,
+       {num(attr('std'))} AS std,
+       jsonb_array_length({attr('seed_scores')}) AS n_seeds,
+       {num(_clean('uc.value_json') + '::jsonb')} AS confirm_mean,
+       {num(attr('confirm_std'))} AS confirm_std,
+       jsonb_array_length({attr('confirm_scores')}) AS n_confirm_seeds,
+       {attr('confirm_seeds')}::text AS confirm_seeds,
+       {attr('confirm_scores')}::text AS confirm_scores
+FROM trials t JOIN studies s ON s.study_id = t.study_id
+JOIN trial_user_attributes uc ON uc.trial_id = t.trial_id AND uc.key = 'confirm_mean'"""
+    return {"hpo_trials": trials, "hpo_trial_params": params, "hpo_seed_scores": seeds, "hpo_learning_curves": curves,
+            "hpo_confirmations": confirmations}

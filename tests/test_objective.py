@@ -60,3 +60,41 @@ def test_grid_sampler_walks_the_grid(tmp_path):
     study, _ = run(tmp_path, raw, trials=100)
     assert sorted((t.params["x"], t.params["y"]) for t in study.get_trials()) == [
         (1.0, 0.0), (1.0, 0.5), (1.0, 1.0), (3.0, 0.0), (3.0, 0.5), (3.0, 1.0)]
+
+
+def test_a_live_progress_line_shows_on_a_terminal_and_not_in_a_pipe(tmp_path):
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, run_hpo
+
+    spec = tmp_path / "live.toml"
+    spec.write_text('name = "live"\nseeds = 2\ntrials = 2\n[model]\nfamily = "analytic"\nfunction = "sphere"\n'
+                    'epoch_seconds = 0.2\n[training]\nmax_epochs = 4\npatience = 4\n[pruner]\nkind = "none"\n'
+                    '[space]\nx = { low = -1.0, high = 1.0 }\n')
+    piped = run_hpo("run", str(spec), "--storage", f"sqlite:///{tmp_path / 'p.db'}").stdout
+    assert "epoch/s" not in piped and "seeds' mean" not in piped
+    leader, follower = pty.openpty()
+    import fcntl
+    import struct
+    import termios
+
+    # A fresh pty is 0 columns wide, in which tqdm draws nothing: give it a real width.
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    proc = subprocess.Popen([sys.executable, "-m", "hpo", "run", str(spec), "--storage", f"sqlite:///{tmp_path / 't.db'}"],
+                            cwd=ROOT, stdout=follower, stderr=follower, stdin=subprocess.DEVNULL)
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            data = os.read(leader, 4096)
+        except OSError:
+            break
+        if not data:
+            break
+        chunks.append(data)
+    assert proc.wait(timeout=120) == 0
+    text = b"".join(chunks).decode(errors="replace")
+    assert "trial 0" in text and "seeds' mean" in text

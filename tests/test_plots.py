@@ -49,3 +49,11 @@ def test_plots_say_what_is_missing(study_url, tmp_path):
     with pytest.raises(PlotError, match="trial 99 .* has no learning curves"):
         plot_learning_curves(study_url, "hand", 99, tmp_path / "y.png")
     assert not (tmp_path / "x.png").exists() and not (tmp_path / "y.png").exists()
+
+
+def test_expected_best_plot_through_the_command(study_url, tmp_path):
+    out = run_hpo("plot", "--study-name", "hand", "--storage", study_url, "--expected-best",
+                  "-o", str(tmp_path / "eb.png")).stdout
+    assert out.strip() == f"wrote {tmp_path / 'eb.png'}"
+    image = opened(tmp_path / "eb.png")
+    assert image.size == SIZE and len(image.convert("RGB").getcolors(maxcolors=1_000_000)) > 20

@@ -1,0 +1,141 @@
+"""Confirmation: a finished study in; its top trials refitted on seeds none of them was
+selected on, with `confirm_seeds`, `confirm_scores`, `confirm_mean`, `confirm_std` stored
+on each. The winner is the maximum of many noisy means, so its selection-time mean is
+biased in its favour; the confirmed mean is not.
+
+Workers share the work like trials: each trial is claimed (a study system attribute set
+under the study's admission lock) before it is refitted, so no trial is refitted twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import optuna
+import sqlalchemy
+from optuna.trial import FrozenTrial, TrialState
+
+from hpo.objective import ATTR_SEEDS, ATTR_SEED_SCORES
+from hpo.space import suggest_params
+from hpo.spec import StudySpec
+from hpo.storage import count_trials, rdb_storage, study_lock
+
+ATTR_CONFIRM_SEEDS = "confirm_seeds"
+ATTR_CONFIRM_SCORES = "confirm_scores"
+ATTR_CONFIRM_MEAN = "confirm_mean"
+ATTR_CONFIRM_STD = "confirm_std"
+CLAIM_PREFIX = "hpo:confirm:"
+# A claim whose worker never stored a result is taken over once its process is gone (same
+# host) or after this long (another host: a refit that takes longer is done twice, not lost).
+STALE_CLAIM_SECONDS = 3600.0
+POLL_SECONDS = 1.0
+
+
+@dataclass
+class Confirmed:
+    number: int
+    seeds: list[int]
+    scores: list[float]
+    mean: float
+    std: float
+
+
+def top_trials(study: optuna.Study, spec: StudySpec, top: int) -> list[FrozenTrial]:
+    """The `top` complete trials, best first (Pareto studies: by mean)."""
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if t.values and ATTR_SEED_SCORES in t.user_attrs]
+    sign = 1.0 if spec.direction == "minimize" else -1.0
+    return sorted(done, key=lambda t: (sign * t.values[0], t.number))[:top]
+
+
+def fresh_seeds(study: optuna.Study, spec: StudySpec, n: int) -> list[int]:
+    """`n` seeds continuing the study's seed sequence past every seed any trial used."""
+    used = [s for t in study.get_trials(deepcopy=False) for s in t.user_attrs.get(ATTR_SEEDS) or []]
+    start = max([spec.seed * 1000 + (spec.seeds_max or spec.seeds) - 1, *used]) + 1
+    return [start + i for i in range(n)]
+
+
+def confirm_study(study: optuna.Study, spec: StudySpec, top: int, seeds: int,
+                  echo: Callable[[str], None] = print, wait: bool = True) -> list[Confirmed]:
+    """Refit the study's `top` trials on `seeds` fresh seeds each; what this process refitted.
+
+    Trials confirmed already (or claimed by a live worker) are left alone. With `wait`,
+    it first waits for running trials to finish, so every worker ranks the same trials.
+    """
+    from hpo.training import fit_repeats, release_memory
+
+    storage = rdb_storage(study._storage)
+    while wait and count_trials(storage, study._study_id).running:
+        time.sleep(POLL_SECONDS)
+    trials = top_trials(study, spec, top)
+    new_seeds = fresh_seeds(study, spec, seeds)
+    done: list[Confirmed] = []
+    for trial in trials:
+        if not _claim(study, trial):
+            continue
+        params = suggest_params(spec, optuna.trial.FixedTrial(trial.params, number=trial.number))
+        try:
+            fit = fit_repeats(spec, params, new_seeds, None)
+        finally:
+            release_memory()
+        scores = fit.scores
+        result = Confirmed(trial.number, new_seeds, scores, statistics.fmean(scores),
+                           statistics.stdev(scores) if len(scores) > 1 else 0.0)
+        _store(storage, trial._trial_id, {ATTR_CONFIRM_SEEDS: result.seeds, ATTR_CONFIRM_SCORES: result.scores,
+                                          ATTR_CONFIRM_STD: result.std, ATTR_CONFIRM_MEAN: result.mean})
+        echo(f"confirmed trial {trial.number}: {spec.metric} {result.mean:.5g} ± {result.std:.2g} on "
+             f"{len(new_seeds)} fresh seeds (selected at {trial.user_attrs.get('mean', float('nan')):.5g})")
+        done.append(result)
+    return done
+
+
+def _store(storage, trial_id: int, attrs: dict) -> None:
+    """Write user attributes on a finished trial, all in one transaction.
+
+    Optuna refuses `set_trial_user_attr` once a trial has finished, yet confirmation
+    belongs on the trial it confirms (readers, views and the dashboard look there), so
+    the rows go into Optuna's own `trial_user_attributes` table directly.
+    """
+    with storage.engine.begin() as conn:
+        for key, value in attrs.items():
+            conn.execute(sqlalchemy.text("DELETE FROM trial_user_attributes WHERE trial_id = :t AND key = :k"),
+                         {"t": trial_id, "k": key})
+            conn.execute(sqlalchemy.text("INSERT INTO trial_user_attributes (trial_id, key, value_json) "
+                                         "VALUES (:t, :k, :v)"), {"t": trial_id, "k": key, "v": json.dumps(value)})
+
+
+def _claim(study: optuna.Study, trial: FrozenTrial) -> bool:
+    """Take the trial's confirmation for this process; False when it is done or another
+    live worker holds it."""
+    storage = rdb_storage(study._storage)
+    key = f"{CLAIM_PREFIX}{trial._trial_id}"
+    with study_lock(storage, study._study_id):
+        if ATTR_CONFIRM_MEAN in storage.get_trial_user_attrs(trial._trial_id):
+            return False
+        claim = storage.get_study_system_attrs(study._study_id).get(key)
+        if claim is not None and _claim_live(claim):
+            return False
+        storage.set_study_system_attr(study._study_id, key,
+                                      {"by": f"{socket.gethostname()}:{os.getpid()}", "at": time.time()})
+    return True
+
+
+def _claim_live(claim: dict) -> bool:
+    """A claim holds while its process runs (known on this host) and is not stale."""
+    if time.time() - float(claim.get("at", 0)) >= STALE_CLAIM_SECONDS:
+        return False
+    host, _, pid = str(claim.get("by", "")).rpartition(":")
+    if host == socket.gethostname() and pid.isdigit():
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+    return True

@@ -1,0 +1,163 @@
+"""Confirmation on fresh seeds and adaptive seeds, through the real `hpo` command on real
+databases (analytic family: no Keras, milliseconds per trial)."""
+
+import json
+import subprocess
+import sys
+
+import sqlalchemy
+
+from hpo.results import build_report, confirmations_frame, format_report, run_sql
+from tests.conftest import ROOT, run_hpo
+
+GRID_STUDY = """
+name = "{name}"
+seed = 1
+trials = 9
+seeds = {seeds}
+
+[model]
+family = "analytic"
+function = "sphere"
+noise = 0.1
+{extra_model}
+
+[training]
+max_epochs = 6
+patience = 6
+
+[sampler]
+kind = "grid"
+
+[pruner]
+kind = "none"
+
+[space]
+x = {{ low = 0.0, high = 4.0, step = 0.5 }}
+{extra}
+"""
+
+
+def write_study(tmp_path, name: str, seeds: str, extra: str = "", extra_model: str = ""):
+    path = tmp_path / f"{name}.toml"
+    path.write_text(GRID_STUDY.format(name=name, seeds=seeds, extra=extra, extra_model=extra_model))
+    return str(path)
+
+
+def user_attrs(url: str, name: str) -> dict[int, dict]:
+    engine = sqlalchemy.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(sqlalchemy.text(
+                "SELECT t.number, u.key, u.value_json FROM trial_user_attributes u JOIN trials t "
+                "ON t.trial_id = u.trial_id JOIN studies s ON s.study_id = t.study_id WHERE s.study_name = :n"),
+                {"n": name}).all()
+    finally:
+        engine.dispose()
+    out: dict[int, dict] = {}
+    for number, key, value in rows:
+        out.setdefault(number, {})[key] = json.loads(value)
+    return out
+
+
+def test_confirm_refits_the_top_trials_on_unseen_seeds_and_the_view_reads_them_back(tmp_path, storage_url):
+    run_hpo("run", write_study(tmp_path, "conf", "3"), "--storage", storage_url)
+    out = run_hpo("confirm", "--study-name", "conf", "--storage", storage_url, "--top", "2", "--seeds", "4").stdout
+    assert out.count("confirmed trial") == 2
+    attrs = user_attrs(storage_url, "conf")
+    confirmed = {n: a for n, a in attrs.items() if "confirm_mean" in a}
+    assert len(confirmed) == 2
+    used = {s for a in attrs.values() for s in a.get("seeds", [])}
+    for a in confirmed.values():
+        assert len(a["confirm_seeds"]) == 4 and not set(a["confirm_seeds"]) & used
+        # The sequence continues the trials' own: seed*1000 + 3, + 4, ...
+        assert a["confirm_seeds"] == [1003, 1004, 1005, 1006]
+        assert abs(a["confirm_mean"] - sum(a["confirm_scores"]) / 4) < 1e-9 and a["confirm_std"] > 0
+    view = run_sql("SELECT number, confirm_mean, n_confirm_seeds, confirm_seeds FROM hpo_confirmations "
+                   "ORDER BY number", storage_url)
+    assert sorted(view["number"].tolist()) == sorted(confirmed)
+    assert view["n_confirm_seeds"].tolist() == [4, 4]
+    assert json.loads(view["confirm_seeds"].iloc[0]) == [1003, 1004, 1005, 1006]
+    for number, mean in zip(view["number"], view["confirm_mean"]):
+        assert abs(mean - confirmed[number]["confirm_mean"]) < 1e-12
+    # A second run finds nothing left to refit; the report ranks by the confirmed mean.
+    again = run_hpo("confirm", "--study-name", "conf", "--storage", storage_url, "--top", "2").stdout
+    assert "confirmed 0 trials here" in again
+    report = build_report(storage_url, "conf", top=3)
+    assert report.ranked_by.startswith("confirmed mean")
+    top = report.top
+    assert top["confirm_mean"].iloc[0] <= top["confirm_mean"].iloc[1]
+    assert report.comparison.on == "fresh confirmation seeds"
+    assert top["confirmation"].iloc[2] is None and "confirmed (seeds)" in format_report(report)
+
+
+def test_workers_share_confirmation_without_refitting_a_trial_twice(tmp_path):
+    url = f"sqlite:///{tmp_path / 'share.db'}"
+    # Each epoch sleeps, so both confirm processes overlap while the other refits.
+    run_hpo("run", write_study(tmp_path, "share", "2", extra_model="epoch_seconds = 0.05"), "--storage", url)
+    cmd = [sys.executable, "-m", "hpo", "confirm", "--study-name", "share", "--storage", url, "--top", "4", "--seeds", "2"]
+    procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    refits = [line for out, _ in outs for line in out.splitlines() if line.startswith("confirmed trial")]
+    assert len(refits) == 4 and len({line.split(":")[0] for line in refits}) == 4
+    assert len(confirmations_frame(url, "share")) == 4
+
+
+def test_a_study_confirms_itself_at_the_end_when_its_spec_asks(tmp_path):
+    url = f"sqlite:///{tmp_path / 'auto.db'}"
+    out = run_hpo("run", write_study(tmp_path, "auto", "2", extra="\n[confirm]\ntop = 2\nseeds = 3\n"),
+                  "--storage", url).stdout
+    assert out.count("confirmed trial") == 2
+    assert len(confirmations_frame(url, "auto")) == 2
+
+
+def fits_and_winner(url: str, name: str) -> tuple[int, float, dict]:
+    attrs = user_attrs(url, name)
+    fits = sum(len(a["seed_scores"]) for a in attrs.values())
+    trials = run_sql(f"SELECT number, value FROM hpo_trials WHERE study_name = '{name}' ORDER BY value", url)
+    best = int(trials["number"].iloc[0])
+    x = run_sql(f"SELECT value_number FROM hpo_trial_params WHERE study_name = '{name}' AND number = {best}", url)
+    return fits, float(x["value_number"].iloc[0]), attrs
+
+
+def test_adaptive_seeds_spend_fewer_fits_than_fixed_seeds_and_reach_the_same_winner(tmp_path):
+    url = f"sqlite:///{tmp_path / 'race.db'}"
+    run_hpo("run", write_study(tmp_path, "fixed", "8"), "--storage", url)
+    run_hpo("run", write_study(tmp_path, "adaptive", "{ min = 2, max = 8 }"), "--storage", url)
+    fixed_fits, fixed_x, _ = fits_and_winner(url, "fixed")
+    adaptive_fits, adaptive_x, attrs = fits_and_winner(url, "adaptive")
+    assert fixed_fits == 9 * 8
+    assert adaptive_fits < fixed_fits / 2
+    assert adaptive_x == fixed_x == 0.0
+    reasons = [a["seed_stop_reason"] for a in attrs.values()]
+    # Far-off grid points are told apart from the incumbent at the first batch and stop.
+    assert sum(r.startswith("worse than incumbent") for r in reasons) >= 5
+    assert all(2 <= len(a["seed_scores"]) <= 8 and len(a["seed_scores"]) % 2 == 0 for a in attrs.values())
+
+
+def test_seeds_confirm_and_score_are_checked_with_one_line_errors(tmp_path):
+    import pytest
+
+    from hpo.errors import SpecError
+    from hpo.spec import parse_spec, spec_to_dict
+
+    base = {"name": "s", "model": {"family": "analytic"}, "space": {"x": {"low": -1.0, "high": 1.0}}}
+    spec = parse_spec({**base, "seeds": {"min": 2, "max": 6}, "confirm": {"top": 2, "seeds": 4},
+                       "training": {"score": "last"}})
+    assert (spec.seeds, spec.seeds_max, spec.confirm.top, spec.training.score) == (2, 6, 2, "last")
+    assert parse_spec(spec_to_dict(spec)) == spec
+    assert spec.with_overrides(seeds=4).seeds_max is None
+    for raw, field, words in [({"seeds": {"min": 5, "max": 3}}, "seeds.max", "set max >= min"),
+                              ({"seeds": {"min": 2, "most": 3}}, "seeds.most", "unknown key"),
+                              ({"confirm": {"seeds": 1}}, "confirm.seeds", "outside 2..1000"),
+                              ({"training": {"score": "final"}}, "training.score", "'best', 'last'")]:
+        with pytest.raises(SpecError) as e:
+            parse_spec({**base, **raw})
+        assert field in str(e.value) and words in str(e.value) and "\n" not in str(e.value)
+    bad = tmp_path / "bad.toml"
+    bad.write_text('name = "b"\nseeds = { min = 5, max = 3 }\n[model]\nfamily = "analytic"\n'
+                   '[space]\nx = { low = -1.0, high = 1.0 }\n')
+    result = run_hpo("run", str(bad), "--storage", f"sqlite:///{tmp_path / 'b.db'}", check=False)
+    assert result.returncode == 2 and result.stderr.startswith("error: ") and len(result.stderr.splitlines()) == 1
+    assert not (tmp_path / "b.db").exists()
