@@ -140,9 +140,9 @@ def run(study: str, storage: str, study_name: str | None, trials: int | None, ti
                               grace_period=grace_period, max_memory_growth=max_memory_growth, echo=click.echo,
                               echo_err=lambda line: click.echo(line, err=True))
     else:
-        _, summary = start(spec, storage, timeout=timeout, max_failures=max_failures,
-                           heartbeat_interval=heartbeat_interval, grace_period=grace_period,
-                           max_memory_growth=max_memory_growth, echo=click.echo)
+        optuna_study, summary = start(spec, storage, timeout=timeout, max_failures=max_failures,
+                                      heartbeat_interval=heartbeat_interval, grace_period=grace_period,
+                                      max_memory_growth=max_memory_growth, echo=click.echo)
         _restart_if_memory_grew(summary, "hpo run")
         _auto_confirm(optuna_study, spec, summary)
     _print_summary(spec, summary, storage)
