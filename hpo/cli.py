@@ -220,7 +220,7 @@ def worker(storage: str, study_name: str, trials: int | None, timeout: float | N
     click.echo(f"worker {worker_index} on study {study_name} ({mask_url(storage)}): budget {budget} trials")
     summary = run_trials(optuna_study, spec, budget=budget, timeout=timeout,
                          max_consecutive_failures=max_failures, echo=click.echo,
-                         max_memory_growth_mb=memory_growth_limit(spec, max_memory_growth), worker=worker_index)
+                         max_memory_growth_mb=memory_growth_limit(spec, max_memory_growth))
     # TensorFlow does not give back what it keeps per model; a fresh process does.
     _restart_if_memory_grew(summary, f"worker {worker_index}")
     _auto_confirm(optuna_study, spec, summary)

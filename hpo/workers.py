@@ -28,7 +28,7 @@ from optuna.trial import FrozenTrial, TrialState
 from hpo.errors import HpoError, TrialFailed
 from hpo.objective import ATTR_FAIL_REASON, ATTR_PRUNED_AT, Objective
 from hpo.spec import StudySpec
-from hpo.study import make_sampler, quiet_optuna
+from hpo.study import quiet_optuna
 from hpo.storage import (STOP_ATTR, TrialCounts, count_trials, fail_heartless_trials, rdb_storage, retry_storage_call,
                          study_lock)
 
@@ -92,7 +92,7 @@ def clear_stop(study: optuna.Study) -> None:
 
 def run_trials(study: optuna.Study, spec: StudySpec, *, budget: int, timeout: float | None = None,
                max_consecutive_failures: int = 5, echo: Callable[[str], None] = print,
-               max_memory_growth_mb: float | None = None, worker: int = 0) -> RunSummary:
+               max_memory_growth_mb: float | None = None) -> RunSummary:
     """Run trials until the study holds `budget` spent trials (complete, pruned, or failed
     on their own), together with any other workers on the same study.
 
@@ -106,7 +106,6 @@ def run_trials(study: optuna.Study, spec: StudySpec, *, budget: int, timeout: fl
         echo: Where progress lines go.
         max_memory_growth_mb: Return with `restart` set, between trials, once resident
             memory has grown this much since the first trial (None: never).
-        worker: This worker's index, which seeds its sampler with the spec's seed.
     """
     quiet_optuna()
     summary = RunSummary(spec.name)
@@ -125,7 +124,7 @@ def run_trials(study: optuna.Study, spec: StudySpec, *, budget: int, timeout: fl
             sweep = time.monotonic() >= next_sweep
             if sweep:
                 next_sweep = time.monotonic() + (getattr(storage, "heartbeat_interval", None) or 0)
-            trial, counts = retry_storage_call(storage, lambda: _admit(study, spec, worker, budget, sweep))
+            trial, counts = retry_storage_call(storage, lambda: _admit(study, budget, sweep))
             if trial is None:
                 if counts.stop_reason:
                     if not summary.stopped_reason:
@@ -174,8 +173,7 @@ def rss_mb(pid: int | str = "self") -> float:
         return 0.0
 
 
-def _admit(study: optuna.Study, spec: StudySpec, worker: int, budget: int,
-           sweep: bool) -> tuple[optuna.Trial | None, TrialCounts]:
+def _admit(study: optuna.Study, budget: int, sweep: bool) -> tuple[optuna.Trial | None, TrialCounts]:
     storage = rdb_storage(study._storage)
     # No signal may land between creating a trial and its first heartbeat: that trial
     # would stay RUNNING with nothing to show it is dead.
@@ -188,10 +186,6 @@ def _admit(study: optuna.Study, spec: StudySpec, worker: int, budget: int,
         counts = count_trials(storage, study._study_id)
         if counts.stop_reason or counts.spent + counts.running >= budget:
             return None, counts
-        # The sampler's randomness for this trial follows from the study seed and how many
-        # trials were spent before it, not from this process's history: a run that was
-        # interrupted and topped up, or restarted itself, proposes what a straight run does.
-        study.sampler = make_sampler(spec, worker, trials_before=counts.spent + counts.running)
         # Pops a trial queued for retry first, else creates one.
         trial = study.ask()
         if getattr(storage, "heartbeat_interval", None):

@@ -288,26 +288,3 @@ def test_only_the_tensorflow_backend_restarts_for_memory_by_default(monkeypatch)
     assert memory_growth_limit(spec("jax"), None) is None
     assert memory_growth_limit(spec(None), None) is None
     assert memory_growth_limit(spec("jax"), 5.0) == 5.0 and memory_growth_limit(spec("tensorflow"), 0.0) is None
-
-
-def test_a_study_proposes_the_same_trials_straight_topped_up_or_restarted(tmp_path):
-    # The sampler's randomness for a trial follows from the study seed and the trials
-    # spent before it, so how a single-process run was cut up does not change the study.
-    import sqlite3
-
-    def proposals(db):
-        conn = sqlite3.connect(db)
-        rows = conn.execute("SELECT t.number, p.param_name, p.param_value FROM trials t JOIN trial_params p "
-                            "USING (trial_id) ORDER BY t.number, p.param_name").fetchall()
-        conn.close()
-        return rows
-
-    straight, topped, restarted = (tmp_path / f"{name}.db" for name in ("straight", "topped", "restarted"))
-    run_hpo("run", "beale", "--trials", "8", "--storage", f"sqlite:///{straight}")
-    run_hpo("run", "beale", "--trials", "3", "--storage", f"sqlite:///{topped}")
-    run_hpo("run", "beale", "--trials", "8", "--storage", f"sqlite:///{topped}")
-    result = run_hpo("run", "beale", "--trials", "8", "--max-memory-growth", "0.001",
-                     "--storage", f"sqlite:///{restarted}")
-    assert "restarting" in result.stdout
-    assert len(proposals(straight)) == 16
-    assert proposals(topped) == proposals(straight) == proposals(restarted)
