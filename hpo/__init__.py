@@ -6,6 +6,22 @@ import os
 # TensorFlow (users can still raise it by exporting the variable themselves).
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+
+def _default_keras_backend() -> None:
+    # Keras fixes its backend when first imported: a notebook that imports hpo before
+    # keras trains on hpo's backend ($HPO_BACKEND, else the default), not on Keras' own.
+    import sys
+
+    from hpo.backend import DEFAULT_BACKEND
+    from hpo.spec import BACKENDS
+
+    wanted = os.environ.get("HPO_BACKEND") or DEFAULT_BACKEND
+    if "keras" not in sys.modules and wanted in BACKENDS:
+        os.environ.setdefault("KERAS_BACKEND", wanted)
+
+
+_default_keras_backend()
+
 __version__ = "0.1.0"
 
 

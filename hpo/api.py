@@ -120,7 +120,7 @@ def tune(build: Callable[..., Any] | str, *, data: Any, space: dict[str, Any], s
     source = f"hpo.tune({getattr(build, '__name__', build)})"
     name = study_name or getattr(build, "__name__", None) or "tune"
     model: dict[str, Any] = {"build": _function_ref(build, f"{name}.build")}
-    code = _source_hash(build)
+    code = _source_hash(build, model["build"])
     if code is not None:
         model["build_sha256"] = code
     if output is not None:
@@ -154,10 +154,12 @@ def _function_ref(fn: Callable[..., Any] | str, name: str) -> str:
     return hooks.register(name, fn)
 
 
-def _source_hash(fn: Any) -> str | None:
+def _source_hash(fn: Any, ref: str) -> str | None:
     # A notebook function has no file to hash: its source stands in for it, so that the
-    # same study name with changed code is refused like a changed build file.
-    if isinstance(fn, str) or not callable(fn):
+    # same study name with changed code is refused like a changed build file. An
+    # importable one is hashed by its module's file (parse_spec does it), as every worker
+    # that imports it checks.
+    if not ref.startswith(hooks.PYTHON_PREFIX) or not callable(fn):
         return None
     try:
         return hashlib.sha256(inspect.getsource(fn).encode()).hexdigest()
@@ -168,7 +170,7 @@ def _source_hash(fn: Any) -> str | None:
 def _data_table(data: Any, name: str) -> dict[str, Any]:
     if isinstance(data, str) or callable(data):
         table: dict[str, Any] = {"loader": _function_ref(data, f"{name}.data")}
-        code = _source_hash(data)
+        code = _source_hash(data, table["loader"])
         if code is not None:
             table["loader_sha256"] = code
         return table

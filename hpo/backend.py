@@ -34,6 +34,10 @@ def use_backend(requested: str | None = None) -> str:
         import keras
 
         loaded = keras.backend.backend()
+        if loaded in BACKENDS and not (requested or os.environ.get("HPO_BACKEND")):
+            # A notebook that imported Keras before hpo chose: train on what it loaded
+            # (the TensorFlow backend takes the sequential path) rather than refuse.
+            return loaded
         if loaded != name:
             raise BackendError(f"this process already loaded Keras with the {loaded} backend and cannot switch to "
                                f"{name}; run it in a new process (hpo run does), or set HPO_BACKEND={loaded}")

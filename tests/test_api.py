@@ -1,7 +1,9 @@
 """hpo.tune from Python, in a real subprocess, read back with sqlite3; its study refuses
 workers that cannot import its build function."""
 
+import hashlib
 import json
+import os
 import sqlite3
 import subprocess
 import sys
@@ -9,10 +11,23 @@ import textwrap
 
 from tests.conftest import ROOT, run_hpo
 
+
+def notebook_env(*paths) -> dict:
+    """A notebook's environment: no backend chosen for it (this test process may have set
+    one), hpo and `paths` importable."""
+    env = {k: v for k, v in os.environ.items() if k not in ("KERAS_BACKEND", "HPO_BACKEND")}
+    env["PYTHONPATH"] = os.pathsep.join(map(str, [*paths, ROOT]))
+    return env
+
+
+def run_python(script, cwd, *paths) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=cwd, timeout=600,
+                          env=notebook_env(*paths))
+
 SCRIPT = """
 import numpy as np
-import keras
 import hpo
+import keras
 
 
 def build(params, input_shape, n_outputs):
@@ -37,8 +52,7 @@ def test_tune_runs_in_a_subprocess_and_stores_what_hpo_run_stores(tmp_path):
     db = tmp_path / "tune.db"
     script = tmp_path / "notebook.py"
     script.write_text(textwrap.dedent(SCRIPT).replace("{db}", str(db)))
-    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=tmp_path, timeout=600,
-                         env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    out = run_python(script, tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "TRIALS 3 Study" in out.stdout
     conn = sqlite3.connect(db)
@@ -62,3 +76,79 @@ def test_tune_runs_in_a_subprocess_and_stores_what_hpo_run_stores(tmp_path):
     result = run_hpo("worker", "--study-name", "mine", "--storage", f"sqlite:///{db}", check=False)
     assert result.returncode == 2 and result.stderr.count("\n") == 1
     assert "handed over from Python (hpo.tune)" in result.stderr and "not importable" in result.stderr
+
+
+KERAS_FIRST = """
+import keras
+import numpy as np
+import hpo
+
+
+def build(params, input_shape, n_outputs):
+    inputs = keras.Input(input_shape)
+    return keras.Model(inputs, keras.layers.Dense(n_outputs)(keras.layers.Dense(params["units"])(inputs)))
+
+
+x = np.random.default_rng(0).normal(size=(60, 3)).astype("float32")
+study = hpo.tune(build, data=(x[:48], x[:48, :1], x[48:], x[48:, :1]), space={"units": (2, 4)}, seeds=2,
+                 trials=1, storage="sqlite:///{db}", max_epochs=1)
+print("LOADED", keras.backend.backend(), "TRAINED", study.trials[0].user_attrs["backend"])
+"""
+
+
+def test_tune_after_keras_was_imported_trains_on_the_backend_keras_loaded(tmp_path):
+    script = tmp_path / "notebook.py"
+    script.write_text(KERAS_FIRST.replace("{db}", str(tmp_path / "k.db")))
+    out = run_python(script, tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    loaded = out.stdout.split("LOADED ")[1].split()[0]
+    assert f"TRAINED {loaded}" in out.stdout
+
+
+MODULE = """
+import keras
+import numpy as np
+
+
+def build(params, input_shape, n_outputs):
+    inputs = keras.Input(input_shape)
+    x = keras.layers.Conv1D(params["filters"], 3, activation="relu")(inputs)
+    x = keras.layers.GlobalAveragePooling1D()(x)
+    return keras.Model(inputs, keras.layers.Dense(n_outputs)(x))
+
+
+def load():
+    series = np.sin(np.arange(160) / 8)
+    x = np.lib.stride_tricks.sliding_window_view(series, 10)[:-1, :, None].astype("float32")
+    y = series[10:, None].astype("float32")
+    return x[:120], y[:120], x[120:], y[120:]
+"""
+
+IMPORTED = """
+import hpo
+import mymodels
+
+hpo.tune(mymodels.build, data=mymodels.load, space={"filters": (2, 4)}, seeds=2, trials=1,
+         storage="sqlite:///{db}", study_name="imported", max_epochs=1)
+"""
+
+
+def test_a_tuned_importable_build_is_joined_by_a_worker_that_imports_it(tmp_path):
+    modules = tmp_path / "lib"
+    modules.mkdir()
+    (modules / "mymodels.py").write_text(MODULE)
+    db = tmp_path / "imp.db"
+    script = tmp_path / "notebook.py"
+    script.write_text(IMPORTED.replace("{db}", str(db)))
+    out = run_python(script, tmp_path, modules)
+    assert out.returncode == 0, out.stderr[-3000:]
+    conn = sqlite3.connect(db)
+    spec = json.loads(conn.execute("SELECT value_json FROM study_user_attributes WHERE key = 'hpo_spec'").fetchone()[0])
+    conn.close()
+    # Stored by module name with its file's hash, so a worker anywhere can import and check it.
+    assert spec["model"]["build"] == "mymodels:build" and spec["data"]["loader"] == "mymodels:load"
+    digest = hashlib.sha256((modules / "mymodels.py").read_bytes()).hexdigest()
+    assert spec["model"]["build_sha256"] == digest == spec["data"]["loader_sha256"]
+    result = run_hpo("worker", "--study-name", "imported", "--storage", f"sqlite:///{db}", "--trials", "2",
+                     env=notebook_env(modules), cwd=tmp_path)
+    assert "1 complete" in result.stdout

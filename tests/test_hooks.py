@@ -162,3 +162,19 @@ def test_text_rnn_runs_two_trials_of_two_seeds(tmp_path):
     for t in trials.values():
         assert t["training_path"] == "vectorized" and len(t["seed_scores"]) == 2
         assert all(0.0 <= s <= 1.0 for s in t["seed_scores"])  # val_accuracy
+
+
+def test_a_build_that_fails_for_some_params_fails_that_trial_alone_with_its_reason(tmp_path):
+    # The grid visits both kernels: 3 fits the windows of 10, 12 does not.
+    study = study_folder(tmp_path / "p", study=STUDY.replace("filters = { low = 2, high = 6 }", "filters = 2")
+                         .replace("dropout = { low = 0.0, high = 0.3 }", "dropout = 0.0")
+                         .replace("[space]", '[sampler]\nkind = "grid"\n[space]'))
+    db = tmp_path / "grid.db"
+    result = run_hpo("run", str(study), "--storage", f"sqlite:///{db}", "--seeds", "1", "--max-epochs", "1")
+    assert "1 complete, 0 pruned, 1 failed" in result.stdout
+    trials = attrs_by_trial(db)
+    failed = [t for t in trials.values() if t["state"] == "FAIL"]
+    complete = [t for t in trials.values() if t["state"] == "COMPLETE"]
+    assert len(failed) == 1 and len(complete) == 1
+    assert failed[0]["fail_reason"] and "seed_scores" not in failed[0]
+    assert len(complete[0]["seed_scores"]) == 1
