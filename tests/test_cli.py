@@ -129,7 +129,6 @@ def test_help_and_studies_answer_without_tensorflow():
 
 
 def test_errors_are_one_line_and_debug_shows_the_traceback(tmp_path):
-    run_hpo("run", "beale", "--trials", "1", "--storage", f"sqlite:///{tmp_path / 'e.db'}")
     plain = run_hpo("replay", "--study-name", "nope", "--storage", f"sqlite:///{tmp_path / 'e.db'}", "0", check=False)
     assert plain.returncode != 0 and plain.stderr.strip().splitlines() == [plain.stderr.strip()]
     assert plain.stderr.startswith('error: no study "nope"')
