@@ -52,49 +52,12 @@ def write_missing_notes(storage: str | None = None, echo: Callable[[str], None] 
 
 
 def serve_dashboard(storage: str | None = None, host: str = "127.0.0.1", port: int = 8080,
-                    echo: Callable[[str], None] = print, *, allow_writes: bool = False,
-                    access_log: bool = False) -> None:
-    """Fill in missing trial notes, then serve optuna-dashboard until interrupted.
-
-    Args:
-        storage: Study database URL.
-        host, port: Where to listen.
-        echo: Where the start-up lines go.
-        allow_writes: Let the page change the database (create, rename and delete
-            studies, edit notes, tell trials). Off: anyone who can open the page can read,
-            nobody can delete.
-        access_log: Print a line per HTTP request.
-    """
-    from wsgiref.simple_server import WSGIRequestHandler, make_server
-
-    from optuna_dashboard import wsgi
+                    echo: Callable[[str], None] = print) -> None:
+    """Fill in missing trial notes, then serve optuna-dashboard until interrupted."""
+    from optuna_dashboard import run_server
 
     url = resolve_storage_url(storage)
     existing_sqlite_path(url)
     write_missing_notes(url, echo)
-    app = wsgi(get_storage(url))
-    if not allow_writes:
-        app = read_only(app)
-
-    class Handler(WSGIRequestHandler):
-        def log_message(self, format: str, *args: object) -> None:
-            if access_log:
-                super().log_message(format, *args)
-
-    mode = "read-write" if allow_writes else "read-only (--allow-writes to change studies from the page)"
-    echo(f"optuna-dashboard for {mask_url(url)} at http://{host}:{port}/, {mode} (Ctrl-C stops it)")
-    with make_server(host, port, app, handler_class=Handler) as server:
-        server.serve_forever()
-
-
-def read_only(app: Callable) -> Callable:
-    """A WSGI app that answers every request that could change something (any method but
-    GET, HEAD and OPTIONS) with 403, and passes the rest to `app`."""
-    def guarded(environ: dict, start_response: Callable) -> list[bytes]:
-        if environ.get("REQUEST_METHOD", "GET") in ("GET", "HEAD", "OPTIONS"):
-            return app(environ, start_response)
-        body = b'{"reason": "this dashboard is read-only; restart hpo dashboard with --allow-writes to change studies"}'
-        start_response("403 Forbidden", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
-        return [body]
-
-    return guarded
+    echo(f"optuna-dashboard for {mask_url(url)} at http://{host}:{port}/ (Ctrl-C stops it)")
+    run_server(get_storage(url), host=host, port=port)
