@@ -80,13 +80,9 @@ def _worker_options(f):
     return f
 
 
-def _open_storage(storage: str, heartbeat_interval: int | None, grace_period: int | None, *, existing: bool = False):
-    """The study database; `existing`: it must already exist (joining a study must not
-    create an empty database file)."""
-    from hpo.storage import GRACE_PERIOD, HEARTBEAT_INTERVAL, existing_sqlite_path, get_storage
+def _open_storage(storage: str, heartbeat_interval: int | None, grace_period: int | None):
+    from hpo.storage import GRACE_PERIOD, HEARTBEAT_INTERVAL, get_storage
 
-    if existing:
-        existing_sqlite_path(storage)
     return get_storage(storage, heartbeat_interval=heartbeat_interval or HEARTBEAT_INTERVAL,
                        grace_period=grace_period or GRACE_PERIOD)
 
@@ -208,8 +204,8 @@ def worker(storage: str, study_name: str, trials: int | None, timeout: float | N
         import random
 
         worker_index = random.SystemRandom().randrange(1, 10**6)
-    optuna_study, spec = load_study(_open_storage(storage, heartbeat_interval, grace_period, existing=True),
-                                    study_name, worker=worker_index)
+    optuna_study, spec = load_study(_open_storage(storage, heartbeat_interval, grace_period), study_name,
+                                    worker=worker_index)
     if study_dir is not None:
         spec = dataclasses.replace(spec, base_dir=str(study_dir.resolve()))
     # The hooks' code must be the code the study's trials were fitted with.

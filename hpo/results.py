@@ -67,11 +67,8 @@ def connect_readonly(url: str | None = None) -> sqlalchemy.engine.Engine:
 
         # Only open a writable connection when the views need creating: closing the last
         # one checkpoints a WAL file into the database, which a read must not do.
-        try:
-            with contextlib.closing(connect()) as probe:
-                views_current = sqlite_views_current(probe.cursor())
-        except sqlite3.DatabaseError as e:
-            raise StorageError(f"{path} is not a readable SQLite study database ({e}); check --storage") from e
+        with contextlib.closing(connect()) as probe:
+            views_current = sqlite_views_current(probe.cursor())
         if views_current is False:
             _create_views_if_allowed(url)
 

@@ -159,24 +159,3 @@ def test_a_single_process_run_restarts_itself_when_memory_grows_and_finishes_the
     assert "hpo run: memory grew" in result.stdout and "restarting to release it" in result.stdout
     trials = trials_with_attrs(db)
     assert len(trials) == 3 and all(t["state"] in ("COMPLETE", "PRUNED") for t in trials)
-
-
-READ_COMMANDS = [["report", "--study-name", "x"], ["sql", "SELECT 1"], ["plot", "--study-name", "x"],
-                 ["replay", "--study-name", "x", "0"], ["worker", "--study-name", "x"]]
-
-
-@pytest.mark.parametrize("command", READ_COMMANDS, ids=lambda c: c[0])
-def test_commands_on_a_missing_database_create_no_file_and_say_where_they_looked(command, tmp_path):
-    db = tmp_path / "missing.db"
-    result = run_hpo(*command, "--storage", f"sqlite:///{db}", check=False)
-    assert result.returncode != 0 and result.stderr.count("\n") == 1
-    assert str(db) in result.stderr and not db.exists()
-
-
-@pytest.mark.parametrize("command", READ_COMMANDS + [["run", "beale"]], ids=lambda c: c[0])
-def test_a_file_that_is_not_a_database_is_one_line_on_every_command(command, tmp_path):
-    db = tmp_path / "notes.db"
-    db.write_text("these are my notes, not a database\n" * 50)
-    result = run_hpo(*command, "--storage", f"sqlite:///{db}", check=False)
-    assert result.returncode != 0 and result.stderr.count("\n") == 1, result.stderr
-    assert result.stderr.startswith("error: ") and "not a database" in result.stderr
