@@ -13,6 +13,7 @@ import traceback
 import click
 
 from hpo.errors import HpoError
+from hpo.spec import MAX_EPOCHS, MAX_SEEDS, MAX_TRIALS
 from hpo.storage import DEFAULT_STORAGE, STORAGE_ENV
 
 storage_option = click.option(
@@ -52,10 +53,11 @@ def _workers_type(value: str) -> int:
 def _spec_options(f):
     for option in reversed([
         click.option("--study-name", help="Name of the study in the database (default: the spec's name)."),
-        click.option("--trials", type=int, help="Finished trials the whole study should end with, across "
-                                                "all workers (default: the spec's)."),
-        click.option("--seeds", type=int, help="Fits per trial (overrides the spec)."),
-        click.option("--max-epochs", type=int, help="Epochs per fit at most (overrides the spec)."),
+        click.option("--trials", type=click.IntRange(1, MAX_TRIALS),
+                     help="Finished trials the whole study should end with, across all workers (default: the spec's)."),
+        click.option("--seeds", type=click.IntRange(1, MAX_SEEDS), help="Fits per trial (overrides the spec)."),
+        click.option("--max-epochs", type=click.IntRange(1, MAX_EPOCHS),
+                     help="Epochs per fit at most (overrides the spec)."),
     ]):
         f = option(f)
     return f
@@ -63,12 +65,13 @@ def _spec_options(f):
 
 def _worker_options(f):
     for option in reversed([
-        click.option("--timeout", type=float, help="Stop starting trials after this many seconds."),
-        click.option("--max-failures", type=int, default=5, show_default=True,
+        click.option("--timeout", type=click.FloatRange(0, min_open=True),
+                     help="Stop starting trials after this many seconds."),
+        click.option("--max-failures", type=click.IntRange(1), default=5, show_default=True,
                      help="Stop the study after this many failed trials in a row."),
-        click.option("--heartbeat-interval", type=int, default=None,
+        click.option("--heartbeat-interval", type=click.IntRange(1), default=None,
                      help="Seconds between a running trial's heartbeats [default: 10]."),
-        click.option("--grace-period", type=int, default=None,
+        click.option("--grace-period", type=click.IntRange(1), default=None,
                      help="Seconds without a heartbeat after which a trial's worker counts as dead and "
                           "the trial is retried; must outlast a database restart [default: 60]."),
     ]):
@@ -76,20 +79,38 @@ def _worker_options(f):
     return f
 
 
-def _open_storage(storage: str, heartbeat_interval: int | None, grace_period: int | None):
-    from hpo.storage import GRACE_PERIOD, HEARTBEAT_INTERVAL, get_storage
+def _open_storage(storage: str, heartbeat_interval: int | None, grace_period: int | None, command: str,
+                  create: bool = True):
+    """The study database; `create=False` (commands that only join or read a study) first
+    checks that a SQLite file exists, so a mistyped path creates no empty database."""
+    from hpo.storage import GRACE_PERIOD, HEARTBEAT_INTERVAL, existing_sqlite_path, get_storage
 
+    if not create:
+        existing_sqlite_path(storage)
     return get_storage(storage, heartbeat_interval=heartbeat_interval or HEARTBEAT_INTERVAL,
-                       grace_period=grace_period or GRACE_PERIOD)
+                       grace_period=grace_period or GRACE_PERIOD, command=command)
+
+
+def _storage_arg(storage: str) -> str:
+    """` --storage URL` for a printed command, unless it is the default (password masked)."""
+    from hpo.storage import mask_url
+
+    return "" if storage == DEFAULT_STORAGE else f" --storage {mask_url(storage)}"
 
 
 _memory_option = click.option(
-    "--max-memory-growth", type=float, default=None,
+    "--max-memory-growth", type=click.FloatRange(0), default=None,
     help="Restart a worker (same process id) between trials once its memory has grown this many MB since its "
          "first trial: TensorFlow keeps memory per fitted model; 0 never [default: 150].")
 
 
-def _restart_if_memory_grew(summary, label: str) -> None:
+# Set by a single-process `hpo run` that re-executes itself to give memory back: when it
+# started (epoch seconds) and the study's trial counts then, so the new process prints
+# no second header and its summary covers the whole run.
+RESUMED_ENV = "HPO_RESUMED_RUN"
+
+
+def _restart_if_memory_grew(summary, label: str, resume: dict | None = None) -> None:
     """Re-execute this very command when a run stopped to give memory back; the study's
     budget carries over, so the new process goes on where this one stopped."""
     if not summary.restart:
@@ -97,6 +118,10 @@ def _restart_if_memory_grew(summary, label: str) -> None:
     click.echo(f"{label}: {summary.stopped_reason}")
     sys.stdout.flush()
     sys.stderr.flush()
+    if resume is not None:
+        import json
+
+        os.environ[RESUMED_ENV] = json.dumps(resume)
     os.execv(sys.executable, [sys.executable, "-m", "hpo", *sys.argv[1:]])
 
 
@@ -112,18 +137,23 @@ def run(study: str, storage: str, study_name: str | None, trials: int | None, ti
         seeds: int | None, max_epochs: int | None, workers: int, max_failures: int,
         heartbeat_interval: int | None, grace_period: int | None, max_memory_growth: float | None) -> None:
     """Run the study STUDY (a file, or a name from studies/) until its budget is spent."""
-    from hpo.storage import mask_url
+    import dataclasses
+    import json
+    import time
+
+    from hpo.storage import count_trials, rdb_storage
     from hpo.study import create_study
-    from hpo.workers import MAX_MEMORY_GROWTH_MB, clear_stop, run_trials, run_workers, worker_threads
+    from hpo.workers import MAX_MEMORY_GROWTH_MB, clear_stop, run_trials, run_workers
 
     spec = _checked_spec(study, seeds=seeds, max_epochs=max_epochs, trials=trials, name=study_name)
-    optuna_study = create_study(spec, _open_storage(storage, heartbeat_interval, grace_period))
+    optuna_study = create_study(spec, _open_storage(storage, heartbeat_interval, grace_period, "run"))
     clear_stop(optuna_study)
-    click.echo(f"study {spec.name} ({spec.source}) on {mask_url(storage)}: budget {spec.trials} trials, "
-               f"{spec.seeds} seeds each, up to {spec.training.max_epochs} epochs, {spec.metric} "
-               f"({spec.direction}), objective {spec.objective.mode}")
+    resumed = json.loads(os.environ.pop(RESUMED_ENV, "") or "null")
+    if resumed is None:
+        before = count_trials(rdb_storage(optuna_study._storage), optuna_study._study_id)
+        resumed = {"started": time.time(), "before": dataclasses.asdict(before)}
+        _print_header(spec, storage, workers)
     if workers > 1:
-        click.echo(f"{workers} workers, {worker_threads(workers)} TensorFlow threads each")
         summary = run_workers(storage, spec, workers, budget=spec.trials, timeout=timeout,
                               max_consecutive_failures=max_failures, heartbeat_interval=heartbeat_interval,
                               grace_period=grace_period, max_memory_growth=max_memory_growth, echo=click.echo,
@@ -133,10 +163,29 @@ def run(study: str, storage: str, study_name: str | None, trials: int | None, ti
         summary = run_trials(optuna_study, spec, budget=spec.trials, timeout=timeout,
                              max_consecutive_failures=max_failures, echo=click.echo,
                              max_memory_growth_mb=growth or None)
-        _restart_if_memory_grew(summary, "hpo run")
+        _restart_if_memory_grew(summary, "hpo run", resumed)
+        # The summary covers the whole run, across any restarts: counted in the database.
+        after = count_trials(rdb_storage(optuna_study._storage), optuna_study._study_id)
+        before = resumed["before"]
+        summary.complete = after.complete - before["complete"]
+        summary.pruned = after.pruned - before["pruned"]
+        summary.failed = after.failed - before["failed"]
+        summary.lost = after.lost - before["lost"]
+        summary.seconds = time.time() - resumed["started"]
     _print_summary(spec, summary, storage)
     if summary.exit_code:
         sys.exit(summary.exit_code)
+
+
+def _print_header(spec, storage: str, workers: int) -> None:
+    from hpo.storage import mask_url
+    from hpo.workers import worker_threads
+
+    click.echo(f"study {spec.name} ({spec.source}) on {mask_url(storage)}: budget {spec.trials} trials, "
+               f"{spec.seeds} seeds each, up to {spec.training.max_epochs} epochs, {spec.metric} "
+               f"({spec.direction}), objective {spec.objective.mode}")
+    if workers > 1:
+        click.echo(f"{workers} workers, {worker_threads(workers)} TensorFlow threads each")
 
 
 def _checked_spec(study: str, **overrides):
@@ -162,21 +211,22 @@ def create(study: str, storage: str, study_name: str | None, trials: int | None,
     from hpo.workers import clear_stop
 
     spec = _checked_spec(study, seeds=seeds, max_epochs=max_epochs, trials=trials, name=study_name)
-    clear_stop(create_study(spec, _open_storage(storage, None, None)))
+    clear_stop(create_study(spec, _open_storage(storage, None, None, "create")))
     click.echo(f"study {spec.name} ({spec.source}) ready on {mask_url(storage)}: budget {spec.trials} trials; "
-               f"start workers with: hpo worker --study-name {spec.name}")
+               f"start workers with: hpo worker{_storage_arg(storage)} --study-name {spec.name}")
 
 
 @cli.command()
 @storage_option
 @click.option("--study-name", required=True, help="Study to join (created by hpo create or hpo run).")
-@click.option("--trials", type=int, help="Finished trials the whole study should end with (default: the stored spec's).")
+@click.option("--trials", type=click.IntRange(1, MAX_TRIALS),
+              help="Finished trials the whole study should end with (default: the stored spec's).")
 @_worker_options
-@click.option("--threads", type=int, help="TensorFlow intra-op threads of this worker (default: TensorFlow's).")
+@click.option("--threads", type=click.IntRange(1), help="TensorFlow intra-op threads of this worker (default: TensorFlow's).")
 @_memory_option
 @click.option("--worker-index", type=click.IntRange(0, 10**6),
-              help="This worker's number: its sampler is seeded with the spec's seed plus it "
-                   "(default: a random number, so that workers started alike do not propose alike).")
+              help="This worker's number, shown in its lines (default: a random number). Proposals do not "
+                   "depend on it: each trial's are seeded by the study seed and the trial's number.")
 def worker(storage: str, study_name: str, trials: int | None, timeout: float | None, max_failures: int,
            heartbeat_interval: int | None, grace_period: int | None, threads: int | None,
            max_memory_growth: float | None, worker_index: int | None) -> None:
@@ -192,11 +242,9 @@ def worker(storage: str, study_name: str, trials: int | None, timeout: float | N
         import random
 
         worker_index = random.SystemRandom().randrange(1, 10**6)
-    optuna_study, spec = load_study(_open_storage(storage, heartbeat_interval, grace_period), study_name,
-                                    worker=worker_index)
+    optuna_study, spec = load_study(_open_storage(storage, heartbeat_interval, grace_period, "worker", create=False),
+                                    study_name)
     budget = trials if trials is not None else spec.trials
-    if trials is not None and trials < 1:
-        raise click.BadParameter(f"--trials {trials} must be at least 1")
     click.echo(f"worker {worker_index} on study {study_name} ({mask_url(storage)}): budget {budget} trials")
     growth = MAX_MEMORY_GROWTH_MB if max_memory_growth is None else max_memory_growth
     summary = run_trials(optuna_study, spec, budget=budget, timeout=timeout,
@@ -229,7 +277,8 @@ def _print_summary(spec, summary, storage: str) -> None:
     click.echo("params: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                       for k, v in best.params.items()))
     click.echo(f"stored in {mask_url(storage)} (study {spec.name}); "
-               f"replay it with: hpo replay --study-name {spec.name} {best.number}")
+               f"replay it with: hpo replay --study-name {spec.name}"
+               f"{_storage_arg(storage)} {best.number}")
 
 
 @cli.group("bench-workers")

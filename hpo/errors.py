@@ -29,6 +29,19 @@ class SpecError(HpoError):
         super().__init__(f"spec {source}: {where}{message}")
 
 
+class OptionError(HpoError):
+    """A command-line option is out of range or makes no sense; nothing has run yet.
+
+    The message names the option, not the study file: the file is not at fault.
+    """
+
+    exit_code = 2
+
+    def __init__(self, option: str, message: str) -> None:
+        self.option = option
+        super().__init__(f"option {option}: {message}")
+
+
 class TrialFailed(HpoError):
     """One trial failed on its own (diverged, or an exception while building or fitting).
 

@@ -5,7 +5,7 @@ reports and the per-seed record out, with the mean (or mean and std) as its valu
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import optuna
 
@@ -27,6 +27,8 @@ ATTR_CURVES = "curves"
 ATTR_PATH = "training_path"
 ATTR_FAIL_REASON = "fail_reason"
 ATTR_PRUNED_AT = "pruned_at_epoch"
+# Set on a trial given back because its worker was stopped (it does not count).
+ATTR_INTERRUPTED = "interrupted"
 
 
 class Objective:
@@ -37,15 +39,21 @@ class Objective:
     `TrialFailed`, which the worker catches before going on to the next trial.
     """
 
-    def __init__(self, spec: StudySpec) -> None:
+    def __init__(self, spec: StudySpec, check_stop: Callable[[], None] = lambda: None) -> None:
+        """Args:
+            spec: The study's spec.
+            check_stop: Called after every epoch; raises (a `BaseException`) to stop the
+                trial there, e.g. when the worker received SIGTERM.
+        """
         self.spec = spec
+        self.check_stop = check_stop
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
         spec = self.spec
         seeds = spec.seed_values
         trial.set_user_attr(ATTR_SEEDS, seeds)
         params = suggest_params(spec, trial)
-        on_epoch = None if spec.is_multi_objective else _Reporter(trial)
+        on_epoch = _Reporter(trial, self.check_stop, report=not spec.is_multi_objective)
         try:
             fit = fit_repeats(spec, params, seeds, on_epoch)
         except TrialFailed as e:
@@ -65,11 +73,17 @@ class Objective:
 
 
 class _Reporter:
-    def __init__(self, trial: optuna.Trial) -> None:
+    """The per-epoch callback of a trial's fit: a safe point to stop at, then (single
+    objective only: Optuna cannot prune multi-objective trials) report and ask to prune."""
+
+    def __init__(self, trial: optuna.Trial, check_stop: Callable[[], None], report: bool = True) -> None:
         self.trial = trial
+        self.check_stop = check_stop
+        self.report = report
 
     def __call__(self, epoch: int, value: float) -> bool:
-        if not math.isfinite(value):
+        self.check_stop()
+        if not self.report or not math.isfinite(value):
             return False
         self.trial.report(value, epoch)
         return self.trial.should_prune()

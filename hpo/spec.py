@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
-from hpo.errors import SpecError
+from hpo.errors import OptionError, SpecError
 
 STUDIES_DIR = Path(__file__).resolve().parent.parent / "studies"
 
@@ -35,6 +35,11 @@ METRICS = {
     "val_mse": "minimize",
     "val_accuracy": "maximize",
 }
+
+# Limits of the study-wide counts, shared with the command-line options that override them.
+MAX_SEEDS = 1000
+MAX_EPOCHS = 100_000
+MAX_TRIALS = 10**7
 
 # The search-space vocabulary of the built-in families, with the value used when the
 # spec leaves a name out.
@@ -229,19 +234,20 @@ class StudySpec:
                        trials: int | None = None, name: str | None = None) -> "StudySpec":
         """Return a copy with command-line overrides applied and checked."""
         spec = self
+        for option, value, high in (("--seeds", seeds, MAX_SEEDS), ("--max-epochs", max_epochs, MAX_EPOCHS),
+                                    ("--trials", trials, MAX_TRIALS)):
+            if value is not None and not 1 <= value <= high:
+                # The option is at fault, not the study file.
+                raise OptionError(option, f"{value} is outside 1..{high}; choose a value in that range")
         if seeds is not None:
-            if seeds < 1:
-                raise SpecError(self.source, "seeds", f"--seeds {seeds} must be at least 1")
             spec = dataclasses.replace(spec, seeds=seeds)
         if max_epochs is not None:
-            if max_epochs < 1:
-                raise SpecError(self.source, "training.max_epochs", f"--max-epochs {max_epochs} must be at least 1")
             spec = dataclasses.replace(spec, training=dataclasses.replace(spec.training, max_epochs=max_epochs))
         if trials is not None:
-            if trials < 1:
-                raise SpecError(self.source, "trials", f"--trials {trials} must be at least 1")
             spec = dataclasses.replace(spec, trials=trials)
-        if name:
+        if name is not None:
+            if not name.strip():
+                raise OptionError("--study-name", "is empty; give the study a name")
             spec = dataclasses.replace(spec, name=name)
         return spec
 
@@ -303,9 +309,9 @@ def parse_spec(raw: dict[str, Any], *, source: str = "<memory>", base_dir: Path 
     if direction != natural:
         raise SpecError(source, "direction", f'{metric} is to {natural}, got direction = "{direction}"; '
                                              f'set direction = "{natural}" or leave it out')
-    seeds = top.int("seeds", default=3, low=1, high=1000)
+    seeds = top.int("seeds", default=3, low=1, high=MAX_SEEDS)
     seed = top.int("seed", default=0, low=0, high=2**31 - 1)
-    trials = top.int("trials", default=20, low=1, high=10**7)
+    trials = top.int("trials", default=20, low=1, high=MAX_TRIALS)
     objective = _parse_objective(top.table("objective"))
     data = DataSpec() if analytic else _parse_data(top.table("data"), base_dir)
     if analytic:
@@ -474,7 +480,7 @@ def _parse_model(t: "_Table") -> ModelSpec:
 
 def _parse_training(t: "_Table") -> TrainingSpec:
     spec = TrainingSpec(
-        max_epochs=t.int("max_epochs", default=30, low=1, high=100_000),
+        max_epochs=t.int("max_epochs", default=30, low=1, high=MAX_EPOCHS),
         patience=t.int("patience", default=5, low=0, high=100_000),
         min_delta=t.float("min_delta", default=0.0, low=0.0, high=1e9),
     )

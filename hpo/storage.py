@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime
 import fcntl
 import functools
@@ -22,7 +23,7 @@ import optuna
 import sqlalchemy
 
 from hpo.errors import StorageError
-from hpo.objective import ATTR_FAIL_REASON
+from hpo.objective import ATTR_FAIL_REASON, ATTR_INTERRUPTED
 
 DEFAULT_STORAGE = "sqlite:///hpo.db"
 STORAGE_ENV = "HPO_STORAGE"
@@ -67,12 +68,15 @@ def engine_kwargs(url: str) -> dict:
 
 
 def get_storage(url: str | None = None, *, heartbeat_interval: int | None = HEARTBEAT_INTERVAL,
-                grace_period: int | None = GRACE_PERIOD, retry_seconds: float | None = None) -> optuna.storages.RDBStorage:
+                grace_period: int | None = GRACE_PERIOD, retry_seconds: float | None = None,
+                command: str = "worker") -> optuna.storages.RDBStorage:
     """Open (and create if needed) the study database.
 
     Trials record heartbeats; a trial whose worker died is failed after `grace_period`
     seconds and queued again with the same params. Calls that hit a dropped connection
-    are retried with backoff for `retry_seconds` (default `HPO_DB_RETRY_SECONDS` or 600).
+    are retried with backoff for `retry_seconds` (default `HPO_DB_RETRY_SECONDS` or 600);
+    a fault that waiting does not mend (full disk, read-only or corrupt file, ...) stops at
+    once. `command` names what to run again in the message of a database that stays away.
 
     Raises:
         StorageError: The database cannot be reached or opened.
@@ -87,13 +91,28 @@ def get_storage(url: str | None = None, *, heartbeat_interval: int | None = HEAR
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             callback = None
             if heartbeat_interval:
-                callback = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
+                callback = RetryLostTrial(max_retry=MAX_RETRY)
             return _retry(lambda: ResilientRDBStorage(
                 url, engine_kwargs=engine_kwargs(url), heartbeat_interval=heartbeat_interval or None,
                 grace_period=grace_period if heartbeat_interval else None, heartbeat_stale_trial_callback=callback,
-                retry_seconds=retry_seconds), url, min(retry_seconds, CONNECT_RETRY_SECONDS))
+                retry_seconds=retry_seconds), url, min(retry_seconds, CONNECT_RETRY_SECONDS), command)
     except (sqlalchemy.exc.SQLAlchemyError, sqlite3.Error, ImportError, ValueError, OSError) as e:
-        raise StorageError(f"cannot open storage {mask_url(url)}: {first_line(e)}") from e
+        fault = classify_storage_error(e)
+        cause = fault[1] if fault else first_line(e)
+        raise StorageError(f"cannot open storage {mask_url(url)}: {cause}") from e
+
+
+class RetryLostTrial(optuna.storages.RetryHeartbeatStaleTrialCallback):
+    """Queue a lost trial (its worker died or was stopped) again with the same params.
+
+    The copy starts with the trial's user attributes, minus why the old one was lost:
+    the retry was not stopped by a SIGTERM, whatever becomes of it.
+    """
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        trial = copy.copy(trial)
+        trial.user_attrs = {k: v for k, v in trial.user_attrs.items() if k != ATTR_INTERRUPTED}
+        super().__call__(study, trial)
 
 
 class ResilientRDBStorage(optuna.storages.RDBStorage):
@@ -134,43 +153,115 @@ def rdb_storage(storage: optuna.storages.BaseStorage) -> optuna.storages.RDBStor
     return getattr(storage, "_backend", storage)
 
 
+# Faults that go away by themselves (PostgreSQL SQLSTATE class 08 "connection exception",
+# 57P0x "server shutting down or starting", 40001/40P01 serialization failure or deadlock,
+# 53300 too many connections) and SQLite's busy lock; matched on the DBAPI error.
+_TRANSIENT_SQLSTATES = ("08", "57P01", "57P02", "57P03", "40001", "40P01", "53300")
+_TRANSIENT_TEXT = ("database is locked", "connection refused", "server closed the connection",
+                   "terminating connection", "the database system is", "connection reset", "could not connect",
+                   "connection timed out", "timeout expired", "no connection to the server",
+                   "connection is closed", "connection already closed", "consuming input failed",
+                   "ssl syscall error", "could not receive data", "could not send data")
+# Faults that waiting does not mend: (text in the DBAPI message or SQLSTATE prefix, what to do).
+_PERMANENT = (
+    ("database or disk is full", "the disk is full; free space and run again"),
+    ("no space left on device", "the disk is full; free space and run again"),
+    ("53100", "the database server's disk is full; free space and run again"),
+    ("could not extend file", "the database server's disk is full; free space and run again"),
+    ("readonly database", "the database file or its folder is read-only; make both writable"),
+    ("read-only", "the database is read-only; use a writable one"),
+    ("file is not a database", "the file is not a SQLite database; pass --storage with a study database"),
+    ("database disk image is malformed", "the SQLite file is corrupt; restore it from a copy"),
+    ("disk i/o error", "the disk failed to read or write; check the disk and run again"),
+    ("unable to open database file", "check the path and its folder's permissions"),
+    ("permission denied", "give this user access to the database"),
+    ("42501", "give this user access to the database"),
+    ("password authentication failed", "check the user and password in the URL"),
+    ("does not exist", "check the database name in the URL, or create it"),
+)
+
+
+def classify_storage_error(e: BaseException) -> tuple[str, str] | None:
+    """Tell a database fault that goes away by itself from one that does not.
+
+    Returns:
+        ("transient", cause) for a dropped or refused connection, a database restarting,
+        SQLite's busy lock (worth waiting for); ("permanent", cause and fix) for a full
+        disk, a read-only, corrupt or inaccessible database, a constraint violation
+        (stop at once); None when `e` is not a database fault at all.
+    """
+    if not isinstance(e, (sqlalchemy.exc.SQLAlchemyError, sqlite3.Error, optuna.exceptions.StorageInternalError)) \
+            and type(e).__module__.split(".")[0] not in ("psycopg", "psycopg2"):
+        return None  # e.g. Optuna's DuplicatedStudyError, raised from an IntegrityError on purpose
+    chain = _error_chain(e)
+    dbapi = [c for c in chain if isinstance(c, (sqlite3.Error, sqlalchemy.exc.DBAPIError))
+             or type(c).__module__.split(".")[0] in ("psycopg", "psycopg2")]
+    if not dbapi:
+        return None
+    root = next((c for c in chain if isinstance(c, sqlite3.Error) or type(c).__module__.split(".")[0]
+                 in ("psycopg", "psycopg2")), dbapi[-1])
+    cause = first_line(root)
+    sqlstate = str(getattr(root, "sqlstate", None) or getattr(root, "pgcode", None) or "")
+    text = f"{cause} {sqlstate}".lower()
+    for needle, fix in _PERMANENT:
+        if needle in text or (needle[0].isdigit() and sqlstate.startswith(needle)):
+            return "permanent", f"{cause}: {fix}"
+    if any(isinstance(c, (sqlite3.IntegrityError, sqlalchemy.exc.IntegrityError)) for c in chain) \
+            or sqlstate.startswith("23"):
+        return "permanent", f"{cause}: a constraint was violated; the database holds something hpo did not write"
+    if (sqlstate.startswith(_TRANSIENT_SQLSTATES) or any(t in text for t in _TRANSIENT_TEXT)
+            or any(isinstance(c, sqlalchemy.exc.DBAPIError) and c.connection_invalidated for c in chain)):
+        return "transient", cause
+    if any(isinstance(c, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)) for c in chain) \
+            and not any(isinstance(c, sqlite3.Error) for c in chain):
+        # A server-side operational fault we do not know: most are a server going away.
+        return "transient", cause
+    return "permanent", cause
+
+
 def is_connection_error(e: BaseException) -> bool:
-    """True for faults that go away by themselves: a dropped or refused connection, a
-    database restarting, SQLite's busy lock."""
-    seen: set[int] = set()
+    """True for faults that go away by themselves (see `classify_storage_error`)."""
+    kind = classify_storage_error(e)
+    return kind is not None and kind[0] == "transient"
+
+
+def _error_chain(e: BaseException) -> list[BaseException]:
+    chain: list[BaseException] = []
     cur: BaseException | None = e
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
-        if isinstance(cur, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)):
-            return True
-        if isinstance(cur, sqlalchemy.exc.DBAPIError) and cur.connection_invalidated:
-            return True
-        if type(cur).__module__.startswith("psycopg") and type(cur).__name__ in ("OperationalError", "InterfaceError"):
-            return True
-        cur = cur.__cause__ or cur.__context__
-    return False
+    while cur is not None and all(cur is not c for c in chain):
+        chain.append(cur)
+        orig = getattr(cur, "orig", None)
+        cur = orig if isinstance(orig, BaseException) and all(orig is not c for c in chain) else (
+            cur.__cause__ or cur.__context__)
+    return chain
 
 
 _outage_lock = threading.Lock()
 
 
-def _retry(call: Callable[[], Any], url: str, retry_seconds: float) -> Any:
+def _retry(call: Callable[[], Any], url: str, retry_seconds: float, command: str = "worker") -> Any:
+    """`call()`, again after each transient database fault until `retry_seconds` have
+    passed; a permanent fault raises at once, naming its cause."""
     deadline = time.monotonic() + retry_seconds
     delay = 0.2
     warned = False
     while True:
         try:
             result = call()
-        except Exception as e:  # noqa: BLE001 - re-raised unless it is a connection fault
-            if not is_connection_error(e):
+        except Exception as e:  # noqa: BLE001 - re-raised unless it is a transient database fault
+            fault = classify_storage_error(e)
+            if fault is None:
                 raise
+            kind, cause = fault
+            if kind == "permanent":
+                raise StorageError(f"storage {mask_url(url)}: {cause}") from e
             if time.monotonic() + delay > deadline:
                 raise StorageError(f"storage {mask_url(url)} unreachable for {retry_seconds:.0f} s: "
-                                   f"{first_line(e)}; check the database and run the worker again") from e
+                                   f"{cause}; check the database and run hpo {command} again") from e
             if not warned:
                 with _outage_lock:
-                    print(f"storage {mask_url(url)}: {first_line(e)}; retrying for up to {retry_seconds:.0f} s",
-                          file=sys.stderr, flush=True)
+                    print(f"storage {mask_url(url)}: {cause}; waiting for the database to come back "
+                          f"(up to {retry_seconds:.0f} s)", file=sys.stderr, flush=True)
                 warned = True
             time.sleep(delay)
             delay = min(delay * 2, 5.0)
@@ -336,6 +427,10 @@ def existing_sqlite_path(url: str) -> str | None:
 
 
 def first_line(e: BaseException) -> str:
-    """The first line of an error's message (a DBAPI error's own, not SQLAlchemy's wrapper)."""
-    text = str(getattr(e, "orig", None) or e).strip()
+    """The first line of an error's message: the database's own, not that of a wrapper
+    (SQLAlchemy's, or Optuna's "invalid data in the commit" around any failed commit)."""
+    chain = _error_chain(e)
+    root = next((c for c in chain if isinstance(c, sqlite3.Error)
+                 or type(c).__module__.split(".")[0] in ("psycopg", "psycopg2")), chain[-1])
+    text = str(root).strip()
     return (text.splitlines() or [type(e).__name__])[0]
