@@ -36,6 +36,8 @@ METRICS = {
     "val_accuracy": "maximize",
 }
 
+# Range bounds beyond this are refused: sampling and the objective overflow long before.
+MAX_BOUND = 1e12
 # Limits of the study-wide counts, shared with the command-line options that override them.
 MAX_SEEDS = 1000
 MAX_EPOCHS = 100_000
@@ -257,6 +259,8 @@ def find_spec_file(name_or_path: str) -> Path:
     candidate = Path(name_or_path)
     if candidate.is_file():
         return candidate
+    if candidate.is_dir():
+        raise SpecError(name_or_path, "", "is a directory, not a study file; give the path of a .toml file")
     for path in (STUDIES_DIR / f"{name_or_path}.toml", Path("studies") / f"{name_or_path}.toml"):
         if path.is_file():
             return path
@@ -270,12 +274,34 @@ def load_spec(name_or_path: str | Path) -> StudySpec:
     path = find_spec_file(str(name_or_path))
     source = _display_path(path)
     try:
-        raw = tomllib.loads(path.read_text())
+        raw = tomllib.loads(read_text_file(path, source, "", "study file"))
     except tomllib.TOMLDecodeError as e:
         raise SpecError(source, "", f"is not valid TOML: {e}; fix the syntax") from e
     return parse_spec(raw, source=source, base_dir=path.parent)
 
 
+def read_text_file(path: Path, source: str, field: str, what: str) -> str:
+    """A UTF-8 text file's content (TOML and our CSV reading need UTF-8, without a BOM).
+
+    Raises:
+        SpecError: `path` is a directory, unreadable, binary, not UTF-8 or starts with a
+            byte-order mark; naming `source` and `field`.
+    """
+    if path.is_dir():
+        raise SpecError(source, field, f"{path} is a directory, not a {what}; give the path of the file")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise SpecError(source, field, f"cannot read {path}: {e.strerror}; fix the path or its permissions") from e
+    if data.startswith(b"\xef\xbb\xbf"):
+        raise SpecError(source, field, f"{path} starts with a byte-order mark (BOM); save it as UTF-8 without BOM")
+    if b"\0" in data:
+        raise SpecError(source, field, f"{path} is a binary file, not a {what}; give the path of a text file")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SpecError(source, field, f"{path} is not UTF-8 text (byte {e.start}: {data[e.start:e.start + 1]!r}); "
+                                       "save it as UTF-8") from e
 def list_specs() -> list[tuple[str, str]]:
     """(name, description) of every study file shipped in `studies/`."""
     rows = []
@@ -293,6 +319,8 @@ def parse_spec(raw: dict[str, Any], *, source: str = "<memory>", base_dir: Path 
     """Validate a spec dict (as read from TOML or from the study database)."""
     top = _Table(raw, source, "")
     name = top.str("name", required=True)
+    if not name.strip():
+        raise SpecError(source, "name", 'is empty; name the study, e.g. name = "my_study"')
     description = top.str("description", default="")
     model = _parse_model(top.table("model"))
     analytic = model.family == "analytic"
@@ -399,12 +427,17 @@ def _parse_data(t: "_Table", base_dir: Path | None) -> DataSpec:
     if name in ("csv_series", "csv_table"):
         if path is None:
             raise SpecError(t.source, f"{t.prefix}path", f'dataset "{name}" needs path = "file.csv"; add it')
-        resolved = Path(path)
-        if not resolved.is_absolute() and base_dir is not None and not resolved.is_file():
-            resolved = base_dir / path
+        # Relative to the study file, not the working directory, and stored absolute: the
+        # same study run from any folder (or rebuilt by a remote worker) is the same spec.
+        resolved = Path(path).expanduser()
+        if not resolved.is_absolute() and base_dir is not None:
+            resolved = base_dir / resolved
+        resolved = resolved.resolve()
+        if resolved.is_dir():
+            raise SpecError(t.source, f"{t.prefix}path", f"{path} is a directory, not a CSV file; give the file's path")
         if not resolved.is_file():
-            raise SpecError(t.source, f"{t.prefix}path", f"CSV file {path} does not exist; fix the path "
-                                                         f"(relative paths are read from the working directory or the spec's folder)")
+            raise SpecError(t.source, f"{t.prefix}path", f"CSV file {resolved} does not exist; fix the path "
+                                                         "(a relative path is read from the study file's folder)")
         path = str(resolved)
     features = t.get("features", None)
     if features is not None:
@@ -443,9 +476,18 @@ def _parse_data(t: "_Table", base_dir: Path | None) -> DataSpec:
 
 def _check_csv_columns(t: "_Table", spec: DataSpec) -> None:
     import csv
+    import io
 
-    with open(spec.path, newline="") as f:
-        header = next(csv.reader(f), [])
+    text = read_text_file(Path(spec.path), t.source, f"{t.prefix}path", "CSV file")
+    rows = csv.reader(io.StringIO(text, newline=""))
+    header = next(rows, [])
+    if not any(h.strip() for h in header):
+        raise SpecError(t.source, f"{t.prefix}path", f"{spec.path} is empty; it needs a header line and data rows")
+    if not any(any(cell.strip() for cell in row) for row in rows):
+        raise SpecError(t.source, f"{t.prefix}path", f"{spec.path} has a header but no data rows; add the data")
+    if spec.name == "csv_table" and not spec.features and not [h for h in header if h != spec.target]:
+        raise SpecError(t.source, f"{t.prefix}target", f'"{spec.target}" is the only column of {spec.path}, which '
+                                                       "leaves no feature columns; add feature columns to the file")
     wanted = [("column", spec.column)] if spec.name == "csv_series" else [("target", spec.target)]
     wanted += [("features", c) for c in spec.features or ()]
     for key, col in wanted:
@@ -550,6 +592,9 @@ def _parse_param(source: str, field_name: str, name: str, raw: Any, family: str)
         for key, v in (("low", low), ("high", high)):
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise SpecError(source, field_name, f"{key} must be a number, got {v!r}")
+            if not math.isfinite(v) or abs(v) > MAX_BOUND:
+                raise SpecError(source, field_name, f"{key} = {v!r} is not a finite number within "
+                                                    f"±{MAX_BOUND:g}; choose a smaller {key}")
         if not isinstance(log, bool):
             raise SpecError(source, field_name, f"log must be true or false, got {log!r}")
         if low > high:
@@ -563,6 +608,10 @@ def _parse_param(source: str, field_name: str, name: str, raw: Any, family: str)
             raise SpecError(source, field_name, f"{name} is a whole number; write low and high without a decimal point")
         if step is not None and (isinstance(step, bool) or not isinstance(step, (int, float)) or step <= 0):
             raise SpecError(source, field_name, f"step must be a positive number, got {step!r}")
+        if step is not None and not _step_fits(low, high, step):
+            raise SpecError(source, field_name, f"step {step} does not divide high - low = {high - low:g} (Optuna "
+                                                f"would quietly shrink the range); choose high = low + a whole "
+                                                f"number of steps, e.g. high = {_fitting_high(low, high, step):g}")
         param = IntRange(low, high, log, step or 1) if is_int else FloatRange(float(low), float(high), log,
                                                                               None if step is None else float(step))
     else:
@@ -571,6 +620,15 @@ def _parse_param(source: str, field_name: str, name: str, raw: Any, family: str)
     if family != "analytic":
         _check_param_values(source, field_name, name, param)
     return param
+
+
+def _step_fits(low: float, high: float, step: float) -> bool:
+    steps = (high - low) / step
+    return abs(steps - round(steps)) <= 1e-9 * max(1.0, abs(steps))
+
+
+def _fitting_high(low: float, high: float, step: float) -> float:
+    return low + math.floor((high - low) / step + 1e-9) * step
 
 
 def _check_param_values(source: str, field_name: str, name: str, param: Param) -> None:

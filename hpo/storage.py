@@ -283,7 +283,8 @@ def _use_wal(url: str) -> None:
     path = sqlite_path(url)
     if path is None:
         return
-    import sqlite3
+    if os.path.isfile(path):
+        check_sqlite_file(path)
 
     with contextlib.closing(sqlite3.connect(path, timeout=60)) as conn:
         if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
@@ -423,7 +424,25 @@ def existing_sqlite_path(url: str) -> str | None:
     path = parsed.database or ""
     if not path or path == ":memory:" or not os.path.isfile(path):
         raise StorageError(f"no study database at {path or url!r}; run a study first (hpo run ...) or pass --storage")
+    check_sqlite_file(path)
     return path
+
+
+def check_sqlite_file(path: str) -> None:
+    """Refuse a file that exists but is not a SQLite database (SQLite itself only says so
+    on the first query, deep inside whichever command runs it).
+
+    Raises:
+        StorageError: Naming the file.
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError as e:
+        raise StorageError(f"cannot read {path}: {e.strerror}; fix its permissions or pass another --storage") from e
+    if head and head != b"SQLite format 3\0":
+        raise StorageError(f"{path} is not a SQLite database (file is not a database); "
+                           "pass --storage with a study database")
 
 
 def first_line(e: BaseException) -> str:

@@ -14,6 +14,7 @@ import optuna
 from optuna.samplers._lazy_random_state import LazyRandomState
 
 from hpo.errors import SpecError, StudyNotFound
+from hpo.storage import mask_url
 from hpo.spec import StudySpec, parse_spec, spec_to_dict
 from hpo.views import create_views
 
@@ -158,7 +159,8 @@ def load_study(storage: optuna.storages.BaseStorage, study_name: str) -> tuple[o
         study = optuna.load_study(study_name=study_name, storage=storage)
     except KeyError as e:
         names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
-        raise StudyNotFound(f'no study "{study_name}" in this storage; studies here: {", ".join(names) or "none"}') from e
+        where = mask_url(getattr(storage, "url", "")) or "this storage"
+        raise StudyNotFound(f'no study "{study_name}" in {where}; studies there: {", ".join(names) or "none"}') from e
     raw = study.user_attrs.get(SPEC_ATTR)
     if raw is None:
         raise StudyNotFound(f'study "{study_name}" was not created by hpo (no stored spec); create it with hpo create')

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from hpo.errors import SpecError
+from hpo.errors import OptionError, SpecError
 from hpo.spec import STUDIES_DIR, FloatRange, IntRange, list_specs, load_spec, parse_spec, spec_to_dict
 from tests.conftest import run_hpo
 
@@ -92,8 +92,10 @@ def test_overrides_apply_and_are_checked():
     spec = load_spec("sine_lstm").with_overrides(seeds=2, max_epochs=5, trials=3)
     assert (spec.seeds, spec.training.max_epochs, spec.trials) == (2, 5, 3)
     assert spec.seed_values == [42000, 42001]
-    with pytest.raises(SpecError, match="--seeds 0"):
+    with pytest.raises(OptionError, match="option --seeds: 0 is outside"):
         spec.with_overrides(seeds=0)
+    with pytest.raises(OptionError, match="option --seeds: 100000 is outside 1..1000"):
+        spec.with_overrides(seeds=100000)
 
 
 def test_direction_follows_the_metric():
@@ -129,3 +131,81 @@ def test_a_window_longer_than_the_data_stops_the_command_before_any_trial(tmp_pa
     db = tmp_path / "w.db"
     result = run_hpo("run", str(path), "--storage", f"sqlite:///{db}", check=False)
     assert result.returncode == 2 and "[space.window] window 50" in result.stderr and not db.exists()
+
+
+BEALE = """name = "b"
+[model]
+family = "analytic"
+[space]
+x = { low = -4.5, high = 4.5 }
+y = { low = -4.5, high = 4.5 }
+"""
+
+
+@pytest.mark.parametrize("content, words", [
+    (b"\xef\xbb\xbf" + BEALE.encode(), "byte-order mark"),
+    (BEALE.replace('"b"', '"b\xe9"').encode("latin-1"), "not UTF-8"),
+    (b"\x00\x01\x02binary", "binary file"),
+    (BEALE.replace('name = "b"', 'name = ""').encode(), "[name] is empty"),
+    (BEALE.replace("high = 4.5 }", "high = nan }", 1).encode(), "not a finite number"),
+    (BEALE.replace("high = 4.5 }", "high = inf }", 1).encode(), "not a finite number"),
+    (BEALE.replace("low = -4.5", "low = -1e308", 1).encode(), "not a finite number within"),
+    (BEALE.replace("high = 4.5 }", "high = 4.5, step = 2.0 }", 1).encode(), "step 2.0 does not divide"),
+])
+def test_unreadable_or_unusable_study_files_are_refused_naming_the_fault(tmp_path, content, words):
+    path = tmp_path / "s.toml"
+    path.write_bytes(content)
+    with pytest.raises(SpecError) as e:
+        load_spec(path)
+    assert words in str(e.value)
+
+
+def test_a_directory_as_study_file_says_it_is_a_directory(tmp_path):
+    with pytest.raises(SpecError, match="is a directory"):
+        load_spec(tmp_path)
+
+
+@pytest.mark.parametrize("csv_bytes, target, words", [
+    (b"", "v", "is empty"),
+    (b"v,w\n", "v", "header but no data rows"),
+    ("v,w\n1,caf\xe9\n".encode("latin-1"), "v", "not UTF-8"),
+    (b"label\nx\ny\n", "label", "no feature columns"),
+    (None, "v", "is a directory"),
+])
+def test_bad_csv_files_are_refused_naming_the_fault(tmp_path, csv_bytes, target, words):
+    csv = tmp_path / "d.csv"
+    if csv_bytes is None:
+        csv.mkdir()
+    else:
+        csv.write_bytes(csv_bytes)
+    text = (f'name = "t"\nmetric = "val_accuracy"\n[data]\nname = "csv_table"\npath = "d.csv"\ntarget = "{target}"\n'
+            '[model]\nfamily = "mlp"\n')
+    path = write(tmp_path, text, "t.toml")
+    with pytest.raises(SpecError) as e:
+        load_spec(path)
+    assert words in str(e.value) and "window" not in str(e.value)
+
+
+def test_a_relative_data_path_is_read_from_the_study_folder_and_stored_the_same_from_anywhere(tmp_path, monkeypatch):
+    folder = tmp_path / "study"
+    folder.mkdir()
+    write(folder, "a,b,label\n1,2,x\n3,4,y\n5,6,x\n", "t.csv")
+    path = write(folder, 'name = "t"\nmetric = "val_accuracy"\n[data]\nname = "csv_table"\npath = "t.csv"\n'
+                         'target = "label"\n[model]\nfamily = "mlp"\n', "t.toml")
+    monkeypatch.chdir(folder)
+    here = spec_to_dict(load_spec("t.toml"))
+    monkeypatch.chdir(tmp_path)
+    there = spec_to_dict(load_spec(path))
+    assert here["data"]["path"] == there["data"]["path"] == str(folder / "t.csv")
+    assert here == there
+
+
+def test_a_horizon_too_long_for_the_data_names_the_horizon(tmp_path):
+    from hpo.data import check_data
+
+    csv = write(tmp_path, "v\n" + "\n".join(str(i) for i in range(30)), "short.csv")
+    path = write(tmp_path, GOOD.replace('name = "noisy_sine"', f'name = "csv_series"\npath = "{csv}"\ncolumn = "v"\n'
+                                                                 'horizon = 40'))
+    with pytest.raises(SpecError) as e:
+        check_data(load_spec(path))
+    assert e.value.field == "data.horizon" and "shorten the horizon" in str(e.value)
