@@ -182,6 +182,8 @@ def test_sigterm_stops_every_worker_and_leaves_no_trial_running(tmp_path):
     assert len(by_state(trials, TrialState.COMPLETE)) == 8
     assert not by_state(trials, TrialState.WAITING) and not by_state(trials, TrialState.RUNNING)
     assert {t.number for t in interrupted} <= {t.system_attrs.get("failed_trial") for t in trials}
+    retries = [t for t in trials if t.system_attrs.get("failed_trial") is not None]
+    assert retries and not any("interrupted" in t.user_attrs for t in retries if t.state == TrialState.COMPLETE)
 
 
 def test_consecutive_failures_stop_the_study(tmp_path):
@@ -270,3 +272,49 @@ def test_worker_restarts_itself_when_memory_grows(tmp_path):
 def test_bench_workers_storage_runs_through_the_real_command(tmp_path):
     result = run_hpo("bench-workers", "storage", "--storage", f"sqlite:///{tmp_path / 'b.db'}", "--trials", "3")
     assert "plain optuna" in result.stdout and "hpo worker" in result.stdout and "ratio" in result.stdout
+
+
+def test_a_signal_that_lands_in_a_del_is_not_lost():
+    """A SIGTERM delivered while Python runs a `__del__` (as TensorFlow's garbage collector
+    of concrete functions does) used to raise from the handler there, where Python
+    discards it ("Exception ignored in ..."): the worker ran on. It must be kept."""
+    import pytest
+
+    from hpo.workers import Interrupted, check_stop, record_signals, stop_requested
+
+    class SignalsInDel:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(1000):  # the handler runs between bytecodes, still inside __del__
+                pass
+
+    restore = record_signals()
+    try:
+        SignalsInDel()
+        assert stop_requested()
+        with pytest.raises(Interrupted, match="SIGTERM"):
+            check_stop()
+    finally:
+        restore()
+
+
+def test_memory_restarts_and_top_ups_propose_the_same_trials_as_a_straight_run(tmp_path):
+    """A fixed-seed single-process run proposes the same params whether it restarted
+    itself for memory, was stopped and topped up, or ran straight through; a restarted
+    run prints one header and a summary of the whole run."""
+    def params(db):
+        return [t.params for t in trials_of(f"sqlite:///{db}", "beale")]
+
+    run_hpo("run", "beale", "--trials", "14", "--storage", f"sqlite:///{tmp_path / 'straight.db'}")
+    out = run_hpo("run", "beale", "--trials", "14", "--max-memory-growth", "0.0001",
+                  "--storage", f"sqlite:///{tmp_path / 'restarted.db'}").stdout
+    assert out.count("restarting to release it") >= 2 and out.count("study beale (") == 1
+    assert re.search(r"done in [\d.]+ s: (\d+) complete, (\d+) pruned, 0 failed", out)
+    done = re.search(r"done in [\d.]+ s: (\d+) complete, (\d+) pruned", out)
+    assert int(done.group(1)) + int(done.group(2)) == 14
+    run_hpo("run", "beale", "--trials", "5", "--storage", f"sqlite:///{tmp_path / 'topped.db'}")
+    run_hpo("run", "beale", "--trials", "14", "--storage", f"sqlite:///{tmp_path / 'topped.db'}")
+    straight = params(tmp_path / "straight.db")
+    assert len(straight) == 14
+    assert params(tmp_path / "restarted.db") == straight
+    assert params(tmp_path / "topped.db") == straight
