@@ -423,11 +423,15 @@ def plot(study_name: str, storage: str, top: int, by_param: str | None, trial_nu
 @storage_option
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True, help="Port to listen on.")
-def dashboard(storage: str, host: str, port: int) -> None:
-    """Serve optuna-dashboard on the study database; trials lacking a note get one first."""
+@click.option("--allow-writes", is_flag=True, help="Let the page delete and create studies and edit notes "
+                                                  "(default: read-only).")
+@click.option("--access-log", is_flag=True, help="Print a line per HTTP request.")
+def dashboard(storage: str, host: str, port: int, allow_writes: bool, access_log: bool) -> None:
+    """Serve optuna-dashboard on the study database, read-only unless --allow-writes; trials
+    lacking a note get one first."""
     from hpo.dashboard import serve_dashboard
 
-    serve_dashboard(storage, host, port, echo=click.echo)
+    serve_dashboard(storage, host, port, echo=click.echo, allow_writes=allow_writes, access_log=access_log)
 
 
 @cli.command()
