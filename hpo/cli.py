@@ -479,7 +479,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(e.exit_code)
     except HpoError as e:
         if debug:
-            traceback.print_exc()
+            # The traceback without its closing "hpo.errors.X: message" line: the message
+            # follows once, as the error line.
+            lines = traceback.format_exception(e)
+            click.echo("".join(lines[:-1]).rstrip(), err=True)
         click.echo(f"error: {e}", err=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:

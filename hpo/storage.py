@@ -125,6 +125,9 @@ class ResilientRDBStorage(optuna.storages.RDBStorage):
 
     def __init__(self, url: str, *, retry_seconds: float = DEFAULT_RETRY_SECONDS, **kwargs: Any) -> None:
         self.retry_seconds = retry_seconds
+        # Called between retries; a worker sets it to raise once it was asked to stop, so
+        # a SIGTERM during a long outage is not held up by the wait.
+        self.check_stop: Callable[[], None] = lambda: None
         super().__init__(url, **kwargs)
 
 
@@ -133,7 +136,7 @@ def _retried(name: str) -> Callable:
 
     @functools.wraps(base)
     def method(self: ResilientRDBStorage, *args: Any, **kwargs: Any) -> Any:
-        return _retry(lambda: base(self, *args, **kwargs), self.url, self.retry_seconds)
+        return _retry(lambda: base(self, *args, **kwargs), self.url, self.retry_seconds, check_stop=self.check_stop)
 
     return method
 
@@ -239,7 +242,8 @@ def _error_chain(e: BaseException) -> list[BaseException]:
 _outage_lock = threading.Lock()
 
 
-def _retry(call: Callable[[], Any], url: str, retry_seconds: float, command: str = "worker") -> Any:
+def _retry(call: Callable[[], Any], url: str, retry_seconds: float, command: str = "worker",
+           check_stop: Callable[[], None] = lambda: None) -> Any:
     """`call()`, again after each transient database fault until `retry_seconds` have
     passed; a permanent fault raises at once, naming its cause."""
     deadline = time.monotonic() + retry_seconds
@@ -264,6 +268,7 @@ def _retry(call: Callable[[], Any], url: str, retry_seconds: float, command: str
                           f"(up to {retry_seconds:.0f} s)", file=sys.stderr, flush=True)
                 warned = True
             time.sleep(delay)
+            check_stop()
             delay = min(delay * 2, 5.0)
             continue
         if warned:
@@ -274,7 +279,8 @@ def _retry(call: Callable[[], Any], url: str, retry_seconds: float, command: str
 def retry_storage_call(storage: optuna.storages.BaseStorage, call: Callable[[], Any]) -> Any:
     """Run `call` (several storage round trips) again from the start after a connection fault."""
     url = getattr(storage, "url", "")
-    return _retry(call, url, getattr(storage, "retry_seconds", DEFAULT_RETRY_SECONDS))
+    return _retry(call, url, getattr(storage, "retry_seconds", DEFAULT_RETRY_SECONDS),
+                  check_stop=getattr(storage, "check_stop", lambda: None))
 
 
 def _use_wal(url: str) -> None:

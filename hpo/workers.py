@@ -104,6 +104,8 @@ def run_trials(study: optuna.Study, spec: StudySpec, *, budget: int, timeout: fl
     storage = rdb_storage(study._storage)
     next_sweep = 0.0
     restore = record_signals()
+    if hasattr(storage, "check_stop"):
+        storage.check_stop = check_stop
     try:
         while True:
             check_stop()
@@ -149,6 +151,8 @@ def run_trials(study: optuna.Study, spec: StudySpec, *, budget: int, timeout: fl
         summary.exit_code = 130
     finally:
         restore()
+        if hasattr(storage, "check_stop"):
+            storage.check_stop = lambda: None
     summary.seconds = time.perf_counter() - start
     summary.best = best_trial(study, spec)
     return summary

@@ -131,10 +131,12 @@ def test_help_and_studies_answer_without_tensorflow():
 def test_errors_are_one_line_and_debug_shows_the_traceback(tmp_path):
     plain = run_hpo("replay", "--study-name", "nope", "--storage", f"sqlite:///{tmp_path / 'e.db'}", "0", check=False)
     assert plain.returncode != 0 and plain.stderr.strip().splitlines() == [plain.stderr.strip()]
-    assert plain.stderr.startswith('error: no study "nope"')
+    assert plain.stderr.startswith(f"error: no study database at '{tmp_path / 'e.db'}'")
     debug = run_hpo("--debug", "replay", "--study-name", "nope", "--storage", f"sqlite:///{tmp_path / 'e.db'}", "0",
                     check=False)
     assert "Traceback" in debug.stderr
+    # The message is printed once, as the error line, not also as the traceback's last line.
+    assert debug.stderr.count(plain.stderr.strip()) == 1 and debug.stderr.strip().endswith(plain.stderr.strip())
 
 
 def test_topping_up_a_study_does_not_replay_its_first_proposals(tmp_path):
