@@ -30,8 +30,9 @@ STORAGE_ENV = "HPO_STORAGE"
 # How long a worker keeps retrying an unreachable database before it gives up.
 RETRY_ENV = "HPO_DB_RETRY_SECONDS"
 DEFAULT_RETRY_SECONDS = 600.0
-# Opening the storage gives up sooner: a mistyped URL should not keep a user waiting.
-CONNECT_RETRY_SECONDS = 15.0
+# Opening the storage gives up sooner, and without a "waiting" line: a mistyped URL or a
+# server that is down should cost a user a few seconds and one line.
+CONNECT_RETRY_SECONDS = 5.0
 # A running trial records a heartbeat every HEARTBEAT_INTERVAL seconds; one silent for
 # GRACE_PERIOD seconds belongs to a dead worker and is failed and retried. The grace
 # period must outlast a database restart, or live trials would be taken for dead.
@@ -95,7 +96,7 @@ def get_storage(url: str | None = None, *, heartbeat_interval: int | None = HEAR
             return _retry(lambda: ResilientRDBStorage(
                 url, engine_kwargs=engine_kwargs(url), heartbeat_interval=heartbeat_interval or None,
                 grace_period=grace_period if heartbeat_interval else None, heartbeat_stale_trial_callback=callback,
-                retry_seconds=retry_seconds), url, min(retry_seconds, CONNECT_RETRY_SECONDS), command)
+                retry_seconds=retry_seconds), url, min(retry_seconds, CONNECT_RETRY_SECONDS), command, quiet=True)
     except (sqlalchemy.exc.SQLAlchemyError, sqlite3.Error, ImportError, ValueError, OSError) as e:
         fault = classify_storage_error(e)
         cause = fault[1] if fault else first_line(e)
@@ -243,7 +244,7 @@ _outage_lock = threading.Lock()
 
 
 def _retry(call: Callable[[], Any], url: str, retry_seconds: float, command: str = "worker",
-           check_stop: Callable[[], None] = lambda: None) -> Any:
+           check_stop: Callable[[], None] = lambda: None, quiet: bool = False) -> Any:
     """`call()`, again after each transient database fault until `retry_seconds` have
     passed; a permanent fault raises at once, naming its cause."""
     deadline = time.monotonic() + retry_seconds
@@ -262,16 +263,16 @@ def _retry(call: Callable[[], Any], url: str, retry_seconds: float, command: str
             if time.monotonic() + delay > deadline:
                 raise StorageError(f"storage {mask_url(url)} unreachable for {retry_seconds:.0f} s: "
                                    f"{cause}; check the database and run hpo {command} again") from e
-            if not warned:
+            if not warned and not quiet:
                 with _outage_lock:
                     print(f"storage {mask_url(url)}: {cause}; waiting for the database to come back "
                           f"(up to {retry_seconds:.0f} s)", file=sys.stderr, flush=True)
-                warned = True
+            warned = True
             time.sleep(delay)
             check_stop()
             delay = min(delay * 2, 5.0)
             continue
-        if warned:
+        if warned and not quiet:
             print(f"storage {mask_url(url)}: reachable again", file=sys.stderr, flush=True)
         return result
 

@@ -82,3 +82,11 @@ def test_a_read_only_database_is_permanent_and_a_refused_connection_transient(tm
         refused.connect()
     except sqlalchemy.exc.OperationalError as e:
         assert classify_storage_error(e)[0] == "transient"
+
+
+def test_an_unreachable_postgresql_url_on_run_is_one_line_that_says_run(tmp_path):
+    result = run_hpo("run", "beale", "--storage", "postgresql+psycopg://hpo@127.0.0.1:1/none", check=False)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1, lines
+    assert lines[0].startswith("error: storage postgresql+psycopg://hpo@127.0.0.1:1/none unreachable")
+    assert "run hpo run again" in lines[0] and "worker" not in lines[0]
