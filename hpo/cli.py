@@ -7,6 +7,7 @@ Heavy modules (TensorFlow, Keras) are imported inside the commands that train, s
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 import traceback
 
@@ -95,7 +96,8 @@ def _storage_arg(storage: str) -> str:
     """` --storage URL` for a printed command, unless it is the default (password masked)."""
     from hpo.storage import mask_url
 
-    return "" if storage == DEFAULT_STORAGE else f" --storage {mask_url(storage)}"
+    # Quoted so the printed command runs as printed, whatever the path holds.
+    return "" if storage == DEFAULT_STORAGE else f" --storage {shlex.quote(mask_url(storage))}"
 
 
 _memory_option = click.option(
@@ -213,7 +215,7 @@ def create(study: str, storage: str, study_name: str | None, trials: int | None,
     spec = _checked_spec(study, seeds=seeds, max_epochs=max_epochs, trials=trials, name=study_name)
     clear_stop(create_study(spec, _open_storage(storage, None, None, "create")))
     click.echo(f"study {spec.name} ({spec.source}) ready on {mask_url(storage)}: budget {spec.trials} trials; "
-               f"start workers with: hpo worker{_storage_arg(storage)} --study-name {spec.name}")
+               f"start workers with: hpo worker{_storage_arg(storage)} --study-name {shlex.quote(spec.name)}")
 
 
 @cli.command()
@@ -277,7 +279,7 @@ def _print_summary(spec, summary, storage: str) -> None:
     click.echo("params: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                       for k, v in best.params.items()))
     click.echo(f"stored in {mask_url(storage)} (study {spec.name}); "
-               f"replay it with: hpo replay --study-name {spec.name}"
+               f"replay it with: hpo replay --study-name {shlex.quote(spec.name)}"
                f"{_storage_arg(storage)} {best.number}")
 
 

@@ -617,6 +617,10 @@ def _parse_param(source: str, field_name: str, name: str, raw: Any, family: str)
     else:
         raise SpecError(source, field_name, f"expected a range {{ low = .., high = .. }}, a list {{ choices = [..] }} "
                                             f"or a fixed value, got {raw!r}")
+    values = [param.value] if isinstance(param, Fixed) else list(param.choices) if isinstance(param, Choice) else []
+    for v in values:
+        if isinstance(v, float) and (not math.isfinite(v) or abs(v) > MAX_BOUND):
+            raise SpecError(source, field_name, f"{v!r} is not a finite number within ±{MAX_BOUND:g}; choose another")
     if family != "analytic":
         _check_param_values(source, field_name, name, param)
     return param

@@ -151,6 +151,7 @@ y = { low = -4.5, high = 4.5 }
     (BEALE.replace("high = 4.5 }", "high = inf }", 1).encode(), "not a finite number"),
     (BEALE.replace("low = -4.5", "low = -1e308", 1).encode(), "not a finite number within"),
     (BEALE.replace("high = 4.5 }", "high = 4.5, step = 2.0 }", 1).encode(), "step 2.0 does not divide"),
+    (BEALE.replace("y = { low = -4.5, high = 4.5 }", "y = { choices = [1.0, nan] }").encode(), "not a finite number"),
 ])
 def test_unreadable_or_unusable_study_files_are_refused_naming_the_fault(tmp_path, content, words):
     path = tmp_path / "s.toml"
