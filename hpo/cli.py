@@ -463,6 +463,19 @@ def bench(seed_counts: str, fmt: str, epochs: int, samples: int, units: int, ski
     click.echo(json.dumps(result.to_json()) if fmt == "json" else format_table(result))
 
 
+def _storage_of(args: list[str]) -> str:
+    """The storage URL a command line names (or the default), password masked."""
+    from hpo.storage import mask_url, resolve_storage_url
+
+    url = None
+    for i, arg in enumerate(args):
+        if arg == "--storage" and i + 1 < len(args):
+            url = args[i + 1]
+        elif arg.startswith("--storage="):
+            url = arg.split("=", 1)[1]
+    return mask_url(resolve_storage_url(url))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `hpo` command: one line `error: ...` on failure, exit non-zero."""
     args = argv if argv is not None else sys.argv[1:]
@@ -490,3 +503,13 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         click.echo("error: interrupted", err=True)
         sys.exit(130)
+    except Exception as e:  # noqa: BLE001 - a database fault met outside the storage layer's checks
+        from hpo.storage import database_fault
+
+        fault = database_fault(e)
+        if fault is None:
+            raise
+        if debug:
+            click.echo("".join(traceback.format_exception(e)[:-1]).rstrip(), err=True)
+        click.echo(f"error: storage {_storage_of(args)}: {fault[1]}", err=True)
+        sys.exit(1)

@@ -223,6 +223,16 @@ def classify_storage_error(e: BaseException) -> tuple[str, str] | None:
     return "permanent", cause
 
 
+def database_fault(e: BaseException) -> tuple[str, str] | None:
+    """`classify_storage_error` of the first database error in `e`'s chain of causes,
+    whatever wraps it (pandas, Optuna): for the command line's last line of defence."""
+    for c in _error_chain(e):
+        fault = classify_storage_error(c)
+        if fault is not None:
+            return fault
+    return None
+
+
 def is_connection_error(e: BaseException) -> bool:
     """True for faults that go away by themselves (see `classify_storage_error`)."""
     kind = classify_storage_error(e)

@@ -203,3 +203,17 @@ def test_the_printed_replay_hint_runs_as_printed(tmp_path):
     hint = out.split("replay it with: ")[1].strip()
     assert f"--storage sqlite:///{db}" in hint
     assert "identical" in run_hpo(*hint.split()[1:]).stdout
+
+
+def test_a_damaged_study_database_is_one_error_line_for_every_reader(tmp_path):
+    db = tmp_path / "damaged.db"
+    run_hpo("run", "beale", "--trials", "3", "--storage", f"sqlite:///{db}")
+    with open(db, "r+b") as f:
+        f.seek(8192)
+        f.write(b"\xff" * 8192)
+    for command in (["report", "--study-name", "beale"], ["plot", "--study-name", "beale", "-o", str(tmp_path / "p.png")],
+                    ["worker", "--study-name", "beale"]):
+        result = run_hpo(*command, "--storage", f"sqlite:///{db}", check=False)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 1 and len(lines) == 1, lines
+        assert lines[0].startswith(f"error: storage sqlite:///{db}") and "corrupt" in lines[0], lines
