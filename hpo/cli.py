@@ -86,6 +86,11 @@ def _open_storage(storage: str, heartbeat_interval: int | None, grace_period: in
     checks that a SQLite file exists, so a mistyped path creates no empty database."""
     from hpo.storage import GRACE_PERIOD, HEARTBEAT_INTERVAL, existing_sqlite_path, get_storage
 
+    interval, grace = heartbeat_interval or HEARTBEAT_INTERVAL, grace_period or GRACE_PERIOD
+    if grace <= interval:
+        # Every live trial would be taken for dead between two of its heartbeats.
+        raise click.BadParameter(f"{grace} s must be longer than the heartbeat interval ({interval} s)",
+                                 param_hint="--grace-period")
     if not create:
         existing_sqlite_path(storage)
     return get_storage(storage, heartbeat_interval=heartbeat_interval or HEARTBEAT_INTERVAL,

@@ -168,6 +168,7 @@ def test_a_single_process_run_restarts_itself_when_memory_grows_and_finishes_the
     (["--seeds", "100000"], "--seeds"), (["--max-epochs", "200000"], "--max-epochs"), (["--timeout", "-1"], "--timeout"),
     (["--max-failures", "0"], "--max-failures"), (["--heartbeat-interval", "-5"], "--heartbeat-interval"),
     (["--study-name", " "], "--study-name"),
+    (["--grace-period", "5"], "--grace-period"),
 ])
 def test_options_out_of_range_name_the_option_and_create_nothing(tmp_path, args, option):
     db = tmp_path / "o.db"
