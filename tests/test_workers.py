@@ -229,7 +229,7 @@ def test_running_trial_without_heartbeat_is_failed_and_retried(tmp_path):
     params = {"x": orphan.suggest_float("x", -4.5, 4.5), "y": orphan.suggest_float("y", -4.5, 4.5)}
     with sqlite3.connect(tmp_path / "study.db") as conn:
         conn.execute("UPDATE trials SET datetime_start = datetime('now', 'localtime', '-10 minutes')")
-    run_hpo("run", str(spec), "--storage", url, "--grace-period", "5", timeout=120)
+    run_hpo("run", str(spec), "--storage", url, "--heartbeat-interval", "2", "--grace-period", "5", timeout=120)
     trials = trials_of(url, "heartless")
     assert trials[0].state == TrialState.FAIL
     assert len(by_state(trials, TrialState.COMPLETE)) == 3 and not by_state(trials, TrialState.RUNNING)
