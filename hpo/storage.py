@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 import warnings
+from urllib.parse import quote
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -449,17 +450,21 @@ def check_sqlite_file(path: str) -> None:
     """Refuse a file that exists but is not a SQLite database (SQLite itself only says so
     on the first query, deep inside whichever command runs it).
 
+    SQLite reads the header, not we: closing any descriptor of a database file this
+    process has open through SQLite drops SQLite's POSIX locks on it, which corrupts the
+    database when other processes write it. Read-only, so nothing is created or checkpointed.
+
     Raises:
         StorageError: Naming the file.
     """
     try:
-        with open(path, "rb") as f:
-            head = f.read(16)
-    except OSError as e:
-        raise StorageError(f"cannot read {path}: {e.strerror}; fix its permissions or pass another --storage") from e
-    if head and head != b"SQLite format 3\0":
-        raise StorageError(f"{path} is not a SQLite database (file is not a database); "
-                           "pass --storage with a study database")
+        with contextlib.closing(sqlite3.connect(f"file:{quote(os.path.abspath(path))}?mode=ro", uri=True)) as conn:
+            conn.execute("PRAGMA schema_version").fetchone()
+    except sqlite3.DatabaseError as e:
+        if "file is not a database" in str(e):
+            raise StorageError(f"{path} is not a SQLite database (file is not a database); "
+                               "pass --storage with a study database") from e
+        # Anything else (a WAL file we may not open read-only, ...) is met, and named, later.
 
 
 def first_line(e: BaseException) -> str:
