@@ -95,7 +95,7 @@ def test_four_workers_on_one_sqlite_file(tmp_path):
     url = f"sqlite:///{tmp_path / 'study.db'}"
     result = run_hpo("run", "beale", "--storage", url, "--trials", "40", "--workers", "4", timeout=300)
     output = result.stdout + result.stderr
-    assert "locked" not in output and "retrying" not in output, output
+    assert "locked" not in output and "waiting for the database" not in output, output
     trials = trials_of(url, "beale")
     assert len(by_state(trials, TrialState.COMPLETE)) + len(by_state(trials, TrialState.PRUNED)) == 40
     assert len(trials) == 40
@@ -150,7 +150,7 @@ def test_workers_survive_a_postgresql_restart(postgres, tmp_path):
         proc.wait()
         postgres.start_if_stopped()
     assert proc.returncode == 0, out + err
-    assert "retrying" in err and "reachable again" in err, err  # the outage was felt, and survived
+    assert "waiting for the database to come back" in err and "reachable again" in err, err  # felt, and survived
     trials = trials_of(url, "restart")
     assert len(by_state(trials, TrialState.COMPLETE)) == 10
     assert not by_state(trials, TrialState.RUNNING)
