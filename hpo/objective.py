@@ -52,9 +52,10 @@ class Objective:
         spec = self.spec
         seeds = spec.seed_values
         trial.set_user_attr(ATTR_SEEDS, seeds)
-        params = suggest_params(spec, trial)
         on_epoch = _Reporter(trial, self.check_stop, report=not spec.is_multi_objective)
         try:
+            # Inside the try: a fault while suggesting fails this trial, not the worker.
+            params = suggest_params(spec, trial)
             fit = fit_repeats(spec, params, seeds, on_epoch)
         except TrialFailed as e:
             trial.set_user_attr(ATTR_FAIL_REASON, str(e))

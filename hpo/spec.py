@@ -36,8 +36,9 @@ METRICS = {
     "val_accuracy": "maximize",
 }
 
-# Range bounds beyond this are refused: sampling and the objective overflow long before.
-MAX_BOUND = 1e12
+# Range bounds beyond this are refused: Optuna computes high - low (infinite for ±1e308,
+# which crashed the sampler outside any trial); 1e100 leaves a wide margin.
+MAX_BOUND = 1e100
 # Limits of the study-wide counts, shared with the command-line options that override them.
 MAX_SEEDS = 1000
 MAX_EPOCHS = 100_000

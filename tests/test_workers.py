@@ -192,7 +192,7 @@ def test_consecutive_failures_stop_the_study(tmp_path):
     url = f"sqlite:///{tmp_path / 'study.db'}"
     spec = tmp_path / "diverges.toml"
     spec.write_text(SLOW_STUDY.format(name="diverges", trials=20, epoch_seconds=0.0)
-                    .replace("low = -4.5, high = 4.5", "low = 1e200, high = 1e201"))
+                    .replace("low = -4.5, high = 4.5", "low = 1e60, high = 1e61"))
     result = run_hpo("run", str(spec), "--storage", url, "--workers", "2", "--max-failures", "3", check=False)
     assert result.returncode == 1
     assert "stopped the study after 3 failed trials in a row; last reason: OverflowError" in result.stdout
