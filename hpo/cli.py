@@ -16,6 +16,7 @@ from pathlib import Path
 import click
 
 from hpo.errors import HpoError
+from hpo.spec import MAX_EPOCHS, MAX_SEEDS, MAX_TRIALS
 from hpo.storage import DEFAULT_STORAGE, STORAGE_ENV
 
 storage_option = click.option(
@@ -55,10 +56,11 @@ def _workers_type(value: str) -> int:
 def _spec_options(f):
     for option in reversed([
         click.option("--study-name", help="Name of the study in the database (default: the spec's name)."),
-        click.option("--trials", type=int, help="Finished trials the whole study should end with, across "
-                                                "all workers (default: the spec's)."),
-        click.option("--seeds", type=int, help="Fits per trial (overrides the spec)."),
-        click.option("--max-epochs", type=int, help="Epochs per fit at most (overrides the spec)."),
+        click.option("--trials", type=click.IntRange(1, MAX_TRIALS),
+                     help="Finished trials the whole study should end with, across all workers (default: the spec's)."),
+        click.option("--seeds", type=click.IntRange(1, MAX_SEEDS), help="Fits per trial (overrides the spec)."),
+        click.option("--max-epochs", type=click.IntRange(1, MAX_EPOCHS),
+                     help="Epochs per fit at most (overrides the spec)."),
     ]):
         f = option(f)
     return f
@@ -80,21 +82,45 @@ def _worker_options(f):
     return f
 
 
-def _open_storage(storage: str, heartbeat_interval: int | None, grace_period: int | None):
-    from hpo.storage import GRACE_PERIOD, HEARTBEAT_INTERVAL, get_storage
+def _open_storage(storage: str, heartbeat_interval: int | None, grace_period: int | None, command: str,
+                  create: bool = True):
+    """The study database; `create=False` (commands that only join or read a study) first
+    checks that a SQLite file exists, so a mistyped path creates no empty database."""
+    from hpo.storage import GRACE_PERIOD, HEARTBEAT_INTERVAL, existing_sqlite_path, get_storage
 
+    interval, grace = heartbeat_interval or HEARTBEAT_INTERVAL, grace_period or GRACE_PERIOD
+    if grace <= interval:
+        # Every live trial would be taken for dead between two of its heartbeats.
+        raise click.BadParameter(f"{grace} s must be longer than the heartbeat interval ({interval} s)",
+                                 param_hint="--grace-period")
+    if not create:
+        existing_sqlite_path(storage)
     return get_storage(storage, heartbeat_interval=heartbeat_interval or HEARTBEAT_INTERVAL,
-                       grace_period=grace_period or GRACE_PERIOD)
+                       grace_period=grace_period or GRACE_PERIOD, command=command)
+
+
+def _storage_arg(storage: str) -> str:
+    """` --storage URL` for a printed command, unless it is the default (password masked)."""
+    from hpo.storage import mask_url
+
+    # Quoted so the printed command runs as printed, whatever the path holds.
+    return "" if storage == DEFAULT_STORAGE else f" --storage {shlex.quote(mask_url(storage))}"
 
 
 _memory_option = click.option(
-    "--max-memory-growth", type=float, default=None,
+    "--max-memory-growth", type=click.FloatRange(0), default=None,
     help="Restart a worker (same process id) between trials once its memory has grown this many MB since its "
          "first trial: TensorFlow keeps memory per fitted model; 0 never [default: 150 on the TensorFlow "
          "backend, never on JAX].")
 
 
-def _restart_if_memory_grew(summary, label: str) -> None:
+# Set by a single-process `hpo run` that re-executes itself to give memory back: when it
+# started (epoch seconds) and the study's trial counts then, so the new process prints
+# no second header and its summary covers the whole run.
+RESUMED_ENV = "HPO_RESUMED_RUN"
+
+
+def _restart_if_memory_grew(summary, label: str, resume: dict | None = None) -> None:
     """Re-execute this very command when a run stopped to give memory back; the study's
     budget carries over, so the new process goes on where this one stopped."""
     if not summary.restart:
@@ -102,6 +128,10 @@ def _restart_if_memory_grew(summary, label: str) -> None:
     click.echo(f"{label}: {summary.stopped_reason}")
     sys.stdout.flush()
     sys.stderr.flush()
+    if resume is not None:
+        import json
+
+        os.environ[RESUMED_ENV] = json.dumps(resume)
     os.execv(sys.executable, [sys.executable, "-m", "hpo", *sys.argv[1:]])
 
 
@@ -117,33 +147,53 @@ def run(study: str, storage: str, study_name: str | None, trials: int | None, ti
         seeds: int | None, max_epochs: int | None, workers: int, max_failures: int,
         heartbeat_interval: int | None, grace_period: int | None, max_memory_growth: float | None) -> None:
     """Run the study STUDY (a file, or a name from studies/) until its budget is spent."""
-    from hpo.api import describe_start, start
-    from hpo.spec import load_spec
-    from hpo.workers import run_workers, worker_threads
+    import dataclasses
+    import json
+    import time
 
-    spec = load_spec(study).with_overrides(seeds=seeds, max_epochs=max_epochs, trials=trials, name=study_name)
+    from hpo.storage import count_trials, rdb_storage
+    from hpo.study import create_study
+    from hpo.workers import clear_stop, memory_growth_limit, run_trials, run_workers
+
+    spec = _checked_spec(study, seeds=seeds, max_epochs=max_epochs, trials=trials, name=study_name)
+    optuna_study = create_study(spec, _open_storage(storage, heartbeat_interval, grace_period, "run"))
+    clear_stop(optuna_study)
+    resumed = json.loads(os.environ.pop(RESUMED_ENV, "") or "null")
+    if resumed is None:
+        before = count_trials(rdb_storage(optuna_study._storage), optuna_study._study_id)
+        resumed = {"started": time.time(), "before": dataclasses.asdict(before)}
+        _print_header(spec, storage, workers)
     if workers > 1:
-        from hpo.study import create_study
-        from hpo.training import check_spec_runs
-        from hpo.workers import clear_stop
-
-        check_spec_runs(spec)
-        clear_stop(create_study(spec, _open_storage(storage, heartbeat_interval, grace_period)))
-        click.echo(describe_start(spec, storage))
-        click.echo(f"{workers} workers, {worker_threads(workers)} TensorFlow threads each")
         summary = run_workers(storage, spec, workers, budget=spec.trials, timeout=timeout,
                               max_consecutive_failures=max_failures, heartbeat_interval=heartbeat_interval,
                               grace_period=grace_period, max_memory_growth=max_memory_growth, echo=click.echo,
                               echo_err=lambda line: click.echo(line, err=True))
     else:
-        optuna_study, summary = start(spec, storage, timeout=timeout, max_failures=max_failures,
-                                      heartbeat_interval=heartbeat_interval, grace_period=grace_period,
-                                      max_memory_growth=max_memory_growth, echo=click.echo)
-        _restart_if_memory_grew(summary, "hpo run")
+        summary = run_trials(optuna_study, spec, budget=spec.trials, timeout=timeout,
+                             max_consecutive_failures=max_failures, echo=click.echo,
+                             max_memory_growth_mb=memory_growth_limit(spec, max_memory_growth))
+        _restart_if_memory_grew(summary, "hpo run", resumed)
+        # The summary covers the whole run, across any restarts: counted in the database.
+        after = count_trials(rdb_storage(optuna_study._storage), optuna_study._study_id)
+        before = resumed["before"]
+        summary.complete = after.complete - before["complete"]
+        summary.pruned = after.pruned - before["pruned"]
+        summary.failed = after.failed - before["failed"]
+        summary.lost = after.lost - before["lost"]
+        summary.seconds = time.time() - resumed["started"]
         _auto_confirm(optuna_study, spec, summary)
     _print_summary(spec, summary, storage)
     if summary.exit_code:
         sys.exit(summary.exit_code)
+
+
+def _print_header(spec, storage: str, workers: int) -> None:
+    from hpo.api import describe_start
+    from hpo.workers import worker_threads
+
+    click.echo(describe_start(spec, storage))
+    if workers > 1:
+        click.echo(f"{workers} workers, {worker_threads(workers)} TensorFlow threads each")
 
 
 def _checked_spec(study: str, **overrides):
@@ -170,21 +220,22 @@ def create(study: str, storage: str, study_name: str | None, trials: int | None,
     from hpo.workers import clear_stop
 
     spec = _checked_spec(study, seeds=seeds, max_epochs=max_epochs, trials=trials, name=study_name)
-    clear_stop(create_study(spec, _open_storage(storage, None, None)))
+    clear_stop(create_study(spec, _open_storage(storage, None, None, "create")))
     click.echo(f"study {spec.name} ({spec.source}) ready on {mask_url(storage)}: budget {spec.trials} trials; "
-               f"start workers with: hpo worker --study-name {spec.name}")
+               f"start workers with: hpo worker{_storage_arg(storage)} --study-name {shlex.quote(spec.name)}")
 
 
 @cli.command()
 @storage_option
 @click.option("--study-name", required=True, help="Study to join (created by hpo create or hpo run).")
-@click.option("--trials", type=int, help="Finished trials the whole study should end with (default: the stored spec's).")
+@click.option("--trials", type=click.IntRange(1, MAX_TRIALS),
+              help="Finished trials the whole study should end with (default: the stored spec's).")
 @_worker_options
 @click.option("--threads", type=click.IntRange(1), help="TensorFlow intra-op threads of this worker (default: TensorFlow's).")
 @_memory_option
 @click.option("--worker-index", type=click.IntRange(0, 10**6),
-              help="This worker's number: its sampler is seeded with the spec's seed plus it "
-                   "(default: a random number, so that workers started alike do not propose alike).")
+              help="This worker's number, shown in its lines (default: a random number). Proposals do not "
+                   "depend on it: each trial's are seeded by the study seed and the trial's number.")
 @click.option("--study-dir", type=click.Path(file_okay=False, path_type=Path), envvar="HPO_STUDY_DIR",
               help="This machine's copy of the study file's folder, where its build and loader files are "
                    "[default: the folder recorded when the study was created].")
@@ -204,15 +255,13 @@ def worker(storage: str, study_name: str, trials: int | None, timeout: float | N
         import random
 
         worker_index = random.SystemRandom().randrange(1, 10**6)
-    optuna_study, spec = load_study(_open_storage(storage, heartbeat_interval, grace_period), study_name,
-                                    worker=worker_index)
+    optuna_study, spec = load_study(_open_storage(storage, heartbeat_interval, grace_period, "worker", create=False),
+                                    study_name)
     if study_dir is not None:
         spec = dataclasses.replace(spec, base_dir=str(study_dir.resolve()))
     # The hooks' code must be the code the study's trials were fitted with.
     check_spec_runs(spec)
     budget = trials if trials is not None else spec.trials
-    if trials is not None and trials < 1:
-        raise click.BadParameter(f"--trials {trials} must be at least 1")
     click.echo(f"worker {worker_index} on study {study_name} ({mask_url(storage)}): budget {budget} trials")
     summary = run_trials(optuna_study, spec, budget=budget, timeout=timeout,
                          max_consecutive_failures=max_failures, echo=click.echo,
@@ -273,19 +322,8 @@ def _print_summary(spec, summary, storage: str) -> None:
     click.echo("params: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                       for k, v in best.params.items()))
     click.echo(f"stored in {mask_url(storage)} (study {spec.name}); "
-               f"replay it with: hpo replay --study-name {shlex.quote(spec.name)} {best.number}{_storage_arg(storage)}")
-
-
-def _storage_arg(storage: str) -> str:
-    # Printed commands must run as printed: name a storage that is not the default (or
-    # HPO_STORAGE, which the command reads too), unless it holds a password.
-    from hpo.storage import mask_url
-
-    if storage in (DEFAULT_STORAGE, os.environ.get(STORAGE_ENV)):
-        return ""
-    if mask_url(storage) != storage:
-        return f' --storage "${STORAGE_ENV}"'
-    return f" --storage {shlex.quote(storage)}"
+               f"replay it with: hpo replay --study-name {shlex.quote(spec.name)}"
+               f"{_storage_arg(storage)} {best.number}")
 
 
 @cli.group("bench-workers")
@@ -437,11 +475,15 @@ def plot(study_name: str, storage: str, top: int, by_param: str | None, trial_nu
 @storage_option
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True, help="Port to listen on.")
-def dashboard(storage: str, host: str, port: int) -> None:
-    """Serve optuna-dashboard on the study database; trials lacking a note get one first."""
+@click.option("--allow-writes", is_flag=True, help="Let the page delete and create studies and edit notes "
+                                                  "(default: read-only).")
+@click.option("--access-log", is_flag=True, help="Print a line per HTTP request.")
+def dashboard(storage: str, host: str, port: int, allow_writes: bool, access_log: bool) -> None:
+    """Serve optuna-dashboard on the study database, read-only unless --allow-writes; trials
+    lacking a note get one first."""
     from hpo.dashboard import serve_dashboard
 
-    serve_dashboard(storage, host, port, echo=click.echo)
+    serve_dashboard(storage, host, port, echo=click.echo, allow_writes=allow_writes, access_log=access_log)
 
 
 @cli.command()
@@ -476,6 +518,19 @@ def bench(seed_counts: str, fmt: str, epochs: int, samples: int, units: int, mod
     click.echo(json.dumps(result.to_json()) if fmt == "json" else format_table(result))
 
 
+def _storage_of(args: list[str]) -> str:
+    """The storage URL a command line names (or the default), password masked."""
+    from hpo.storage import mask_url, resolve_storage_url
+
+    url = None
+    for i, arg in enumerate(args):
+        if arg == "--storage" and i + 1 < len(args):
+            url = args[i + 1]
+        elif arg.startswith("--storage="):
+            url = arg.split("=", 1)[1]
+    return mask_url(resolve_storage_url(url))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `hpo` command: one line `error: ...` on failure, exit non-zero."""
     args = argv if argv is not None else sys.argv[1:]
@@ -494,9 +549,22 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(e.exit_code)
     except HpoError as e:
         if debug:
-            traceback.print_exc()
+            # The traceback without its closing "hpo.errors.X: message" line: the message
+            # follows once, as the error line.
+            lines = traceback.format_exception(e)
+            click.echo("".join(lines[:-1]).rstrip(), err=True)
         click.echo(f"error: {e}", err=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         click.echo("error: interrupted", err=True)
         sys.exit(130)
+    except Exception as e:  # noqa: BLE001 - a database fault met outside the storage layer's checks
+        from hpo.storage import database_fault
+
+        fault = database_fault(e)
+        if fault is None:
+            raise
+        if debug:
+            click.echo("".join(traceback.format_exception(e)[:-1]).rstrip(), err=True)
+        click.echo(f"error: storage {_storage_of(args)}: {fault[1]}", err=True)
+        sys.exit(1)

@@ -52,12 +52,44 @@ def write_missing_notes(storage: str | None = None, echo: Callable[[str], None] 
 
 
 def serve_dashboard(storage: str | None = None, host: str = "127.0.0.1", port: int = 8080,
-                    echo: Callable[[str], None] = print) -> None:
-    """Fill in missing trial notes, then serve optuna-dashboard until interrupted."""
-    from optuna_dashboard import run_server
+                    echo: Callable[[str], None] = print, allow_writes: bool = False, access_log: bool = False) -> None:
+    """Fill in missing trial notes, then serve optuna-dashboard until interrupted.
+
+    Read-only unless `allow_writes`: optuna-dashboard has no such mode and serves Delete
+    and Create buttons to anyone who can open the page, so every request but a read is
+    refused (HTTP 403) before it reaches it. The per-request log is off unless `access_log`.
+    """
+    from socketserver import ThreadingMixIn
+    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+    from optuna_dashboard import wsgi
 
     url = resolve_storage_url(storage)
     existing_sqlite_path(url)
     write_missing_notes(url, echo)
-    echo(f"optuna-dashboard for {mask_url(url)} at http://{host}:{port}/ (Ctrl-C stops it)")
-    run_server(get_storage(url), host=host, port=port)
+    app = wsgi(get_storage(url, command="dashboard"))
+    if not allow_writes:
+        app = read_only(app)
+    mode = "read and write" if allow_writes else "read-only; --allow-writes to enable changes"
+    echo(f"optuna-dashboard for {mask_url(url)} at http://{host}:{port}/ ({mode}; Ctrl-C stops it)")
+
+    class Handler(WSGIRequestHandler):
+        def log_request(self, *args: object) -> None:
+            if access_log:
+                super().log_request(*args)
+
+    class Server(ThreadingMixIn, WSGIServer):
+        daemon_threads = True
+
+    make_server(host, port, app, server_class=Server, handler_class=Handler).serve_forever()
+
+
+def read_only(app: Callable) -> Callable:
+    """A WSGI app that passes reads (GET, HEAD, OPTIONS) to `app` and refuses the rest."""
+    def guarded(environ: dict, start_response: Callable) -> list[bytes]:
+        if environ.get("REQUEST_METHOD", "GET").upper() in ("GET", "HEAD", "OPTIONS"):
+            return app(environ, start_response)
+        start_response("403 Forbidden", [("Content-Type", "application/json")])
+        return [b'{"reason": "this dashboard is read-only; start it with hpo dashboard --allow-writes"}']
+
+    return guarded

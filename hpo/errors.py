@@ -30,9 +30,16 @@ class SpecError(HpoError):
 
 
 class OptionError(HpoError):
-    """A command-line option (or a Python API argument) is out of range; nothing has run."""
+    """A command-line option is out of range or makes no sense; nothing has run yet.
+
+    The message names the option, not the study file: the file is not at fault.
+    """
 
     exit_code = 2
+
+    def __init__(self, option: str, message: str) -> None:
+        self.option = option
+        super().__init__(f"option {option}: {message}")
 
 
 class TrialFailed(HpoError):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import statistics
 import sys
-from typing import Any
+from typing import Any, Callable
 
 import optuna
 
@@ -32,6 +32,8 @@ ATTR_BACKEND = "backend"
 ATTR_FAIL_REASON = "fail_reason"
 ATTR_PRUNED_AT = "pruned_at_epoch"
 ATTR_SEED_STOP = "seed_stop_reason"
+# Set on a trial given back because its worker was stopped (it does not count).
+ATTR_INTERRUPTED = "interrupted"
 # Adaptive seeds: a challenger stops adding seeds once Welch's test at this level tells it
 # from the incumbent (either way).
 RACE_ALPHA = 0.05
@@ -45,16 +47,23 @@ class Objective:
     `TrialFailed`, which the worker catches before going on to the next trial.
     """
 
-    def __init__(self, spec: StudySpec) -> None:
+    def __init__(self, spec: StudySpec, check_stop: Callable[[], None] = lambda: None) -> None:
+        """Args:
+            spec: The study's spec.
+            check_stop: Called after every epoch; raises (a `BaseException`) to stop the
+                trial there, e.g. when the worker received SIGTERM.
+        """
         self.spec = spec
+        self.check_stop = check_stop
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
         spec = self.spec
         seeds = spec.seed_values
         trial.set_user_attr(ATTR_SEEDS, seeds)
-        params = suggest_params(spec, trial)
-        on_epoch = None if spec.is_multi_objective else _Reporter(trial, spec)
+        on_epoch = _Reporter(trial, spec, self.check_stop, report=not spec.is_multi_objective)
         try:
+            # Inside the try: a fault while suggesting fails this trial, not the worker.
+            params = suggest_params(spec, trial)
             fit = fit_repeats(spec, params, seeds, on_epoch)
             if spec.seeds_max is not None and fit.pruned_at_epoch is None:
                 fit = self._race(trial, params, fit)
@@ -102,8 +111,9 @@ class Objective:
                 break
             start = spec.seed * 1000 + len(fit.fits)
             batch = [start + i for i in range(min(spec.seeds, spec.seeds_max - len(fit.fits)))]
-            more = fit_repeats(spec, params, batch, None)
-            fit = RepeatFit(fit.fits + more.fits, fit.fit_seconds + more.fit_seconds, fit.path)
+            # Later batches stop at a signal like the first, but do not report to the pruner.
+            more = fit_repeats(spec, params, batch, lambda epoch, value: self.check_stop() or False)
+            fit = RepeatFit(fit.fits + more.fits, fit.fit_seconds + more.fit_seconds, fit.path, backend=fit.backend)
         trial.set_user_attr(ATTR_SEED_STOP, reason)
         return fit
 
@@ -119,11 +129,16 @@ def _incumbent(trial: optuna.Trial) -> tuple[int, list[float]] | None:
 
 
 class _Reporter:
-    """Per-epoch hook: reports the seeds' mean to the pruner and, when stdout is a
-    terminal, keeps a live line with the trial's epoch and current mean."""
+    """The per-epoch callback of a trial's fit: a safe point to stop at (the worker's
+    `check_stop`), then (single objective only: Optuna cannot prune multi-objective trials)
+    report the seeds' mean and ask to prune. When stdout is a terminal it keeps a live
+    line with the trial's epoch and current mean."""
 
-    def __init__(self, trial: optuna.Trial, spec: StudySpec) -> None:
+    def __init__(self, trial: optuna.Trial, spec: StudySpec, check_stop: Callable[[], None],
+                 report: bool = True) -> None:
         self.trial = trial
+        self.check_stop = check_stop
+        self.report = report
         self.bar = None
         if sys.stdout.isatty():
             from tqdm import tqdm
@@ -132,10 +147,11 @@ class _Reporter:
                             leave=False, dynamic_ncols=True, file=sys.stdout)
 
     def __call__(self, epoch: int, value: float) -> bool:
+        self.check_stop()
         if self.bar is not None:
             self.bar.update(epoch + 1 - self.bar.n)
             self.bar.set_postfix_str(f"seeds' mean {value:.5g}", refresh=False)
-        if not math.isfinite(value):
+        if not self.report or not math.isfinite(value):
             return False
         self.trial.report(value, epoch)
         return self.trial.should_prune()

@@ -12,7 +12,7 @@ import optuna
 from hpo.errors import StudyNotFound
 from hpo.objective import ATTR_BACKEND, ATTR_PRUNED_AT, ATTR_SEED_SCORES, ATTR_SEEDS
 from hpo.space import suggest_params
-from hpo.storage import get_storage
+from hpo.storage import existing_sqlite_path, get_storage, resolve_storage_url
 from hpo.study import load_study
 from hpo.training import fit_repeats, release_memory
 
@@ -37,7 +37,9 @@ def replay_trial(storage_url: str, study_name: str, number: int) -> ReplayResult
     Raises:
         StudyNotFound: No such study, or no such trial with stored scores.
     """
-    study, spec = load_study(get_storage(storage_url), study_name)
+    storage_url = resolve_storage_url(storage_url)
+    existing_sqlite_path(storage_url)  # a read creates no empty database
+    study, spec = load_study(get_storage(storage_url, command="replay"), study_name)
     trials = [t for t in study.get_trials(deepcopy=False) if t.number == number]
     if not trials or ATTR_SEED_SCORES not in trials[0].user_attrs:
         raise StudyNotFound(f"study {study_name} has no trial #{number} with stored scores; "

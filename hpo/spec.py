@@ -41,8 +41,13 @@ METRICS = {
     "val_accuracy": "maximize",
 }
 
-# (lowest, highest) of the study-wide counts, in a study file and on the command line.
-LIMITS = {"seeds": (1, 1000), "trials": (1, 10**7), "max_epochs": (1, 100_000)}
+# Range bounds beyond this are refused: Optuna computes high - low (infinite for ±1e308,
+# which crashed the sampler outside any trial); 1e100 leaves a wide margin.
+MAX_BOUND = 1e100
+# Limits of the study-wide counts, shared with the command-line options that override them.
+MAX_SEEDS = 1000
+MAX_EPOCHS = 100_000
+MAX_TRIALS = 10**7
 
 # The search-space vocabulary of the built-in families, with the value used when the
 # spec leaves a name out.
@@ -281,20 +286,20 @@ class StudySpec:
             OptionError: An override outside its limits, naming the option.
         """
         spec = self
-        for option, value, (low, high) in (("--seeds", seeds, LIMITS["seeds"]),
-                                           ("--max-epochs", max_epochs, LIMITS["max_epochs"]),
-                                           ("--trials", trials, LIMITS["trials"])):
-            if value is not None and not low <= value <= high:
-                raise OptionError(f"{option} {value} is outside {low}..{high}; choose a value in that range")
-        if name is not None and not name.strip():
-            raise OptionError("--study-name is empty; give the study a name")
+        for option, value, high in (("--seeds", seeds, MAX_SEEDS), ("--max-epochs", max_epochs, MAX_EPOCHS),
+                                    ("--trials", trials, MAX_TRIALS)):
+            if value is not None and not 1 <= value <= high:
+                # The option is at fault, not the study file.
+                raise OptionError(option, f"{value} is outside 1..{high}; choose a value in that range")
         if seeds is not None:
             spec = dataclasses.replace(spec, seeds=seeds, seeds_max=None)
         if max_epochs is not None:
             spec = dataclasses.replace(spec, training=dataclasses.replace(spec.training, max_epochs=max_epochs))
         if trials is not None:
             spec = dataclasses.replace(spec, trials=trials)
-        if name:
+        if name is not None:
+            if not name.strip():
+                raise OptionError("--study-name", "is empty; give the study a name")
             spec = dataclasses.replace(spec, name=name)
         return spec
 
@@ -305,7 +310,7 @@ def find_spec_file(name_or_path: str) -> Path:
     if candidate.is_file():
         return candidate
     if candidate.is_dir():
-        raise SpecError(name_or_path, "", "is a directory, not a study file; name a .toml file inside it")
+        raise SpecError(name_or_path, "", "is a directory, not a study file; give the path of a .toml file")
     for path in (STUDIES_DIR / f"{name_or_path}.toml", Path("studies") / f"{name_or_path}.toml"):
         if path.is_file():
             return path
@@ -319,24 +324,29 @@ def load_spec(name_or_path: str | Path) -> StudySpec:
     path = find_spec_file(str(name_or_path))
     source = _display_path(path)
     try:
-        raw = tomllib.loads(read_utf8(path, source))
+        raw = tomllib.loads(read_text_file(path, source, "", "study file"))
     except tomllib.TOMLDecodeError as e:
         raise SpecError(source, "", f"is not valid TOML: {e}; fix the syntax") from e
     return parse_spec(raw, source=source, base_dir=path.resolve().parent)
 
 
-def read_utf8(path: Path, source: str, field: str = "") -> str:
-    """A text file's content, or a `SpecError` saying why it is not UTF-8 text."""
+def read_text_file(path: Path, source: str, field: str, what: str) -> str:
+    """A UTF-8 text file's content (TOML and our CSV reading need UTF-8, without a BOM).
+
+    Raises:
+        SpecError: `path` is a directory, unreadable, binary, not UTF-8 or starts with a
+            byte-order mark; naming `source` and `field`.
+    """
+    if path.is_dir():
+        raise SpecError(source, field, f"{path} is a directory, not a {what}; give the path of the file")
     try:
         data = path.read_bytes()
-    except IsADirectoryError as e:
-        raise SpecError(source, field, f"{path} is a directory, not a file; name the file inside it") from e
     except OSError as e:
-        raise SpecError(source, field, f"cannot read {path}: {e.strerror}; check the path and its permissions") from e
+        raise SpecError(source, field, f"cannot read {path}: {e.strerror}; fix the path or its permissions") from e
     if data.startswith(b"\xef\xbb\xbf"):
-        raise SpecError(source, field, f"{path} starts with a UTF-8 byte-order mark; save it as UTF-8 without BOM")
-    if b"\x00" in data:
-        raise SpecError(source, field, f"{path} is a binary file, not text; give a text file")
+        raise SpecError(source, field, f"{path} starts with a byte-order mark (BOM); save it as UTF-8 without BOM")
+    if b"\0" in data:
+        raise SpecError(source, field, f"{path} is a binary file, not a {what}; give the path of a text file")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -371,7 +381,7 @@ def parse_spec(raw: dict[str, Any], *, source: str = "<memory>", base_dir: Path 
     top = _Table(raw, source, "")
     name = top.str("name", required=True)
     if not name.strip():
-        raise SpecError(source, "name", 'is empty; give the study a name, e.g. name = "my_study"')
+        raise SpecError(source, "name", 'is empty; name the study, e.g. name = "my_study"')
     description = top.str("description", default="")
     stored_dir = top.str("base_dir", default=None)
     if base_dir is None and stored_dir is not None:
@@ -393,7 +403,7 @@ def parse_spec(raw: dict[str, Any], *, source: str = "<memory>", base_dir: Path 
                                              f'set direction = "{natural}" or leave it out')
     seeds, seeds_max = _parse_seeds(top)
     seed = top.int("seed", default=0, low=0, high=2**31 - 1)
-    trials = top.int("trials", default=20, low=LIMITS["trials"][0], high=LIMITS["trials"][1])
+    trials = top.int("trials", default=20, low=1, high=MAX_TRIALS)
     objective = _parse_objective(top.table("objective"))
     data = DataSpec() if analytic else _parse_data(top.table("data"), base_dir, check_files)
     if analytic:
@@ -584,20 +594,22 @@ def _parse_loader(t: "_Table", loader: str, base_dir: Path | None) -> DataSpec:
 
 def _check_csv_columns(t: "_Table", spec: DataSpec, base_dir: Path | None) -> None:
     import csv
+    import io
 
     path = resolve_data_path(spec.path, base_dir)
-    lines = read_utf8(path, t.source, f"{t.prefix}path").splitlines()
-    if not any(line.strip() for line in lines):
-        raise SpecError(t.source, f"{t.prefix}path", f"{path} is empty; give a CSV file with a header row and data")
-    if not any(line.strip() for line in lines[1:]):
-        raise SpecError(t.source, f"{t.prefix}path", f"{path} has a header but no rows; add data rows")
-    header = next(csv.reader(lines[:1]), [])
+    text = read_text_file(path, t.source, f"{t.prefix}path", "CSV file")
+    rows = csv.reader(io.StringIO(text, newline=""))
+    header = next(rows, [])
+    if not any(h.strip() for h in header):
+        raise SpecError(t.source, f"{t.prefix}path", f"{path} is empty; it needs a header line and data rows")
+    if not any(any(cell.strip() for cell in row) for row in rows):
+        raise SpecError(t.source, f"{t.prefix}path", f"{path} has a header but no data rows; add the data")
+    if spec.name == "csv_table" and not spec.features and not [h for h in header if h != spec.target]:
+        raise SpecError(t.source, f"{t.prefix}target", f'"{spec.target}" is the only column of {path}, which '
+                                                       "leaves no feature columns; add feature columns to the file")
     wanted = {"csv_series": [("column", spec.column)], "csv_table": [("target", spec.target)],
               "csv_text": [("text_column", spec.text_column), ("label_column", spec.label_column)]}[spec.name]
     wanted += [("features", c) for c in spec.features or ()]
-    if spec.name == "csv_table" and not spec.features and header == [spec.target]:
-        raise SpecError(t.source, f"{t.prefix}features", f'{path} has no column besides the target "{spec.target}"; '
-                                                         "a table needs feature columns")
     for key, col in wanted:
         if col not in header:
             raise SpecError(t.source, f"{t.prefix}{key}", f'column "{col}" is not in {path} '
@@ -650,7 +662,7 @@ def _parse_build(t: "_Table", build: str, base_dir: Path | None) -> ModelSpec:
 
 def _parse_training(t: "_Table") -> TrainingSpec:
     spec = TrainingSpec(
-        max_epochs=t.int("max_epochs", default=30, low=LIMITS["max_epochs"][0], high=LIMITS["max_epochs"][1]),
+        max_epochs=t.int("max_epochs", default=30, low=1, high=MAX_EPOCHS),
         patience=t.int("patience", default=5, low=0, high=100_000),
         min_delta=t.float("min_delta", default=0.0, low=0.0, high=1e9),
         backend=t.str("backend", default=None),
@@ -667,10 +679,10 @@ def _parse_training(t: "_Table") -> TrainingSpec:
 def _parse_seeds(top: "_Table") -> tuple[int, int | None]:
     """`seeds = 5` (fixed) or `seeds = { min = 3, max = 15 }` (adaptive): (min, max or None)."""
     if not isinstance(top.raw.get("seeds"), dict):
-        return top.int("seeds", default=3, low=LIMITS["seeds"][0], high=LIMITS["seeds"][1]), None
+        return top.int("seeds", default=3, low=1, high=MAX_SEEDS), None
     t = top.table("seeds")
-    low = t.int("min", default=3, low=1, high=1000)
-    high = t.int("max", default=low, low=1, high=1000)
+    low = t.int("min", default=3, low=1, high=MAX_SEEDS)
+    high = t.int("max", default=low, low=1, high=MAX_SEEDS)
     t.finish()
     if high < low:
         raise SpecError(top.source, "seeds.max", f"max = {high} is below min = {low}; set max >= min")
@@ -746,9 +758,9 @@ def _parse_param(source: str, field_name: str, name: str, raw: Any, family: str)
         for key, v in (("low", low), ("high", high)):
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise SpecError(source, field_name, f"{key} must be a number, got {v!r}")
-            if not math.isfinite(v) or abs(v) > _LARGEST:
-                raise SpecError(source, field_name, f"{key}={v!r} is not a usable bound; give a finite number "
-                                                    f"between -{_LARGEST:g} and {_LARGEST:g}")
+            if not math.isfinite(v) or abs(v) > MAX_BOUND:
+                raise SpecError(source, field_name, f"{key} = {v!r} is not a finite number within "
+                                                    f"±{MAX_BOUND:g}; choose a smaller {key}")
         if not isinstance(log, bool):
             raise SpecError(source, field_name, f"log must be true or false, got {log!r}")
         if low > high:
@@ -763,26 +775,31 @@ def _parse_param(source: str, field_name: str, name: str, raw: Any, family: str)
         if step is not None and (isinstance(step, bool) or not isinstance(step, (int, float)) or step <= 0
                                  or not math.isfinite(step)):
             raise SpecError(source, field_name, f"step must be a positive number, got {step!r}")
-        if step is not None and _off_grid(low, high, step):
-            raise SpecError(source, field_name, f"step={step} does not divide the range {low}..{high} (Optuna would "
-                                                f"silently shorten it); choose high = low + a multiple of step")
+        if step is not None and not _step_fits(low, high, step):
+            raise SpecError(source, field_name, f"step {step} does not divide high - low = {high - low:g} (Optuna "
+                                                f"would quietly shrink the range); choose high = low + a whole "
+                                                f"number of steps, e.g. high = {_fitting_high(low, high, step):g}")
         param = IntRange(low, high, log, step or 1) if is_int else FloatRange(float(low), float(high), log,
                                                                               None if step is None else float(step))
     else:
         raise SpecError(source, field_name, f"expected a range {{ low = .., high = .. }}, a list {{ choices = [..] }} "
                                             f"or a fixed value, got {raw!r}")
+    values = [param.value] if isinstance(param, Fixed) else list(param.choices) if isinstance(param, Choice) else []
+    for v in values:
+        if isinstance(v, float) and (not math.isfinite(v) or abs(v) > MAX_BOUND):
+            raise SpecError(source, field_name, f"{v!r} is not a finite number within ±{MAX_BOUND:g}; choose another")
     if family != "analytic":
         _check_param_values(source, field_name, name, param)
     return param
 
 
-# Bounds beyond this overflow the arithmetic of samplers (1e308 * 2 is inf).
-_LARGEST = 1e15
-
-
-def _off_grid(low: float, high: float, step: float) -> bool:
+def _step_fits(low: float, high: float, step: float) -> bool:
     steps = (high - low) / step
-    return abs(steps - round(steps)) > 1e-9 * max(1.0, abs(steps))
+    return abs(steps - round(steps)) <= 1e-9 * max(1.0, abs(steps))
+
+
+def _fitting_high(low: float, high: float, step: float) -> float:
+    return low + math.floor((high - low) / step + 1e-9) * step
 
 
 def _check_param_values(source: str, field_name: str, name: str, param: Param) -> None:

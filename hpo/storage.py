@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime
 import fcntl
 import functools
@@ -15,6 +16,7 @@ import sys
 import threading
 import time
 import warnings
+from urllib.parse import quote
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -22,15 +24,16 @@ import optuna
 import sqlalchemy
 
 from hpo.errors import StorageError
-from hpo.objective import ATTR_FAIL_REASON
+from hpo.objective import ATTR_FAIL_REASON, ATTR_INTERRUPTED
 
 DEFAULT_STORAGE = "sqlite:///hpo.db"
 STORAGE_ENV = "HPO_STORAGE"
 # How long a worker keeps retrying an unreachable database before it gives up.
 RETRY_ENV = "HPO_DB_RETRY_SECONDS"
 DEFAULT_RETRY_SECONDS = 600.0
-# Opening the storage gives up sooner: a mistyped URL should not keep a user waiting.
-CONNECT_RETRY_SECONDS = 15.0
+# Opening the storage gives up sooner, and without a "waiting" line: a mistyped URL or a
+# server that is down should cost a user a few seconds and one line.
+CONNECT_RETRY_SECONDS = 5.0
 # A running trial records a heartbeat every HEARTBEAT_INTERVAL seconds; one silent for
 # GRACE_PERIOD seconds belongs to a dead worker and is failed and retried. The grace
 # period must outlast a database restart, or live trials would be taken for dead.
@@ -67,12 +70,15 @@ def engine_kwargs(url: str) -> dict:
 
 
 def get_storage(url: str | None = None, *, heartbeat_interval: int | None = HEARTBEAT_INTERVAL,
-                grace_period: int | None = GRACE_PERIOD, retry_seconds: float | None = None) -> optuna.storages.RDBStorage:
+                grace_period: int | None = GRACE_PERIOD, retry_seconds: float | None = None,
+                command: str = "worker") -> optuna.storages.RDBStorage:
     """Open (and create if needed) the study database.
 
     Trials record heartbeats; a trial whose worker died is failed after `grace_period`
     seconds and queued again with the same params. Calls that hit a dropped connection
-    are retried with backoff for `retry_seconds` (default `HPO_DB_RETRY_SECONDS` or 600).
+    are retried with backoff for `retry_seconds` (default `HPO_DB_RETRY_SECONDS` or 600);
+    a fault that waiting does not mend (full disk, read-only or corrupt file, ...) stops at
+    once. `command` names what to run again in the message of a database that stays away.
 
     Raises:
         StorageError: The database cannot be reached or opened.
@@ -87,13 +93,28 @@ def get_storage(url: str | None = None, *, heartbeat_interval: int | None = HEAR
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             callback = None
             if heartbeat_interval:
-                callback = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
+                callback = RetryLostTrial(max_retry=MAX_RETRY)
             return _retry(lambda: ResilientRDBStorage(
                 url, engine_kwargs=engine_kwargs(url), heartbeat_interval=heartbeat_interval or None,
                 grace_period=grace_period if heartbeat_interval else None, heartbeat_stale_trial_callback=callback,
-                retry_seconds=retry_seconds), url, min(retry_seconds, CONNECT_RETRY_SECONDS))
+                retry_seconds=retry_seconds), url, min(retry_seconds, CONNECT_RETRY_SECONDS), command, quiet=True)
     except (sqlalchemy.exc.SQLAlchemyError, sqlite3.Error, ImportError, ValueError, OSError) as e:
-        raise StorageError(f"cannot open storage {mask_url(url)}: {first_line(e)}") from e
+        fault = classify_storage_error(e)
+        cause = fault[1] if fault else first_line(e)
+        raise StorageError(f"cannot open storage {mask_url(url)}: {cause}") from e
+
+
+class RetryLostTrial(optuna.storages.RetryHeartbeatStaleTrialCallback):
+    """Queue a lost trial (its worker died or was stopped) again with the same params.
+
+    The copy starts with the trial's user attributes, minus why the old one was lost:
+    the retry was not stopped by a SIGTERM, whatever becomes of it.
+    """
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        trial = copy.copy(trial)
+        trial.user_attrs = {k: v for k, v in trial.user_attrs.items() if k != ATTR_INTERRUPTED}
+        super().__call__(study, trial)
 
 
 class ResilientRDBStorage(optuna.storages.RDBStorage):
@@ -106,6 +127,9 @@ class ResilientRDBStorage(optuna.storages.RDBStorage):
 
     def __init__(self, url: str, *, retry_seconds: float = DEFAULT_RETRY_SECONDS, **kwargs: Any) -> None:
         self.retry_seconds = retry_seconds
+        # Called between retries; a worker sets it to raise once it was asked to stop, so
+        # a SIGTERM during a long outage is not held up by the wait.
+        self.check_stop: Callable[[], None] = lambda: None
         super().__init__(url, **kwargs)
 
 
@@ -114,7 +138,7 @@ def _retried(name: str) -> Callable:
 
     @functools.wraps(base)
     def method(self: ResilientRDBStorage, *args: Any, **kwargs: Any) -> Any:
-        return _retry(lambda: base(self, *args, **kwargs), self.url, self.retry_seconds)
+        return _retry(lambda: base(self, *args, **kwargs), self.url, self.retry_seconds, check_stop=self.check_stop)
 
     return method
 
@@ -134,48 +158,132 @@ def rdb_storage(storage: optuna.storages.BaseStorage) -> optuna.storages.RDBStor
     return getattr(storage, "_backend", storage)
 
 
+# Faults that go away by themselves (PostgreSQL SQLSTATE class 08 "connection exception",
+# 57P0x "server shutting down or starting", 40001/40P01 serialization failure or deadlock,
+# 53300 too many connections) and SQLite's busy lock; matched on the DBAPI error.
+_TRANSIENT_SQLSTATES = ("08", "57P01", "57P02", "57P03", "40001", "40P01", "53300")
+_TRANSIENT_TEXT = ("database is locked", "connection refused", "server closed the connection",
+                   "terminating connection", "the database system is", "connection reset", "could not connect",
+                   "connection timed out", "timeout expired", "no connection to the server",
+                   "connection is closed", "connection already closed", "consuming input failed",
+                   "ssl syscall error", "could not receive data", "could not send data")
+# Faults that waiting does not mend: (text in the DBAPI message or SQLSTATE prefix, what to do).
+_PERMANENT = (
+    ("database or disk is full", "the disk is full; free space and run again"),
+    ("no space left on device", "the disk is full; free space and run again"),
+    ("53100", "the database server's disk is full; free space and run again"),
+    ("could not extend file", "the database server's disk is full; free space and run again"),
+    ("readonly database", "the database file or its folder is read-only; make both writable"),
+    ("read-only", "the database is read-only; use a writable one"),
+    ("file is not a database", "the file is not a SQLite database; pass --storage with a study database"),
+    ("database disk image is malformed", "the SQLite file is corrupt; restore it from a copy"),
+    ("disk i/o error", "the disk failed to read or write; check the disk and run again"),
+    ("unable to open database file", "check the path and its folder's permissions"),
+    ("permission denied", "give this user access to the database"),
+    ("42501", "give this user access to the database"),
+    ("password authentication failed", "check the user and password in the URL"),
+    ("does not exist", "check the database name in the URL, or create it"),
+)
+
+
+def classify_storage_error(e: BaseException) -> tuple[str, str] | None:
+    """Tell a database fault that goes away by itself from one that does not.
+
+    Returns:
+        ("transient", cause) for a dropped or refused connection, a database restarting,
+        SQLite's busy lock (worth waiting for); ("permanent", cause and fix) for a full
+        disk, a read-only, corrupt or inaccessible database, a constraint violation
+        (stop at once); None when `e` is not a database fault at all.
+    """
+    if not isinstance(e, (sqlalchemy.exc.SQLAlchemyError, sqlite3.Error, optuna.exceptions.StorageInternalError)) \
+            and type(e).__module__.split(".")[0] not in ("psycopg", "psycopg2"):
+        return None  # e.g. Optuna's DuplicatedStudyError, raised from an IntegrityError on purpose
+    chain = _error_chain(e)
+    dbapi = [c for c in chain if isinstance(c, (sqlite3.Error, sqlalchemy.exc.DBAPIError))
+             or type(c).__module__.split(".")[0] in ("psycopg", "psycopg2")]
+    if not dbapi:
+        return None
+    root = next((c for c in chain if isinstance(c, sqlite3.Error) or type(c).__module__.split(".")[0]
+                 in ("psycopg", "psycopg2")), dbapi[-1])
+    cause = first_line(root)
+    sqlstate = str(getattr(root, "sqlstate", None) or getattr(root, "pgcode", None) or "")
+    text = f"{cause} {sqlstate}".lower()
+    for needle, fix in _PERMANENT:
+        if needle in text or (needle[0].isdigit() and sqlstate.startswith(needle)):
+            return "permanent", f"{cause}: {fix}"
+    if any(isinstance(c, (sqlite3.IntegrityError, sqlalchemy.exc.IntegrityError)) for c in chain) \
+            or sqlstate.startswith("23"):
+        return "permanent", f"{cause}: a constraint was violated; the database holds something hpo did not write"
+    if (sqlstate.startswith(_TRANSIENT_SQLSTATES) or any(t in text for t in _TRANSIENT_TEXT)
+            or any(isinstance(c, sqlalchemy.exc.DBAPIError) and c.connection_invalidated for c in chain)):
+        return "transient", cause
+    if any(isinstance(c, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)) for c in chain) \
+            and not any(isinstance(c, sqlite3.Error) for c in chain):
+        # A server-side operational fault we do not know: most are a server going away.
+        return "transient", cause
+    return "permanent", cause
+
+
+def database_fault(e: BaseException) -> tuple[str, str] | None:
+    """`classify_storage_error` of the first database error in `e`'s chain of causes,
+    whatever wraps it (pandas, Optuna): for the command line's last line of defence."""
+    for c in _error_chain(e):
+        fault = classify_storage_error(c)
+        if fault is not None:
+            return fault
+    return None
+
+
 def is_connection_error(e: BaseException) -> bool:
-    """True for faults that go away by themselves: a dropped or refused connection, a
-    database restarting, SQLite's busy lock."""
-    seen: set[int] = set()
+    """True for faults that go away by themselves (see `classify_storage_error`)."""
+    kind = classify_storage_error(e)
+    return kind is not None and kind[0] == "transient"
+
+
+def _error_chain(e: BaseException) -> list[BaseException]:
+    chain: list[BaseException] = []
     cur: BaseException | None = e
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
-        if isinstance(cur, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)):
-            return True
-        if isinstance(cur, sqlalchemy.exc.DBAPIError) and cur.connection_invalidated:
-            return True
-        if type(cur).__module__.startswith("psycopg") and type(cur).__name__ in ("OperationalError", "InterfaceError"):
-            return True
-        cur = cur.__cause__ or cur.__context__
-    return False
+    while cur is not None and all(cur is not c for c in chain):
+        chain.append(cur)
+        orig = getattr(cur, "orig", None)
+        cur = orig if isinstance(orig, BaseException) and all(orig is not c for c in chain) else (
+            cur.__cause__ or cur.__context__)
+    return chain
 
 
 _outage_lock = threading.Lock()
 
 
-def _retry(call: Callable[[], Any], url: str, retry_seconds: float) -> Any:
+def _retry(call: Callable[[], Any], url: str, retry_seconds: float, command: str = "worker",
+           check_stop: Callable[[], None] = lambda: None, quiet: bool = False) -> Any:
+    """`call()`, again after each transient database fault until `retry_seconds` have
+    passed; a permanent fault raises at once, naming its cause."""
     deadline = time.monotonic() + retry_seconds
     delay = 0.2
     warned = False
     while True:
         try:
             result = call()
-        except Exception as e:  # noqa: BLE001 - re-raised unless it is a connection fault
-            if not is_connection_error(e):
+        except Exception as e:  # noqa: BLE001 - re-raised unless it is a transient database fault
+            fault = classify_storage_error(e)
+            if fault is None:
                 raise
+            kind, cause = fault
+            if kind == "permanent":
+                raise StorageError(f"storage {mask_url(url)}: {cause}") from e
             if time.monotonic() + delay > deadline:
                 raise StorageError(f"storage {mask_url(url)} unreachable for {retry_seconds:.0f} s: "
-                                   f"{first_line(e)}; check the database and run the worker again") from e
-            if not warned:
+                                   f"{cause}; check the database and run hpo {command} again") from e
+            if not warned and not quiet:
                 with _outage_lock:
-                    print(f"storage {mask_url(url)}: {first_line(e)}; retrying for up to {retry_seconds:.0f} s",
-                          file=sys.stderr, flush=True)
-                warned = True
+                    print(f"storage {mask_url(url)}: {cause}; waiting for the database to come back "
+                          f"(up to {retry_seconds:.0f} s)", file=sys.stderr, flush=True)
+            warned = True
             time.sleep(delay)
+            check_stop()
             delay = min(delay * 2, 5.0)
             continue
-        if warned:
+        if warned and not quiet:
             print(f"storage {mask_url(url)}: reachable again", file=sys.stderr, flush=True)
         return result
 
@@ -183,7 +291,8 @@ def _retry(call: Callable[[], Any], url: str, retry_seconds: float) -> Any:
 def retry_storage_call(storage: optuna.storages.BaseStorage, call: Callable[[], Any]) -> Any:
     """Run `call` (several storage round trips) again from the start after a connection fault."""
     url = getattr(storage, "url", "")
-    return _retry(call, url, getattr(storage, "retry_seconds", DEFAULT_RETRY_SECONDS))
+    return _retry(call, url, getattr(storage, "retry_seconds", DEFAULT_RETRY_SECONDS),
+                  check_stop=getattr(storage, "check_stop", lambda: None))
 
 
 def _use_wal(url: str) -> None:
@@ -192,7 +301,8 @@ def _use_wal(url: str) -> None:
     path = sqlite_path(url)
     if path is None:
         return
-    import sqlite3
+    if os.path.isfile(path):
+        check_sqlite_file(path)
 
     with contextlib.closing(sqlite3.connect(path, timeout=60)) as conn:
         if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
@@ -332,10 +442,36 @@ def existing_sqlite_path(url: str) -> str | None:
     path = parsed.database or ""
     if not path or path == ":memory:" or not os.path.isfile(path):
         raise StorageError(f"no study database at {path or url!r}; run a study first (hpo run ...) or pass --storage")
+    check_sqlite_file(path)
     return path
 
 
+def check_sqlite_file(path: str) -> None:
+    """Refuse a file that exists but is not a SQLite database (SQLite itself only says so
+    on the first query, deep inside whichever command runs it).
+
+    SQLite reads the header, not we: closing any descriptor of a database file this
+    process has open through SQLite drops SQLite's POSIX locks on it, which corrupts the
+    database when other processes write it. Read-only, so nothing is created or checkpointed.
+
+    Raises:
+        StorageError: Naming the file.
+    """
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{quote(os.path.abspath(path))}?mode=ro", uri=True)) as conn:
+            conn.execute("PRAGMA schema_version").fetchone()
+    except sqlite3.DatabaseError as e:
+        if "file is not a database" in str(e):
+            raise StorageError(f"{path} is not a SQLite database (file is not a database); "
+                               "pass --storage with a study database") from e
+        # Anything else (a WAL file we may not open read-only, ...) is met, and named, later.
+
+
 def first_line(e: BaseException) -> str:
-    """The first line of an error's message (a DBAPI error's own, not SQLAlchemy's wrapper)."""
-    text = str(getattr(e, "orig", None) or e).strip()
+    """The first line of an error's message: the database's own, not that of a wrapper
+    (SQLAlchemy's, or Optuna's "invalid data in the commit" around any failed commit)."""
+    chain = _error_chain(e)
+    root = next((c for c in chain if isinstance(c, sqlite3.Error)
+                 or type(c).__module__.split(".")[0] in ("psycopg", "psycopg2")), chain[-1])
+    text = str(root).strip()
     return (text.splitlines() or [type(e).__name__])[0]

@@ -9,9 +9,12 @@ from __future__ import annotations
 import json
 import warnings
 
+import numpy as np
 import optuna
+from optuna.samplers._lazy_random_state import LazyRandomState
 
 from hpo.errors import SpecError, StudyNotFound
+from hpo.storage import mask_url
 from hpo.spec import StudySpec, parse_spec, spec_to_dict
 from hpo.views import create_views
 
@@ -30,26 +33,67 @@ def quiet_optuna() -> None:
     warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
 
 
-def make_sampler(spec: StudySpec, worker: int = 0, trials_before: int = 0) -> optuna.samplers.BaseSampler:
-    """The spec's sampler, seeded from the spec's seed, the worker's index and how many
-    trials the study held when the worker joined: workers do not propose the same params
-    in lock-step, and topping a study up does not replay its first proposals."""
-    seed = None if spec.sampler.seed is None else spec.sampler.seed + worker + 7919 * trials_before
+def make_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
+    """The spec's sampler, its randomness drawn afresh for each trial from the spec's seed
+    and the trial's number (`seed_each_trial`): whichever worker or process asks for
+    trial N, and whether the run restarted, was interrupted and topped up, or ran straight
+    through, trial N is proposed from the same random state."""
+    seed = spec.sampler.seed
     kind = spec.sampler.kind
+    sampler: optuna.samplers.BaseSampler
     if kind == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    if kind == "grid":
+        sampler = optuna.samplers.RandomSampler(seed=seed)
+    elif kind == "grid":
         from hpo.space import grid_search_space
 
-        return optuna.samplers.GridSampler(grid_search_space(spec), seed=seed)
-    if kind == "cmaes":
+        sampler = optuna.samplers.GridSampler(grid_search_space(spec), seed=seed)
+    elif kind == "cmaes":
         _require(spec, "cmaes", "cmaes")
-        return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=spec.sampler.n_startup_trials)
-    if kind == "gp":
+        sampler = optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=spec.sampler.n_startup_trials)
+    elif kind == "gp":
         _require(spec, "torch", "torch")
-        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=spec.sampler.n_startup_trials)
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=spec.sampler.n_startup_trials,
-                                      constant_liar=True)
+        sampler = optuna.samplers.GPSampler(seed=seed, n_startup_trials=spec.sampler.n_startup_trials)
+    else:
+        sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=spec.sampler.n_startup_trials,
+                                             constant_liar=True)
+    if seed is not None:
+        seed_each_trial(sampler, seed)
+    return sampler
+
+
+def seed_each_trial(sampler: optuna.samplers.BaseSampler, seed: int) -> None:
+    """Make `sampler` reseed every random state it holds from (seed, trial number) just
+    before each trial is sampled (Optuna calls `before_trial` before any sampling).
+
+    A seeded Optuna sampler otherwise draws from one stream for its whole life, so a
+    process that restarts, or a second worker, proposes different trials than one
+    process running straight through.
+    """
+    before_trial = sampler.before_trial
+
+    def reseeded_before_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        for i, state in enumerate(_random_states(sampler)):
+            state.seed(int(np.random.SeedSequence([seed, trial.number, i]).generate_state(1)[0]))
+        before_trial(study, trial)
+
+    sampler.before_trial = reseeded_before_trial  # type: ignore[method-assign]
+
+
+def _random_states(obj: object, seen: set[int] | None = None) -> list[np.random.RandomState]:
+    """Every NumPy random state held by a sampler and the samplers inside it, in a fixed order."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return []
+    seen.add(id(obj))
+    found = []
+    for _, value in sorted(vars(obj).items()):
+        if isinstance(value, LazyRandomState):
+            found.append(value.rng)
+        elif isinstance(value, np.random.RandomState):
+            found.append(value)
+        elif isinstance(value, optuna.samplers.BaseSampler):
+            found += _random_states(value, seen)
+    return found
 
 
 def _require(spec: StudySpec, module: str, package: str) -> None:
@@ -76,13 +120,13 @@ def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
     return optuna.pruners.MedianPruner(n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_steps)
 
 
-def create_study(spec: StudySpec, storage: optuna.storages.BaseStorage, worker: int = 0) -> optuna.Study:
+def create_study(spec: StudySpec, storage: optuna.storages.BaseStorage) -> optuna.Study:
     """Create the spec's study, or load it if it exists with the same spec.
 
     Raises:
         SpecError: A study of that name exists with a different spec.
     """
-    study = optuna.create_study(study_name=spec.name, storage=storage, sampler=make_sampler(spec, worker),
+    study = optuna.create_study(study_name=spec.name, storage=storage, sampler=make_sampler(spec),
                                 pruner=make_pruner(spec), directions=spec.directions, load_if_exists=True)
     if isinstance(storage, optuna.storages.RDBStorage):
         create_views(storage.engine)
@@ -102,11 +146,10 @@ def create_study(spec: StudySpec, storage: optuna.storages.BaseStorage, worker: 
     if stored != wanted:
         # A new budget or description: `hpo worker` reads the budget from here.
         study.set_user_attr(SPEC_ATTR, wanted)
-    _reseed(study, spec, worker)
     return study
 
 
-def load_study(storage: optuna.storages.BaseStorage, study_name: str, worker: int = 0) -> tuple[optuna.Study, StudySpec]:
+def load_study(storage: optuna.storages.BaseStorage, study_name: str) -> tuple[optuna.Study, StudySpec]:
     """Load a study and rebuild its spec from the database (no study file needed).
 
     Raises:
@@ -116,21 +159,15 @@ def load_study(storage: optuna.storages.BaseStorage, study_name: str, worker: in
         study = optuna.load_study(study_name=study_name, storage=storage)
     except KeyError as e:
         names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
-        raise StudyNotFound(f'no study "{study_name}" in this storage; studies here: {", ".join(names) or "none"}') from e
+        where = mask_url(getattr(storage, "url", "")) or "this storage"
+        raise StudyNotFound(f'no study "{study_name}" in {where}; studies there: {", ".join(names) or "none"}') from e
     raw = study.user_attrs.get(SPEC_ATTR)
     if raw is None:
         raise StudyNotFound(f'study "{study_name}" was not created by hpo (no stored spec); create it with hpo create')
     spec = parse_spec(raw, source=f"study {study_name}", check_files=False)
-    study.sampler = make_sampler(spec, worker)
-    _reseed(study, spec, worker)
+    study.sampler = make_sampler(spec)
     study.pruner = make_pruner(spec)
     return study, spec
-
-
-def _reseed(study: optuna.Study, spec: StudySpec, worker: int) -> None:
-    n = len(study.get_trials(deepcopy=False))
-    if n:
-        study.sampler = make_sampler(spec, worker, trials_before=n)
 
 
 def _comparable(raw: dict) -> str:

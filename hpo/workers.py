@@ -26,13 +26,12 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from hpo.errors import HpoError, TrialFailed
-from hpo.objective import ATTR_FAIL_REASON, ATTR_PRUNED_AT, Objective
+from hpo.objective import ATTR_FAIL_REASON, ATTR_INTERRUPTED, ATTR_PRUNED_AT, Objective
 from hpo.spec import StudySpec
 from hpo.study import quiet_optuna
 from hpo.storage import (STOP_ATTR, TrialCounts, count_trials, fail_heartless_trials, rdb_storage, retry_storage_call,
                          study_lock)
 
-ATTR_INTERRUPTED = "interrupted"
 # How often an idle worker looks again whether a running trial of another worker died.
 POLL_SECONDS = 1.0
 # How long `run_workers` waits for a stopped child before it kills it.
@@ -60,7 +59,9 @@ def memory_growth_limit(spec: StudySpec, requested: float | None) -> float | Non
 class Interrupted(BaseException):
     """SIGTERM or SIGINT arrived: finish the current trial as failed (not counted) and stop.
 
-    A `BaseException`, so the objective's `except Exception` does not swallow it.
+    Raised by `check_stop` at a safe point (between trials, after an epoch), never by the
+    signal handler itself. A `BaseException`, so the objective's `except Exception` does
+    not swallow it.
     """
 
     def __init__(self, signum: int) -> None:
@@ -111,13 +112,16 @@ def run_trials(study: optuna.Study, spec: StudySpec, *, budget: int, timeout: fl
     summary = RunSummary(spec.name)
     baseline_mb: float | None = None
     start = time.perf_counter()
-    objective = Objective(spec)
+    objective = Objective(spec, check_stop=check_stop)
     failures_in_a_row = 0
     storage = rdb_storage(study._storage)
     next_sweep = 0.0
-    restore = _raise_on_signals()
+    restore = record_signals()
+    if hasattr(storage, "check_stop"):
+        storage.check_stop = check_stop
     try:
         while True:
+            check_stop()
             if timeout is not None and time.perf_counter() - start > timeout:
                 summary.stopped_reason = f"stopped starting trials after --timeout {timeout:g} s"
                 break
@@ -142,7 +146,8 @@ def run_trials(study: optuna.Study, spec: StudySpec, *, budget: int, timeout: fl
             if max_memory_growth_mb is not None:
                 if baseline_mb is None:
                     baseline_mb = rss_mb()
-                elif rss_mb() - baseline_mb > max_memory_growth_mb:
+                elif (rss_mb() - baseline_mb > max_memory_growth_mb
+                      and count_trials(storage, study._study_id).spent < budget):  # no restart just to stop
                     summary.restart = True
                     summary.stopped_reason = (f"memory grew {rss_mb() - baseline_mb:.0f} MB since the first trial "
                                               f"(over {max_memory_growth_mb:g} MB); restarting to release it")
@@ -159,6 +164,8 @@ def run_trials(study: optuna.Study, spec: StudySpec, *, budget: int, timeout: fl
         summary.exit_code = 130
     finally:
         restore()
+        if hasattr(storage, "check_stop"):
+            storage.check_stop = lambda: None
     summary.seconds = time.perf_counter() - start
     summary.best = best_trial(study, spec)
     return summary
@@ -303,15 +310,40 @@ class _Heartbeat:
             self.thread.join()
 
 
-def _raise_on_signals() -> Callable[[], None]:
+# The first SIGTERM or SIGINT received while `record_signals` is in force (0: none).
+_stop_signal = 0
+
+
+def record_signals() -> Callable[[], None]:
+    """Install SIGTERM and SIGINT handlers that only record the signal; `check_stop`
+    acts on it. Returns a function that puts the old handlers back.
+
+    A handler that raised would lose the signal whenever it lands in code that discards
+    exceptions (a `__del__`, such as TensorFlow's garbage collector of concrete functions:
+    "Exception ignored in ..."), and the worker would run on.
+    """
+    global _stop_signal
+    _stop_signal = 0
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
 
     def handler(signum: int, frame: object) -> None:
-        raise Interrupted(signum)
+        global _stop_signal
+        _stop_signal = _stop_signal or signum
 
     old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     return lambda: [signal.signal(s, h) for s, h in old.items()] and None
+
+
+def stop_requested() -> bool:
+    """True once a signal recorded by `record_signals` asks this process to stop."""
+    return bool(_stop_signal)
+
+
+def check_stop() -> None:
+    """A safe point: raise `Interrupted` if a SIGTERM or SIGINT has been recorded."""
+    if _stop_signal:
+        raise Interrupted(_stop_signal)
 
 
 def best_trial(study: optuna.Study, spec: StudySpec) -> FrozenTrial | None:
@@ -426,16 +458,16 @@ def run_workers(storage_url: str, spec: StudySpec, workers: int, *, budget: int,
     for t in relays:
         t.start()
     summary = RunSummary(spec.name)
-    restore = _raise_on_signals()
+    restore = record_signals()
     try:
-        for p in procs:
-            p.wait()
-    except Interrupted as e:
-        summary.stopped_reason = f"interrupted by {e.signal_name}; stopped {workers} workers"
-        summary.exit_code = 130
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        _stop_all(procs, echo_err)
+        while any(p.poll() is None for p in procs):
+            if stop_requested():
+                summary.stopped_reason = (f"interrupted by {signal.Signals(_stop_signal).name}; "
+                                          f"stopped {workers} workers")
+                summary.exit_code = 130
+                _stop_all(procs, echo_err)
+                break
+            time.sleep(0.1)
     finally:
         restore()
     for t in relays:

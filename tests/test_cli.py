@@ -131,10 +131,12 @@ def test_help_and_studies_answer_without_tensorflow():
 def test_errors_are_one_line_and_debug_shows_the_traceback(tmp_path):
     plain = run_hpo("replay", "--study-name", "nope", "--storage", f"sqlite:///{tmp_path / 'e.db'}", "0", check=False)
     assert plain.returncode != 0 and plain.stderr.strip().splitlines() == [plain.stderr.strip()]
-    assert plain.stderr.startswith('error: no study "nope"')
+    assert plain.stderr.startswith(f"error: no study database at '{tmp_path / 'e.db'}'")
     debug = run_hpo("--debug", "replay", "--study-name", "nope", "--storage", f"sqlite:///{tmp_path / 'e.db'}", "0",
                     check=False)
     assert "Traceback" in debug.stderr
+    # The message is printed once, as the error line, not also as the traceback's last line.
+    assert debug.stderr.count(plain.stderr.strip()) == 1 and debug.stderr.strip().endswith(plain.stderr.strip())
 
 
 def test_topping_up_a_study_does_not_replay_its_first_proposals(tmp_path):
@@ -149,7 +151,8 @@ def test_topping_up_a_study_does_not_replay_its_first_proposals(tmp_path):
 def test_an_unopenable_sqlite_path_is_one_error_line(tmp_path):
     result = run_hpo("run", "beale", "--storage", f"sqlite:///{tmp_path}/no/such/dir/x.db", check=False)
     assert result.returncode == 1 and result.stderr.strip().splitlines() == [
-        f"error: cannot open storage sqlite:///{tmp_path}/no/such/dir/x.db: unable to open database file"]
+        f"error: cannot open storage sqlite:///{tmp_path}/no/such/dir/x.db: unable to open database file: "
+        "check the path and its folder's permissions"]
 
 
 def test_a_single_process_run_restarts_itself_when_memory_grows_and_finishes_the_budget(tmp_path):
@@ -159,3 +162,59 @@ def test_a_single_process_run_restarts_itself_when_memory_grows_and_finishes_the
     assert "hpo run: memory grew" in result.stdout and "restarting to release it" in result.stdout
     trials = trials_with_attrs(db)
     assert len(trials) == 3 and all(t["state"] in ("COMPLETE", "PRUNED") for t in trials)
+
+
+@pytest.mark.parametrize("args, option", [
+    (["--seeds", "100000"], "--seeds"), (["--max-epochs", "200000"], "--max-epochs"), (["--timeout", "-1"], "--timeout"),
+    (["--max-failures", "0"], "--max-failures"), (["--heartbeat-interval", "-5"], "--heartbeat-interval"),
+    (["--study-name", " "], "--study-name"),
+    (["--grace-period", "5"], "--grace-period"),
+])
+def test_options_out_of_range_name_the_option_and_create_nothing(tmp_path, args, option):
+    db = tmp_path / "o.db"
+    result = run_hpo("run", "beale", "--storage", f"sqlite:///{db}", *args, check=False)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and option in lines[0], lines
+    assert "beale.toml" not in lines[0] and not db.exists()
+
+
+@pytest.mark.parametrize("command", [["worker", "--study-name", "x"], ["replay", "--study-name", "x", "0"],
+                                     ["report", "--study-name", "x"]])
+def test_read_only_commands_on_a_missing_database_create_no_file_and_say_where_they_looked(tmp_path, command):
+    db = tmp_path / "missing.db"
+    result = run_hpo(*command, "--storage", f"sqlite:///{db}", check=False)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0 and len(lines) == 1 and str(db) in lines[0], lines
+    assert not db.exists() and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", [["report", "--study-name", "x"], ["sql", "SELECT 1"],
+                                     ["plot", "--study-name", "x"], ["run", "beale"]])
+def test_a_file_that_is_not_a_sqlite_database_is_one_error_line(tmp_path, command):
+    db = tmp_path / "corrupt.db"
+    db.write_bytes(b"this is not a database" * 100)
+    result = run_hpo(*command, "--storage", f"sqlite:///{db}", check=False)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0 and len(lines) == 1 and "not a SQLite database" in lines[0], lines
+
+
+def test_the_printed_replay_hint_runs_as_printed(tmp_path):
+    db = tmp_path / "h.db"
+    out = run_hpo("run", "beale", "--trials", "3", "--storage", f"sqlite:///{db}").stdout
+    hint = out.split("replay it with: ")[1].strip()
+    assert f"--storage sqlite:///{db}" in hint
+    assert "identical" in run_hpo(*hint.split()[1:]).stdout
+
+
+def test_a_damaged_study_database_is_one_error_line_for_every_reader(tmp_path):
+    db = tmp_path / "damaged.db"
+    run_hpo("run", "beale", "--trials", "3", "--storage", f"sqlite:///{db}")
+    with open(db, "r+b") as f:
+        f.seek(8192)
+        f.write(b"\xff" * 8192)
+    for command in (["report", "--study-name", "beale"], ["plot", "--study-name", "beale", "-o", str(tmp_path / "p.png")],
+                    ["worker", "--study-name", "beale"]):
+        result = run_hpo(*command, "--storage", f"sqlite:///{db}", check=False)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 1 and len(lines) == 1, lines
+        assert lines[0].startswith(f"error: storage sqlite:///{db}") and "corrupt" in lines[0], lines

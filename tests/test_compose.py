@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import optuna
@@ -113,8 +114,9 @@ def test_compose_commands_run_against_real_postgresql(compose, postgres):
     assert len({tuple(sorted(t.params.items())) for t in trials}) == 8
 
     port = _free_port()
+    dotenv.update(DASHBOARD_HOST="127.0.0.1", DASHBOARD_PORT=str(port))
     dashboard = subprocess.Popen(command("dashboard"), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                 env={**env, "DASHBOARD_HOST": "127.0.0.1", "DASHBOARD_PORT": str(port)})
+                                 env=env)
     try:
         body = None
         deadline = time.monotonic() + 60
@@ -127,6 +129,12 @@ def test_compose_commands_run_against_real_postgresql(compose, postgres):
         assert body is not None, dashboard.stderr.read() if dashboard.poll() is not None else "no answer"
         assert [s["study_name"] for s in body["study_summaries"]] == ["compose_beale"]
         assert "unused-here" not in " ".join(command("dashboard"))
+        delete = urllib.request.Request(f"http://127.0.0.1:{port}/api/studies/1", method="DELETE")
+        try:
+            urllib.request.urlopen(delete, timeout=10)
+            raise AssertionError("the compose dashboard let a DELETE through")
+        except urllib.error.HTTPError as e:
+            assert e.code == 403
     finally:
         dashboard.terminate()
         dashboard.wait(timeout=30)

@@ -4,6 +4,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import optuna
@@ -138,3 +139,23 @@ def test_dashboard_serves_the_study_its_trials_and_their_notes(study_db, browser
             process.kill()
             output, _ = process.communicate()
     assert "writing notes for 2 trials of older" in output
+
+
+def test_dashboard_is_read_only_by_default_and_quiet(study_db):
+    """A DELETE from anyone who can open the page is refused and the study stays; no line
+    per request is printed."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "hpo", "dashboard", "--storage", study_db, "--port", str(port)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/api/studies", proc)
+        study_id = optuna.load_study(study_name="older", storage=study_db)._study_id
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/api/studies/{study_id}", method="DELETE")
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(request, timeout=10)
+        assert e.value.code == 403 and b"--allow-writes" in e.value.read()
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=30)[0]
+    assert "older" in [s.study_name for s in optuna.get_all_study_summaries(study_db)]
+    assert "GET /api/studies" not in out and "read-only" in out

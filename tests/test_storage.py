@@ -40,3 +40,53 @@ def test_count_trials_tells_own_failures_from_lost_ones(storage_url):
     assert (counts.complete, counts.pruned, counts.failed, counts.lost) == (1, 1, 1, 1)
     # ask() took the waiting trial first, as it does with a retried one.
     assert (counts.running, counts.waiting, counts.spent) == (1, 0, 3)
+
+
+def test_a_full_disk_stops_the_run_at_once_naming_the_cause(tmp_path):
+    """A real full disk (a 2 MB tmpfs under the SQLite file) is permanent: the run stops at
+    once with one line that says the disk is full, instead of retrying as if the database
+    were unreachable. Needs root to mount the tmpfs."""
+    import subprocess
+
+    mount = tmp_path / "small"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], check=True)
+    try:
+        result = run_hpo("run", "beale", "--trials", "100000", "--storage", f"sqlite:///{mount / 'full.db'}",
+                         env={"HPO_DB_RETRY_SECONDS": "600"}, check=False, timeout=300)
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 1 and len(errors) == 1, result.stderr[-2000:]
+    assert "disk is full" in errors[0] and "unreachable" not in result.stderr and "waiting" not in result.stderr
+
+
+def test_a_read_only_database_is_permanent_and_a_refused_connection_transient(tmp_path):
+    import sqlite3
+
+    import sqlalchemy
+
+    from hpo.storage import classify_storage_error
+
+    db = tmp_path / "ro.db"
+    sqlite3.connect(db).execute("CREATE TABLE t (x)").connection.commit()
+    engine = sqlalchemy.create_engine(f"sqlite:///file:{db}?mode=ro&uri=true")
+    try:
+        with engine.begin() as conn:
+            conn.execute(sqlalchemy.text("INSERT INTO t VALUES (1)"))
+    except sqlalchemy.exc.OperationalError as e:
+        kind, cause = classify_storage_error(e)
+    assert kind == "permanent" and "read-only" in cause
+    refused = sqlalchemy.create_engine("postgresql+psycopg://u@127.0.0.1:1/x")
+    try:
+        refused.connect()
+    except sqlalchemy.exc.OperationalError as e:
+        assert classify_storage_error(e)[0] == "transient"
+
+
+def test_an_unreachable_postgresql_url_on_run_is_one_line_that_says_run(tmp_path):
+    result = run_hpo("run", "beale", "--storage", "postgresql+psycopg://hpo@127.0.0.1:1/none", check=False)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1, lines
+    assert lines[0].startswith("error: storage postgresql+psycopg://hpo@127.0.0.1:1/none unreachable")
+    assert "run hpo run again" in lines[0] and "worker" not in lines[0]
