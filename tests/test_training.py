@@ -138,3 +138,15 @@ batch_size = 16
     conn.close()
     assert json.loads(attrs["backend"]) == "tensorflow" and json.loads(attrs["training_path"]) == "sequential"
     assert len(json.loads(attrs["seed_scores"])) == 2
+
+
+def test_fit_seconds_leave_out_the_pruners_time():
+    # The per-epoch callback talks to the database (report, should_prune); an outage there
+    # is not fit time.
+    import time
+
+    spec = parse_spec({"name": "b", "model": {"family": "analytic", "function": "sphere"},
+                       "training": {"max_epochs": 3, "patience": 5},
+                       "space": {"x": {"low": -1.0, "high": 1.0}}})
+    fit = fit_repeats(spec, {"x": 0.5}, [0, 1], lambda epoch, value: time.sleep(0.4) or False)
+    assert len(fit.epoch_seconds) == 3 and fit.fit_seconds < 0.4
