@@ -298,7 +298,7 @@ def confirm(study_name: str, storage: str, top: int, seeds: int) -> None:
     from hpo.confirm import confirm_study
     from hpo.study import load_study
 
-    optuna_study, spec = load_study(_open_storage(storage, None, None), study_name)
+    optuna_study, spec = load_study(_open_storage(storage, None, None, "confirm", create=False), study_name)
     done = confirm_study(optuna_study, spec, top, seeds, echo=click.echo)
     click.echo(f"confirmed {len(done)} trial{'s' * (len(done) != 1)} here; "
                f"see hpo report --study-name {study_name}")
