@@ -575,16 +575,21 @@ def _portable_path(t: "_Table", path: str, base_dir: Path | None) -> str:
     return str(found.resolve())
 
 
-def _parse_loader(t: "_Table", loader: str, base_dir: Path | None) -> DataSpec:
+def _hook_sha256(t: "_Table", key: str, ref: str, base_dir: Path | None) -> str | None:
+    # A spec read back from a study carries the hash it was created with (checked when a
+    # worker loads the code); a study file gets the hash of the code found now.
     from hpo.hooks import code_hash
 
+    sha = t.str(f"{key}_sha256", default=None)
+    return code_hash(ref, base_dir, t.source, f"{t.prefix}{key}") if sha is None else sha
+
+
+def _parse_loader(t: "_Table", loader: str, base_dir: Path | None) -> DataSpec:
     name = t.str("name", default=LOADER)
     if name != LOADER:
         raise SpecError(t.source, f"{t.prefix}name", f'a [data] table with loader = "..." takes no name (got "{name}"); '
                                                      "remove one of them")
-    sha = t.str("loader_sha256", default=None)
-    if sha is None:
-        sha = code_hash(loader, base_dir, t.source, f"{t.prefix}loader")
+    sha = _hook_sha256(t, "loader", loader, base_dir)
     spec = DataSpec(name=LOADER, loader=loader, loader_sha256=sha, scaling="none",
                     task=t.str("task", default="regression"))
     t.choice("task", spec.task, OUTPUTS)
@@ -644,8 +649,6 @@ def _parse_model(t: "_Table", base_dir: Path | None) -> ModelSpec:
 
 
 def _parse_build(t: "_Table", build: str, base_dir: Path | None) -> ModelSpec:
-    from hpo.hooks import code_hash
-
     family = t.str("family", default=CUSTOM)
     if family != CUSTOM:
         raise SpecError(t.source, f"{t.prefix}family", f'[model] names both family = "{family}" and build = "{build}"; '
@@ -653,9 +656,7 @@ def _parse_build(t: "_Table", build: str, base_dir: Path | None) -> ModelSpec:
     output = t.str("output", default=None)
     if output is not None:
         t.choice("output", output, OUTPUTS)
-    sha = t.str("build_sha256", default=None)
-    if sha is None:
-        sha = code_hash(build, base_dir, t.source, f"{t.prefix}build")
+    sha = _hook_sha256(t, "build", build, base_dir)
     t.finish()
     return ModelSpec(family=CUSTOM, output=output, build=build, build_sha256=sha)
 
