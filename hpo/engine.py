@@ -263,8 +263,6 @@ def _initial_states(template: Any, build: Callable[[], Any], seeds: list[int],
     have drawn for it under the replica's seed. That is checked against one natively
     built model, and where it does not hold every replica is built natively.
     """
-    import keras
-
     first = _variable_values(template)
     states = [first]
     for seed in seeds[1:]:

@@ -315,26 +315,25 @@ class _SequentialTrainer:
             self.runs.append((model, x, y, (xv, yv), fit_shuffler(seed, len(x))))
 
     def run_epoch(self, active: np.ndarray) -> dict[str, np.ndarray]:
-        logs: dict[str, list[float]] = {}
+        per_seed: list[dict[str, float]] = []
         for (model, x, y, validation, shuffler), on in zip(self.runs, active):
-            if on:
-                if not self.spec.model.stateful:
-                    order = shuffler.permutation(len(x))
-                    x, y = x[order], y[order]
-                history = model.fit(x, y, batch_size=self.batch_size, epochs=1, verbose=0, shuffle=False,
-                                    validation_data=validation).history
-                if self.spec.model.stateful:
-                    for layer in model.layers:
-                        if getattr(layer, "stateful", False):
-                            layer.reset_state()
-                seed_logs = {k: float(v[-1]) for k, v in history.items()}
-            else:
-                seed_logs = {}
-            for key in ("loss", "val_loss", *(k for k in seed_logs if k not in logs)):
-                logs.setdefault(key, [])
-            for key in logs:
-                logs[key].append(seed_logs.get(key, math.nan))
-        return {k: np.asarray(v) for k, v in logs.items()}
+            if not on:
+                per_seed.append({})
+                continue
+            if not self.spec.model.stateful:
+                order = shuffler.permutation(len(x))
+                x, y = x[order], y[order]
+            history = model.fit(x, y, batch_size=self.batch_size, epochs=1, verbose=0, shuffle=False,
+                                validation_data=validation).history
+            if self.spec.model.stateful:
+                for layer in model.layers:
+                    if getattr(layer, "stateful", False):
+                        layer.reset_state()
+            per_seed.append({k: float(v[-1]) for k, v in history.items()})
+        # One column per log, one entry per seed (NaN for a seed that has stopped), whichever
+        # seed is the first still training.
+        keys = {k for logs in per_seed for k in logs}
+        return {k: np.array([logs.get(k, math.nan) for logs in per_seed]) for k in keys}
 
 
 _determinism_configured = False

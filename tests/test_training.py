@@ -150,3 +150,18 @@ def test_fit_seconds_leave_out_the_pruners_time():
                        "space": {"x": {"low": -1.0, "high": 1.0}}})
     fit = fit_repeats(spec, {"x": 0.5}, [0, 1], lambda epoch, value: time.sleep(0.4) or False)
     assert len(fit.epoch_seconds) == 3 and fit.fit_seconds < 0.4
+
+
+def test_the_sequential_path_goes_on_when_an_earlier_seed_has_stopped():
+    # Seed 5 stops after 2 epochs, seed 6 trains all 6 (patience 0, metric val_mae): the
+    # stopped seed's missing logs must not shift the metric column of the one training on.
+    spec = parse_spec({"name": "c", "seeds": 2, "metric": "val_mae",
+                       "data": {"name": "noisy_sine", "n_samples": 120, "window": 5},
+                       "model": {"family": "mlp"}, "training": {"max_epochs": 6, "patience": 0},
+                       "space": {"units": 4, "batch_size": 16}})
+    params = default_params(spec) | {"units": 4, "batch_size": 16, "learning_rate": 0.05}
+    vectorized = fit_repeats(spec, params, [5, 6], path="vectorized")
+    sequential = fit_repeats(spec, params, [5, 6], path="sequential")
+    assert [f.epochs_run for f in vectorized.fits] == [f.epochs_run for f in sequential.fits] == [2, 6]
+    for a, b in zip(vectorized.fits, sequential.fits):
+        assert a.curves["val_metric"] == pytest.approx(b.curves["val_metric"], rel=1e-4)
