@@ -138,13 +138,10 @@ def _load_cached(spec: DataSpec, window: int, sequence: bool, split_seed: int, m
 
 def _series(spec: DataSpec, inputs: np.ndarray, targets: np.ndarray, window: int, split_seed: int) -> Dataset:
     n = len(inputs) - window - spec.horizon + 1
-    if len(inputs) - spec.horizon < 4:
-        # Too far ahead even for a window of one point: the horizon is at fault.
-        raise SpecError("<data>", "data.horizon", f"horizon {spec.horizon} leaves fewer than 4 samples from "
-                                                  f"{len(inputs)} points; shorten the horizon")
     if n < 4:
-        # Name the field that is wrong: the horizon when the window alone would leave enough.
-        if len(inputs) - window >= 4:
+        # Name the field that is wrong: the horizon when the window alone would leave
+        # enough samples, or when it is too far ahead even for a window of one point.
+        if len(inputs) - window >= 4 or len(inputs) - spec.horizon < 4:
             raise SpecError("<data>", "data.horizon", f"horizon {spec.horizon} with window {window} leaves {max(n, 0)} "
                                                       f"samples from {len(inputs)} points; shorten the horizon")
         raise SpecError("<data>", "data.window", f"window {window} + horizon {spec.horizon} leave {max(n, 0)} samples "
