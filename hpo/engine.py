@@ -53,19 +53,15 @@ class Replicas:
     def __init__(self, build: Callable[[], Any], seeds: list[int], x: np.ndarray, y: np.ndarray,
                  xv: np.ndarray, yv: np.ndarray, batch_size: int) -> None:
         import jax
-        import keras
 
         self.seeds = list(seeds)
         self.batch_size = int(batch_size)
-        keras.utils.set_random_seed(self.seeds[0])
-        model = build()
-        _disable_cudnn(model)
         sample = (x[: self.batch_size], y[: self.batch_size])
-        model._symbolic_build(data_batch=sample)
-        program = _program_for(model, build, self.seeds, sample)
+        model, initializers = _build_native(build, self.seeds[0], sample)
+        program = _program_for(model, initializers, build, self.seeds, sample)
         self.model = program.model
         self._epoch = program.epoch
-        states = _initial_states(model, build, self.seeds, program.draw_index, sample)
+        states = _initial_states(model, initializers, build, self.seeds, program.draw_index, sample)
         self.state = jax.tree.map(lambda *leaves: np.stack(leaves), *states)
         self._shufflers = [fit_shuffler(s, len(x)) for s in self.seeds]
         self.x, self.y = jax.device_put(x), jax.device_put(y)
@@ -141,7 +137,8 @@ def _canonical(config: Any, names: dict[str, str]) -> Any:
     return config
 
 
-def _program_for(model: Any, build: Callable[[], Any], seeds: list[int], sample: tuple) -> _Program:
+def _program_for(model: Any, initializers: list, build: Callable[[], Any], seeds: list[int],
+                 sample: tuple) -> _Program:
     key = _config_key(model)
     program = _programs.get(key)
     if program is None:
@@ -149,7 +146,8 @@ def _program_for(model: Any, build: Callable[[], Any], seeds: list[int], sample:
             # JAX keeps traces and executables in process-wide caches that an evicted
             # program alone would not release; start afresh instead of growing.
             clear_cache()
-        program = _Program(model, _compile_epoch(model), _checked_draw_index(model, build, seeds[0], sample))
+        program = _Program(model, _compile_epoch(model),
+                           _checked_draw_index(model, initializers, build, seeds[0], sample))
         _programs[key] = program
     return program
 
@@ -215,11 +213,10 @@ def _compile_epoch(model: Any) -> Callable[..., Any]:
     return epoch
 
 
-def _seed_of(variable: Any) -> int | None:
+def _seed_of(variable: Any, initializer: Any) -> int | None:
     # The seed a variable's values were drawn from when Keras built it: a random
     # initializer's integer seed, or a SeedGenerator state's first element.
-    init = getattr(variable, "_initializer", None)
-    seed = getattr(init, "seed", None)
+    seed = getattr(initializer, "seed", None)
     if isinstance(seed, int) and not isinstance(seed, bool):
         return seed
     if variable.name == "seed_generator_state":
@@ -233,18 +230,12 @@ def _draws(seed: int, count: int) -> list[int]:
     return [rng.randint(1, int(1e9)) for _ in range(count)]
 
 
-def _draw_index(model: Any, seed: int) -> list[int | None] | None:
+def _draw_index(model: Any, initializers: list, seed: int) -> list[int | None]:
     """For each model variable, which of Python's random draws after
-    `set_random_seed(seed)` seeded it (None: not random). None when some random
-    variable cannot be traced back to a draw; then every replica is built natively."""
+    `set_random_seed(seed)` seeded it (None: not random, or seeded by the user, the same
+    under every seed)."""
     draws = {d: i for i, d in enumerate(_draws(seed, _MAX_DRAWS))}
-    index: list[int | None] = []
-    for v in model.variables:
-        s = _seed_of(v)
-        if s is not None and s not in draws:
-            return None
-        index.append(None if s is None else draws[s])
-    return index
+    return [draws.get(_seed_of(v, init)) for v, init in zip(model.variables, initializers)]
 
 
 def _variable_values(model: Any) -> tuple[list, list, list, list]:
@@ -254,60 +245,79 @@ def _variable_values(model: Any) -> tuple[list, list, list, list]:
             [np.asarray(v.value) for v in model.metrics_variables])
 
 
-def _initial_states(template: Any, build: Callable[[], Any], seeds: list[int],
+def _initial_states(template: Any, initializers: list, build: Callable[[], Any], seeds: list[int],
                     draw_index: list[int | None] | None, sample: tuple) -> list[tuple[list, list, list, list]]:
     """Each seed's initial state, equal to that of `build()` under the seed.
 
     Building R whole Keras models only to read their weights dominates a trial at many
-    seeds; instead each random variable's initializer is re-run with the seed Keras would
-    have drawn for it under the replica's seed. That is checked against one natively
-    built model, and where it does not hold every replica is built natively.
+    seeds (44 s of 47 for 1000 seeds on an H100); instead each random variable's
+    initializer is re-run with the seed Keras would have drawn for it under the
+    replica's seed. That is checked against one natively built model, and where it does
+    not hold every replica is built natively.
     """
     first = _variable_values(template)
     states = [first]
     for seed in seeds[1:]:
         if draw_index is None:
-            states.append(_variable_values(_build_native(build, seed, sample)))
+            states.append(_variable_values(_build_native(build, seed, sample)[0]))
         else:
-            values = dict(zip((id(v) for v in template.variables), _derived_values(template, draw_index, seed)))
+            values = dict(zip((id(v) for v in template.variables),
+                              _derived_values(template, initializers, draw_index, seed)))
             states.append(([values[id(v)] for v in template.trainable_variables],
                            [values[id(v)] for v in template.non_trainable_variables], first[2], first[3]))
     return states
 
 
-def _build_native(build: Callable[[], Any], seed: int, sample: tuple) -> Any:
+def _build_native(build: Callable[[], Any], seed: int, sample: tuple) -> tuple[Any, list]:
+    """`build()` under the seed, built for `sample`; with the initializer that drew each
+    of its variables (in `model.variables` order, None where none did).
+
+    Keras forgets a variable's initializer once it has run, so the build is watched.
+    """
     import keras
+    from keras.src.backend.common.variables import Variable
+
+    used: dict[int, Any] = {}
+    initialize = Variable._initialize_with_initializer
+
+    def watched(variable: Any, initializer: Any) -> Any:
+        used[id(variable)] = initializer
+        return initialize(variable, initializer)
 
     keras.utils.set_random_seed(seed)
-    model = build()
-    model._symbolic_build(data_batch=sample)
-    return model
+    Variable._initialize_with_initializer = watched
+    try:
+        model = build()
+        _disable_cudnn(model)
+        model._symbolic_build(data_batch=sample)
+    finally:
+        Variable._initialize_with_initializer = initialize
+    return model, [used.get(id(v)) for v in model.variables]
 
 
-def _checked_draw_index(model: Any, build: Callable[[], Any], seed: int, sample: tuple) -> list[int | None] | None:
-    index = _draw_index(model, seed)
-    if index is None:
-        return None
+def _checked_draw_index(model: Any, initializers: list, build: Callable[[], Any], seed: int,
+                        sample: tuple) -> list[int | None] | None:
+    index = _draw_index(model, initializers, seed)
     # One native build under another seed must agree with the derived weights.
     other = seed + 1
-    native = _build_native(build, other, sample)
-    derived = _derived_values(model, index, other)
+    native, _ = _build_native(build, other, sample)
+    derived = _derived_values(model, initializers, index, other)
     expected = [np.asarray(v.value) for v in native.variables]
     if len(expected) != len(derived) or not all(np.array_equal(a, b) for a, b in zip(expected, derived)):
         return None
     return index
 
 
-def _derived_values(template: Any, draw_index: list[int | None], seed: int) -> list[np.ndarray]:
+def _derived_values(template: Any, initializers: list, draw_index: list[int | None], seed: int) -> list[np.ndarray]:
     draws = _draws(seed, max((i for i in draw_index if i is not None), default=-1) + 1)
     values = []
-    for v, i in zip(template.variables, draw_index):
+    for v, initializer, i in zip(template.variables, initializers, draw_index):
         if i is None:
             values.append(np.asarray(v.value))
         elif v.name == "seed_generator_state":
             values.append(np.asarray([draws[i], 0], dtype=np.asarray(v.value).dtype))
         else:
-            init = copy.copy(v._initializer)
+            init = copy.copy(initializer)
             init.seed = draws[i]
             values.append(np.asarray(init(tuple(v.shape), dtype=v.dtype)))
     return values

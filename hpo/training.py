@@ -358,10 +358,15 @@ def configure_determinism(backend: str) -> None:
 def _import_tensorflow_quietly() -> None:
     # TensorFlow's native start-up lines (oneDNN, CUDA stubs) go to fd 2 before its own
     # log settings apply; hide just that import. A failing import still raises here.
+    # Keras on JAX needs no TensorFlow: a machine without it (a GPU box with only the
+    # JAX CUDA wheels) skips this.
+    import importlib.util
     import os
     import sys
 
     if "tensorflow" in sys.modules or os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "0":
+        return
+    if importlib.util.find_spec("tensorflow") is None:
         return
     sys.stderr.flush()
     saved = os.dup(2)

@@ -78,7 +78,10 @@ def test_each_replica_is_the_native_fit_under_its_seed(kind, dropout, arrays):
 
 def test_initial_weights_are_the_native_models(arrays):
     build, seeds = builder("lstm", 0.2), [3, 41, 1000007]
+    engine.clear_cache()
     replicas = engine.Replicas(build, seeds, arrays["x"], arrays["y"], arrays["xv"], arrays["yv"], batch_size=32)
+    # Re-drawn from the initializers, not built natively seed by seed (the cost at many seeds).
+    assert [p.draw_index is not None for p in engine._programs.values()] == [True]
     for r, seed in enumerate(seeds):
         keras.utils.set_random_seed(seed)
         native = build().get_weights()
@@ -105,7 +108,9 @@ def test_a_custom_initializer_falls_back_to_native_builds(arrays):
         return model
 
     seeds = [5, 6]
+    engine.clear_cache()
     replicas = engine.Replicas(build, seeds, arrays["x"], arrays["y"], arrays["xv"], arrays["yv"], batch_size=16)
+    assert [p.draw_index for p in engine._programs.values()] == [None]
     for r, seed in enumerate(seeds):
         keras.utils.set_random_seed(seed)
         assert all(np.array_equal(a, b) for a, b in zip(build().get_weights(), replicas.weights(r)))
