@@ -25,13 +25,17 @@ _programs: dict[str, "_Program"] = {}
 # How many of Python's `random` draws after `set_random_seed` are searched for the seeds
 # of a model's initializers and seed generators.
 _MAX_DRAWS = 4096
+# From this many seeds on, initial weights are drawn for all seeds in one batched call.
+_BATCHED_DRAWS_FROM = 128
 
 
 @dataclass
 class _Program:
     model: Any
     epoch: Callable[..., Any]
-    draw_index: list[int | None] | None
+    # How each variable's initial values are drawn for R seeds at once; None where
+    # re-drawing does not give the native weights and each replica is built natively.
+    draws: "_Draws | None"
 
 
 class Replicas:
@@ -61,8 +65,7 @@ class Replicas:
         program = _program_for(model, initializers, build, self.seeds, sample)
         self.model = program.model
         self._epoch = program.epoch
-        states = _initial_states(model, initializers, build, self.seeds, program.draw_index, sample)
-        self.state = jax.tree.map(lambda *leaves: np.stack(leaves), *states)
+        self.state = _initial_state(model, build, self.seeds, program.draws, sample)
         self._shufflers = [fit_shuffler(s, len(x)) for s in self.seeds]
         self.x, self.y = jax.device_put(x), jax.device_put(y)
         self.xv, self.yv = jax.device_put(xv), jax.device_put(yv)
@@ -146,8 +149,7 @@ def _program_for(model: Any, initializers: list, build: Callable[[], Any], seeds
             # JAX keeps traces and executables in process-wide caches that an evicted
             # program alone would not release; start afresh instead of growing.
             clear_cache()
-        program = _Program(model, _compile_epoch(model),
-                           _checked_draw_index(model, initializers, build, seeds[0], sample))
+        program = _Program(model, _compile_epoch(model), _checked_draws(model, initializers, build, seeds[0], sample))
         _programs[key] = program
     return program
 
@@ -230,12 +232,85 @@ def _draws(seed: int, count: int) -> list[int]:
     return [rng.randint(1, int(1e9)) for _ in range(count)]
 
 
-def _draw_index(model: Any, initializers: list, seed: int) -> list[int | None]:
-    """For each model variable, which of Python's random draws after
-    `set_random_seed(seed)` seeded it (None: not random, or seeded by the user, the same
-    under every seed)."""
-    draws = {d: i for i, d in enumerate(_draws(seed, _MAX_DRAWS))}
-    return [draws.get(_seed_of(v, init)) for v, init in zip(model.variables, initializers)]
+class _Draws:
+    """Draws a model's initial variables for R seeds, as Keras would under each.
+
+    Under `set_random_seed(seed)` Keras gives each random initializer (and each dropout
+    seed generator) the next of Python's `random` draws; so a variable's values under
+    any seed follow from its initializer and its position among those draws. For a few
+    seeds each initializer runs per seed (its ops are compiled already, by the native
+    build); for many (1000 seeds took 4.9 s that way on an H100) it runs once,
+    `jax.vmap`ped over the seeds' keys, which costs a compilation per seed count.
+    """
+
+    def __init__(self, model: Any, initializers: list, seed: int) -> None:
+        draws = {d: i for i, d in enumerate(_draws(seed, _MAX_DRAWS))}
+        # For each variable, which draw seeded it (None: not random, or seeded by the
+        # user and so the same under every seed).
+        self.index = [draws.get(_seed_of(v, init)) for v, init in zip(model.variables, initializers)]
+        self.count = max((i for i in self.index if i is not None), default=-1) + 1
+        self.initializers = initializers
+        self._batched: list | None = None
+        self._batched_ok: bool | None = None
+
+    def values(self, template: Any, seeds: list[int]) -> list[Any]:
+        """`template`'s variables, each stacked over `seeds` (leading axis R)."""
+        draws = np.array([_draws(s, self.count) for s in seeds], dtype=np.int64).reshape(len(seeds), self.count)
+        if len(seeds) >= _BATCHED_DRAWS_FROM and self._batched_ok is not False:
+            values = self._draw_batched(template, draws)
+            if self._batched_ok is None:
+                # Batched linear algebra (the orthogonal initializer's QR) may round
+                # differently; use it only where it gives the per-seed values.
+                one = self._draw_one(template, draws[0])
+                self._batched_ok = all(np.allclose(np.asarray(a)[0], b, rtol=1e-6, atol=1e-7)
+                                       for a, b in zip(values, one))
+            if self._batched_ok:
+                return values
+        return [np.stack(column) for column in zip(*(self._draw_one(template, row) for row in draws))]
+
+    def _draw_one(self, template: Any, draws: np.ndarray) -> list[np.ndarray]:
+        values = []
+        for v, initializer, i in zip(template.variables, self.initializers, self.index):
+            if i is None:
+                values.append(np.asarray(v.value))
+            elif v.name == "seed_generator_state":
+                values.append(np.asarray([draws[i], 0], dtype=np.asarray(v.value).dtype))
+            else:
+                init = copy.copy(initializer)
+                init.seed = int(draws[i])
+                values.append(np.asarray(init(tuple(v.shape), dtype=v.dtype)))
+        return values
+
+    def _draw_batched(self, template: Any, draws: np.ndarray) -> list[Any]:
+        import jax
+        from keras.src.backend import random_seed_dtype
+
+        if self._batched is None:
+            self._batched = [None if i is None or v.name == "seed_generator_state" else jax.jit(jax.vmap(_drawer(init, v)))
+                             for v, init, i in zip(template.variables, self.initializers, self.index)]
+        zeros = np.zeros(len(draws), np.int64)
+        values = []
+        for v, i, fn in zip(template.variables, self.index, self._batched):
+            value = np.asarray(v.value)
+            if i is None:
+                values.append(np.broadcast_to(value, (len(draws), *value.shape)))
+            elif fn is None:  # a seed generator's state: [seed, 0]
+                values.append(np.stack([draws[:, i], zeros], axis=1).astype(value.dtype))
+            else:
+                values.append(fn(np.stack([draws[:, i], zeros], axis=1).astype(random_seed_dtype())))
+        return values
+
+
+def _drawer(initializer: Any, variable: Any) -> Callable[[Any], Any]:
+    shape, dtype = tuple(variable.shape), variable.dtype
+
+    def draw(key: Any) -> Any:
+        # Keras' JAX random ops take a key array wherever they take an integer seed.
+        init = copy.copy(initializer)
+        init.seed = key
+        return init(shape, dtype=dtype)
+
+    return draw
 
 
 def _variable_values(model: Any) -> tuple[list, list, list, list]:
@@ -245,27 +320,28 @@ def _variable_values(model: Any) -> tuple[list, list, list, list]:
             [np.asarray(v.value) for v in model.metrics_variables])
 
 
-def _initial_states(template: Any, initializers: list, build: Callable[[], Any], seeds: list[int],
-                    draw_index: list[int | None] | None, sample: tuple) -> list[tuple[list, list, list, list]]:
-    """Each seed's initial state, equal to that of `build()` under the seed.
+def _initial_state(template: Any, build: Callable[[], Any], seeds: list[int], draws: _Draws | None,
+                   sample: tuple) -> tuple[list, list, list, list]:
+    """The replicas' initial state, stacked over seeds: replica r's is that of `build()`
+    under `seeds[r]`.
 
     Building R whole Keras models only to read their weights dominates a trial at many
-    seeds (44 s of 47 for 1000 seeds on an H100); instead each random variable's
-    initializer is re-run with the seed Keras would have drawn for it under the
-    replica's seed. That is checked against one natively built model, and where it does
-    not hold every replica is built natively.
+    seeds (44 s of 47 for 1000 seeds on an H100); instead the initializers are re-run
+    for all seeds at once (`_Draws`). Where that was found not to give the native
+    weights, every replica is built natively.
     """
-    first = _variable_values(template)
-    states = [first]
-    for seed in seeds[1:]:
-        if draw_index is None:
-            states.append(_variable_values(_build_native(build, seed, sample)[0]))
-        else:
-            values = dict(zip((id(v) for v in template.variables),
-                              _derived_values(template, initializers, draw_index, seed)))
-            states.append(([values[id(v)] for v in template.trainable_variables],
-                           [values[id(v)] for v in template.non_trainable_variables], first[2], first[3]))
-    return states
+    import jax
+
+    if draws is None:
+        states = [_variable_values(template)]
+        states += [_variable_values(_build_native(build, seed, sample)[0]) for seed in seeds[1:]]
+        return jax.tree.map(lambda *leaves: np.stack(leaves), *states)
+    values = dict(zip((id(v) for v in template.variables), draws.values(template, seeds)))
+    _, _, optimizer_vars, metric_vars = _variable_values(template)
+    repeat = lambda value: np.broadcast_to(value, (len(seeds), *value.shape))  # noqa: E731
+    return ([values[id(v)] for v in template.trainable_variables],
+            [values[id(v)] for v in template.non_trainable_variables],
+            [repeat(v) for v in optimizer_vars], [repeat(v) for v in metric_vars])
 
 
 def _build_native(build: Callable[[], Any], seed: int, sample: tuple) -> tuple[Any, list]:
@@ -295,29 +371,19 @@ def _build_native(build: Callable[[], Any], seed: int, sample: tuple) -> tuple[A
     return model, [used.get(id(v)) for v in model.variables]
 
 
-def _checked_draw_index(model: Any, initializers: list, build: Callable[[], Any], seed: int,
-                        sample: tuple) -> list[int | None] | None:
-    index = _draw_index(model, initializers, seed)
-    # One native build under another seed must agree with the derived weights.
+def _checked_draws(model: Any, initializers: list, build: Callable[[], Any], seed: int,
+                   sample: tuple) -> _Draws | None:
+    """The model's `_Draws`, if re-drawing gives a natively built model's weights (up to
+    float rounding of the batched initializers) under another seed; else None."""
     other = seed + 1
     native, _ = _build_native(build, other, sample)
-    derived = _derived_values(model, initializers, index, other)
     expected = [np.asarray(v.value) for v in native.variables]
-    if len(expected) != len(derived) or not all(np.array_equal(a, b) for a, b in zip(expected, derived)):
+    try:
+        draws = _Draws(model, initializers, seed)
+        derived = [np.asarray(v)[0] for v in draws.values(model, [other])]
+    except Exception:  # noqa: BLE001 - an initializer that cannot be batched: build natively
         return None
-    return index
-
-
-def _derived_values(template: Any, initializers: list, draw_index: list[int | None], seed: int) -> list[np.ndarray]:
-    draws = _draws(seed, max((i for i in draw_index if i is not None), default=-1) + 1)
-    values = []
-    for v, initializer, i in zip(template.variables, initializers, draw_index):
-        if i is None:
-            values.append(np.asarray(v.value))
-        elif v.name == "seed_generator_state":
-            values.append(np.asarray([draws[i], 0], dtype=np.asarray(v.value).dtype))
-        else:
-            init = copy.copy(initializer)
-            init.seed = draws[i]
-            values.append(np.asarray(init(tuple(v.shape), dtype=v.dtype)))
-    return values
+    if len(expected) != len(derived) or not all(
+            a.shape == b.shape and np.allclose(a, b, rtol=1e-6, atol=1e-7) for a, b in zip(expected, derived)):
+        return None
+    return draws

@@ -81,12 +81,23 @@ def test_initial_weights_are_the_native_models(arrays):
     engine.clear_cache()
     replicas = engine.Replicas(build, seeds, arrays["x"], arrays["y"], arrays["xv"], arrays["yv"], batch_size=32)
     # Re-drawn from the initializers, not built natively seed by seed (the cost at many seeds).
-    assert [p.draw_index is not None for p in engine._programs.values()] == [True]
+    assert [p.draws is not None for p in engine._programs.values()] == [True]
     for r, seed in enumerate(seeds):
         keras.utils.set_random_seed(seed)
         native = build().get_weights()
         assert all(np.array_equal(a, b) for a, b in zip(native, replicas.weights(r)))
     assert not np.array_equal(replicas.weights(0)[0], replicas.weights(1)[0])
+
+
+def test_many_seeds_draw_the_native_weights_in_one_batched_call(arrays, monkeypatch):
+    monkeypatch.setattr(engine, "_BATCHED_DRAWS_FROM", 2)
+    build, seeds = builder("gru", 0.2), [8, 77, 123456]
+    engine.clear_cache()
+    replicas = engine.Replicas(build, seeds, arrays["x"], arrays["y"], arrays["xv"], arrays["yv"], batch_size=32)
+    assert [p.draws._batched_ok for p in engine._programs.values()] == [True]
+    for r, seed in enumerate(seeds):
+        keras.utils.set_random_seed(seed)
+        assert all(np.array_equal(a, b) for a, b in zip(build().get_weights(), replicas.weights(r)))
 
 
 class _ScaledInit(keras.layers.Layer):
@@ -110,7 +121,7 @@ def test_a_custom_initializer_falls_back_to_native_builds(arrays):
     seeds = [5, 6]
     engine.clear_cache()
     replicas = engine.Replicas(build, seeds, arrays["x"], arrays["y"], arrays["xv"], arrays["yv"], batch_size=16)
-    assert [p.draw_index for p in engine._programs.values()] == [None]
+    assert [p.draws for p in engine._programs.values()] == [None]
     for r, seed in enumerate(seeds):
         keras.utils.set_random_seed(seed)
         assert all(np.array_equal(a, b) for a, b in zip(build().get_weights(), replicas.weights(r)))
