@@ -9,6 +9,7 @@ over a leading replica axis, one jitted step per batch.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import random
 from dataclasses import dataclass
@@ -62,7 +63,7 @@ class Replicas:
         self.batch_size = int(batch_size)
         sample = (x[: self.batch_size], y[: self.batch_size])
         model, initializers = _build_native(build, self.seeds[0], sample)
-        program = _program_for(model, initializers, build, self.seeds, sample)
+        program = _program_for(model, initializers, self.seeds[0])
         self.model = program.model
         self._epoch = program.epoch
         self.state = _initial_state(model, build, self.seeds, program.draws, sample)
@@ -140,8 +141,7 @@ def _canonical(config: Any, names: dict[str, str]) -> Any:
     return config
 
 
-def _program_for(model: Any, initializers: list, build: Callable[[], Any], seeds: list[int],
-                 sample: tuple) -> _Program:
+def _program_for(model: Any, initializers: list, seed: int) -> _Program:
     key = _config_key(model)
     program = _programs.get(key)
     if program is None:
@@ -149,7 +149,7 @@ def _program_for(model: Any, initializers: list, build: Callable[[], Any], seeds
             # JAX keeps traces and executables in process-wide caches that an evicted
             # program alone would not release; start afresh instead of growing.
             clear_cache()
-        program = _Program(model, _compile_epoch(model), _checked_draws(model, initializers, build, seeds[0], sample))
+        program = _Program(model, _compile_epoch(model), _checked_draws(model, initializers, seed))
         _programs[key] = program
     return program
 
@@ -239,8 +239,8 @@ class _Draws:
     seed generator) the next of Python's `random` draws; so a variable's values under
     any seed follow from its initializer and its position among those draws. For a few
     seeds each initializer runs per seed (its ops are compiled already, by the native
-    build); for many (1000 seeds took 4.9 s that way on an H100) it runs once,
-    `jax.vmap`ped over the seeds' keys, which costs a compilation per seed count.
+    build); for many (1000 seeds took 4.9 s that way on an H100) it runs as one
+    compiled loop over the seeds' keys, which costs a compilation per seed count.
     """
 
     def __init__(self, model: Any, initializers: list, seed: int) -> None:
@@ -286,7 +286,10 @@ class _Draws:
         from keras.src.backend import random_seed_dtype
 
         if self._batched is None:
-            self._batched = [None if i is None or v.name == "seed_generator_state" else jax.jit(jax.vmap(_drawer(init, v)))
+            # A loop on the device rather than a vmap: a batched QR (the orthogonal
+            # initializer's) rounds differently from the per-seed one on a GPU.
+            self._batched = [None if i is None or v.name == "seed_generator_state"
+                             else jax.jit(functools.partial(jax.lax.map, _drawer(init, v)))
                              for v, init, i in zip(template.variables, self.initializers, self.index)]
         zeros = np.zeros(len(draws), np.int64)
         values = []
@@ -371,19 +374,36 @@ def _build_native(build: Callable[[], Any], seed: int, sample: tuple) -> tuple[A
     return model, [used.get(id(v)) for v in model.variables]
 
 
-def _checked_draws(model: Any, initializers: list, build: Callable[[], Any], seed: int,
-                   sample: tuple) -> _Draws | None:
-    """The model's `_Draws`, if re-drawing gives a natively built model's weights (up to
-    float rounding of the batched initializers) under another seed; else None."""
-    other = seed + 1
-    native, _ = _build_native(build, other, sample)
-    expected = [np.asarray(v.value) for v in native.variables]
-    try:
-        draws = _Draws(model, initializers, seed)
-        derived = [np.asarray(v)[0] for v in draws.values(model, [other])]
-    except Exception:  # noqa: BLE001 - an initializer that cannot be batched: build natively
+def _checked_draws(model: Any, initializers: list, seed: int) -> _Draws | None:
+    """The model's `_Draws` (for `model`, built under `seed`), or None where its weights
+    cannot be re-drawn: a variable drawn at random by anything but Keras' own random
+    initializers (a NumPy lambda, a custom initializer), or re-drawing under `seed` does
+    not give the model's own weights (e.g. a layer overwrote its weights after creating
+    them)."""
+    if not all(_redrawable(v, init) for v, init in zip(model.variables, initializers)):
         return None
-    if len(expected) != len(derived) or not all(
-            a.shape == b.shape and np.allclose(a, b, rtol=1e-6, atol=1e-7) for a, b in zip(expected, derived)):
-        return None
-    return draws
+    draws = _Draws(model, initializers, seed)
+    derived = draws.values(model, [seed])
+    return draws if all(np.array_equal(np.asarray(v.value), d[0]) for v, d in zip(model.variables, derived)) else None
+
+
+def _redrawable(variable: Any, initializer: Any) -> bool:
+    """Whether the variable's values follow from its initializer and the seed: Keras'
+    random initializers with an integer seed, seed generators, and any initializer that
+    gives the same values under two global seeds (Zeros, LSTM's unit-forget bias)."""
+    import keras
+    from keras.src.initializers.random_initializers import RandomInitializer
+
+    if variable.name == "seed_generator_state":
+        return True
+    if isinstance(initializer, RandomInitializer) and type(initializer).__module__.startswith("keras."):
+        # A seed generator as seed advances with every call and cannot be replayed.
+        return isinstance(initializer.seed, int)
+    if not callable(initializer):
+        return False
+    shape, dtype = tuple(variable.shape), variable.dtype
+    drawn = []
+    for probe in (1, 2):
+        keras.utils.set_random_seed(probe)
+        drawn.append(np.asarray(initializer(shape, dtype=dtype)))
+    return np.array_equal(drawn[0], drawn[1])

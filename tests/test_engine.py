@@ -127,6 +127,24 @@ def test_a_custom_initializer_falls_back_to_native_builds(arrays):
         assert all(np.array_equal(a, b) for a, b in zip(build().get_weights(), replicas.weights(r)))
 
 
+def test_weights_overwritten_after_creation_fall_back_to_native_builds(arrays):
+    def build():
+        inputs = keras.Input((STEPS, 2))
+        dense = keras.layers.Dense(1)
+        model = keras.Model(inputs, dense(keras.layers.Flatten()(inputs)))
+        dense.kernel.assign(np.random.normal(size=dense.kernel.shape))
+        model.compile("adam", "mse")
+        return model
+
+    seeds = [5, 6]
+    engine.clear_cache()
+    replicas = engine.Replicas(build, seeds, arrays["x"], arrays["y"], arrays["xv"], arrays["yv"], batch_size=16)
+    assert [p.draws for p in engine._programs.values()] == [None]
+    for r, seed in enumerate(seeds):
+        keras.utils.set_random_seed(seed)
+        assert all(np.array_equal(a, b) for a, b in zip(build().get_weights(), replicas.weights(r)))
+
+
 def test_a_replicas_fit_does_not_depend_on_its_neighbours(arrays):
     build = builder("gru", 0.3)
     alone = engine.Replicas(build, [21], arrays["x"], arrays["y"], arrays["xv"], arrays["yv"], batch_size=32)
