@@ -9,31 +9,24 @@ under the study's admission lock) before it is refitted, so no trial is refitted
 
 from __future__ import annotations
 
-import json
-import os
-import socket
 import statistics
 import time
 from dataclasses import dataclass
 from typing import Callable
 
 import optuna
-import sqlalchemy
 from optuna.trial import FrozenTrial, TrialState
 
 from hpo.objective import ATTR_SEEDS, ATTR_SEED_SCORES
 from hpo.space import suggest_params
 from hpo.spec import StudySpec
-from hpo.storage import count_trials, rdb_storage, study_lock
+from hpo.storage import claim_work, count_trials, rdb_storage, write_trial_user_attrs
 
 ATTR_CONFIRM_SEEDS = "confirm_seeds"
 ATTR_CONFIRM_SCORES = "confirm_scores"
 ATTR_CONFIRM_MEAN = "confirm_mean"
 ATTR_CONFIRM_STD = "confirm_std"
 CLAIM_PREFIX = "hpo:confirm:"
-# A claim whose worker never stored a result is taken over once its process is gone (same
-# host) or after this long (another host: a refit that takes longer is done twice, not lost).
-STALE_CLAIM_SECONDS = 3600.0
 POLL_SECONDS = 1.0
 
 
@@ -77,7 +70,8 @@ def confirm_study(study: optuna.Study, spec: StudySpec, top: int, seeds: int,
     new_seeds = fresh_seeds(study, spec, seeds)
     done: list[Confirmed] = []
     for trial in trials:
-        if not _claim(study, trial):
+        if not claim_work(storage, study._study_id, f"{CLAIM_PREFIX}{trial._trial_id}",
+                          done=lambda: ATTR_CONFIRM_MEAN in storage.get_trial_user_attrs(trial._trial_id)):
             continue
         params = suggest_params(spec, optuna.trial.FixedTrial(trial.params, number=trial.number))
         try:
@@ -87,55 +81,10 @@ def confirm_study(study: optuna.Study, spec: StudySpec, top: int, seeds: int,
         scores = fit.scores
         result = Confirmed(trial.number, new_seeds, scores, statistics.fmean(scores),
                            statistics.stdev(scores) if len(scores) > 1 else 0.0)
-        _store(storage, trial._trial_id, {ATTR_CONFIRM_SEEDS: result.seeds, ATTR_CONFIRM_SCORES: result.scores,
-                                          ATTR_CONFIRM_STD: result.std, ATTR_CONFIRM_MEAN: result.mean})
+        write_trial_user_attrs(storage, trial._trial_id, {
+            ATTR_CONFIRM_SEEDS: result.seeds, ATTR_CONFIRM_SCORES: result.scores,
+            ATTR_CONFIRM_STD: result.std, ATTR_CONFIRM_MEAN: result.mean})
         echo(f"confirmed trial {trial.number}: {spec.metric} {result.mean:.5g} ± {result.std:.2g} on "
              f"{len(new_seeds)} fresh seeds (selected at {trial.user_attrs.get('mean', float('nan')):.5g})")
         done.append(result)
     return done
-
-
-def _store(storage, trial_id: int, attrs: dict) -> None:
-    """Write user attributes on a finished trial, all in one transaction.
-
-    Optuna refuses `set_trial_user_attr` once a trial has finished, yet confirmation
-    belongs on the trial it confirms (readers, views and the dashboard look there), so
-    the rows go into Optuna's own `trial_user_attributes` table directly.
-    """
-    with storage.engine.begin() as conn:
-        for key, value in attrs.items():
-            conn.execute(sqlalchemy.text("DELETE FROM trial_user_attributes WHERE trial_id = :t AND key = :k"),
-                         {"t": trial_id, "k": key})
-            conn.execute(sqlalchemy.text("INSERT INTO trial_user_attributes (trial_id, key, value_json) "
-                                         "VALUES (:t, :k, :v)"), {"t": trial_id, "k": key, "v": json.dumps(value)})
-
-
-def _claim(study: optuna.Study, trial: FrozenTrial) -> bool:
-    """Take the trial's confirmation for this process; False when it is done or another
-    live worker holds it."""
-    storage = rdb_storage(study._storage)
-    key = f"{CLAIM_PREFIX}{trial._trial_id}"
-    with study_lock(storage, study._study_id):
-        if ATTR_CONFIRM_MEAN in storage.get_trial_user_attrs(trial._trial_id):
-            return False
-        claim = storage.get_study_system_attrs(study._study_id).get(key)
-        if claim is not None and _claim_live(claim):
-            return False
-        storage.set_study_system_attr(study._study_id, key,
-                                      {"by": f"{socket.gethostname()}:{os.getpid()}", "at": time.time()})
-    return True
-
-
-def _claim_live(claim: dict) -> bool:
-    """A claim holds while its process runs (known on this host) and is not stale."""
-    if time.time() - float(claim.get("at", 0)) >= STALE_CLAIM_SECONDS:
-        return False
-    host, _, pid = str(claim.get("by", "")).rpartition(":")
-    if host == socket.gethostname() and pid.isdigit():
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-    return True
