@@ -360,12 +360,16 @@ def write_trial_user_attrs(storage: optuna.storages.RDBStorage, trial_id: int, a
     cache keeps a finished trial as it first saw it: read such attributes back from the
     `RDBStorage` itself (`rdb_storage(...).get_trial_user_attrs`), not through a study.
     """
-    with storage.engine.begin() as conn:
-        for key, value in attrs.items():
-            conn.execute(sqlalchemy.text("DELETE FROM trial_user_attributes WHERE trial_id = :t AND key = :k"),
-                         {"t": trial_id, "k": key})
-            conn.execute(sqlalchemy.text("INSERT INTO trial_user_attributes (trial_id, key, value_json) "
-                                         "VALUES (:t, :k, :v)"), {"t": trial_id, "k": key, "v": json.dumps(value)})
+    def write() -> None:
+        with storage.engine.begin() as conn:
+            for key, value in attrs.items():
+                conn.execute(sqlalchemy.text("DELETE FROM trial_user_attributes WHERE trial_id = :t AND key = :k"),
+                             {"t": trial_id, "k": key})
+                conn.execute(sqlalchemy.text("INSERT INTO trial_user_attributes (trial_id, key, value_json) "
+                                             "VALUES (:t, :k, :v)"), {"t": trial_id, "k": key, "v": json.dumps(value)})
+
+    # One transaction that deletes before it inserts: sending it again after a lost answer is harmless.
+    retry_storage_call(storage, write)
 
 
 # A claim whose worker never finished its work is taken over once its process is gone (same
@@ -406,9 +410,12 @@ def _claimant() -> str:
 
 def _study_system_attr(storage: optuna.storages.RDBStorage, study_id: int, key: str) -> Any:
     # One row, not `get_study_system_attrs`: that reads every dashboard note of the study.
-    with storage.engine.connect() as conn:
-        value = conn.execute(sqlalchemy.text("SELECT value_json FROM study_system_attributes "
-                                             "WHERE study_id = :s AND key = :k"), {"s": study_id, "k": key}).scalar()
+    def read() -> Any:
+        with storage.engine.connect() as conn:
+            return conn.execute(sqlalchemy.text("SELECT value_json FROM study_system_attributes "
+                                                "WHERE study_id = :s AND key = :k"), {"s": study_id, "k": key}).scalar()
+
+    value = retry_storage_call(storage, read)
     return None if value is None else json.loads(value)
 
 
