@@ -15,7 +15,7 @@ from hpo.diagnosis import trial_note
 from hpo.errors import TrialFailed
 from hpo.space import suggest_params
 from hpo.spec import StudySpec
-from hpo.stats import welch
+from hpo.stats import bootstrap_ci, welch
 from hpo.training import RepeatFit, fit_repeats, release_memory
 
 # User attribute names people and our SQL views rely on.
@@ -34,6 +34,22 @@ ATTR_PRUNED_AT = "pruned_at_epoch"
 ATTR_SEED_STOP = "seed_stop_reason"
 # Set on a trial given back because its worker was stopped (it does not count).
 ATTR_INTERRUPTED = "interrupted"
+# Percentile-bootstrap 95% interval of the mean over every seed the trial was fitted on.
+ATTR_CI_LOW = "ci_low"
+ATTR_CI_HIGH = "ci_high"
+# Seeds fitted for a trial after it finished, while it was the incumbent and a challenger
+# came close; the selection record above (and Optuna's value) stays as it was.
+ATTR_ADDED_SEEDS = "incumbent_seeds"
+ATTR_ADDED_SCORES = "incumbent_scores"
+ATTR_ADDED_BEST_EPOCHS = "incumbent_best_epochs"
+ATTR_ADDED_EPOCHS_RUN = "incumbent_epochs_run"
+ATTR_ADDED_CURVES = "incumbent_curves"
+ATTR_ADDED_FAIL_REASON = "incumbent_fail_reason"
+# Mean and std over the selection seeds and the added ones together.
+ATTR_ALL_MEAN = "all_seeds_mean"
+ATTR_ALL_STD = "all_seeds_std"
+# On a challenger whose race ended at `seeds_max` undecided: the incumbent's number.
+ATTR_UNDECIDED_AGAINST = "undecided_against"
 # Adaptive seeds: a challenger stops adding seeds once Welch's test at this level tells it
 # from the incumbent (either way).
 RACE_ALPHA = 0.05
@@ -172,10 +188,15 @@ def objective_value(spec: StudySpec, fit: RepeatFit) -> float | tuple[float, flo
 
 
 def record_fit(trial: optuna.Trial, fit: RepeatFit) -> None:
-    """Store every per-seed figure of the fit as trial user attributes."""
+    """Store every per-seed figure of the fit as trial user attributes, with the bootstrap
+    interval of their mean (the `hpo_trials` view's `ci_low`/`ci_high`, as `hpo report`
+    prints it: SQL cannot resample)."""
+    ci_low, ci_high = bootstrap_ci(fit.scores)
     attrs: dict[str, Any] = {
         ATTR_MEAN: fit.mean,
         ATTR_STD: fit.std,
+        ATTR_CI_LOW: ci_low,
+        ATTR_CI_HIGH: ci_high,
         ATTR_SEED_SCORES: fit.scores,
         ATTR_SEEDS: [f.seed for f in fit.fits],
         ATTR_BEST_EPOCHS: [f.best_epoch for f in fit.fits],
