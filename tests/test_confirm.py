@@ -222,9 +222,9 @@ def test_an_incumbent_a_challenger_came_close_to_gains_new_seeds_that_later_race
     assert add_incumbent_seeds(study, spec, 0) is None
 
 
-def test_one_worker_at_a_time_adds_seeds_to_an_incumbent_and_a_diverged_seed_ends_it(tmp_path, monkeypatch):
+def test_one_worker_at_a_time_adds_seeds_to_an_incumbent_and_a_diverged_seed_ends_it(storage_url, monkeypatch):
     spec = parse_spec({**CLOSE, "name": "claimed"})
-    study = create_study(spec, get_storage(f"sqlite:///{tmp_path / 'claimed.db'}"))
+    study = create_study(spec, get_storage(storage_url))
     study.enqueue_trial({"x": -1.0})
     run_trials(study, spec, budget=1, echo=lambda line: None)
     storage, trial_id = rdb_storage(study._storage), study.trials[0]._trial_id
