@@ -1,39 +1,44 @@
-"""Confirmation: a finished study in; its top trials refitted on seeds none of them was
-selected on, with `confirm_seeds`, `confirm_scores`, `confirm_mean`, `confirm_std` stored
-on each. The winner is the maximum of many noisy means, so its selection-time mean is
-biased in its favour; the confirmed mean is not.
+"""Confirmation: finished trials in; the same trials refitted on seeds they were not
+selected on out, stored on each trial.
 
-Workers share the work like trials: each trial is claimed (a study system attribute set
-under the study's admission lock) before it is refitted, so no trial is refitted twice.
+- `confirm_study`: at the end of a study (or `hpo confirm`), its top trials on fresh
+  seeds (`confirm_seeds`, `confirm_scores`, `confirm_mean`, `confirm_std`). The winner is
+  the maximum of many noisy means, so its selection-time mean is biased in its favour;
+  the confirmed mean is not.
+- `add_incumbent_seeds`: during the search, when a challenger's race ends undecided, the
+  incumbent gains a batch of seeds continuing its own sequence (`incumbent_seeds`,
+  `incumbent_scores`, ...), so later races test against a sharper incumbent.
+
+Workers share the work like trials: each piece is claimed (a study system attribute set
+under the study's admission lock) before it is fitted, so none is fitted twice.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import socket
 import statistics
 import time
 from dataclasses import dataclass
 from typing import Callable
 
 import optuna
-import sqlalchemy
 from optuna.trial import FrozenTrial, TrialState
 
-from hpo.objective import ATTR_SEEDS, ATTR_SEED_SCORES
+from hpo.diagnosis import trial_note
+from hpo.errors import TrialFailed
+from hpo.objective import (ATTR_ADDED_BEST_EPOCHS, ATTR_ADDED_CURVES, ATTR_ADDED_EPOCHS_RUN, ATTR_ADDED_FAIL_REASON,
+                           ATTR_ADDED_SCORES, ATTR_ADDED_SEEDS, ATTR_ALL_MEAN, ATTR_ALL_STD, ATTR_CI_HIGH, ATTR_CI_LOW,
+                           ATTR_SEEDS, ATTR_SEED_SCORES, read_seed_record, write_trial_note)
 from hpo.space import suggest_params
 from hpo.spec import StudySpec
-from hpo.storage import count_trials, rdb_storage, study_lock
+from hpo.stats import bootstrap_ci
+from hpo.storage import claim_work, count_trials, rdb_storage, release_claim, write_trial_user_attrs
 
 ATTR_CONFIRM_SEEDS = "confirm_seeds"
 ATTR_CONFIRM_SCORES = "confirm_scores"
 ATTR_CONFIRM_MEAN = "confirm_mean"
 ATTR_CONFIRM_STD = "confirm_std"
 CLAIM_PREFIX = "hpo:confirm:"
-# A claim whose worker never stored a result is taken over once its process is gone (same
-# host) or after this long (another host: a refit that takes longer is done twice, not lost).
-STALE_CLAIM_SECONDS = 3600.0
+INCUMBENT_CLAIM_PREFIX = "hpo:incumbent:"
 POLL_SECONDS = 1.0
 
 
@@ -56,7 +61,8 @@ def top_trials(study: optuna.Study, spec: StudySpec, top: int) -> list[FrozenTri
 
 def fresh_seeds(study: optuna.Study, spec: StudySpec, n: int) -> list[int]:
     """`n` seeds continuing the study's seed sequence past every seed any trial used."""
-    used = [s for t in study.get_trials(deepcopy=False) for s in t.user_attrs.get(ATTR_SEEDS) or []]
+    used = [s for t in study.get_trials(deepcopy=False)
+            for s in (t.user_attrs.get(ATTR_SEEDS) or []) + (t.user_attrs.get(ATTR_ADDED_SEEDS) or [])]
     start = max([spec.seed * 1000 + (spec.seeds_max or spec.seeds) - 1, *used]) + 1
     return [start + i for i in range(n)]
 
@@ -77,7 +83,8 @@ def confirm_study(study: optuna.Study, spec: StudySpec, top: int, seeds: int,
     new_seeds = fresh_seeds(study, spec, seeds)
     done: list[Confirmed] = []
     for trial in trials:
-        if not _claim(study, trial):
+        if not claim_work(storage, study._study_id, f"{CLAIM_PREFIX}{trial._trial_id}",
+                          done=lambda: ATTR_CONFIRM_MEAN in storage.get_trial_user_attrs(trial._trial_id)):
             continue
         params = suggest_params(spec, optuna.trial.FixedTrial(trial.params, number=trial.number))
         try:
@@ -87,55 +94,81 @@ def confirm_study(study: optuna.Study, spec: StudySpec, top: int, seeds: int,
         scores = fit.scores
         result = Confirmed(trial.number, new_seeds, scores, statistics.fmean(scores),
                            statistics.stdev(scores) if len(scores) > 1 else 0.0)
-        _store(storage, trial._trial_id, {ATTR_CONFIRM_SEEDS: result.seeds, ATTR_CONFIRM_SCORES: result.scores,
-                                          ATTR_CONFIRM_STD: result.std, ATTR_CONFIRM_MEAN: result.mean})
+        write_trial_user_attrs(storage, trial._trial_id, {
+            ATTR_CONFIRM_SEEDS: result.seeds, ATTR_CONFIRM_SCORES: result.scores,
+            ATTR_CONFIRM_STD: result.std, ATTR_CONFIRM_MEAN: result.mean})
         echo(f"confirmed trial {trial.number}: {spec.metric} {result.mean:.5g} ± {result.std:.2g} on "
              f"{len(new_seeds)} fresh seeds (selected at {trial.user_attrs.get('mean', float('nan')):.5g})")
         done.append(result)
     return done
 
 
-def _store(storage, trial_id: int, attrs: dict) -> None:
-    """Write user attributes on a finished trial, all in one transaction.
+@dataclass
+class AddedSeeds:
+    """Seeds an incumbent gained, and its figures over every seed it has now."""
 
-    Optuna refuses `set_trial_user_attr` once a trial has finished, yet confirmation
-    belongs on the trial it confirms (readers, views and the dashboard look there), so
-    the rows go into Optuna's own `trial_user_attributes` table directly.
+    number: int
+    seeds: list[int]
+    scores: list[float]
+    n_seeds: int
+    mean: float
+    std: float
+
+
+def add_incumbent_seeds(study: optuna.Study, spec: StudySpec, number: int,
+                        check_stop: Callable[[], None] = lambda: None) -> AddedSeeds | None:
+    """Fit trial `number` (an incumbent a challenger came close to) a batch of `seeds` new
+    seeds and add them to its record; None when another worker is adding some now, the
+    trial has `seeds_max` seeds already, or adding failed before.
+
+    The seeds continue the trial's own sequence (`seed*1000 + i`), so they stay below the
+    seeds confirmation takes. Optuna's value, `mean`, `std` and `seed_scores` stay what the
+    trial was selected on; `incumbent_*` hold the added seeds, `all_seeds_mean` and
+    `all_seeds_std` the figures over both, and `ci_low`/`ci_high` are recomputed over both.
+
+    Raises:
+        TrialFailed: A new seed diverged or its fit raised; the reason is stored on the
+            trial (`incumbent_fail_reason`) and no worker tries again.
     """
-    with storage.engine.begin() as conn:
-        for key, value in attrs.items():
-            conn.execute(sqlalchemy.text("DELETE FROM trial_user_attributes WHERE trial_id = :t AND key = :k"),
-                         {"t": trial_id, "k": key})
-            conn.execute(sqlalchemy.text("INSERT INTO trial_user_attributes (trial_id, key, value_json) "
-                                         "VALUES (:t, :k, :v)"), {"t": trial_id, "k": key, "v": json.dumps(value)})
+    from hpo.training import fit_repeats, release_memory
 
-
-def _claim(study: optuna.Study, trial: FrozenTrial) -> bool:
-    """Take the trial's confirmation for this process; False when it is done or another
-    live worker holds it."""
+    if spec.seeds_max is None:
+        return None
     storage = rdb_storage(study._storage)
-    key = f"{CLAIM_PREFIX}{trial._trial_id}"
-    with study_lock(storage, study._study_id):
-        if ATTR_CONFIRM_MEAN in storage.get_trial_user_attrs(trial._trial_id):
-            return False
-        claim = storage.get_study_system_attrs(study._study_id).get(key)
-        if claim is not None and _claim_live(claim):
-            return False
-        storage.set_study_system_attr(study._study_id, key,
-                                      {"by": f"{socket.gethostname()}:{os.getpid()}", "at": time.time()})
-    return True
+    trial_id = storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
+    key = f"{INCUMBENT_CLAIM_PREFIX}{trial_id}"
 
+    def done() -> bool:
+        record = read_seed_record(storage, trial_id)
+        return record.added_fail_reason is not None or len(record.all_scores) >= spec.seeds_max
 
-def _claim_live(claim: dict) -> bool:
-    """A claim holds while its process runs (known on this host) and is not stale."""
-    if time.time() - float(claim.get("at", 0)) >= STALE_CLAIM_SECONDS:
-        return False
-    host, _, pid = str(claim.get("by", "")).rpartition(":")
-    if host == socket.gethostname() and pid.isdigit():
+    if not claim_work(storage, study._study_id, key, done=done):
+        return None
+    try:
+        record = read_seed_record(storage, trial_id)
+        start = max(record.all_seeds) + 1
+        batch = [start + i for i in range(min(spec.seeds, spec.seeds_max - len(record.all_scores)))]
+        params = suggest_params(spec, optuna.trial.FixedTrial(storage.get_trial(trial_id).params, number=number))
         try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-    return True
+            fit = fit_repeats(spec, params, batch, lambda epoch, value: check_stop() or False)
+        except Exception as e:  # noqa: BLE001 - as in a trial: a fault in user-shaped code fails this fit only
+            reason = str(e) if isinstance(e, TrialFailed) else f"{type(e).__name__}: {e}"[:2000]
+            write_trial_user_attrs(storage, trial_id, {ATTR_ADDED_FAIL_REASON: reason})
+            raise TrialFailed(reason) from e
+        finally:
+            release_memory()
+        attrs = storage.get_trial_user_attrs(trial_id)
+        added = {k: list(attrs.get(k) or []) + new for k, new in (
+            (ATTR_ADDED_SEEDS, [f.seed for f in fit.fits]), (ATTR_ADDED_SCORES, fit.scores),
+            (ATTR_ADDED_BEST_EPOCHS, [f.best_epoch for f in fit.fits]),
+            (ATTR_ADDED_EPOCHS_RUN, [f.epochs_run for f in fit.fits]), (ATTR_ADDED_CURVES, [f.curves for f in fit.fits]))}
+        scores = record.scores + added[ATTR_ADDED_SCORES]
+        ci_low, ci_high = bootstrap_ci(scores)
+        added.update({ATTR_ALL_MEAN: statistics.fmean(scores), ATTR_ALL_STD: statistics.stdev(scores),
+                      ATTR_CI_LOW: ci_low, ATTR_CI_HIGH: ci_high})
+        write_trial_user_attrs(storage, trial_id, added)
+        write_trial_note(storage, study._study_id, trial_id, trial_note(number, {**attrs, **added}, spec.metric),
+                         replace=True)
+    finally:
+        release_claim(storage, study._study_id, key)
+    return AddedSeeds(number, batch, fit.scores, len(scores), added[ATTR_ALL_MEAN], added[ATTR_ALL_STD])

@@ -75,20 +75,34 @@ def diagnose_curves(curves: Sequence[dict[str, Sequence[float | None]]] | None) 
 
 
 def trial_note(number: int, attrs: dict[str, Any], metric: str = "score") -> str:
-    """Markdown for the trial's optuna-dashboard note: mean ± std, one row per seed, diagnosis."""
+    """Markdown for the trial's optuna-dashboard note: mean ± std, one row per seed (those
+    added while it was the incumbent marked), diagnosis."""
     scores = attrs.get("seed_scores") or []
     seeds = attrs.get("seeds") or list(range(len(scores)))
     best = attrs.get("best_epochs") or [None] * len(scores)
     run = attrs.get("epochs_run") or [None] * len(scores)
+    added = attrs.get("incumbent_scores") or []
+    n = len(scores) + len(added)
     lines = [f"## Trial {number}", ""]
-    if "mean" in attrs:
+    if added and "all_seeds_mean" in attrs:
+        lines += [f"**{metric}: {_fmt(attrs['all_seeds_mean'])} ± {_fmt(attrs.get('all_seeds_std'))}** over {n} "
+                  f"seeds: {len(scores)} it was selected on ({_fmt(attrs.get('mean'))} ± {_fmt(attrs.get('std'))}), "
+                  f"{len(added)} added while it was the incumbent", ""]
+    elif "mean" in attrs:
         lines += [f"**{metric}: {_fmt(attrs['mean'])} ± {_fmt(attrs.get('std'))}** over {len(scores)} seeds", ""]
     lines += ["| seed | score | best epoch | epochs run |", "|---:|---:|---:|---:|"]
+    rows = list(zip(seeds, scores, best, run))
+    rows += [(f"{s} (added)", v, b, r) for s, v, b, r in zip(
+        attrs.get("incumbent_seeds") or [], added, attrs.get("incumbent_best_epochs") or [None] * len(added),
+        attrs.get("incumbent_epochs_run") or [None] * len(added))]
     lines += [f"| {s} | {_fmt(v)} | {b if b is not None else ''} | {r if r is not None else ''} |"
-              for s, v, b, r in zip(seeds, scores, best, run)]
-    lines += ["", f"**Diagnosis:** {diagnose_curves(attrs.get('curves'))}"]
+              for s, v, b, r in rows]
+    curves = (attrs.get("curves") or []) + (attrs.get("incumbent_curves") or [])
+    lines += ["", f"**Diagnosis:** {diagnose_curves(curves)}"]
     if attrs.get("seed_stop_reason"):
         lines += ["", f"Adaptive seeds stopped at {len(scores)}: {attrs['seed_stop_reason']}."]
+    if attrs.get("incumbent_fail_reason"):
+        lines += ["", f"Adding seeds as the incumbent failed: {attrs['incumbent_fail_reason']}."]
     if attrs.get("pruned_at_epoch") is not None:
         lines += ["", f"Pruned after epoch {attrs['pruned_at_epoch']}."]
     return "\n".join(lines) + "\n"

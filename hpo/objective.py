@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import statistics
 import sys
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import optuna
@@ -15,7 +16,7 @@ from hpo.diagnosis import trial_note
 from hpo.errors import TrialFailed
 from hpo.space import suggest_params
 from hpo.spec import StudySpec
-from hpo.stats import welch
+from hpo.stats import bootstrap_ci, welch
 from hpo.training import RepeatFit, fit_repeats, release_memory
 
 # User attribute names people and our SQL views rely on.
@@ -34,6 +35,22 @@ ATTR_PRUNED_AT = "pruned_at_epoch"
 ATTR_SEED_STOP = "seed_stop_reason"
 # Set on a trial given back because its worker was stopped (it does not count).
 ATTR_INTERRUPTED = "interrupted"
+# Percentile-bootstrap 95% interval of the mean over every seed the trial was fitted on.
+ATTR_CI_LOW = "ci_low"
+ATTR_CI_HIGH = "ci_high"
+# Seeds fitted for a trial after it finished, while it was the incumbent and a challenger
+# came close; the selection record above (and Optuna's value) stays as it was.
+ATTR_ADDED_SEEDS = "incumbent_seeds"
+ATTR_ADDED_SCORES = "incumbent_scores"
+ATTR_ADDED_BEST_EPOCHS = "incumbent_best_epochs"
+ATTR_ADDED_EPOCHS_RUN = "incumbent_epochs_run"
+ATTR_ADDED_CURVES = "incumbent_curves"
+ATTR_ADDED_FAIL_REASON = "incumbent_fail_reason"
+# Mean and std over the selection seeds and the added ones together.
+ATTR_ALL_MEAN = "all_seeds_mean"
+ATTR_ALL_STD = "all_seeds_std"
+# On a challenger whose race ended at `seeds_max` undecided: the incumbent's number.
+ATTR_UNDECIDED_AGAINST = "undecided_against"
 # Adaptive seeds: a challenger stops adding seeds once Welch's test at this level tells it
 # from the incumbent (either way).
 RACE_ALPHA = 0.05
@@ -89,25 +106,31 @@ class Objective:
         """Adaptive seeds: add batches of `seeds` new seeds (trained together, continuing the
         trial's sequence) while Welch's test cannot tell the trial from the incumbent, up
         to `seeds_max`. Only the first batch reports to the pruner: later batches would
-        report epochs Optuna has already seen. Stores why it stopped in `seed_stop_reason`."""
+        report epochs Optuna has already seen. Stores why it stopped in `seed_stop_reason`,
+        and the incumbent's number in `undecided_against` when it came close: undecided
+        at `seeds_max`, so the worker gives the incumbent more seeds next."""
         spec = self.spec
-        reason = f"reached seeds max = {spec.seeds_max}"
-        while len(fit.fits) < spec.seeds_max:
+        while True:
             incumbent = _incumbent(trial)
             if incumbent is None:
                 reason = "no complete trial to race yet"
                 break
             number, best = incumbent
+            against = f"incumbent #{number} on {len(best)} seed{'s' * (len(best) != 1)}"
             if len(best) < 2 or len(fit.fits) < 2:
-                reason = f"incumbent #{number} has too few seeds to test against"
+                reason = f"{against}: too few seeds to test against"
                 break
             if len(set(best)) == 1 and len(set(fit.scores)) == 1:
-                reason = f"constant scores, told apart from incumbent #{number} exactly"
+                reason = f"constant scores, told apart from {against} exactly"
                 break
             _, p = welch(fit.scores, best)
             if p < RACE_ALPHA:
                 better = (fit.mean < statistics.fmean(best)) == (spec.direction == "minimize")
-                reason = f"{'better' if better else 'worse'} than incumbent #{number} (Welch p = {p:.2g})"
+                reason = f"{'better' if better else 'worse'} than {against} (Welch p = {p:.2g})"
+                break
+            if len(fit.fits) >= spec.seeds_max:
+                reason = f"reached seeds max = {spec.seeds_max}, undecided against {against} (Welch p = {p:.2g})"
+                trial.set_user_attr(ATTR_UNDECIDED_AGAINST, number)
                 break
             start = spec.seed * 1000 + len(fit.fits)
             batch = [start + i for i in range(min(spec.seeds, spec.seeds_max - len(fit.fits)))]
@@ -119,13 +142,47 @@ class Objective:
 
 
 def _incumbent(trial: optuna.Trial) -> tuple[int, list[float]] | None:
-    """The study's best complete trial so far: (number, per-seed scores), or None."""
+    """The study's best complete trial so far and the finite scores of every seed it has
+    now (those it was selected on and any added since), or None."""
     try:
         best = trial.study.best_trial
     except ValueError:
         return None
-    scores = [s for s in best.user_attrs.get(ATTR_SEED_SCORES) or [] if s is not None and math.isfinite(s)]
-    return best.number, scores
+    record = read_seed_record(trial.storage, best._trial_id)
+    return best.number, [s for s in record.all_scores if s is not None and math.isfinite(s)]
+
+
+@dataclass
+class SeedRecord:
+    """The seeds a finished trial was fitted on, as the database holds them now: those it
+    was selected on, then those added while it was the incumbent."""
+
+    seeds: list[int]
+    scores: list[float]
+    added_seeds: list[int]
+    added_scores: list[float]
+    added_fail_reason: str | None = None
+
+    @property
+    def all_seeds(self) -> list[int]:
+        return self.seeds + self.added_seeds
+
+    @property
+    def all_scores(self) -> list[float]:
+        return self.scores + self.added_scores
+
+
+def read_seed_record(storage: optuna.storages.BaseStorage, trial_id: int) -> SeedRecord:
+    """A trial's seeds and scores read from the database itself.
+
+    Optuna's cache (`_CachedStorage`, under every study) keeps a finished trial as it first
+    saw it, and seeds are added to an incumbent after it finished, by this worker or
+    another: so the read goes to the `RDBStorage` under the cache.
+    """
+    attrs = getattr(storage, "_backend", storage).get_trial_user_attrs(trial_id)
+    return SeedRecord(list(attrs.get(ATTR_SEEDS) or []), list(attrs.get(ATTR_SEED_SCORES) or []),
+                      list(attrs.get(ATTR_ADDED_SEEDS) or []), list(attrs.get(ATTR_ADDED_SCORES) or []),
+                      attrs.get(ATTR_ADDED_FAIL_REASON))
 
 
 class _Reporter:
@@ -172,10 +229,15 @@ def objective_value(spec: StudySpec, fit: RepeatFit) -> float | tuple[float, flo
 
 
 def record_fit(trial: optuna.Trial, fit: RepeatFit) -> None:
-    """Store every per-seed figure of the fit as trial user attributes."""
+    """Store every per-seed figure of the fit as trial user attributes, with the bootstrap
+    interval of their mean (the `hpo_trials` view's `ci_low`/`ci_high`, as `hpo report`
+    prints it: SQL cannot resample)."""
+    ci_low, ci_high = bootstrap_ci(fit.scores)
     attrs: dict[str, Any] = {
         ATTR_MEAN: fit.mean,
         ATTR_STD: fit.std,
+        ATTR_CI_LOW: ci_low,
+        ATTR_CI_HIGH: ci_high,
         ATTR_SEED_SCORES: fit.scores,
         ATTR_SEEDS: [f.seed for f in fit.fits],
         ATTR_BEST_EPOCHS: [f.best_epoch for f in fit.fits],
@@ -200,20 +262,30 @@ def record_note(trial: optuna.Trial, metric: str) -> None:
                      trial_note(trial.number, trial.user_attrs, metric))
 
 
-def write_trial_note(storage: optuna.storages.BaseStorage, study_id: int, trial_id: int, body: str) -> bool:
-    """Store `body` as the dashboard note of a trial that has none yet; False when
-    optuna-dashboard is not installed.
+def write_trial_note(storage: optuna.storages.BaseStorage, study_id: int, trial_id: int, body: str,
+                     replace: bool = False) -> bool:
+    """Store `body` as the dashboard note of a trial that has none yet (with `replace`: in
+    place of the one it has); False when optuna-dashboard is not installed.
 
     optuna-dashboard keeps a note as study system attributes: the body in chunks and a
     version. Its `save_note` reads every attribute of the study to find the version, a
     cost that grows with the study (5,000 notes took minutes); a first note is version 1,
     so it is written directly, body first so no reader sees a version without a body.
+    Replacing one (rare: an incumbent that gained seeds) reads them once, as `save_note`
+    would, to bump the version and blank the chunks a shorter body no longer fills.
     """
     try:
-        from optuna_dashboard._note import note_ver_key, split_body
+        from optuna_dashboard._note import note_str_key_prefix, note_ver_key, split_body
     except ImportError:
         return False
-    for key, value in split_body(body, trial_id).items():
+    chunks = split_body(body, trial_id)
+    version = 1
+    if replace:
+        old = storage.get_study_system_attrs(study_id)
+        version = int(old.get(note_ver_key(trial_id)) or 0) + 1
+        # The dashboard joins chunks 0..n-1 for the n it finds, so a stale one must stay, empty.
+        chunks.update({k: "" for k in old if k.startswith(note_str_key_prefix(trial_id)) and k not in chunks})
+    for key, value in chunks.items():
         storage.set_study_system_attr(study_id, key, value)
-    storage.set_study_system_attr(study_id, note_ver_key(trial_id), 1)
+    storage.set_study_system_attr(study_id, note_ver_key(trial_id), version)
     return True

@@ -300,6 +300,9 @@ def build_report(storage: str | None, study_name: str, top: int = 5) -> Report:
     mean on fresh seeds, params and diagnosis; whether the best is distinguishable from
     the runner-up; and the expected best score vs number of trials.
 
+    A trial's figures cover every seed it was fitted on, those added while it was the
+    incumbent included; its objective value is the one it was selected on.
+
     Trials confirmed on fresh seeds rank first, by their confirmed mean (the selection
     mean of the winner is biased in its favour); the rest follow by objective value.
 
@@ -331,11 +334,17 @@ def build_report(storage: str | None, study_name: str, top: int = 5) -> Report:
 
     scores = {n: [_round(x) for x in g["score"]] for n, g in seeds.groupby("number")}
     stop_reason = {int(n): json.loads(v) for n, v in zip(stops["number"], stops["value_json"])}
-    table = ranked[["number", "value", "mean", "std", "n_seeds", "mean_best_epoch"]].copy().reset_index(drop=True)
+    table = ranked[["number", "value", "mean", "std", "ci_low", "ci_high", "n_seeds", "n_added_seeds",
+                    "mean_best_epoch"]].copy().reset_index(drop=True)
     table.insert(0, "rank", range(1, len(table) + 1))
-    cis = [bootstrap_ci(scores.get(n, [])) for n in numbers]
-    table.insert(5, "ci_low", [c[0] for c in cis])
-    table.insert(6, "ci_high", [c[1] for c in cis])
+    # The interval the trial stored, as the hpo_trials view shows it; trials recorded before
+    # intervals were stored get theirs from their per-seed scores here, the same way.
+    unrounded = {n: g["score"].tolist() for n, g in seeds.groupby("number")}
+    for i, n in enumerate(numbers):
+        if pd.isna(table.loc[i, "ci_low"]):
+            table.loc[i, "ci_low"], table.loc[i, "ci_high"] = bootstrap_ci(unrounded.get(n, []))
+    table["ci_low"] = table["ci_low"].astype(float)
+    table["ci_high"] = table["ci_high"].astype(float)
     table["confirm_mean"] = [confirmed[n].confirm_mean if n in confirmed else math.nan for n in numbers]
     table["confirm_std"] = [confirmed[n].confirm_std if n in confirmed else math.nan for n in numbers]
     table["seed_scores"] = [scores.get(n, []) for n in numbers]
@@ -357,8 +366,10 @@ def build_report(storage: str | None, study_name: str, top: int = 5) -> Report:
         t, p, ok, hint = compare_scores(a, b)
         key = "confirm_mean" if both else "value"
         diff = abs(float(table[key].iloc[1] - table[key].iloc[0]))
-        comparison = Comparison(best, second, diff, t, p, ok, hint, p_improvement(a, b, direction),
-                                "fresh confirmation seeds" if both else "selection seeds")
+        added = table["n_added_seeds"].iloc[:2].fillna(0).sum() > 0
+        on = ("fresh confirmation seeds" if both else
+              "selection seeds and seeds added to the incumbent" if added else "selection seeds")
+        comparison = Comparison(best, second, diff, t, p, ok, hint, p_improvement(a, b, direction), on)
     curve = expected_best(done["value"].tolist(), direction)
     return Report(study_name, direction, len(done), table, comparison, [float(x) for x in curve],
                   "confirmed mean, then objective value" if confirmed else "objective value")
@@ -446,8 +457,14 @@ def _narrow(top: pd.DataFrame) -> pd.DataFrame:
         diag += f" ({m.group(1)}/{m.group(2)} seeds)" if m else ""
         rows.append({"rank": r.rank, "trial": r.number, "mean ± std": f"{_num(r.mean)} ± {_num(r.std, 2)}",
                      "95% CI (bootstrap)": f"[{_num(r.ci_low, 4)}, {_num(r.ci_high, 4)}]" if not math.isnan(r.ci_low) else "",
-                     "seeds": r.n_seeds, "confirmed (seeds)": confirmed, "diagnosis": diag})
+                     "seeds": _seeds(r), "confirmed (seeds)": confirmed, "diagnosis": diag})
     return pd.DataFrame(rows)
+
+
+def _seeds(r) -> str:
+    """Seed count, as selected + added while the incumbent when it gained some."""
+    added = 0 if pd.isna(r.n_added_seeds) else int(r.n_added_seeds)
+    return f"{int(r.n_seeds) - added}+{added}" if added else str(r.n_seeds)
 
 
 def _wide(top: pd.DataFrame) -> pd.DataFrame:

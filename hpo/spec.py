@@ -415,6 +415,9 @@ def parse_spec(raw: dict[str, Any], *, source: str = "<memory>", base_dir: Path 
     if objective.mode == "pareto" and pruner.kind != "none":
         raise SpecError(source, "pruner.kind", 'objective mode "pareto" has two objectives and Optuna cannot prune '
                                                'multi-objective trials; set [pruner] kind = "none"')
+    if objective.mode == "pareto" and seeds_max is not None:
+        raise SpecError(source, "seeds", 'objective mode "pareto" has no single incumbent for adaptive seeds to race '
+                                         f'against; set a fixed count, e.g. seeds = {seeds_max}')
     space = _parse_space(top.table("space"), model.family)
     output = model.output or _natural_output(data, metric)
     if model.family == CUSTOM and data.name == LOADER and model.output is None and metric != "val_accuracy":

@@ -11,6 +11,7 @@ import fcntl
 import functools
 import json
 import os
+import socket
 import sqlite3
 import sys
 import threading
@@ -347,6 +348,90 @@ def study_lock(storage: optuna.storages.RDBStorage, study_id: int) -> Iterator[N
 
 
 _local_lock = threading.Lock()
+
+
+def write_trial_user_attrs(storage: optuna.storages.RDBStorage, trial_id: int, attrs: dict[str, Any]) -> None:
+    """Write user attributes on a trial, finished or not, all in one transaction.
+
+    Optuna refuses `set_trial_user_attr` once a trial has finished, yet what is learnt
+    about a trial later (its confirmation on fresh seeds, seeds added while it was the
+    incumbent) belongs on that trial: readers, views and the dashboard look there. So the
+    rows go into Optuna's own `trial_user_attributes` table directly. A process's Optuna
+    cache keeps a finished trial as it first saw it: read such attributes back from the
+    `RDBStorage` itself (`rdb_storage(...).get_trial_user_attrs`), not through a study.
+    """
+    def write() -> None:
+        with storage.engine.begin() as conn:
+            for key, value in attrs.items():
+                conn.execute(sqlalchemy.text("DELETE FROM trial_user_attributes WHERE trial_id = :t AND key = :k"),
+                             {"t": trial_id, "k": key})
+                conn.execute(sqlalchemy.text("INSERT INTO trial_user_attributes (trial_id, key, value_json) "
+                                             "VALUES (:t, :k, :v)"), {"t": trial_id, "k": key, "v": json.dumps(value)})
+
+    # One transaction that deletes before it inserts: sending it again after a lost answer is harmless.
+    retry_storage_call(storage, write)
+
+
+# A claim whose worker never finished its work is taken over once its process is gone (same
+# host) or after this long (another host: work that takes longer is done twice, not lost).
+STALE_CLAIM_SECONDS = 3600.0
+
+
+def claim_work(storage: optuna.storages.RDBStorage, study_id: int, key: str,
+               done: Callable[[], bool] = lambda: False) -> bool:
+    """Take a piece of a study's shared work for this process: a study system attribute
+    `key` set under the study's admission lock, so of several workers exactly one gets it.
+
+    Returns False when `done()` (called under the lock) says the work is done already, or
+    another live process holds the claim. Give it back with `release_claim` when the work
+    may be wanted again later.
+    """
+    with study_lock(storage, study_id):
+        if done():
+            return False
+        claim = _study_system_attr(storage, study_id, key)
+        if claim is not None and _claim_live(claim):
+            return False
+        storage.set_study_system_attr(study_id, key, {"by": _claimant(), "at": time.time()})
+    return True
+
+
+def release_claim(storage: optuna.storages.RDBStorage, study_id: int, key: str) -> None:
+    """Give back this process's claim on `key` (one another process took over is left alone)."""
+    with study_lock(storage, study_id):
+        claim = _study_system_attr(storage, study_id, key)
+        if isinstance(claim, dict) and claim.get("by") == _claimant():
+            storage.set_study_system_attr(study_id, key, None)
+
+
+def _claimant() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _study_system_attr(storage: optuna.storages.RDBStorage, study_id: int, key: str) -> Any:
+    # One row, not `get_study_system_attrs`: that reads every dashboard note of the study.
+    def read() -> Any:
+        with storage.engine.connect() as conn:
+            return conn.execute(sqlalchemy.text("SELECT value_json FROM study_system_attributes "
+                                                "WHERE study_id = :s AND key = :k"), {"s": study_id, "k": key}).scalar()
+
+    value = retry_storage_call(storage, read)
+    return None if value is None else json.loads(value)
+
+
+def _claim_live(claim: Any) -> bool:
+    """A claim holds while its process runs (known on this host) and is not stale."""
+    if not isinstance(claim, dict) or time.time() - float(claim.get("at", 0)) >= STALE_CLAIM_SECONDS:
+        return False
+    host, _, pid = str(claim.get("by", "")).rpartition(":")
+    if host == socket.gethostname() and pid.isdigit():
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+    return True
 
 
 def fail_heartless_trials(study: optuna.Study) -> None:

@@ -1,8 +1,12 @@
-"""SQL views: a study database (Optuna's tables, our per-seed user attributes) in, four
+"""SQL views: a study database (Optuna's tables, our per-seed user attributes) in, five
 `hpo_` views out that read like a results table, on SQLite and on PostgreSQL.
 
 `hpo_trials` (one row per trial), `hpo_trial_params` (trial x parameter, categoricals
-decoded), `hpo_seed_scores` (trial x seed) and `hpo_learning_curves` (trial x seed x epoch).
+decoded), `hpo_seed_scores` (trial x seed), `hpo_learning_curves` (trial x seed x epoch)
+and `hpo_confirmations` (one row per confirmed trial). A trial's seeds are every seed it
+was fitted on: those it was selected on, then any added while it was the incumbent
+(`added` = 1). `ci_low`/`ci_high` are the bootstrap interval stored with the trial (SQL
+cannot resample); trials recorded before it was stored have NULL there.
 Non-finite numbers (Python's json writes `NaN`/`Infinity`, which is not JSON) read as NULL.
 """
 
@@ -18,10 +22,7 @@ from hpo.storage import engine_kwargs, first_line
 VIEW_NAMES = ("hpo_trials", "hpo_trial_params", "hpo_seed_scores", "hpo_learning_curves", "hpo_confirmations")
 # Bump when the SQL of any view changes: databases carrying an older marker get the views
 # dropped and created again on the next create_views.
-VIEWS_VERSION = "hpo views v2"
-# The 95% interval uses Student's t for up to this many seeds (precomputed constants, so
-# neither SQLite nor PostgreSQL needs sqrt or an inverse t); beyond it the bounds are NULL.
-_MAX_CI_SEEDS = 200
+VIEWS_VERSION = "hpo views v3"
 
 
 def create_views(engine_or_url: sqlalchemy.engine.Engine | str) -> bool:
@@ -140,14 +141,6 @@ def _clean(expr: str) -> str:
     return f"replace(replace(replace({expr}, '-Infinity', 'null'), 'Infinity', 'null'), 'NaN', 'null')"
 
 
-def _ci_factor(n: str) -> str:
-    # t(0.975, n-1) / sqrt(n): the 95% half-width is std times this.
-    from scipy.special import stdtrit
-
-    whens = " ".join(f"WHEN {k} THEN {float(stdtrit(k - 1, 0.975)) / k ** 0.5:.12g}" for k in range(2, _MAX_CI_SEEDS + 1))
-    return f"(CASE {n} {whens} END)"
-
-
 @lru_cache(maxsize=None)
 def _view_sql(dialect: str) -> dict[str, str]:
     return _sqlite_views() if dialect == "sqlite" else _postgresql_views()
@@ -157,19 +150,24 @@ def _sqlite_views() -> dict[str, str]:
     def attr(key: str) -> str:
         return f"(SELECT {_clean('u.value_json')} FROM trial_user_attributes u WHERE u.trial_id = t.trial_id AND u.key = '{key}')"
 
-    trials = f"""SELECT study_name, study_id, trial_id, number, state, value, mean, std, n_seeds,
-       mean - std * {_ci_factor('n_seeds')} AS ci_low,
-       mean + std * {_ci_factor('n_seeds')} AS ci_high,
-       (SELECT avg(e.value) FROM json_each(best_epochs_json) e) AS mean_best_epoch,
+    trials = f"""SELECT study_name, study_id, trial_id, number, state, value, mean, std,
+       n_selection + n_added AS n_seeds, CASE WHEN n_selection IS NOT NULL THEN n_added END AS n_added_seeds,
+       ci_low, ci_high,
+       (SELECT avg(e.value) FROM (SELECT value FROM json_each(best_epochs_json)
+                                  UNION ALL SELECT value FROM json_each(added_best_epochs_json)) e) AS mean_best_epoch,
        duration_s, datetime_start, datetime_complete
 FROM (
   SELECT s.study_name, s.study_id, t.trial_id, t.number, t.state,
          (SELECT v.value FROM trial_values v WHERE v.trial_id = t.trial_id AND v.objective = 0
             AND v.value_type = 'FINITE') AS value,
-         json_extract({attr('mean')}, '$') AS mean,
-         json_extract({attr('std')}, '$') AS std,
-         json_array_length({attr('seed_scores')}) AS n_seeds,
+         COALESCE(json_extract({attr('all_seeds_mean')}, '$'), json_extract({attr('mean')}, '$')) AS mean,
+         COALESCE(json_extract({attr('all_seeds_std')}, '$'), json_extract({attr('std')}, '$')) AS std,
+         json_array_length({attr('seed_scores')}) AS n_selection,
+         COALESCE(json_array_length({attr('incumbent_scores')}), 0) AS n_added,
+         json_extract({attr('ci_low')}, '$') AS ci_low,
+         json_extract({attr('ci_high')}, '$') AS ci_high,
          {attr('best_epochs')} AS best_epochs_json,
+         {attr('incumbent_best_epochs')} AS added_best_epochs_json,
          (julianday(t.datetime_complete) - julianday(t.datetime_start)) * 86400.0 AS duration_s,
          t.datetime_start, t.datetime_complete
   FROM trials t JOIN studies s ON s.study_id = t.study_id
@@ -196,28 +194,38 @@ FROM (
        END AS kind
 FROM trial_params p JOIN trials t ON t.trial_id = p.trial_id JOIN studies s ON s.study_id = t.study_id"""
 
-    seeds = f"""SELECT s.study_name, s.study_id, t.trial_id, t.number, t.state,
-       sc.key AS seed_index,
-       json_extract({attr('seeds')}, '$[' || sc.key || ']') AS seed,
+    def seeds_of(prefix: str, scores_key: str, offset: str, added: int) -> str:
+        return f"""SELECT s.study_name, s.study_id, t.trial_id, t.number, t.state,
+       {offset}sc.key AS seed_index,
+       json_extract({attr(prefix + 'seeds')}, '$[' || sc.key || ']') AS seed,
        sc.value AS score,
-       json_extract({attr('best_epochs')}, '$[' || sc.key || ']') AS best_epoch,
-       json_extract({attr('epochs_run')}, '$[' || sc.key || ']') AS epochs_run
+       json_extract({attr(prefix + 'best_epochs')}, '$[' || sc.key || ']') AS best_epoch,
+       json_extract({attr(prefix + 'epochs_run')}, '$[' || sc.key || ']') AS epochs_run,
+       {added} AS added
 FROM trials t JOIN studies s ON s.study_id = t.study_id
-JOIN trial_user_attributes us ON us.trial_id = t.trial_id AND us.key = 'seed_scores'
+JOIN trial_user_attributes us ON us.trial_id = t.trial_id AND us.key = '{scores_key}'
 JOIN json_each({_clean('us.value_json')}) sc"""
+
+    # Seeds added while the trial was the incumbent follow those it was selected on.
+    offset = f"json_array_length({attr('seed_scores')}) + "
+    seeds = seeds_of("", "seed_scores", "", 0) + "\nUNION ALL\n" + seeds_of("incumbent_", "incumbent_scores", offset, 1)
 
     def at(curve: str) -> str:
         return f"json_extract(c.value, '$.{curve}[' || e.key || ']')"
 
-    curves = f"""SELECT s.study_name, s.study_id, t.trial_id, t.number, t.state,
-       c.key AS seed_index,
-       json_extract({attr('seeds')}, '$[' || c.key || ']') AS seed,
+    def curves_of(prefix: str, offset: str, added: int) -> str:
+        return f"""SELECT s.study_name, s.study_id, t.trial_id, t.number, t.state,
+       {offset}c.key AS seed_index,
+       json_extract({attr(prefix + 'seeds')}, '$[' || c.key || ']') AS seed,
        e.key + 1 AS epoch,
-       e.value AS loss, {at('val_loss')} AS val_loss, {at('metric')} AS metric, {at('val_metric')} AS val_metric
+       e.value AS loss, {at('val_loss')} AS val_loss, {at('metric')} AS metric, {at('val_metric')} AS val_metric,
+       {added} AS added
 FROM trials t JOIN studies s ON s.study_id = t.study_id
-JOIN trial_user_attributes uc ON uc.trial_id = t.trial_id AND uc.key = 'curves'
+JOIN trial_user_attributes uc ON uc.trial_id = t.trial_id AND uc.key = '{prefix}curves'
 JOIN json_each({_clean('uc.value_json')}) c
 JOIN json_each(c.value, '$.loss') e"""
+
+    curves = curves_of("", "", 0) + "\nUNION ALL\n" + curves_of("incumbent_", offset, 1)
 
     # One row per confirmed trial: selection-time figures beside the fresh-seed ones.
     confirmations = f"""SELECT s.study_name, s.study_id, t.trial_id, t.number, t.state,
@@ -243,19 +251,25 @@ def _postgresql_views() -> dict[str, str]:
     def num(expr: str) -> str:
         return f"(({expr}) #>> '{{}}')::double precision"
 
-    trials = f"""SELECT study_name, study_id, trial_id, number, state, value, mean, std, n_seeds,
-       mean - std * {_ci_factor('n_seeds')} AS ci_low,
-       mean + std * {_ci_factor('n_seeds')} AS ci_high,
-       (SELECT avg(e::double precision) FROM jsonb_array_elements_text(best_epochs_json) e) AS mean_best_epoch,
+    trials = f"""SELECT study_name, study_id, trial_id, number, state, value, mean, std,
+       n_selection + n_added AS n_seeds, CASE WHEN n_selection IS NOT NULL THEN n_added END AS n_added_seeds,
+       ci_low, ci_high,
+       (SELECT avg(e::double precision) FROM (SELECT jsonb_array_elements_text(best_epochs_json)
+                                              UNION ALL SELECT jsonb_array_elements_text(added_best_epochs_json)) b(e))
+         AS mean_best_epoch,
        duration_s, datetime_start, datetime_complete
 FROM (
   SELECT s.study_name, s.study_id, t.trial_id, t.number, t.state::text AS state,
          (SELECT v.value FROM trial_values v WHERE v.trial_id = t.trial_id AND v.objective = 0
             AND v.value_type::text = 'FINITE') AS value,
-         {num(attr('mean'))} AS mean,
-         {num(attr('std'))} AS std,
-         jsonb_array_length({attr('seed_scores')}) AS n_seeds,
+         COALESCE({num(attr('all_seeds_mean'))}, {num(attr('mean'))}) AS mean,
+         COALESCE({num(attr('all_seeds_std'))}, {num(attr('std'))}) AS std,
+         jsonb_array_length({attr('seed_scores')}) AS n_selection,
+         COALESCE(jsonb_array_length({attr('incumbent_scores')}), 0) AS n_added,
+         {num(attr('ci_low'))} AS ci_low,
+         {num(attr('ci_high'))} AS ci_high,
          {attr('best_epochs')} AS best_epochs_json,
+         {attr('incumbent_best_epochs')} AS added_best_epochs_json,
          EXTRACT(EPOCH FROM (t.datetime_complete - t.datetime_start))::double precision AS duration_s,
          t.datetime_start, t.datetime_complete
   FROM trials t JOIN studies s ON s.study_id = t.study_id
@@ -283,32 +297,42 @@ CROSS JOIN LATERAL (
          p.distribution_json::jsonb -> 'attributes' -> 'choices' -> (round(p.param_value)::int) AS choice
 ) d"""
 
-    seeds = f"""SELECT s.study_name, s.study_id, t.trial_id, t.number, t.state::text AS state,
-       (sc.i - 1)::int AS seed_index,
+    def seeds_of(prefix: str, scores_key: str, offset: str, added: int) -> str:
+        return f"""SELECT s.study_name, s.study_id, t.trial_id, t.number, t.state::text AS state,
+       ({offset}sc.i - 1)::int AS seed_index,
        (a.seeds ->> (sc.i - 1)::int)::bigint AS seed,
        (sc.score #>> '{{}}')::double precision AS score,
        (a.best_epochs ->> (sc.i - 1)::int)::int AS best_epoch,
-       (a.epochs_run ->> (sc.i - 1)::int)::int AS epochs_run
+       (a.epochs_run ->> (sc.i - 1)::int)::int AS epochs_run,
+       {added} AS added
 FROM trials t JOIN studies s ON s.study_id = t.study_id
-JOIN trial_user_attributes us ON us.trial_id = t.trial_id AND us.key = 'seed_scores'
-CROSS JOIN LATERAL (SELECT {attr('seeds')} AS seeds, {attr('best_epochs')} AS best_epochs,
-                           {attr('epochs_run')} AS epochs_run) a
+JOIN trial_user_attributes us ON us.trial_id = t.trial_id AND us.key = '{scores_key}'
+CROSS JOIN LATERAL (SELECT {attr(prefix + 'seeds')} AS seeds, {attr(prefix + 'best_epochs')} AS best_epochs,
+                           {attr(prefix + 'epochs_run')} AS epochs_run) a
 CROSS JOIN LATERAL jsonb_array_elements({_clean('us.value_json')}::jsonb) WITH ORDINALITY AS sc(score, i)"""
+
+    # Seeds added while the trial was the incumbent follow those it was selected on.
+    offset = f"jsonb_array_length({attr('seed_scores')}) + "
+    seeds = seeds_of("", "seed_scores", "", 0) + "\nUNION ALL\n" + seeds_of("incumbent_", "incumbent_scores", offset, 1)
 
     def at(curve: str) -> str:
         return f"(c.curve -> '{curve}' ->> (e.j - 1)::int)::double precision"
 
-    curves = f"""SELECT s.study_name, s.study_id, t.trial_id, t.number, t.state::text AS state,
-       (c.i - 1)::int AS seed_index,
+    def curves_of(prefix: str, offset: str, added: int) -> str:
+        return f"""SELECT s.study_name, s.study_id, t.trial_id, t.number, t.state::text AS state,
+       ({offset}c.i - 1)::int AS seed_index,
        (a.seeds ->> (c.i - 1)::int)::bigint AS seed,
        e.j::int AS epoch,
        (e.loss #>> '{{}}')::double precision AS loss, {at('val_loss')} AS val_loss,
-       {at('metric')} AS metric, {at('val_metric')} AS val_metric
+       {at('metric')} AS metric, {at('val_metric')} AS val_metric,
+       {added} AS added
 FROM trials t JOIN studies s ON s.study_id = t.study_id
-JOIN trial_user_attributes uc ON uc.trial_id = t.trial_id AND uc.key = 'curves'
-CROSS JOIN LATERAL (SELECT {attr('seeds')} AS seeds) a
+JOIN trial_user_attributes uc ON uc.trial_id = t.trial_id AND uc.key = '{prefix}curves'
+CROSS JOIN LATERAL (SELECT {attr(prefix + 'seeds')} AS seeds) a
 CROSS JOIN LATERAL jsonb_array_elements({_clean('uc.value_json')}::jsonb) WITH ORDINALITY AS c(curve, i)
 CROSS JOIN LATERAL jsonb_array_elements(c.curve -> 'loss') WITH ORDINALITY AS e(loss, j)"""
+
+    curves = curves_of("", "", 0) + "\nUNION ALL\n" + curves_of("incumbent_", offset, 1)
 
     confirmations = f"""SELECT s.study_name, s.study_id, t.trial_id, t.number, t.state::text AS state,
        {num(attr('mean'))} AS mean,

@@ -25,8 +25,9 @@ from typing import Callable, Iterator
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from hpo.confirm import add_incumbent_seeds
 from hpo.errors import HpoError, TrialFailed
-from hpo.objective import ATTR_FAIL_REASON, ATTR_INTERRUPTED, ATTR_PRUNED_AT, Objective
+from hpo.objective import ATTR_FAIL_REASON, ATTR_INTERRUPTED, ATTR_PRUNED_AT, ATTR_UNDECIDED_AGAINST, Objective
 from hpo.spec import StudySpec
 from hpo.study import quiet_optuna
 from hpo.storage import (STOP_ATTR, TrialCounts, count_trials, fail_heartless_trials, rdb_storage, retry_storage_call,
@@ -97,6 +98,10 @@ def run_trials(study: optuna.Study, spec: StudySpec, *, budget: int, timeout: fl
     """Run trials until the study holds `budget` spent trials (complete, pruned, or failed
     on their own), together with any other workers on the same study.
 
+    A complete trial whose adaptive-seed race ended undecided against the incumbent
+    (`undecided_against`) is followed by a batch of new seeds for that incumbent
+    (`hpo.confirm.add_incumbent_seeds`), unless another worker is adding some already.
+
     Args:
         study: The study, with the spec's sampler and pruner, on an `hpo.storage` storage.
         spec: Its spec.
@@ -143,6 +148,9 @@ def run_trials(study: optuna.Study, spec: StudySpec, *, budget: int, timeout: fl
                 continue
             failures_in_a_row = failures_in_a_row + 1 if frozen.state == TrialState.FAIL else 0
             echo(describe_trial(spec, frozen, study, budget=budget))
+            if frozen.state == TrialState.COMPLETE and ATTR_UNDECIDED_AGAINST in frozen.user_attrs:
+                # After the challenger is told, so nothing that happens here can cost it its result.
+                _add_incumbent_seeds(study, spec, frozen.user_attrs[ATTR_UNDECIDED_AGAINST], echo)
             if max_memory_growth_mb is not None:
                 if baseline_mb is None:
                     baseline_mb = rss_mb()
@@ -169,6 +177,17 @@ def run_trials(study: optuna.Study, spec: StudySpec, *, budget: int, timeout: fl
     summary.seconds = time.perf_counter() - start
     summary.best = best_trial(study, spec)
     return summary
+
+
+def _add_incumbent_seeds(study: optuna.Study, spec: StudySpec, number: int, echo: Callable[[str], None]) -> None:
+    try:
+        added = add_incumbent_seeds(study, spec, number, check_stop)
+    except TrialFailed as e:
+        echo(f"a challenger came close to incumbent #{number}, but adding it seeds failed: {e}")
+        return
+    if added is not None:
+        echo(f"a challenger came close to incumbent #{number}: it gained seeds {added.seeds}; {spec.metric} "
+             f"{added.mean:.5g} ± {added.std:.2g} over its {added.n_seeds} seeds")
 
 
 def rss_mb(pid: int | str = "self") -> float:

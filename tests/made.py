@@ -8,6 +8,7 @@ import statistics
 
 import optuna
 
+from hpo.stats import bootstrap_ci
 from hpo.storage import get_storage
 
 
@@ -19,9 +20,11 @@ def curve_record(scores: list[float], val_loss: list[list[float]] | None = None)
 
 
 def add_trial(study: optuna.Study, params: dict, scores: list[float], *, best_epochs: list[int] | None = None,
-              curves: list[dict] | None = None, distributions: dict | None = None) -> optuna.trial.FrozenTrial:
+              curves: list[dict] | None = None, distributions: dict | None = None,
+              stored_ci: bool = True) -> optuna.trial.FrozenTrial:
     """One finished trial with the given params, per-seed scores and curves; its value is
-    the mean of the scores (NaN if any is not finite, which Optuna records as a failure)."""
+    the mean of the scores (NaN if any is not finite, which Optuna records as a failure).
+    Without `stored_ci` it has no `ci_low`/`ci_high`, as trials recorded before hpo stored them."""
     best_epochs = best_epochs or [3] * len(scores)
     distributions = distributions or {
         "act": optuna.distributions.CategoricalDistribution(["relu", "tanh"]),
@@ -34,6 +37,8 @@ def add_trial(study: optuna.Study, params: dict, scores: list[float], *, best_ep
     attrs = {"seeds": list(range(10, 10 + len(scores))), "seed_scores": scores, "mean": mean, "std": std,
              "best_epochs": best_epochs, "epochs_run": [b + 2 for b in best_epochs],
              "curves": curves if curves is not None else curve_record(scores)}
+    if stored_ci:
+        attrs["ci_low"], attrs["ci_high"] = bootstrap_ci(scores)
     trial = optuna.trial.create_trial(params=params, distributions={k: distributions[k] for k in params},
                                       value=mean if finite else None, user_attrs=attrs,
                                       state=optuna.trial.TrialState.COMPLETE if finite else optuna.trial.TrialState.FAIL)

@@ -2,12 +2,23 @@
 databases (analytic family: no Keras, milliseconds per trial)."""
 
 import json
+import statistics
 import subprocess
 import sys
 
+import pytest
 import sqlalchemy
+from optuna_dashboard._note import get_note_from_system_attrs
 
+from hpo.confirm import INCUMBENT_CLAIM_PREFIX, add_incumbent_seeds
+from hpo.errors import TrialDiverged, TrialFailed
 from hpo.results import build_report, confirmations_frame, format_report, run_sql
+from hpo.spec import parse_spec
+from hpo.stats import bootstrap_ci
+from hpo.storage import claim_work, get_storage, rdb_storage, release_claim
+from hpo.study import create_study
+from hpo.training import fit_repeats
+from hpo.workers import run_trials
 from tests.conftest import ROOT, run_hpo
 
 GRID_STUDY = """
@@ -137,8 +148,6 @@ def test_adaptive_seeds_spend_fewer_fits_than_fixed_seeds_and_reach_the_same_win
 
 
 def test_seeds_confirm_and_score_are_checked_with_one_line_errors(tmp_path):
-    import pytest
-
     from hpo.errors import SpecError
     from hpo.spec import parse_spec, spec_to_dict
 
@@ -161,3 +170,80 @@ def test_seeds_confirm_and_score_are_checked_with_one_line_errors(tmp_path):
     result = run_hpo("run", str(bad), "--storage", f"sqlite:///{tmp_path / 'b.db'}", check=False)
     assert result.returncode == 2 and result.stderr.startswith("error: ") and len(result.stderr.splitlines()) == 1
     assert not (tmp_path / "b.db").exists()
+
+
+CLOSE = {"name": "close", "seed": 1, "seeds": {"min": 2, "max": 6},
+         "model": {"family": "analytic", "function": "sphere", "noise": 0.5},
+         "training": {"max_epochs": 4, "patience": 4}, "pruner": {"kind": "none"},
+         "space": {"x": {"low": -3.0, "high": 3.0}}}
+
+
+def test_an_incumbent_a_challenger_came_close_to_gains_new_seeds_that_later_races_read(tmp_path):
+    spec = parse_spec(CLOSE)
+    url = f"sqlite:///{tmp_path / 'close.db'}"
+    study = create_study(spec, get_storage(url))
+    # f(-1) = 1 and f(1.1) = 1.21 with noise 0.5: both challengers race the first trial to
+    # seeds max and stay undecided, so each gives it a batch of 2 seeds.
+    for x in (-1.0, 1.1, 1.1):
+        study.enqueue_trial({"x": x})
+    lines: list[str] = []
+    run_trials(study, spec, budget=3, echo=lines.append)
+
+    attrs = user_attrs(url, "close")
+    first = attrs[0]
+    assert first["seeds"] == [1000, 1001] and len(first["seed_scores"]) == 2  # what it was selected on
+    # New seeds, continuing its own sequence: none it had, none past seeds max (confirmation's).
+    assert first["incumbent_seeds"] == [1002, 1003, 1004, 1005]
+    assert first["incumbent_scores"] == pytest.approx(fit_repeats(spec, {"x": -1.0}, [1002, 1003, 1004, 1005]).scores)
+    assert len(first["incumbent_curves"]) == len(first["incumbent_best_epochs"]) == 4
+    # The second challenger raced (in this process, past Optuna's cache) the incumbent's 4 seeds.
+    assert "undecided against incumbent #0 on 2 seeds" in attrs[1]["seed_stop_reason"]
+    assert "undecided against incumbent #0 on 4 seeds" in attrs[2]["seed_stop_reason"]
+    assert attrs[1]["undecided_against"] == attrs[2]["undecided_against"] == 0
+    assert sum("came close to incumbent #0: it gained seeds" in line for line in lines) == 2
+
+    every = first["seed_scores"] + first["incumbent_scores"]
+    assert first["all_seeds_mean"] == pytest.approx(statistics.fmean(every))
+    assert first["all_seeds_std"] == pytest.approx(statistics.stdev(every))
+    assert (first["ci_low"], first["ci_high"]) == pytest.approx(bootstrap_ci(every))
+    # Optuna's value stays the selection mean, so its samplers and caches see no change.
+    assert study.trials[0].value == pytest.approx(first["mean"])
+    row = run_sql("SELECT value, mean, n_seeds, n_added_seeds, ci_low FROM hpo_trials WHERE number = 0", url).iloc[0]
+    assert (row["n_seeds"], row["n_added_seeds"]) == (6, 4) and row["mean"] == pytest.approx(first["all_seeds_mean"])
+    assert row["value"] == pytest.approx(first["mean"]) and row["ci_low"] == pytest.approx(first["ci_low"])
+    top = build_report(url, "close", top=3).top
+    assert top.loc[top["number"] == 0, "seed_scores"].iloc[0] == pytest.approx(every, rel=1e-5)
+    assert "2+4" in format_report(build_report(url, "close", top=3))
+
+    # The dashboard note was replaced: version 3 after two batches, every seed listed.
+    note = get_note_from_system_attrs(study._storage.get_study_system_attrs(study._study_id), study.trials[0]._trial_id)
+    assert note["version"] == 3 and "over 6 seeds" in note["body"] and "| 1005 (added) |" in note["body"]
+    # At seeds max the incumbent gains no more.
+    assert add_incumbent_seeds(study, spec, 0) is None
+
+
+def test_one_worker_at_a_time_adds_seeds_to_an_incumbent_and_a_diverged_seed_ends_it(storage_url, monkeypatch):
+    spec = parse_spec({**CLOSE, "name": "claimed"})
+    study = create_study(spec, get_storage(storage_url))
+    study.enqueue_trial({"x": -1.0})
+    run_trials(study, spec, budget=1, echo=lambda line: None)
+    storage, trial_id = rdb_storage(study._storage), study.trials[0]._trial_id
+    key = f"{INCUMBENT_CLAIM_PREFIX}{trial_id}"
+    # Another live worker (here: this process) holds the claim: this one skips.
+    assert claim_work(storage, study._study_id, key)
+    assert add_incumbent_seeds(study, spec, 0) is None
+    assert "incumbent_seeds" not in storage.get_trial_user_attrs(trial_id)
+    release_claim(storage, study._study_id, key)
+    # A claim left by a worker that died is taken over.
+    storage.set_study_system_attr(study._study_id, key, {"by": "no-such-host:1", "at": 0.0})
+    assert add_incumbent_seeds(study, spec, 0).seeds == [1002, 1003]
+    assert storage.get_study_system_attrs(study._study_id)[key] is None  # given back when done
+    # A new seed that diverges is recorded on the trial, and no worker tries again.
+    def diverge(*args, **kwargs):
+        raise TrialDiverged("seed 1004: loss is nan at epoch 2")
+
+    monkeypatch.setattr("hpo.training.fit_repeats", diverge)
+    with pytest.raises(TrialFailed, match="seed 1004"):
+        add_incumbent_seeds(study, spec, 0)
+    assert storage.get_trial_user_attrs(trial_id)["incumbent_fail_reason"] == "seed 1004: loss is nan at epoch 2"
+    assert add_incumbent_seeds(study, spec, 0) is None

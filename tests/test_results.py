@@ -12,6 +12,7 @@ from scipy import stats
 
 from hpo.diagnosis import GOOD_FIT, OVERFIT, UNDERFIT, diagnose_curves, diagnose_seed, trial_note
 from hpo.errors import StudyNotFound
+from hpo.stats import bootstrap_ci
 from hpo.results import (ReadOnlyRefused, build_report, compare_scores, format_report, run_sql,
                          seed_scores_frame, trials_frame)
 from tests.conftest import run_hpo
@@ -84,7 +85,8 @@ def test_trial_note_lists_every_seed_and_the_diagnosis():
 
 def test_report_ranks_trials_with_hand_computed_statistics(storage_url):
     study = make_study(storage_url)
-    add_trial(study, {"act": "relu", "units": 16}, LOSER)  # without lr, as a conditional param would be
+    # Without lr, as a conditional param would be; recorded before trials stored an interval.
+    add_trial(study, {"act": "relu", "units": 16}, LOSER, stored_ci=False)
     add_trial(study, {"act": "tanh", "units": 64, "lr": 0.001}, WINNER)
     add_trial(study, {"act": "relu", "units": 32, "lr": 0.1}, [3.0, 3.0, float("nan")])
 
@@ -96,6 +98,9 @@ def test_report_ranks_trials_with_hand_computed_statistics(storage_url):
     # Percentile bootstrap over 3 seeds: resampled means of {0.9, 1.0, 1.1}; the 2.5% and 97.5%
     # quantiles sit at the mean of 3x0.9+... rounded to the attainable means near the ends.
     assert 0.9 <= top.loc[0, "ci_low"] < 1.0 < top.loc[0, "ci_high"] <= 1.1
+    # The view has no interval for the old trial; the report computes it the same way.
+    assert trials_frame(storage_url, "hand").set_index("number").loc[0, ["ci_low", "ci_high"]].isna().all()
+    assert (top.loc[1, "ci_low"], top.loc[1, "ci_high"]) == pytest.approx(bootstrap_ci(LOSER))
     assert top.loc[0, "params"] == {"act": "tanh", "lr": 0.001, "units": 64}
     assert top.loc[1, "params"] == {"act": "relu", "units": 16}
     assert top.loc[0, "seed_scores"] == WINNER

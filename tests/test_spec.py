@@ -54,6 +54,8 @@ def test_required_vocabulary_in_default_study():
     (lambda t: t.replace('name = "noisy_sine"', 'name = "noisy_sine"\nscaling = "minmax"'), "data.scaling", "'normalize'"),
     (lambda t: t.replace('metric = "val_loss"', 'metric = "val_loss"\n[objective]\nmode = "pareto"')
      .replace("[data]", "[pruner]\nkind = \"median\"\n[data]"), "pruner.kind", "cannot prune multi-objective"),
+    (lambda t: t.replace('metric = "val_loss"', 'metric = "val_loss"\nseeds = { min = 2, max = 6 }\n[objective]\n'
+                         'mode = "pareto"'), "seeds", "no single incumbent"),
 ])
 def test_malformed_spec_names_file_field_and_fix(tmp_path, edit, field, words):
     path = write(tmp_path, edit(GOOD))

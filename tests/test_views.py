@@ -1,4 +1,3 @@
-import math
 import subprocess
 import sys
 import time
@@ -6,11 +5,12 @@ import time
 import optuna
 import pytest
 import sqlalchemy
-from scipy import stats
 
+from hpo.stats import bootstrap_ci
+from hpo.storage import write_trial_user_attrs
 from hpo.views import VIEW_NAMES, create_views
 from tests.conftest import ROOT
-from tests.made import add_trial, make_study
+from tests.made import add_trial, curve_record, make_study
 
 
 def query(url: str, sql: str) -> list[dict]:
@@ -63,9 +63,12 @@ def test_views_hold_the_numbers_the_trials_stored_even_if_replaced_while_a_worke
         a, r = t.user_attrs, rows[number]
         assert r["study_name"] == "beale" and r["state"] == t.state.name
         assert r["mean"] == pytest.approx(a["mean"]) and r["std"] == pytest.approx(a["std"])
-        assert r["n_seeds"] == len(a["seed_scores"])
-        half = stats.t.ppf(0.975, 2) * a["std"] / math.sqrt(3)
-        assert (r["ci_low"], r["ci_high"]) == pytest.approx((a["mean"] - half, a["mean"] + half))
+        assert r["n_seeds"] == len(a["seed_scores"]) and r["n_added_seeds"] == 0
+        # The bootstrap interval the objective stored, as hpo report prints it: inside the
+        # seeds' range, so never below zero for Beale's non-negative values.
+        assert (r["ci_low"], r["ci_high"]) == pytest.approx(bootstrap_ci(a["seed_scores"]))
+        assert 0 <= r["ci_low"] <= r["ci_high"]
+        assert min(a["seed_scores"]) - 1e-9 <= r["ci_low"] and r["ci_high"] <= max(a["seed_scores"]) + 1e-9
         assert r["mean_best_epoch"] == pytest.approx(sum(a["best_epochs"]) / 3)
         assert r["duration_s"] == pytest.approx((t.datetime_complete - t.datetime_start).total_seconds(), abs=1e-3)
 
@@ -74,8 +77,8 @@ def test_views_hold_the_numbers_the_trials_stored_even_if_replaced_while_a_worke
     for r in seeds:
         a = trials[r["number"]].user_attrs
         i = r["seed_index"]
-        assert (r["seed"], r["score"], r["best_epoch"], r["epochs_run"]) == (
-            a["seeds"][i], pytest.approx(a["seed_scores"][i]), a["best_epochs"][i], a["epochs_run"][i])
+        assert (r["seed"], r["score"], r["best_epoch"], r["epochs_run"], r["added"]) == (
+            a["seeds"][i], pytest.approx(a["seed_scores"][i]), a["best_epochs"][i], a["epochs_run"][i], 0)
 
     curves = query(storage_url, "SELECT * FROM hpo_learning_curves ORDER BY number, seed_index, epoch")
     assert len(curves) == sum(len(c["loss"]) for t in trials.values() for c in t.user_attrs["curves"])
@@ -108,7 +111,7 @@ def test_categoricals_are_decoded_and_non_finite_numbers_read_as_null(storage_ur
 
     rows = {r["number"]: r for r in query(storage_url, "SELECT * FROM hpo_trials")}
     assert rows[1]["n_seeds"] == 4
-    assert rows[1]["ci_high"] - rows[1]["mean"] == pytest.approx(stats.t.ppf(0.975, 3) * rows[1]["std"] / 2)
+    assert (rows[1]["ci_low"], rows[1]["ci_high"]) == pytest.approx(bootstrap_ci([0.2, 0.2, 0.3, 0.3]))
     assert rows[2]["mean"] is None and rows[2]["std"] is None and rows[2]["ci_low"] is None
 
     scores = query(storage_url, "SELECT seed, score FROM hpo_seed_scores WHERE number = 2 ORDER BY seed_index")
@@ -116,6 +119,38 @@ def test_categoricals_are_decoded_and_non_finite_numbers_read_as_null(storage_ur
     last = query(storage_url, "SELECT val_loss FROM hpo_learning_curves WHERE number = 2 AND epoch = 3 "
                               "ORDER BY seed_index")
     assert [r["val_loss"] for r in last] == [0.4, None, None]
+
+
+def test_seeds_added_to_an_incumbent_count_in_every_view_and_old_trials_get_no_interval(storage_url):
+    study = make_study(storage_url)
+    # Student's t would put this trial's lower bound below zero (mean 0.35, std 0.3, 3 seeds).
+    old = add_trial(study, {"act": "relu", "units": 16, "lr": 0.01}, [0.05, 0.35, 0.65], stored_ci=False)
+    grown = add_trial(study, {"act": "tanh", "units": 32, "lr": 0.01}, [0.02, 0.1, 0.9])
+    all_scores = [0.02, 0.1, 0.9, 0.04, 0.3]
+    write_trial_user_attrs(study._storage._backend, grown._trial_id, {
+        "incumbent_seeds": [13, 14], "incumbent_scores": [0.04, 0.3], "incumbent_best_epochs": [5, 6],
+        "incumbent_epochs_run": [7, 8], "incumbent_curves": curve_record([0.04, 0.3]),
+        "all_seeds_mean": sum(all_scores) / 5, "all_seeds_std": 0.37,
+        "ci_low": bootstrap_ci(all_scores)[0], "ci_high": bootstrap_ci(all_scores)[1]})
+    create_views(storage_url)
+
+    rows = {r["number"]: r for r in query(storage_url, "SELECT * FROM hpo_trials")}
+    assert rows[old.number]["ci_low"] is None and rows[old.number]["ci_high"] is None
+    r = rows[grown.number]
+    assert r["value"] == pytest.approx(grown.value)  # what it was selected on, unchanged
+    assert (r["n_seeds"], r["n_added_seeds"], r["mean"], r["std"]) == (5, 2, pytest.approx(0.272), 0.37)
+    assert 0 < r["ci_low"] < r["mean"] < r["ci_high"] and (r["ci_low"], r["ci_high"]) == pytest.approx(
+        bootstrap_ci(all_scores))
+    assert r["mean_best_epoch"] == pytest.approx((3 * 3 + 5 + 6) / 5)
+
+    seeds = query(storage_url, f"SELECT seed_index, seed, score, best_epoch, epochs_run, added FROM hpo_seed_scores "
+                               f"WHERE number = {grown.number} ORDER BY seed_index")
+    assert [tuple(s.values()) for s in seeds] == [(0, 10, 0.02, 3, 5, 0), (1, 11, 0.1, 3, 5, 0), (2, 12, 0.9, 3, 5, 0),
+                                                   (3, 13, 0.04, 5, 7, 1), (4, 14, 0.3, 6, 8, 1)]
+    curves = query(storage_url, f"SELECT seed_index, seed, val_loss, added FROM hpo_learning_curves "
+                                f"WHERE number = {grown.number} AND epoch = 3 ORDER BY seed_index")
+    assert [(c["seed_index"], c["seed"], c["val_loss"], c["added"]) for c in curves][3:] == [
+        (3, 13, pytest.approx(0.04), 1), (4, 14, pytest.approx(0.3), 1)]
 
 
 def test_create_views_is_idempotent_and_upgrades_old_markers(storage_url, monkeypatch):
