@@ -127,31 +127,24 @@ class _ScaledInit(keras.layers.Layer):
         return x @ self.w
 
 
-def test_a_custom_initializer_falls_back_to_native_builds(arrays):
-    def build():
-        inputs = keras.Input((STEPS, 2))
-        model = keras.Model(inputs, keras.layers.Dense(1)(keras.layers.Flatten()(_ScaledInit()(inputs))))
-        model.compile("adam", "mse", metrics=["mae"])
-        return model
-
-    seeds = [5, 6]
-    engine.clear_cache()
-    replicas = engine.Replicas(build, seeds, arrays["x"], arrays["y"], arrays["xv"], arrays["yv"], batch_size=16)
-    assert [p.draws for p in engine._programs.values()] == [None]
-    for r, seed in enumerate(seeds):
-        keras.utils.set_random_seed(seed)
-        assert all(np.array_equal(a, b) for a, b in zip(build().get_weights(), replicas.weights(r)))
+def _numpy_initialised():
+    inputs = keras.Input((STEPS, 2))
+    model = keras.Model(inputs, keras.layers.Dense(1)(keras.layers.Flatten()(_ScaledInit()(inputs))))
+    model.compile("adam", "mse", metrics=["mae"])
+    return model
 
 
-def test_weights_overwritten_after_creation_fall_back_to_native_builds(arrays):
-    def build():
-        inputs = keras.Input((STEPS, 2))
-        dense = keras.layers.Dense(1)
-        model = keras.Model(inputs, dense(keras.layers.Flatten()(inputs)))
-        dense.kernel.assign(np.random.normal(size=dense.kernel.shape))
-        model.compile("adam", "mse")
-        return model
+def _overwritten_after_creation():
+    inputs = keras.Input((STEPS, 2))
+    dense = keras.layers.Dense(1)
+    model = keras.Model(inputs, dense(keras.layers.Flatten()(inputs)))
+    dense.kernel.assign(np.random.normal(size=dense.kernel.shape))
+    model.compile("adam", "mse")
+    return model
 
+
+@pytest.mark.parametrize("build", [_numpy_initialised, _overwritten_after_creation])
+def test_weights_keras_did_not_draw_fall_back_to_native_builds(build, arrays):
     seeds = [5, 6]
     engine.clear_cache()
     replicas = engine.Replicas(build, seeds, arrays["x"], arrays["y"], arrays["xv"], arrays["yv"], batch_size=16)
