@@ -138,7 +138,8 @@ def run_bench(seed_counts: list[int], *, model: str = "lstm", epochs: int = 20, 
     data = reference_data(model, samples)
     result = BenchResult(config={"model": model, "description": MODELS[model], "samples": samples,
                                  "units": units, "batch_size": 32, "epochs": epochs, "early_stopping": False,
-                                 "backend": backend, "device": _device(backend), "cpus": os.cpu_count(),
+                                 "backend": backend, "device": _device(backend), "versions": _versions(),
+                                 "cpus": os.cpu_count(),
                                  "load_average_at_start": round(os.getloadavg()[0], 2)})
     say = echo or (lambda line: None)
     # A throwaway fit first, so that no measurement pays for the framework's start-up.
@@ -177,7 +178,7 @@ def format_table(result: BenchResult) -> str:
                  f"{row.fixed_s:.3f}", f"{row.fixed_repeat_s:.3f}", f"{row.epoch_s:.4f}", f"{row.peak_rss_mb:.0f}"]
         lines.append("  ".join(c.rjust(w) for c, w in zip(cells, widths)))
     c = result.config
-    lines.append(f"({c.get('model')} on {c.get('device')}, {c.get('cpus')} CPUs, "
+    lines.append(f"({c.get('model')} on {c.get('device')}, {c.get('versions')}, {c.get('cpus')} CPUs, "
                  f"load average {c.get('load_average_at_start')} -> {c.get('load_average_at_end')})")
     return "\n".join(lines)
 
@@ -219,6 +220,13 @@ def _device(backend: str) -> str:
         device = jax.devices()[0]
         return f"{device.platform}: {getattr(device, 'device_kind', '')}".strip()
     return "cpu"
+
+
+def _versions() -> str:
+    import jax
+    import keras
+
+    return f"keras {keras.__version__}, jax {jax.__version__}"
 
 
 def _peak_rss_mb() -> float:

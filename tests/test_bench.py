@@ -33,6 +33,10 @@ def test_bench_json_through_the_hpo_command(model):
     config = result["config"]
     assert config["model"] == model and config["epochs"] == 2 and config["early_stopping"] is False
     assert config["backend"] == "jax" and config["device"].startswith("cpu")
+    import jax
+    import keras
+
+    assert config["versions"] == f"keras {keras.__version__}, jax {jax.__version__}"
 
 
 def test_bench_rejects_a_bad_seed_list():
