@@ -287,14 +287,15 @@ def _auto_confirm(optuna_study, spec, summary) -> None:
 
 
 @cli.command()
-@click.option("--study-name", required=True, help="Study whose top trials to confirm.")
+@click.option("--study-name", help="Study whose top trials to confirm (default: the storage's only study).")
 @storage_option
 @click.option("--top", type=click.IntRange(1), default=3, show_default=True, help="Trials to refit.")
 @click.option("--seeds", type=click.IntRange(2), default=10, show_default=True,
               help="Fresh seeds per trial (none of the study's trials used them).")
-def confirm(study_name: str, storage: str, top: int, seeds: int) -> None:
+def confirm(study_name: str | None, storage: str, top: int, seeds: int) -> None:
     """Refit the top trials on fresh seeds and store confirm_seeds/scores/mean/std on each;
     several of these on one study share the work (each trial is refitted once)."""
+    study_name = _study_name_or_only(study_name, storage)
     from hpo.confirm import confirm_study
     from hpo.study import load_study
 
@@ -398,10 +399,11 @@ def studies() -> None:
 
 @cli.command()
 @click.argument("trial_number", type=int)
-@click.option("--study-name", required=True, help="Study that holds the trial.")
+@click.option("--study-name", help="Study that holds the trial (default: the storage's only study).")
 @storage_option
-def replay(trial_number: int, study_name: str, storage: str) -> None:
+def replay(trial_number: int, study_name: str | None, storage: str) -> None:
     """Re-run TRIAL_NUMBER with its stored params and seeds; print stored vs replayed scores."""
+    study_name = _study_name_or_only(study_name, storage)
     from hpo.replay import replay_trial
 
     result = replay_trial(storage, study_name, trial_number)
@@ -429,24 +431,25 @@ def sql(query: str, storage: str, fmt: str) -> None:
 
 
 @cli.command()
-@click.option("--study-name", required=True, help="Study to report on.")
+@click.option("--study-name", help="Study to report on (default: the storage's only study).")
 @storage_option
 @click.option("--top", type=click.IntRange(1), default=5, show_default=True, help="Trials to list.")
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json", "markdown"]), default="table",
               show_default=True, help="Output format.")
 @click.option("--wide", is_flag=True, help="Every column (params, per-seed scores, full diagnosis); "
                                           "the default fits 120 columns.")
-def report(study_name: str, storage: str, top: int, fmt: str, wide: bool) -> None:
+def report(study_name: str | None, storage: str, top: int, fmt: str, wide: bool) -> None:
     """The top trials with mean ± std, bootstrap 95% CI, seeds, the mean confirmed on fresh
     seeds and a learning-curve diagnosis; whether the best beats the runner-up; and the
     expected best score vs number of trials."""
     from hpo.results import build_report, format_report
 
+    study_name = _study_name_or_only(study_name, storage)
     click.echo(format_report(build_report(storage, study_name, top), fmt, wide=wide))
 
 
 @cli.command()
-@click.option("--study-name", required=True, help="Study to plot.")
+@click.option("--study-name", help="Study to plot (default: the storage's only study).")
 @storage_option
 @click.option("--top", type=click.IntRange(1), default=10, show_default=True,
               help="Box plot: this many best trials, one box each.")
@@ -454,12 +457,13 @@ def report(study_name: str, storage: str, top: int, fmt: str, wide: bool) -> Non
 @click.option("--trial", "trial_number", type=int, help="Plot this trial's learning curves instead (one line per seed).")
 @click.option("--expected-best", is_flag=True, help="Plot the expected best score vs number of trials instead.")
 @click.option("--output", "-o", type=click.Path(dir_okay=False), help="PNG file to write (default: named after the plot).")
-def plot(study_name: str, storage: str, top: int, by_param: str | None, trial_number: int | None,
+def plot(study_name: str | None, storage: str, top: int, by_param: str | None, trial_number: int | None,
          expected_best: bool, output: str | None) -> None:
     """Box plot of per-seed scores (top trials, or --by PARAM), --trial N's learning curves,
     or --expected-best (expected best score vs trials), as PNG."""
     from hpo.plots import plot_expected_best, plot_learning_curves, plot_seed_scores
 
+    study_name = _study_name_or_only(study_name, storage)
     if expected_best:
         path = plot_expected_best(storage, study_name, output or f"{study_name}-expected-best.png")
     elif trial_number is not None:
@@ -529,6 +533,20 @@ def _storage_of(args: list[str]) -> str:
         elif arg.startswith("--storage="):
             url = arg.split("=", 1)[1]
     return mask_url(resolve_storage_url(url))
+
+
+
+def _study_name_or_only(study_name: str | None, storage: str) -> str:
+    """`--study-name`, or the storage's only study when it was not given."""
+    if study_name:
+        return study_name
+    from hpo.results import run_sql
+
+    names = run_sql("SELECT study_name FROM studies ORDER BY study_name", storage)["study_name"].tolist()
+    if len(names) == 1:
+        return names[0]
+    raise click.UsageError("--study-name is needed: " + (f"this storage holds {len(names)} studies: {', '.join(names)}"
+                                                         if names else "this storage holds no study"))
 
 
 def main(argv: list[str] | None = None) -> None:

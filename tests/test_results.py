@@ -228,3 +228,13 @@ def test_sql_and_report_import_no_tensorflow(tmp_path):
         assert result.returncode == 0, result.stderr[-2000:]
         imported = [line.split("|")[-1].strip() for line in result.stderr.splitlines() if "|" in line]
         assert "pandas" in imported and not any(m.split(".")[0] in ("tensorflow", "keras") for m in imported)
+
+
+def test_readers_take_the_storages_only_study_when_none_is_named(tmp_path):
+    url = f"sqlite:///{tmp_path / 'one.db'}"
+    add_trial(make_study(url), {"act": "relu", "units": 16, "lr": 0.01}, [1.0, 1.2, 0.8])
+    assert "study hand: 1 complete trial" in run_hpo("report", "--storage", url).stdout
+    make_study(url, name="other")
+    result = run_hpo("report", "--storage", url, check=False)
+    assert result.returncode != 0
+    assert "--study-name is needed: this storage holds 2 studies: hand, other" in result.stderr
