@@ -190,6 +190,22 @@ def _add_incumbent_seeds(study: optuna.Study, spec: StudySpec, number: int, echo
              f"{added.mean:.5g} ± {added.std:.2g} over its {added.n_seeds} seeds")
 
 
+def worker_env(storage_url: str, workers: int) -> dict[str, str]:
+    """The environment of local worker processes."""
+    from hpo.storage import STORAGE_ENV
+
+    # The URL travels in the environment, not on the command line, where `ps` would show
+    # its password. The workers run this very package, wherever the command was started from.
+    env = {**os.environ, STORAGE_ENV: storage_url, "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [_package_root(), os.environ.get("PYTHONPATH")]))}
+    if workers > 1 and not {"XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_PYTHON_CLIENT_MEM_FRACTION"} & set(os.environ):
+        # JAX takes 75% of a GPU's memory as it starts, so a second worker on the same GPU
+        # failed every trial (cuSolver found no memory; seen on an H100). Allocate as
+        # needed instead; on a CPU this changes nothing.
+        env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+    return env
+
+
 def rss_mb(pid: int | str = "self") -> float:
     """A process's resident memory in MB (this one by default; Linux, 0 elsewhere)."""
     try:
@@ -458,11 +474,7 @@ def run_workers(storage_url: str, spec: StudySpec, workers: int, *, budget: int,
         cmd_tail += ["--grace-period", str(grace_period)]
     if max_memory_growth is not None:
         cmd_tail += ["--max-memory-growth", str(max_memory_growth)]
-    # The URL travels in the environment, not on the command line, where `ps` would show
-    # its password.
-    env = {**os.environ, STORAGE_ENV: storage_url, "PYTHONUNBUFFERED": "1",
-           # The workers run this very package, wherever the command was started from.
-           "PYTHONPATH": os.pathsep.join(filter(None, [_package_root(), os.environ.get("PYTHONPATH")]))}
+    env = worker_env(storage_url, workers)
     lock = threading.Lock()
     procs: list[subprocess.Popen] = []
     for i in range(workers):

@@ -336,3 +336,15 @@ def test_only_the_tensorflow_backend_restarts_for_memory_by_default(monkeypatch)
     assert memory_growth_limit(spec("jax"), None) is None
     assert memory_growth_limit(spec(None), None) is None
     assert memory_growth_limit(spec("jax"), 5.0) == 5.0 and memory_growth_limit(spec("tensorflow"), 0.0) is None
+
+
+def test_local_workers_do_not_each_take_most_of_a_gpu(monkeypatch):
+    from hpo.workers import worker_env
+
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_PREALLOCATE", raising=False)
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
+    assert worker_env("sqlite:///x.db", 2)["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
+    assert "XLA_PYTHON_CLIENT_PREALLOCATE" not in worker_env("sqlite:///x.db", 1)
+    # The user's own setting wins.
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.3")
+    assert "XLA_PYTHON_CLIENT_PREALLOCATE" not in worker_env("sqlite:///x.db", 2)
