@@ -247,10 +247,11 @@ def worker(storage: str, study_name: str, trials: int | None, timeout: float | N
     from hpo.storage import mask_url
     from hpo.study import load_study
     from hpo.training import check_spec_runs
-    from hpo.workers import limit_threads, memory_growth_limit, run_trials
+    from hpo.workers import limit_threads, memory_growth_limit, run_trials, share_gpu
 
     if threads is not None:
         limit_threads(threads)
+    share_gpu()
     if worker_index is None:
         import random
 

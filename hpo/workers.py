@@ -198,12 +198,19 @@ def worker_env(storage_url: str, workers: int) -> dict[str, str]:
     # its password. The workers run this very package, wherever the command was started from.
     env = {**os.environ, STORAGE_ENV: storage_url, "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [_package_root(), os.environ.get("PYTHONPATH")]))}
-    if workers > 1 and not {"XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_PYTHON_CLIENT_MEM_FRACTION"} & set(os.environ):
-        # JAX takes 75% of a GPU's memory as it starts, so a second worker on the same GPU
-        # failed every trial (cuSolver found no memory; seen on an H100). Allocate as
-        # needed instead; on a CPU this changes nothing.
-        env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
     return env
+
+
+def share_gpu() -> None:
+    """Let this worker share its GPU with others (call before JAX starts).
+
+    JAX takes 75% of a GPU's memory as a process starts, so a second worker on the same
+    GPU failed every trial (cuSolver found no memory; seen on an H100 with `hpo run
+    --workers 2`). A worker allocates as needed instead, unless the user set how; on a
+    CPU this changes nothing.
+    """
+    if not {"XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_PYTHON_CLIENT_MEM_FRACTION"} & set(os.environ):
+        os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
 
 
 def rss_mb(pid: int | str = "self") -> float:

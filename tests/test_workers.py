@@ -338,13 +338,17 @@ def test_only_the_tensorflow_backend_restarts_for_memory_by_default(monkeypatch)
     assert memory_growth_limit(spec("jax"), 5.0) == 5.0 and memory_growth_limit(spec("tensorflow"), 0.0) is None
 
 
-def test_local_workers_do_not_each_take_most_of_a_gpu(monkeypatch):
-    from hpo.workers import worker_env
+def test_workers_do_not_each_take_most_of_a_gpu(monkeypatch):
+    # Each `hpo worker` process (those hpo run starts, and those started by hand) allocates
+    # GPU memory as needed, unless the user said otherwise.
+    from hpo.workers import share_gpu
 
-    monkeypatch.delenv("XLA_PYTHON_CLIENT_PREALLOCATE", raising=False)
-    monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
-    assert worker_env("sqlite:///x.db", 2)["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
-    assert "XLA_PYTHON_CLIENT_PREALLOCATE" not in worker_env("sqlite:///x.db", 1)
-    # The user's own setting wins.
+    for name in ("XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_PYTHON_CLIENT_MEM_FRACTION"):
+        monkeypatch.setenv(name, "")  # so that teardown restores what was there before
+        monkeypatch.delenv(name)
+    share_gpu()
+    assert os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_PREALLOCATE")
     monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.3")
-    assert "XLA_PYTHON_CLIENT_PREALLOCATE" not in worker_env("sqlite:///x.db", 2)
+    share_gpu()
+    assert "XLA_PYTHON_CLIENT_PREALLOCATE" not in os.environ
