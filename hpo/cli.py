@@ -296,10 +296,13 @@ def _auto_confirm(optuna_study, spec, summary) -> None:
 def confirm(study_name: str | None, storage: str, top: int, seeds: int) -> None:
     """Refit the top trials on fresh seeds and store confirm_seeds/scores/mean/std on each;
     several of these on one study share the work (each trial is refitted once)."""
-    study_name = _study_name_or_only(study_name, storage)
     from hpo.confirm import confirm_study
     from hpo.study import load_study
+    from hpo.workers import share_gpu
 
+    # Several of these (and workers) may share one GPU.
+    share_gpu()
+    study_name = _study_name_or_only(study_name, storage)
     optuna_study, spec = load_study(_open_storage(storage, None, None, "confirm", create=False), study_name)
     done = confirm_study(optuna_study, spec, top, seeds, echo=click.echo)
     click.echo(f"confirmed {len(done)} trial{'s' * (len(done) != 1)} here; "
