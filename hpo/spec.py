@@ -690,6 +690,10 @@ def _parse_seeds(top: "_Table") -> tuple[int, int | None]:
     t.finish()
     if high < low:
         raise SpecError(top.source, "seeds.max", f"max = {high} is below min = {low}; set max >= min")
+    if high > low and low < 2:
+        # A race at one seed would never start: Welch's test needs two scores a side.
+        raise SpecError(top.source, "seeds.min", f"adaptive seeds test each trial against the best by Welch's "
+                                                 f"test, which needs 2 seeds or more; set min = 2 or more")
     return low, (high if high > low else None)
 
 

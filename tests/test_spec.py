@@ -56,6 +56,8 @@ def test_required_vocabulary_in_default_study():
      .replace("[data]", "[pruner]\nkind = \"median\"\n[data]"), "pruner.kind", "cannot prune multi-objective"),
     (lambda t: t.replace('metric = "val_loss"', 'metric = "val_loss"\nseeds = { min = 2, max = 6 }\n[objective]\n'
                          'mode = "pareto"'), "seeds", "no single incumbent"),
+    (lambda t: t.replace('metric = "val_loss"', 'metric = "val_loss"\nseeds = { min = 1, max = 6 }'),
+     "seeds.min", "needs 2 seeds or more; set min = 2 or more"),
 ])
 def test_malformed_spec_names_file_field_and_fix(tmp_path, edit, field, words):
     path = write(tmp_path, edit(GOOD))
