@@ -257,50 +257,44 @@ class _Draws:
         """`template`'s variables, each stacked over `seeds` (leading axis R)."""
         draws = np.array([_draws(s, self.count) for s in seeds], dtype=np.int64).reshape(len(seeds), self.count)
         if len(seeds) >= _BATCHED_DRAWS_FROM and self._batched_ok is not False:
-            values = self._draw_batched(template, draws)
+            values = self._stacked(template, draws, batched=True)
             if self._batched_ok is None:
                 # Batched linear algebra (the orthogonal initializer's QR) may round
                 # differently; use it only where it gives the per-seed values.
-                one = self._draw_one(template, draws[0])
-                self._batched_ok = all(np.allclose(np.asarray(a)[0], b, rtol=1e-6, atol=1e-7)
+                one = self._stacked(template, draws[:1], batched=False)
+                self._batched_ok = all(np.allclose(np.asarray(a)[0], b[0], rtol=1e-6, atol=1e-7)
                                        for a, b in zip(values, one))
             if self._batched_ok:
                 return values
-        return [np.stack(column) for column in zip(*(self._draw_one(template, row) for row in draws))]
+        return self._stacked(template, draws, batched=False)
 
-    def _draw_one(self, template: Any, draws: np.ndarray) -> list[np.ndarray]:
-        values = []
-        for v, initializer, i in zip(template.variables, self.initializers, self.index):
-            if i is None:
-                values.append(np.asarray(v.value))
-            elif v.name == "seed_generator_state":
-                values.append(np.asarray([draws[i], 0], dtype=np.asarray(v.value).dtype))
-            else:
-                init = copy.copy(initializer)
-                init.seed = int(draws[i])
-                values.append(np.asarray(init(tuple(v.shape), dtype=v.dtype)))
-        return values
-
-    def _draw_batched(self, template: Any, draws: np.ndarray) -> list[Any]:
+    def _stacked(self, template: Any, draws: np.ndarray, batched: bool) -> list[Any]:
+        """Each variable over the rows of `draws` (one row per seed): a random one by its
+        initializer, seed by seed or (`batched`) as one compiled loop over the seeds."""
         import jax
         from keras.src.backend import random_seed_dtype
 
-        if self._batched is None:
+        if batched and self._batched is None:
             # A loop on the device rather than a vmap: a batched QR (the orthogonal
             # initializer's) rounds differently from the per-seed one on a GPU.
             self._batched = [None if i is None or v.name == "seed_generator_state"
                              else jax.jit(functools.partial(jax.lax.map, _drawer(init, v)))
                              for v, init, i in zip(template.variables, self.initializers, self.index)]
-        zeros = np.zeros(len(draws), np.int64)
         values = []
-        for v, i, fn in zip(template.variables, self.index, self._batched):
+        for k, (v, initializer, i) in enumerate(zip(template.variables, self.initializers, self.index)):
             value = np.asarray(v.value)
             if i is None:
                 values.append(np.broadcast_to(value, (len(draws), *value.shape)))
-            elif fn is None:  # a seed generator's state: [seed, 0]
-                values.append(np.stack([draws[:, i], zeros], axis=1).astype(value.dtype))
+                continue
+            # Keras' seed for this variable under each seed, as [seed, 0].
+            keys = np.stack([draws[:, i], np.zeros(len(draws), np.int64)], axis=1)
+            if v.name == "seed_generator_state":
+                values.append(keys.astype(value.dtype))
+            elif batched:
+                values.append(self._batched[k](keys.astype(random_seed_dtype())))
             else:
-                values.append(fn(np.stack([draws[:, i], zeros], axis=1).astype(random_seed_dtype())))
+                draw = _drawer(initializer, v)
+                values.append(np.stack([np.asarray(draw(int(seed))) for seed in draws[:, i]]))
         return values
 
 
@@ -308,7 +302,8 @@ def _drawer(initializer: Any, variable: Any) -> Callable[[Any], Any]:
     shape, dtype = tuple(variable.shape), variable.dtype
 
     def draw(key: Any) -> Any:
-        # Keras' JAX random ops take a key array wherever they take an integer seed.
+        # An integer seed, or a key array (Keras' JAX random ops take one wherever they
+        # take an integer seed).
         init = copy.copy(initializer)
         init.seed = key
         return init(shape, dtype=dtype)
