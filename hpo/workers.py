@@ -190,17 +190,6 @@ def _add_incumbent_seeds(study: optuna.Study, spec: StudySpec, number: int, echo
              f"{added.mean:.5g} ± {added.std:.2g} over its {added.n_seeds} seeds")
 
 
-def worker_env(storage_url: str, workers: int) -> dict[str, str]:
-    """The environment of local worker processes."""
-    from hpo.storage import STORAGE_ENV
-
-    # The URL travels in the environment, not on the command line, where `ps` would show
-    # its password. The workers run this very package, wherever the command was started from.
-    env = {**os.environ, STORAGE_ENV: storage_url, "PYTHONUNBUFFERED": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [_package_root(), os.environ.get("PYTHONPATH")]))}
-    return env
-
-
 def share_gpu() -> None:
     """Let this worker share its GPU with others (call before JAX starts).
 
@@ -481,7 +470,11 @@ def run_workers(storage_url: str, spec: StudySpec, workers: int, *, budget: int,
         cmd_tail += ["--grace-period", str(grace_period)]
     if max_memory_growth is not None:
         cmd_tail += ["--max-memory-growth", str(max_memory_growth)]
-    env = worker_env(storage_url, workers)
+    # The URL travels in the environment, not on the command line, where `ps` would show
+    # its password.
+    env = {**os.environ, STORAGE_ENV: storage_url, "PYTHONUNBUFFERED": "1",
+           # The workers run this very package, wherever the command was started from.
+           "PYTHONPATH": os.pathsep.join(filter(None, [_package_root(), os.environ.get("PYTHONPATH")]))}
     lock = threading.Lock()
     procs: list[subprocess.Popen] = []
     for i in range(workers):
