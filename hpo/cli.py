@@ -306,7 +306,7 @@ def confirm(study_name: str | None, storage: str, top: int, seeds: int) -> None:
     optuna_study, spec = load_study(_open_storage(storage, None, None, "confirm", create=False), study_name)
     done = confirm_study(optuna_study, spec, top, seeds, echo=click.echo)
     click.echo(f"confirmed {len(done)} trial{'s' * (len(done) != 1)} here; "
-               f"see hpo report --study-name {study_name}")
+               f"see hpo report --study-name {shlex.quote(study_name)}{_storage_arg(storage)}")
 
 
 def _print_summary(spec, summary, storage: str) -> None:
@@ -407,9 +407,9 @@ def studies() -> None:
 @storage_option
 def replay(trial_number: int, study_name: str | None, storage: str) -> None:
     """Re-run TRIAL_NUMBER with its stored params and seeds; print stored vs replayed scores."""
-    study_name = _study_name_or_only(study_name, storage)
     from hpo.replay import replay_trial
 
+    study_name = _study_name_or_only(study_name, storage)
     result = replay_trial(storage, study_name, trial_number)
     click.echo(f"trial #{trial_number} of {study_name}: {result.params}")
     click.echo(f"{'seed':>8} {'stored':>14} {'replayed':>14} {'diff':>10}")
@@ -539,14 +539,13 @@ def _storage_of(args: list[str]) -> str:
     return mask_url(resolve_storage_url(url))
 
 
-
 def _study_name_or_only(study_name: str | None, storage: str) -> str:
     """`--study-name`, or the storage's only study when it was not given."""
     if study_name:
         return study_name
-    from hpo.results import run_sql
+    from hpo.results import study_names
 
-    names = run_sql("SELECT study_name FROM studies ORDER BY study_name", storage)["study_name"].tolist()
+    names = study_names(storage)
     if len(names) == 1:
         return names[0]
     raise click.UsageError("--study-name is needed: " + (f"this storage holds {len(names)} studies: {', '.join(names)}"

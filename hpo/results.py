@@ -247,9 +247,20 @@ def study_direction(engine: sqlalchemy.engine.Engine, study_name: str) -> str:
                           "JOIN studies s ON s.study_id = d.study_id "
                           "WHERE s.study_name = :name AND d.objective = 0", name=study_name)
     if rows.empty:
-        names = _frame(engine, "SELECT study_name FROM studies ORDER BY study_name")["study_name"].tolist()
+        names = study_names(engine=engine)
         raise StudyNotFound(f'no study "{study_name}" in this storage; studies here: {", ".join(names) or "none"}')
     return str(rows["direction"].iloc[0]).lower()
+
+
+def study_names(storage: str | None = None, *, engine: sqlalchemy.engine.Engine | None = None) -> list[str]:
+    """The names of the studies in the storage, sorted."""
+    own = engine is None
+    engine = engine or connect_readonly(storage)
+    try:
+        return _frame(engine, "SELECT study_name FROM studies ORDER BY study_name")["study_name"].tolist()
+    finally:
+        if own:
+            engine.dispose()
 
 
 def compare_scores(a: list[float], b: list[float], alpha: float = ALPHA) -> tuple[float, float, bool, str]:

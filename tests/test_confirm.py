@@ -2,6 +2,7 @@
 databases (analytic family: no Keras, milliseconds per trial)."""
 
 import json
+import shlex
 import statistics
 import subprocess
 import sys
@@ -75,6 +76,9 @@ def test_confirm_refits_the_top_trials_on_unseen_seeds_and_the_view_reads_them_b
     run_hpo("run", write_study(tmp_path, "conf", "3"), "--storage", storage_url)
     out = run_hpo("confirm", "--study-name", "conf", "--storage", storage_url, "--top", "2", "--seeds", "4").stdout
     assert out.count("confirmed trial") == 2
+    # The printed next command runs as printed, on this storage.
+    hint = shlex.split(out.split("see ")[-1])
+    assert "study conf:" in run_hpo(*hint[1:]).stdout
     attrs = user_attrs(storage_url, "conf")
     confirmed = {n: a for n, a in attrs.items() if "confirm_mean" in a}
     assert len(confirmed) == 2
