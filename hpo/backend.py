@@ -47,24 +47,3 @@ def use_backend(requested: str | None = None) -> str:
     # lines would otherwise reach the user's terminal.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     return name
-
-
-def import_tensorflow_quietly() -> None:
-    """Import TensorFlow (the TensorFlow backend, or a Keras layer that needs it on any
-    backend, e.g. TextVectorization) without its native start-up lines.
-
-    Those lines (oneDNN, CUDA stubs) go to fd 2 before TensorFlow's log settings apply, so
-    just this import is hidden; a failing import still raises.
-    """
-    if "tensorflow" in sys.modules or os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "0":
-        return
-    sys.stderr.flush()
-    saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
-        import tensorflow  # noqa: F401
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)

@@ -186,11 +186,6 @@ def _csv_table(spec: DataSpec, split_seed: int, sequence: bool) -> Dataset:
 
 def _csv_text(spec: DataSpec, split_seed: int, maxlen: int, vocab_size: int) -> Dataset:
     import keras
-
-    from hpo.backend import import_tensorflow_quietly
-
-    # TextVectorization runs on TensorFlow whatever the backend.
-    import_tensorflow_quietly()
     import pandas as pd
 
     frame = pd.read_csv(spec.path, dtype={spec.text_column: str})

@@ -17,7 +17,7 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 
-from hpo.backend import import_tensorflow_quietly, use_backend
+from hpo.backend import use_backend
 from hpo.errors import TrialDiverged, TrialFailed
 from hpo.spec import StudySpec
 
@@ -340,19 +340,44 @@ _determinism_configured = False
 
 
 def configure_determinism(backend: str) -> None:
-    """Import Keras and, on TensorFlow, make its ops deterministic (once per process), so
-    a replay is exact. On JAX, TensorFlow is not imported: it would cost every worker
-    about 3 s and 450 MB."""
+    """Import Keras quietly and, on TensorFlow, make its ops deterministic (once per
+    process), so a replay is exact."""
     global _determinism_configured
     if _determinism_configured:
         return
-    if backend == "tensorflow":
-        import_tensorflow_quietly()
-        import tensorflow as tf
-
-        tf.config.experimental.enable_op_determinism()
+    _import_tensorflow_quietly()
     import keras  # noqa: F401
+    if backend != "tensorflow":
+        return
+    import tensorflow as tf
+
+    tf.config.experimental.enable_op_determinism()
     _determinism_configured = True
+
+
+def _import_tensorflow_quietly() -> None:
+    # TensorFlow's native start-up lines (oneDNN, CUDA stubs) go to fd 2 before its own
+    # log settings apply; hide just that import. A failing import still raises here.
+    # Keras on JAX needs no TensorFlow: a machine without it (a GPU box with only the
+    # JAX CUDA wheels) skips this.
+    import importlib.util
+    import os
+    import sys
+
+    if "tensorflow" in sys.modules or os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "0":
+        return
+    if importlib.util.find_spec("tensorflow") is None:
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        import tensorflow  # noqa: F401
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def release_memory() -> None:
