@@ -218,3 +218,12 @@ def test_a_damaged_study_database_is_one_error_line_for_every_reader(tmp_path):
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 1 and len(lines) == 1, lines
         assert lines[0].startswith(f"error: storage sqlite:///{db}") and "corrupt" in lines[0], lines
+
+
+def test_a_keras_run_keeps_tensorflows_native_start_up_lines_off_the_terminal(tmp_path):
+    # Keras' set_random_seed imports TensorFlow on any backend whenever it is installed;
+    # its oneDNN/CUDA-stub lines go to fd 2 before its log settings apply.
+    result = run_hpo("run", "sine_lstm", "--trials", "1", "--seeds", "2", "--max-epochs", "1",
+                     "--storage", f"sqlite:///{tmp_path / 'q.db'}", env={"TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert "trial    0 complete" in result.stdout
+    assert not any(s in result.stderr for s in ("absl", "oneDNN", "cudart_stub")), result.stderr[-2000:]
