@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import statistics
 import sys
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -135,7 +136,7 @@ class Objective:
             start = spec.seed * 1000 + len(fit.fits)
             batch = [start + i for i in range(min(spec.seeds, spec.seeds_max - len(fit.fits)))]
             # Later batches stop at a signal like the first, but do not report to the pruner.
-            more = fit_repeats(spec, params, batch, lambda epoch, value: self.check_stop() or False)
+            more = fit_repeats(spec, params, batch, lambda epoch, scores: self.check_stop() or False)
             fit = RepeatFit(fit.fits + more.fits, fit.fit_seconds + more.fit_seconds, fit.path, backend=fit.backend)
         trial.set_user_attr(ATTR_SEED_STOP, reason)
         return fit
@@ -188,44 +189,87 @@ def read_seed_record(storage: optuna.storages.BaseStorage, trial_id: int) -> See
 class _Reporter:
     """The per-epoch callback of a trial's fit: a safe point to stop at (the worker's
     `check_stop`), then (single objective only: Optuna cannot prune multi-objective trials)
-    report the seeds' mean and ask to prune. When stdout is a terminal it keeps a live
-    line with the trial's epoch and current mean."""
+    report the value the trial would get if it stopped now, at step = the epoch, and ask
+    to prune. That value is the objective's own (`trial_value`) over each seed's best
+    score so far, so the pruner judges the number the trial is scored by and the last
+    report equals the trial's value. When stdout is a terminal a live line shows it."""
 
     def __init__(self, trial: optuna.Trial, spec: StudySpec, check_stop: Callable[[], None],
                  report: bool = True) -> None:
         self.trial = trial
+        self.spec = spec
         self.check_stop = check_stop
         self.report = report
-        self.bar = None
-        if sys.stdout.isatty():
-            from tqdm import tqdm
+        self.line = _ProgressLine(trial.number, spec.training.max_epochs) if sys.stdout.isatty() else None
 
-            self.bar = tqdm(total=spec.training.max_epochs, desc=f"trial {trial.number}", unit="epoch",
-                            leave=False, dynamic_ncols=True, file=sys.stdout)
-
-    def __call__(self, epoch: int, value: float) -> bool:
+    def __call__(self, epoch: int, scores: list[float]) -> bool:
         self.check_stop()
-        if self.bar is not None:
-            self.bar.update(epoch + 1 - self.bar.n)
-            self.bar.set_postfix_str(f"seeds' mean {value:.5g}", refresh=False)
+        value = trial_value(self.spec, scores)
+        value = value[0] if isinstance(value, tuple) else value
+        if self.line is not None:
+            self.line.update(epoch, f"value so far {value:.5g}")
         if not self.report or not math.isfinite(value):
             return False
         self.trial.report(value, epoch)
         return self.trial.should_prune()
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        if self.line is not None:
+            self.line.close()
+
+
+class _ProgressLine:
+    """A trial's live line on a terminal. The first epoch also pays for building the model
+    and compiling it, many times an epoch's cost, so it is its own step: the line shows
+    that start-up apart and the time per epoch from the second epoch on."""
+
+    def __init__(self, number: int, max_epochs: int, clock: Callable[[], float] = time.perf_counter) -> None:
+        from tqdm import tqdm
+
+        self.clock = clock
+        self.started = clock()
+        self.first_done: float | None = None
+        self.bar = tqdm(total=max_epochs, desc=f"trial {number}", leave=False, dynamic_ncols=True, file=sys.stdout,
+                        bar_format="{desc}: {bar} {n_fmt}/{total_fmt} epochs [{elapsed}] {postfix}")
+        self.bar.set_postfix_str("building and compiling the model, then epoch 1", refresh=True)
+
+    def update(self, epoch: int, text: str) -> None:
+        now = self.clock()
+        if self.first_done is None:
+            self.first_done = now
+        self.bar.update(epoch - self.bar.n)
+        self.bar.set_postfix_str(f"{progress_timing(self.first_done - self.started, now - self.first_done, epoch - 1)}"
+                                 f" | {text}", refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def progress_timing(first: float, later: float, later_epochs: int) -> str:
+    """The live line's timing: `first` seconds to the end of epoch 1 (start-up, compiling
+    and the epoch itself), `later` seconds for the `later_epochs` epochs after it."""
+    if later_epochs < 1:
+        return f"start-up, compiling and epoch 1 {first:.1f}s"
+    per_epoch = later / later_epochs
+    return f"start-up and compiling {max(0.0, first - per_epoch):.1f}s, then {per_epoch:.3g}s/epoch"
+
+
+def trial_value(spec: StudySpec, scores: list[float]) -> float | tuple[float, float]:
+    """The objective's value of per-seed scores under the spec's objective mode: their
+    mean, mean + k*std (std toward the worse side), or (mean, std) for "pareto"."""
+    mean = float(statistics.fmean(scores))
+    std = float(statistics.stdev(scores)) if len(scores) > 1 else 0.0
+    if spec.objective.mode == "pareto":
+        return mean, std
+    if spec.objective.mode == "mean+k*std":
+        sign = 1.0 if spec.direction == "minimize" else -1.0
+        return mean + sign * spec.objective.k * std
+    return mean
 
 
 def objective_value(spec: StudySpec, fit: RepeatFit) -> float | tuple[float, float]:
     """The trial's value under the spec's objective mode."""
-    if spec.objective.mode == "pareto":
-        return fit.mean, fit.std
-    if spec.objective.mode == "mean+k*std":
-        sign = 1.0 if spec.direction == "minimize" else -1.0
-        return fit.mean + sign * spec.objective.k * fit.std
-    return fit.mean
+    return trial_value(spec, fit.scores)
 
 
 def record_fit(trial: optuna.Trial, fit: RepeatFit) -> None:

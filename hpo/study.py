@@ -105,19 +105,23 @@ def _require(spec: StudySpec, module: str, package: str) -> None:
 
 
 def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
-    """The spec's pruner; steps are epochs."""
+    """The spec's pruner; steps are epochs, counted from 1 as hpo prints them, so a
+    successive-halving rung of `min_resource` epochs is reached after that many epochs.
+    `n_warmup_steps` is the epochs every trial runs before it may be pruned: Optuna counts
+    steps from 0 (its earliest prune is at step == n_warmup_steps), hence the + 1."""
     p = spec.pruner
+    warmup = p.n_warmup_steps + 1
     if p.kind == "none":
         return optuna.pruners.NopPruner()
     if p.kind == "percentile":
         return optuna.pruners.PercentilePruner(p.percentile, n_startup_trials=p.n_startup_trials,
-                                               n_warmup_steps=p.n_warmup_steps)
+                                               n_warmup_steps=warmup)
     if p.kind == "successive_halving":
         return optuna.pruners.SuccessiveHalvingPruner(min_resource=p.min_resource, reduction_factor=p.reduction_factor)
     if p.kind == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=p.min_resource, max_resource=spec.training.max_epochs,
                                               reduction_factor=p.reduction_factor)
-    return optuna.pruners.MedianPruner(n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_steps)
+    return optuna.pruners.MedianPruner(n_startup_trials=p.n_startup_trials, n_warmup_steps=warmup)
 
 
 def create_study(spec: StudySpec, storage: optuna.storages.BaseStorage) -> optuna.Study:

@@ -1,7 +1,7 @@
 """Repeated seeded fits: a spec, resolved params and seeds in, per-seed scores and curves out.
 
 The seeds train in lock-step, one epoch at a time, so that after each epoch the caller
-sees the mean of their current validation metric and may stop the whole trial (pruning).
+sees each seed's score so far (its best epoch's) and may stop the whole trial (pruning).
 One loop serves every path; a path only says how an epoch of all seeds is trained:
 `vectorized` (the JAX engine, all seeds as replicas of one program), `sequential` (one
 Keras model per seed) or `analytic` (a pseudo learning curve, no Keras).
@@ -21,9 +21,10 @@ from hpo.backend import use_backend
 from hpo.errors import TrialDiverged, TrialFailed
 from hpo.spec import StudySpec
 
-# Called after every epoch with (epoch index from 0, mean of the seeds' current
-# validation metric); returning True stops the trial (it is pruned).
-EpochCallback = Callable[[int, float], bool]
+# Called after every epoch with (the epoch, counted from 1 as Keras prints it; each seed's
+# score if the trial stopped now: `EarlyStopper.best`); returning True stops the trial
+# (it is pruned).
+EpochCallback = Callable[[int, list[float]], bool]
 
 CURVE_KEYS = ("loss", "val_loss", "metric", "val_metric")
 
@@ -111,12 +112,6 @@ class EarlyStopper:
         if self.direction == "minimize":
             return value < self.best - self.min_delta
         return value > self.best + self.min_delta
-
-    @property
-    def current(self) -> float:
-        """What this seed contributes to the pruner: its latest value while it trains,
-        its best once it has stopped (its weights would be restored to that epoch)."""
-        return self.best if self.stopped else self.last
 
 
 class EpochTrainer(Protocol):
@@ -206,7 +201,7 @@ def _unsupported_reason(spec: StudySpec, backend: str) -> str | None:
 def _lock_step(spec: StudySpec, seeds: list[int], trainer: EpochTrainer, on_epoch: EpochCallback | None,
                path: str, backend: str | None, setup: float = 0.0) -> RepeatFit:
     """The one loop of every path: an epoch of all active seeds, their curves and early
-    stopping, then the seeds' mean to the pruner."""
+    stopping, then each seed's score so far to the pruner."""
     stoppers = [_stopper(spec) for _ in seeds]
     curves: list[dict[str, list[float]]] = [{k: [] for k in CURVE_KEYS} for _ in seeds]
     sources = {"loss": "loss", "val_loss": "val_loss", "metric": spec.metric.removeprefix("val_"),
@@ -227,7 +222,7 @@ def _lock_step(spec: StudySpec, seeds: list[int], trainer: EpochTrainer, on_epoc
                 curves[i][key].append(float(logs[source][i]))
             stoppers[i].update(float(logs[spec.metric][i]))
         # The pruner's time (a database round trip, possibly a database outage) is not fit time.
-        if on_epoch is not None and on_epoch(epoch, float(statistics.fmean(s.current for s in stoppers))):
+        if on_epoch is not None and on_epoch(epoch + 1, [float(s.best) for s in stoppers]):
             pruned_at = epoch + 1
             break
         if all(s.stopped for s in stoppers):

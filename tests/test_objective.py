@@ -97,4 +97,91 @@ def test_a_live_progress_line_shows_on_a_terminal_and_not_in_a_pipe(tmp_path):
         chunks.append(data)
     assert proc.wait(timeout=120) == 0
     text = b"".join(chunks).decode(errors="replace")
-    assert "trial 0" in text and "seeds' mean" in text
+    assert "trial 0" in text and "value so far" in text
+    # The first epoch pays for building and compiling: the line shows that start-up apart.
+    assert "start-up" in text and "s/epoch" in text
+
+
+def test_the_live_line_times_start_up_apart_from_later_epochs():
+    from hpo.objective import progress_timing
+
+    # Seen: "6.81s/epoch" for a 7 s trial whose first epoch was almost all compiling.
+    assert progress_timing(6.8, 0.0, 0) == "start-up, compiling and epoch 1 6.8s"
+    assert progress_timing(6.8, 0.4, 4) == "start-up and compiling 6.7s, then 0.1s/epoch"
+
+
+
+# Seeds whose noise outweighs what is left to learn after a few epochs: each seed reaches
+# its best at its own epoch, so the mean of the seeds' current values stays above the mean
+# of their best values, the trial's score.
+NOISY = {"name": "noisy", "seeds": 3, "seed": 7, "model": {"family": "analytic", "function": "sphere", "noise": 0.3},
+         "training": {"max_epochs": 8, "patience": 8}, "space": {"x": {"low": -1.0, "high": 1.0}}}
+
+
+def _so_far(curves, epoch, last=False):
+    """The old and the new rule's inputs: each seed's value at, or best up to, `epoch`."""
+    return [c["val_metric"][epoch - 1] if last else min(c["val_metric"][:epoch]) for c in curves]
+
+
+@pytest.mark.parametrize("raw", [
+    NOISY,
+    {**NOISY, "objective": {"mode": "mean+k*std", "k": 1.5}},
+    {**NOISY, "training": {"max_epochs": 8, "score": "last"}},
+    {**NOISY, "seeds": {"min": 2, "max": 4}, "pruner": {"kind": "none"}},
+], ids=["mean", "mean+k*std", "score-last", "adaptive-seeds"])
+def test_the_pruner_sees_the_score_the_trial_would_get_if_it_stopped_now(tmp_path, raw):
+    import statistics
+
+    study, spec = run(tmp_path, {"pruner": {"n_startup_trials": 1, "n_warmup_steps": 0}, **raw}, trials=6)
+    finished = [t for t in study.get_trials() if t.state.is_finished() and t.intermediate_values]
+    assert len(finished) == 6
+    for t in finished:
+        steps = sorted(t.intermediate_values)
+        values = [t.intermediate_values[s] for s in steps]
+        # Steps are hpo's epochs, counted from 1 like the stored curves.
+        assert steps == list(range(1, len(t.user_attrs["curves"][0]["val_metric"]) + 1))
+        last = spec.training.score == "last"
+        first_batch = t.user_attrs["curves"][:spec.seeds]
+        for step, value in zip(steps, values):
+            scores = _so_far(first_batch, step, last)
+            mean, std = statistics.fmean(scores), statistics.stdev(scores)
+            k = spec.objective.k if spec.objective.mode == "mean+k*std" else 0.0
+            assert value == pytest.approx(mean + k * std)
+        if not last:
+            assert values == sorted(values, reverse=True)  # never worse than before (minimised)
+        first_scores = t.user_attrs["seed_scores"][:spec.seeds]
+        if spec.seeds_max is None and t.state == optuna.trial.TrialState.COMPLETE:
+            assert values[-1] == pytest.approx(t.value)
+        assert values[-1] == pytest.approx(statistics.fmean(first_scores) + k * statistics.stdev(first_scores))
+
+
+def test_a_trial_the_old_rule_would_prune_is_kept(tmp_path):
+    from hpo import analytic
+
+    spec = parse_spec({**NOISY, "pruner": {"n_startup_trials": 1, "n_warmup_steps": 0}})
+    study = create_study(spec, get_storage(f"sqlite:///{tmp_path / 'o.db'}"))
+    x = 0.3
+    curves = [{"val_metric": analytic.curve("sphere", {"x": x}, seed=s, epochs=8, noise=0.3)}
+              for s in spec.seed_values]
+    new = [sum(_so_far(curves, e)) / 3 for e in range(1, 9)]
+    old = [sum(_so_far(curves, e, last=True)) / 3 for e in range(1, 9)]
+    # The median pruner compares a trial's best report so far with the others' at that step.
+    old_best = [min(old[:e]) for e in range(1, 9)]
+    assert any(n < o for n, o in zip(new, old_best))  # the seeds peak at different epochs
+    # A complete trial between the two rules at every epoch.
+    between = {e: (n + o) / 2 for e, (n, o) in enumerate(zip(new, old_best), start=1)}
+    study.add_trial(optuna.trial.create_trial(
+        params={"x": 0.9}, distributions={"x": optuna.distributions.FloatDistribution(-1.0, 1.0)},
+        value=between[8], intermediate_values=between,
+        user_attrs={"mean": between[8], "std": 0.0, "seeds": [0], "seed_scores": [between[8]]}))
+    # Under the old rule this trial would be pruned ...
+    probe = study.ask({"x": optuna.distributions.FloatDistribution(-1.0, 1.0)})
+    pruned_at = next((e for e, v in enumerate(old, start=1) if probe.report(v, e) or probe.should_prune()), None)
+    assert pruned_at is not None
+    study.tell(probe, state=optuna.trial.TrialState.PRUNED)
+    # ... the objective, reporting the score so far, keeps it, and its value is the last report.
+    study.enqueue_trial({"x": x})
+    run_trials(study, spec, budget=3, echo=lambda line: None)
+    kept = study.get_trials()[-1]
+    assert kept.params == {"x": x} and kept.state == optuna.trial.TrialState.COMPLETE
+    assert kept.value == pytest.approx(new[-1]) == pytest.approx(kept.intermediate_values[8])

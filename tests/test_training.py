@@ -25,7 +25,6 @@ def test_early_stopper_keeps_the_best_epoch_score():
         assert not s.stopped
         s.update(v)
     assert s.stopped and (s.best, s.best_epoch, s.epochs_run) == (2.0, 2, 4)
-    assert s.current == 2.0  # a stopped seed contributes its best
     m = EarlyStopper("maximize", patience=0, min_delta=0.1)
     m.update(0.5)
     m.update(0.55)  # not better by min_delta
@@ -33,20 +32,20 @@ def test_early_stopper_keeps_the_best_epoch_score():
 
 
 @pytest.mark.parametrize("path", ["sequential", "vectorized"])
-def test_seeds_train_in_lock_step_and_report_the_mean_each_epoch(path):
+def test_seeds_train_in_lock_step_and_report_their_scores_so_far_each_epoch(path):
     spec = tiny_spec()
     seen = []
     fit = fit_repeats(spec, default_params(spec) | {"units": 4, "batch_size": 16}, spec.seed_values,
-                      lambda epoch, value: seen.append((epoch, value)) and False, path=path)
-    assert [e for e, _ in seen] == list(range(len(seen))) and 1 <= len(seen) <= 4
+                      lambda epoch, scores: seen.append((epoch, scores)) and False, path=path)
+    # Epochs count from 1, as the stored curves and best epochs do.
+    assert [e for e, _ in seen] == list(range(1, len(seen) + 1)) and 1 <= len(seen) <= 4
     assert fit.path == path and len(fit.fits) == 2
     for f in fit.fits:
         assert f.score == min(f.curves["val_loss"]) and f.curves["val_loss"][f.best_epoch - 1] == f.score
         assert len(f.curves["loss"]) == f.epochs_run
-    last_epoch = seen[-1][0]
-    current = [f.curves["val_loss"][min(last_epoch, f.epochs_run - 1)] if f.epochs_run > last_epoch else f.score
-               for f in fit.fits]
-    assert seen[-1][1] == pytest.approx(sum(current) / 2)
+    for epoch, scores in seen:
+        assert scores == pytest.approx([min(f.curves["val_loss"][:epoch]) for f in fit.fits])
+    assert seen[-1][1] == pytest.approx(fit.scores)
     assert fit.mean == pytest.approx(sum(fit.scores) / 2)
 
 
@@ -62,7 +61,7 @@ def test_same_seed_same_scores_other_seed_other_scores():
 def test_returning_true_prunes_after_that_epoch():
     spec = tiny_spec(patience=10)
     fit = fit_repeats(spec, default_params(spec) | {"units": 4, "batch_size": 16}, [1, 2],
-                      lambda epoch, value: epoch == 1)
+                      lambda epoch, scores: epoch == 2)
     assert fit.pruned_at_epoch == 2 and all(f.epochs_run == 2 for f in fit.fits)
 
 
