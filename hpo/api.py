@@ -19,6 +19,7 @@ from hpo.errors import SpecError
 from hpo.spec import StudySpec, load_spec, parse_spec
 from hpo.storage import DEFAULT_STORAGE, get_storage, mask_url
 from hpo.workers import RunSummary
+from hpo.words import plural
 
 __all__ = ["describe_start", "load_spec", "run", "start", "tune"]
 
@@ -53,8 +54,8 @@ def start(spec: StudySpec, storage: str = DEFAULT_STORAGE, *, timeout: float | N
 
 def describe_start(spec: StudySpec, storage: str) -> str:
     """The line a run opens with: the study, where it is stored, its budget and objective."""
-    return (f"study {spec.name} ({spec.source}) on {mask_url(storage)}: budget {spec.trials} trials, "
-            f"{spec.seeds} seeds each, up to {spec.training.max_epochs} epochs, {spec.metric} "
+    return (f"study {spec.name} ({spec.source}) on {mask_url(storage)}: budget {plural(spec.trials, 'trial')}, "
+            f"{plural(spec.seeds, 'seed')} each, up to {plural(spec.training.max_epochs, 'epoch')}, {spec.metric} "
             f"({spec.direction}), objective {spec.objective.mode}")
 
 

@@ -18,6 +18,7 @@ from typing import Any, Callable
 import numpy as np
 
 from hpo.errors import BackendError
+from hpo.words import plural
 
 # The models `hpo bench --model` can time: plain Keras models as a user would write them
 # (none is a built-in family), on windows of the built-in noisy sine.
@@ -153,12 +154,12 @@ def run_bench(seed_counts: list[int], *, model: str = "lstm", epochs: int = 20, 
         fresh = _time_replicas(build, data, epochs, list(range(r)), clear=True)
         repeat = _time_replicas(build, data, epochs, list(range(1000, 1000 + r)), clear=False)
         release_memory()
-        say(f"R={r}: {r} replicas together {fresh[0]:.2f} s, again with other seeds {repeat[0]:.2f} s")
+        say(f"R={r}: {plural(r, 'replica')} together {fresh[0]:.2f} s, again with other seeds {repeat[0]:.2f} s")
         result.rows.append(BenchRow(r, single, fresh[0], repeat[0], fresh[1], repeat[1], repeat[2], _peak_rss_mb()))
     for row in result.rows if sequential else []:
         row.sequential_s = sum(_time_native_fit(build, data, epochs, seed=s) for s in range(row.seeds))
         release_memory()
-        say(f"R={row.seeds}: {row.seeds} native fits one after another {row.sequential_s:.2f} s")
+        say(f"R={row.seeds}: {plural(row.seeds, 'native fit')} one after another {row.sequential_s:.2f} s")
     # Other processes on the machine skew every figure; the load says how much to trust them.
     result.config["load_average_at_end"] = round(os.getloadavg()[0], 2)
     return result

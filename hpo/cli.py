@@ -18,6 +18,7 @@ import click
 from hpo.errors import HpoError
 from hpo.spec import MAX_EPOCHS, MAX_SEEDS, MAX_TRIALS
 from hpo.storage import DEFAULT_STORAGE, STORAGE_ENV
+from hpo.words import mean_std, noun_for, plural
 
 storage_option = click.option(
     "--storage", envvar=STORAGE_ENV, default=DEFAULT_STORAGE, show_default=True,
@@ -221,7 +222,7 @@ def create(study: str, storage: str, study_name: str | None, trials: int | None,
 
     spec = _checked_spec(study, seeds=seeds, max_epochs=max_epochs, trials=trials, name=study_name)
     clear_stop(create_study(spec, _open_storage(storage, None, None, "create")))
-    click.echo(f"study {spec.name} ({spec.source}) ready on {mask_url(storage)}: budget {spec.trials} trials; "
+    click.echo(f"study {spec.name} ({spec.source}) ready on {mask_url(storage)}: budget {plural(spec.trials, 'trial')}; "
                f"start workers with: hpo worker{_storage_arg(storage)} --study-name {shlex.quote(spec.name)}")
 
 
@@ -263,7 +264,7 @@ def worker(storage: str, study_name: str, trials: int | None, timeout: float | N
     # The hooks' code must be the code the study's trials were fitted with.
     check_spec_runs(spec)
     budget = trials if trials is not None else spec.trials
-    click.echo(f"worker {worker_index} on study {study_name} ({mask_url(storage)}): budget {budget} trials")
+    click.echo(f"worker {worker_index} on study {study_name} ({mask_url(storage)}): budget {plural(budget, 'trial')}")
     summary = run_trials(optuna_study, spec, budget=budget, timeout=timeout,
                          max_consecutive_failures=max_failures, echo=click.echo,
                          max_memory_growth_mb=memory_growth_limit(spec, max_memory_growth))
@@ -305,7 +306,7 @@ def confirm(study_name: str | None, storage: str, top: int, seeds: int) -> None:
     study_name = _study_name_or_only(study_name, storage)
     optuna_study, spec = load_study(_open_storage(storage, None, None, "confirm", create=False), study_name)
     done = confirm_study(optuna_study, spec, top, seeds, echo=click.echo)
-    click.echo(f"confirmed {len(done)} trial{'s' * (len(done) != 1)} here; "
+    click.echo(f"confirmed {plural(len(done), 'trial')} here; "
                f"see hpo report --study-name {shlex.quote(study_name)}{_storage_arg(storage)}")
 
 
@@ -322,8 +323,8 @@ def _print_summary(spec, summary, storage: str) -> None:
         click.echo("no complete trial yet")
         return
     a = best.user_attrs
-    click.echo(f"best trial #{best.number}: {spec.metric} {a['mean']:.5g} ± {a['std']:.2g} "
-               f"over seeds {a['seeds']} (per seed: {', '.join(f'{s:.4g}' for s in a['seed_scores'])})")
+    click.echo(f"best trial #{best.number}: {spec.metric} {mean_std(a['mean'], a['std'], len(a['seeds']))} "
+               f"over {noun_for(len(a['seeds']), 'seed')} {a['seeds']} (per seed: {', '.join(f'{s:.4g}' for s in a['seed_scores'])})")
     click.echo("params: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                       for k, v in best.params.items()))
     click.echo(f"stored in {mask_url(storage)} (study {spec.name}); "
@@ -365,8 +366,8 @@ def bench_memory(study: str, storage: str, trials: int, seeds: int, max_epochs: 
     seen, restarts = measure_memory(storage, study, trials, checkpoints, seeds=seeds, max_epochs=max_epochs,
                                     max_memory_growth=max_memory_growth)
     for n, mb in seen:
-        click.echo(f"after {n:>4} trials: RSS {mb:.0f} MB")
-    click.echo(f"the worker restarted itself {restarts} times")
+        click.echo(f"after {plural(n, 'trial'):>11}: RSS {mb:.0f} MB")
+    click.echo(f"the worker restarted itself {plural(restarts, 'time')}")
 
 
 @bench_workers.command("throughput")
@@ -383,11 +384,11 @@ def bench_throughput(study: str, storage: str, trials: int, worker_counts: str, 
     rates = {}
     for n in (int(x) for x in worker_counts.split(",")):
         rates[n] = measure_throughput(storage, study, trials, n, seeds=seeds, max_epochs=max_epochs)
-        click.echo(f"{n} workers: {rates[n]:.1f} trials/min")
+        click.echo(f"{plural(n, 'worker')}: {rates[n]:.1f} trials/min")
     first = next(iter(rates))
     for n, rate in rates.items():
         if n != first:
-            click.echo(f"{n} vs {first} workers: x{rate / rates[first]:.2f}")
+            click.echo(f"{n} vs {plural(first, 'worker')}: x{rate / rates[first]:.2f}")
 
 
 @cli.command()

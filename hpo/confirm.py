@@ -32,6 +32,7 @@ from hpo.space import suggest_params
 from hpo.spec import StudySpec
 from hpo.stats import bootstrap_ci
 from hpo.storage import claim_work, count_trials, rdb_storage, release_claim, write_trial_user_attrs
+from hpo.words import mean_std, plural
 
 ATTR_CONFIRM_SEEDS = "confirm_seeds"
 ATTR_CONFIRM_SCORES = "confirm_scores"
@@ -97,8 +98,8 @@ def confirm_study(study: optuna.Study, spec: StudySpec, top: int, seeds: int,
         write_trial_user_attrs(storage, trial._trial_id, {
             ATTR_CONFIRM_SEEDS: result.seeds, ATTR_CONFIRM_SCORES: result.scores,
             ATTR_CONFIRM_STD: result.std, ATTR_CONFIRM_MEAN: result.mean})
-        echo(f"confirmed trial {trial.number}: {spec.metric} {result.mean:.5g} ± {result.std:.2g} on "
-             f"{len(new_seeds)} fresh seeds (selected at {trial.user_attrs.get('mean', float('nan')):.5g})")
+        echo(f"confirmed trial {trial.number}: {spec.metric} {mean_std(result.mean, result.std, len(new_seeds))} on "
+             f"{plural(len(new_seeds), 'fresh seed')} (selected at {trial.user_attrs.get('mean', float('nan')):.5g})")
         done.append(result)
     return done
 
@@ -150,7 +151,7 @@ def add_incumbent_seeds(study: optuna.Study, spec: StudySpec, number: int,
         batch = [start + i for i in range(min(spec.seeds, spec.seeds_max - len(record.all_scores)))]
         params = suggest_params(spec, optuna.trial.FixedTrial(storage.get_trial(trial_id).params, number=number))
         try:
-            fit = fit_repeats(spec, params, batch, lambda epoch, value: check_stop() or False)
+            fit = fit_repeats(spec, params, batch, lambda epoch, scores: check_stop() or False)
         except Exception as e:  # noqa: BLE001 - as in a trial: a fault in user-shaped code fails this fit only
             reason = str(e) if isinstance(e, TrialFailed) else f"{type(e).__name__}: {e}"[:2000]
             write_trial_user_attrs(storage, trial_id, {ATTR_ADDED_FAIL_REASON: reason})

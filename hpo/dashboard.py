@@ -17,6 +17,7 @@ from hpo.objective import write_trial_note
 from hpo.storage import existing_sqlite_path, get_storage, mask_url, resolve_storage_url
 from hpo.study import SPEC_ATTR
 from hpo.views import create_views
+from hpo.words import plural
 
 def write_missing_notes(storage: str | None = None, echo: Callable[[str], None] = lambda _: None) -> int:
     """Give every finished trial with a per-seed record, in every study created by hpo,
@@ -42,7 +43,7 @@ def write_missing_notes(storage: str | None = None, echo: Callable[[str], None] 
         missing = [trial_id for trial_id in recorded if note_ver_key(trial_id) not in noted]
         if not missing:
             continue
-        echo(f"writing notes for {len(missing)} trials of {study.study_name}")
+        echo(f"writing notes for {plural(len(missing), 'trial')} of {study.study_name}")
         metric = study.user_attrs[SPEC_ATTR].get("metric", "score")
         for trial_id in missing:
             frozen = rdb.get_trial(trial_id)

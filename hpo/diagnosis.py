@@ -1,5 +1,6 @@
 """Learning-curve diagnosis: a trial's per-seed curves in, *underfit*, *overfit* or
-*good fit* out (with the reason), and the trial's markdown note for optuna-dashboard.
+*good fit* out (with the reason; *no fit* for the analytic family, which trains nothing),
+and the trial's markdown note for optuna-dashboard.
 
 Pure Python on plain lists, so the objective (while recording a trial) and the reports
 (reading the database) share one rule.
@@ -8,14 +9,18 @@ Pure Python on plain lists, so the objective (while recording a trial) and the r
 from __future__ import annotations
 
 import math
+import statistics
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Sequence
+
+from hpo.words import mean_std, plural
 
 UNDERFIT = "underfit"
 OVERFIT = "overfit"
 GOOD_FIT = "good fit"
 UNKNOWN = "unknown"
+NO_FIT = "no fit"
 # A change counts when it exceeds this share of what the curve learned from its first
 # epoch to its best: small enough to see a real turn, large enough to ignore seed noise.
 CHANGE_SHARE = 0.05
@@ -37,9 +42,16 @@ class Diagnosis:
 
 def diagnose_seed(loss: Sequence[float | None], val_loss: Sequence[float | None]) -> tuple[str, str]:
     """One seed's verdict and reason from its training and validation loss per epoch."""
+    verdict, reason, epoch = _diagnose(loss, val_loss)
+    return verdict, reason.format(at=f"epoch {epoch}", last=epoch)
+
+
+def _diagnose(loss: Sequence[float | None], val_loss: Sequence[float | None]) -> tuple[str, str, int | None]:
+    # The reason is a template: {at} / {last} become this seed's epoch, or the range of
+    # epochs over the seeds that share the verdict.
     pairs = [(t, v) for t, v in zip(loss, val_loss) if _finite(t) and _finite(v)]
     if len(pairs) < 2:
-        return UNKNOWN, "fewer than two epochs with finite losses"
+        return UNKNOWN, "fewer than two epochs with finite losses", None
     train = [t for t, _ in pairs]
     val = [v for _, v in pairs]
     last = len(val) - 1
@@ -47,28 +59,37 @@ def diagnose_seed(loss: Sequence[float | None], val_loss: Sequence[float | None]
     learned = max(val[0] - val[best], train[0] - min(train), 0.0)
     tol = CHANGE_SHARE * learned if learned > 0 else 1e-12
     if best < last and val[last] - val[best] > tol and train[best] - train[last] > tol:
-        return OVERFIT, (f"validation loss rose after its minimum at epoch {best + 1} "
-                         f"while training loss kept falling")
+        return OVERFIT, "validation loss rose after its minimum at {at} while training loss kept falling", best + 1
     # Best epoch == last epoch with validation still falling: whatever the size of the last
     # step, training stopped while it still helped (seen: best epoch 10 of 10 called good fit).
     if best == last and val[last] < val[last - 1]:
-        return UNDERFIT, f"validation loss still falling at the last epoch ({last + 1}): train longer"
+        return UNDERFIT, "validation loss still falling at the last epoch ({last}): train longer", last + 1
     if train[0] > 0 and val[0] > 0 and train[last] > FLAT_SHARE * train[0] and val[last] > FLAT_SHARE * val[0]:
-        return UNDERFIT, "training and validation loss flat and high: the model barely learns"
-    return GOOD_FIT, f"validation loss settled at epoch {best + 1}"
+        return UNDERFIT, "training and validation loss flat and high: the model barely learns", None
+    return GOOD_FIT, "validation loss settled at {at}", best + 1
 
 
-def diagnose_curves(curves: Sequence[dict[str, Sequence[float | None]]] | None) -> Diagnosis:
+def diagnose_curves(curves: Sequence[dict[str, Sequence[float | None]]] | None, trained: bool = True) -> Diagnosis:
     """The trial's verdict: the verdict most seeds share (ties go to the more serious one:
-    overfit, then underfit), with the reason of the first seed that has it."""
+    overfit, then underfit), with the reason of the first seed that has it, its epoch
+    given over all the seeds that share it ("epochs 6-16, median 13"). `trained=False`
+    (the analytic family, whose curves are a formula) is *no fit*: there is no fit to judge."""
+    if not trained:
+        return Diagnosis(NO_FIT, "an analytic function trains nothing, so there is no fit to diagnose")
     if not curves:
         return Diagnosis(UNKNOWN, "no learning curves stored")
-    results = [diagnose_seed(c.get("loss") or [], c.get("val_loss") or []) for c in curves]
-    verdicts = [v for v, _ in results]
+    results = [_diagnose(c.get("loss") or [], c.get("val_loss") or []) for c in curves]
+    verdicts = [v for v, _, _ in results]
     counts = Counter(verdicts)
     order = (OVERFIT, UNDERFIT, GOOD_FIT, UNKNOWN)
     verdict = max(order, key=lambda v: (counts[v], -order.index(v)))
-    reason = next(r for v, r in results if v == verdict)
+    reason = next(r for v, r, _ in results if v == verdict)
+    epochs = sorted(e for v, r, e in results if v == verdict and r == reason and e is not None)
+    if epochs and epochs[0] != epochs[-1]:
+        span = f"{epochs[0]}-{epochs[-1]}, median {statistics.median(epochs):g}"
+        reason = reason.format(at=f"epochs {span}", last=span)
+    elif epochs:
+        reason = reason.format(at=f"epoch {epochs[0]}", last=epochs[0])
     if len(results) > 1:
         reason = f"{counts[verdict]} of {len(results)} seeds; {reason}"
     return Diagnosis(verdict, reason, tuple(verdicts))
@@ -85,11 +106,13 @@ def trial_note(number: int, attrs: dict[str, Any], metric: str = "score") -> str
     n = len(scores) + len(added)
     lines = [f"## Trial {number}", ""]
     if added and "all_seeds_mean" in attrs:
-        lines += [f"**{metric}: {_fmt(attrs['all_seeds_mean'])} ± {_fmt(attrs.get('all_seeds_std'))}** over {n} "
-                  f"seeds: {len(scores)} it was selected on ({_fmt(attrs.get('mean'))} ± {_fmt(attrs.get('std'))}), "
+        lines += [f"**{metric}: {mean_std(attrs['all_seeds_mean'], attrs.get('all_seeds_std'), n)}** over "
+                  f"{plural(n, 'seed')}: {len(scores)} it was selected on "
+                  f"({mean_std(attrs.get('mean'), attrs.get('std'), len(scores))}), "
                   f"{len(added)} added while it was the incumbent", ""]
     elif "mean" in attrs:
-        lines += [f"**{metric}: {_fmt(attrs['mean'])} ± {_fmt(attrs.get('std'))}** over {len(scores)} seeds", ""]
+        lines += [f"**{metric}: {mean_std(attrs['mean'], attrs.get('std'), len(scores))}** over "
+                  f"{plural(len(scores), 'seed')}", ""]
     lines += ["| seed | score | best epoch | epochs run |", "|---:|---:|---:|---:|"]
     rows = list(zip(seeds, scores, best, run))
     rows += [(f"{s} (added)", v, b, r) for s, v, b, r in zip(
@@ -98,7 +121,7 @@ def trial_note(number: int, attrs: dict[str, Any], metric: str = "score") -> str
     lines += [f"| {s} | {_fmt(v)} | {b if b is not None else ''} | {r if r is not None else ''} |"
               for s, v, b, r in rows]
     curves = (attrs.get("curves") or []) + (attrs.get("incumbent_curves") or [])
-    lines += ["", f"**Diagnosis:** {diagnose_curves(curves)}"]
+    lines += ["", f"**Diagnosis:** {diagnose_curves(curves, trained=attrs.get('training_path') != 'analytic')}"]
     if attrs.get("seed_stop_reason"):
         lines += ["", f"Adaptive seeds stopped at {len(scores)}: {attrs['seed_stop_reason']}."]
     if attrs.get("incumbent_fail_reason"):

@@ -6,6 +6,8 @@ fails one trial and lets the worker go on, a `StorageError` wraps a database fau
 
 from __future__ import annotations
 
+import difflib
+
 
 class HpoError(Exception):
     """Root of every error hpo raises on purpose."""
@@ -58,8 +60,22 @@ class StorageError(HpoError):
 
 
 class StudyNotFound(StorageError):
-    """No study of that name in the storage."""
+    """No study (or trial) of the name given in the storage: bad input, like a bad spec."""
+
+    exit_code = 2
+
+    @classmethod
+    def named(cls, study_name: str, names: list[str], where: str = "this storage") -> StudyNotFound:
+        """The error for a `--study-name` the storage lacks: the closest name, and all of them."""
+        return cls(f'no study "{study_name}" in {where}{did_you_mean(study_name, names)}; '
+                   f'studies there: {", ".join(names) or "none"}')
 
 
 class BackendError(HpoError):
     """The Keras backend asked for cannot be used in this process."""
+
+
+def did_you_mean(word: str, options: list[str]) -> str:
+    """" (did you mean 'x'?)" for the option closest to a mistyped word, or ""."""
+    close = difflib.get_close_matches(word, options, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""

@@ -19,6 +19,7 @@ from hpo.space import suggest_params
 from hpo.spec import StudySpec
 from hpo.stats import bootstrap_ci, welch
 from hpo.training import RepeatFit, fit_repeats, release_memory
+from hpo.words import plural
 
 # User attribute names people and our SQL views rely on.
 ATTR_MEAN = "mean"
@@ -117,7 +118,7 @@ class Objective:
                 reason = "no complete trial to race yet"
                 break
             number, best = incumbent
-            against = f"incumbent #{number} on {len(best)} seed{'s' * (len(best) != 1)}"
+            against = f"incumbent #{number} on {plural(len(best), 'seed')}"
             if len(best) < 2 or len(fit.fits) < 2:
                 reason = f"{against}: too few seeds to test against"
                 break

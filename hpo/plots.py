@@ -15,6 +15,7 @@ from hpo.errors import HpoError, StorageError
 from hpo.results import (_frame, connect_readonly, curves_frame, params_frame, rank_trials, seed_scores_frame,
                          study_direction, trials_frame)
 from hpo.stats import expected_best
+from hpo.words import plural
 
 # Inches at DPI: 1000 x 600 pixels, readable on a laptop screen and in a README.
 FIGSIZE = (10.0, 6.0)
@@ -71,13 +72,14 @@ def plot_seed_scores(storage: str | None, study_name: str, output: str | Path, *
     seeds = seeds.dropna(subset=["score"])
     if by:
         labels, groups, xlabel, drawn = _grouped(seeds, params, by, study_name)
-        title = f"{study_name}: {metric} per seed by {by} ({drawn} complete trials, {len(seeds)} seeds)"
+        title = (f"{study_name}: {metric} per seed by {by} ({plural(drawn, 'complete trial')}, "
+                 f"{plural(len(seeds), 'seed')})")
     else:
         per_trial = seeds.groupby("number")["score"].apply(list)
-        labels = [f"#{n}\n({len(per_trial[n])} seeds)" for n in numbers if n in per_trial.index]
+        labels = [f"#{n}\n({plural(len(per_trial[n]), 'seed')})" for n in numbers if n in per_trial.index]
         groups = [per_trial[n] for n in numbers if n in per_trial.index]
         xlabel = f"trial, best first ({direction})"
-        title = f"{study_name}: {metric} per seed of the top {len(groups)} of {len(ranked)} complete trials"
+        title = f"{study_name}: {metric} per seed of the top {len(groups)} of {plural(len(ranked), 'complete trial')}"
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=FIGSIZE, dpi=DPI)
     # Every seed is drawn as a point, so the box draws no outliers of its own (they would
@@ -127,7 +129,7 @@ def _grouped(seeds: pd.DataFrame, params: pd.DataFrame, by: str, study_name: str
             order = sorted(merged["group"].unique())
     groups = [merged.loc[merged["group"] == g, "score"].tolist() for g in order]
     trials = [merged.loc[merged["group"] == g, "number"].nunique() for g in order]
-    labels = [f"{g}\n({t} trials,\n{len(v)} seeds)" for g, t, v in zip(order, trials, groups)]
+    labels = [f"{g}\n({plural(t, 'trial')},\n{plural(len(v), 'seed')})" for g, t, v in zip(order, trials, groups)]
     return labels, groups, by, int(merged["number"].nunique())
 
 
@@ -221,7 +223,7 @@ def plot_expected_best(storage: str | None, study_name: str, output: str | Path)
         ax.set_yscale("log")
     ax.set_xlabel("number of trials")
     ax.set_ylabel(f"best {metric} ({direction})")
-    ax.set_title(f"{study_name}: expected best {metric} vs trials ({len(values)} complete trials)")
+    ax.set_title(f"{study_name}: expected best {metric} vs trials ({plural(len(values), 'complete trial')})")
     ax.grid(alpha=0.3)
     ax.legend()
     return _save(fig, plt, output)

@@ -48,7 +48,7 @@ def replay_trial(storage_url: str, study_name: str, number: int) -> ReplayResult
     params = suggest_params(spec, optuna.trial.FixedTrial(trial.params, number=number))
     seeds = list(trial.user_attrs[ATTR_SEEDS])
     pruned_at = trial.user_attrs.get(ATTR_PRUNED_AT)
-    stop = None if pruned_at is None else (lambda epoch, value: epoch + 1 >= pruned_at)
+    stop = None if pruned_at is None else (lambda epoch, scores: epoch >= pruned_at)
     try:
         path = trial.user_attrs.get("training_path")
         fit = fit_repeats(spec, params, seeds, stop, path=path if path in ("vectorized", "sequential") else None,

@@ -23,6 +23,7 @@ from hpo.errors import StorageError, StudyNotFound
 from hpo.stats import bootstrap_ci, expected_best, p_improvement, p_improvement_words, welch
 from hpo.storage import existing_sqlite_path, resolve_storage_url
 from hpo.views import create_views, sqlite_views_current
+from hpo.words import mean_std, plural
 
 FORMATS = ("table", "csv", "json", "markdown")
 ALPHA = 0.05
@@ -212,14 +213,17 @@ class Comparison:
     hint: str
     p_improvement: float = math.nan
     on: str = "selection seeds"
+    n_seeds: int = 0
 
     @property
     def words(self) -> str:
         """P(improvement) in words; a bootstrap over a handful of seeds is optimistic, so
         when Welch's test is not convinced the sentence says so rather than "clear winner"."""
         if not self.distinguishable and math.isfinite(self.p_improvement) and self.p_improvement >= 0.75:
+            welch_p = f" (p = {self.p:.2g})" if math.isfinite(self.p) else ""
             return (f"#{self.best} is ahead of #{self.runner_up} in {100 * self.p_improvement:.0f}% of bootstrap "
-                    f"resamples, but that many seeds cannot confirm it: the winner is not distinguishable yet")
+                    f"resamples, but with {plural(self.n_seeds, 'seed')} per trial Welch's test cannot confirm "
+                    f"the difference{welch_p}: no clear winner yet")
         return p_improvement_words(self.p_improvement, f"#{self.best}", f"#{self.runner_up}")
 
 
@@ -235,6 +239,9 @@ class Report:
     comparison: Comparison | None
     expected_best: list[float] = field(default_factory=list)
     ranked_by: str = "objective value"
+    # Pruned trials, best partial score first: the objective over each seed's best score
+    # up to the epoch the trial was stopped at.
+    pruned: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
 def study_direction(engine: sqlalchemy.engine.Engine, study_name: str) -> str:
@@ -247,8 +254,7 @@ def study_direction(engine: sqlalchemy.engine.Engine, study_name: str) -> str:
                           "JOIN studies s ON s.study_id = d.study_id "
                           "WHERE s.study_name = :name AND d.objective = 0", name=study_name)
     if rows.empty:
-        names = study_names(engine=engine)
-        raise StudyNotFound(f'no study "{study_name}" in this storage; studies here: {", ".join(names) or "none"}')
+        raise StudyNotFound.named(study_name, study_names(engine=engine))
     return str(rows["direction"].iloc[0]).lower()
 
 
@@ -273,7 +279,7 @@ def compare_scores(a: list[float], b: list[float], alpha: float = ALPHA) -> tupl
     b = [x for x in b if x is not None and math.isfinite(x)]
     n = min(len(a), len(b))
     if n < 2:
-        return math.nan, math.nan, False, f"cannot tell with {n} seed{'s' * (n != 1)}: raise seeds to 3 or more"
+        return math.nan, math.nan, False, f"cannot tell with {plural(n, 'seed')}: raise seeds to 3 or more"
     mean_a, mean_b = statistics.fmean(a), statistics.fmean(b)
     var_a, var_b = statistics.variance(a), statistics.variance(b)
     if var_a == 0 and var_b == 0:
@@ -337,14 +343,13 @@ def build_report(storage: str | None, study_name: str, top: int = 5) -> Report:
         params = params_frame(study_name=study_name, numbers=numbers, engine=engine)
         seeds = seed_scores_frame(study_name=study_name, numbers=numbers, engine=engine)
         curves = curves_frame(study_name=study_name, numbers=numbers, engine=engine)
-        stops = _frame(engine, "SELECT t.number, u.value_json FROM trial_user_attributes u "
-                               "JOIN trials t ON t.trial_id = u.trial_id JOIN studies s ON s.study_id = t.study_id "
-                               "WHERE s.study_name = :name AND u.key = 'seed_stop_reason'", name=study_name)
+        stop_reason = _trial_attr(engine, study_name, "seed_stop_reason")
+        pruned_at = _trial_attr(engine, study_name, "pruned_at_epoch")
+        spec = stored_spec(engine, study_name)
     finally:
         engine.dispose()
 
     scores = {n: [_round(x) for x in g["score"]] for n, g in seeds.groupby("number")}
-    stop_reason = {int(n): json.loads(v) for n, v in zip(stops["number"], stops["value_json"])}
     table = ranked[["number", "value", "mean", "std", "ci_low", "ci_high", "n_seeds", "n_added_seeds",
                     "mean_best_epoch"]].copy().reset_index(drop=True)
     table.insert(0, "rank", range(1, len(table) + 1))
@@ -364,7 +369,8 @@ def build_report(storage: str | None, study_name: str, top: int = 5) -> Report:
     table["params"] = [{k: _param_value(v) for k, v in sorted(by_trial.get(n, {}).items())} for n in numbers]
     table["confirmation"] = [_confirmation(confirmed.get(n)) for n in numbers]
     table["seed_stop_reason"] = [stop_reason.get(n) for n in numbers]
-    diagnoses = [diagnose_curves(_curves_of(curves, n)) for n in numbers]
+    trained = spec.get("model", {}).get("family") != "analytic"
+    diagnoses = [diagnose_curves(_curves_of(curves, n), trained=trained) for n in numbers]
     table["verdict"] = [d.verdict for d in diagnoses]
     table["diagnosis"] = [str(d) for d in diagnoses]
 
@@ -375,15 +381,51 @@ def build_report(storage: str | None, study_name: str, top: int = 5) -> Report:
         a = json.loads(confirmed[best].confirm_scores) if both else scores.get(best, [])
         b = json.loads(confirmed[second].confirm_scores) if both else scores.get(second, [])
         t, p, ok, hint = compare_scores(a, b)
+        n_seeds = min(len([x for x in a if x is not None and math.isfinite(x)]),
+                      len([x for x in b if x is not None and math.isfinite(x)]))
         key = "confirm_mean" if both else "value"
         diff = abs(float(table[key].iloc[1] - table[key].iloc[0]))
         added = table["n_added_seeds"].iloc[:2].fillna(0).sum() > 0
         on = ("fresh confirmation seeds" if both else
               "selection seeds and seeds added to the incumbent" if added else "selection seeds")
-        comparison = Comparison(best, second, diff, t, p, ok, hint, p_improvement(a, b, direction), on)
+        comparison = Comparison(best, second, diff, t, p, ok, hint, p_improvement(a, b, direction), on, n_seeds)
     curve = expected_best(done["value"].tolist(), direction)
     return Report(study_name, direction, len(done), table, comparison, [float(x) for x in curve],
-                  "confirmed mean, then objective value" if confirmed else "objective value")
+                  "confirmed mean, then objective value" if confirmed else "objective value",
+                  _pruned_table(trials, pruned_at, spec, direction))
+
+
+def _pruned_table(trials: pd.DataFrame, pruned_at: dict[int, int], spec: dict, direction: str) -> pd.DataFrame:
+    """Pruned trials with their partial score: the objective over the scores their seeds
+    had reached when stopped (what the pruner judged last), best first."""
+    rows = trials[(trials["state"] == "PRUNED") & trials["mean"].notna()]
+    objective = spec.get("objective", {})
+    k = float(objective.get("k", 1.0)) if objective.get("mode") == "mean+k*std" else 0.0
+    sign = 1.0 if direction == "minimize" else -1.0
+    table = pd.DataFrame({
+        "number": rows["number"].astype(int).tolist(),
+        "pruned_at_epoch": [pruned_at.get(int(n)) for n in rows["number"]],
+        "partial_score": (rows["mean"] + sign * k * rows["std"].fillna(0.0)).astype(float).tolist(),
+        "mean": rows["mean"].astype(float).tolist(), "std": rows["std"].astype(float).tolist(),
+        "n_seeds": rows["n_seeds"].tolist(),
+    })
+    return table.sort_values("partial_score", ascending=direction == "minimize", kind="stable").reset_index(drop=True)
+
+
+def _trial_attr(engine: sqlalchemy.engine.Engine, study_name: str, key: str) -> dict[int, object]:
+    """One user attribute of every trial of the study that has it, by trial number."""
+    rows = _frame(engine, "SELECT t.number, u.value_json FROM trial_user_attributes u "
+                          "JOIN trials t ON t.trial_id = u.trial_id JOIN studies s ON s.study_id = t.study_id "
+                          "WHERE s.study_name = :name AND u.key = :key", name=study_name, key=key)
+    return {int(n): json.loads(v) for n, v in zip(rows["number"], rows["value_json"])}
+
+
+def stored_spec(engine: sqlalchemy.engine.Engine, study_name: str) -> dict:
+    """The spec hpo stored with the study (as `parse_spec` reads it), or {} for a study
+    made without hpo."""
+    rows = _frame(engine, "SELECT a.value_json FROM study_user_attributes a JOIN studies s ON s.study_id = a.study_id "
+                          "WHERE s.study_name = :name AND a.key = 'hpo_spec'", name=study_name)
+    return json.loads(rows["value_json"].iloc[0]) if not rows.empty else {}
 
 
 def _confirmation(row) -> dict | None:
@@ -435,11 +477,18 @@ def format_frame(frame: pd.DataFrame, fmt: str = "table") -> str:
         return _markdown(frame)
     if frame.empty:
         return "(no rows)" if len(frame.columns) else "(no result)"
-    return frame.to_string(index=False, float_format=lambda x: f"{x:.6g}")
+    # A missing value reads the same whatever its column's type (NaN in numbers, None in
+    # text): blank, as in the markdown and CSV forms.
+    shown = frame.copy()
+    for name in shown.columns[shown.dtypes == object]:
+        shown[name] = [("" if x is None or (isinstance(x, float) and math.isnan(x)) else x) for x in shown[name]]
+    return shown.to_string(index=False, na_rep="", float_format=lambda x: f"{x:.6g}")
 
 
 def _markdown(frame: pd.DataFrame) -> str:
     def cell(x) -> str:
+        if x is None:
+            return ""
         if isinstance(x, float):
             return "" if math.isnan(x) else f"{x:.6g}"
         return str(x).replace("|", "\\|")
@@ -466,7 +515,7 @@ def _narrow(top: pd.DataFrame) -> pd.DataFrame:
         diag = r.verdict + (": train longer" if "train longer" in r.diagnosis else "")
         m = re.match(r"(\d+) of (\d+) seeds", r.diagnosis.split(": ", 1)[-1])
         diag += f" ({m.group(1)}/{m.group(2)} seeds)" if m else ""
-        rows.append({"rank": r.rank, "trial": r.number, "mean ± std": f"{_num(r.mean)} ± {_num(r.std, 2)}",
+        rows.append({"rank": r.rank, "trial": r.number, "mean ± std": mean_std(r.mean, r.std, int(r.n_seeds)),
                      "95% CI (bootstrap)": f"[{_num(r.ci_low, 4)}, {_num(r.ci_high, 4)}]" if not math.isnan(r.ci_low) else "",
                      "seeds": _seeds(r), "confirmed (seeds)": confirmed, "diagnosis": diag})
     return pd.DataFrame(rows)
@@ -501,7 +550,14 @@ def report_dict(report: Report) -> dict:
             "distinguishable": c.distinguishable, "p_improvement": None if math.isnan(c.p_improvement) else c.p_improvement,
             "summary": f"{c.hint}; {c.words}"},
         "expected_best": report.expected_best,
+        "pruned": [{k: (None if isinstance(v, float) and math.isnan(v) else (v.item() if hasattr(v, "item") else v))
+                    for k, v in rec.items()} for rec in report.pruned.to_dict(orient="records")],
     }
+
+
+# Fewer complete trials than this cannot say whether more would help: the last doubling
+# of 3 trials is one trial against three.
+MIN_TRIALS_FOR_ADVICE = 8
 
 
 def _expected_best_line(report: Report) -> str:
@@ -511,6 +567,9 @@ def _expected_best_line(report: Report) -> str:
         return ""
     marks = sorted({1, max(1, n // 4), max(1, n // 2), n})
     pts = ", ".join(f"n={k}: {curve[k - 1]:.4g}" for k in marks)
+    if n < MIN_TRIALS_FOR_ADVICE:
+        return (f"expected best of n trials (Dodge et al. 2019): {pts}; {plural(n, 'complete trial')} are too few "
+                f"to tell whether more trials would help (it takes {MIN_TRIALS_FOR_ADVICE})")
     # Doubling the trials is worth it when it is expected to gain more than the seed noise
     # of the best trial (what a single trial's mean can be trusted to).
     gain = abs(curve[n // 2 - 1] - curve[-1])
@@ -537,7 +596,7 @@ def format_report(report: Report, fmt: str = "table", wide: bool = False) -> str
             frame["welch_p"] = [c.p] + [None] * (len(frame) - 1)
             frame["p_improvement"] = [c.p_improvement] + [None] * (len(frame) - 1)
         return format_frame(frame, fmt)
-    head = (f"study {report.study_name}: {report.n_complete} complete trials, {report.direction}; "
+    head = (f"study {report.study_name}: {plural(report.n_complete, 'complete trial')}, {report.direction}; "
             f"top {len(report.top)} by {report.ranked_by}")
     lines = [f"## {head}" if fmt == "markdown" else head, ""]
     frame = _wide(report.top) if wide else _narrow(report.top)
@@ -551,15 +610,64 @@ def format_report(report: Report, fmt: str = "table", wide: bool = False) -> str
     line = _expected_best_line(report)
     if line:
         lines.append(line)
+    lines += _pruned_lines(report, fmt)
     if not wide and fmt == "table":
         lines = [_fold(l, _NARROW_WIDTH) for block in lines for l in block.split("\n")]
     return "\n".join(lines)
 
 
+def _pruned_lines(report: Report, fmt: str) -> list[str]:
+    """The pruned trials apart from the ranking (their scores cover fewer epochs), and in
+    words each whose partial score beats the best complete trial."""
+    pruned = report.pruned
+    if pruned.empty:
+        return []
+    shown = pruned.head(len(report.top) or 5)
+    frame = pd.DataFrame({
+        "trial": shown["number"],
+        "pruned after epoch": ["" if e is None or pd.isna(e) else int(e) for e in shown["pruned_at_epoch"]],
+        "partial score": [_num(x) for x in shown["partial_score"]],
+        "mean ± std": [mean_std(m, s, int(n)) for m, s, n in zip(shown["mean"], shown["std"], shown["n_seeds"])],
+        "seeds": shown["n_seeds"],
+    })
+    lines = ["", f"pruned trials ({len(pruned)}), not ranked, best first; partial score: the objective over each "
+                 f"seed's best until it was stopped",
+             format_frame(frame, "markdown" if fmt == "markdown" else "table")]
+    if len(report.top):
+        best, value = int(report.top["number"].iloc[0]), float(report.top["value"].iloc[0])
+        minimize = report.direction == "minimize"
+        for r in pruned.itertuples(index=False):
+            if (r.partial_score < value) if minimize else (r.partial_score > value):
+                epoch = "" if r.pruned_at_epoch is None or pd.isna(r.pruned_at_epoch) else f" by epoch {int(r.pruned_at_epoch)}"
+                lines.append(f"pruned trial #{r.number} reached {_num(r.partial_score)}{epoch}, better than the best "
+                             f"complete trial #{best} ({_num(value)}): the pruner stopped a trial that was ahead; "
+                             f"a later n_warmup_steps or a gentler pruner would have let it finish")
+    return lines
+
+
 def _fold(line: str, width: int) -> str:
-    """A prose line wrapped to `width` (table rows are built to fit already)."""
+    """A prose line wrapped to `width` (table rows are built to fit already), between its
+    "; " clauses where it can, so that a phrase such as "raise seeds (about 12 would
+    resolve ...)" is not split across lines; only a clause longer than a line is wrapped
+    within."""
     if len(line) <= width:
         return line
     import textwrap
 
-    return "\n".join(textwrap.wrap(line, width, subsequent_indent="  "))
+    indent = "  "
+    out: list[str] = []
+    current = ""
+    for clause in re.split(r"(?<=;) ", line):
+        room = width - (len(indent) if out else 0)
+        joined = f"{current} {clause}" if current else clause
+        if len(joined) <= room:
+            current = joined
+            continue
+        if current:
+            out.append(current)
+        current = clause
+        if len(current) > width - len(indent):
+            *full, current = textwrap.wrap(current, width - len(indent), break_on_hyphens=False)
+            out += full
+    out.append(current)
+    return "\n".join(out[:1] + [indent + l for l in out[1:]])

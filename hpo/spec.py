@@ -7,7 +7,6 @@ Everything a worker needs to run a study is here, checked once before any trial 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import tomllib
 from dataclasses import dataclass, field
@@ -15,6 +14,7 @@ from pathlib import Path
 from typing import Any, Union
 
 from hpo.errors import OptionError, SpecError
+from hpo.errors import did_you_mean as _did_you_mean
 
 STUDIES_DIR = Path(__file__).resolve().parent.parent / "studies"
 
@@ -917,11 +917,6 @@ class _Table:
             known = self._seen
             raise self._fail(key, f"unknown key{_did_you_mean(key, known)}; "
                                   f"known keys here: {', '.join(known) or 'none'}")
-
-
-def _did_you_mean(word: str, options: list[str]) -> str:
-    close = difflib.get_close_matches(word, options, n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _display_path(path: Path) -> str:

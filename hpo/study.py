@@ -164,7 +164,7 @@ def load_study(storage: optuna.storages.BaseStorage, study_name: str) -> tuple[o
     except KeyError as e:
         names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
         where = mask_url(getattr(storage, "url", "")) or "this storage"
-        raise StudyNotFound(f'no study "{study_name}" in {where}; studies there: {", ".join(names) or "none"}') from e
+        raise StudyNotFound.named(study_name, names, where) from e
     raw = study.user_attrs.get(SPEC_ATTR)
     if raw is None:
         raise StudyNotFound(f'study "{study_name}" was not created by hpo (no stored spec); create it with hpo create')

@@ -32,6 +32,7 @@ from hpo.spec import StudySpec
 from hpo.study import quiet_optuna
 from hpo.storage import (STOP_ATTR, TrialCounts, count_trials, fail_heartless_trials, rdb_storage, retry_storage_call,
                          study_lock)
+from hpo.words import mean_std, plural
 
 # How often an idle worker looks again whether a running trial of another worker died.
 POLL_SECONDS = 1.0
@@ -187,7 +188,7 @@ def _add_incumbent_seeds(study: optuna.Study, spec: StudySpec, number: int, echo
         return
     if added is not None:
         echo(f"a challenger came close to incumbent #{number}: it gained seeds {added.seeds}; {spec.metric} "
-             f"{added.mean:.5g} ± {added.std:.2g} over its {added.n_seeds} seeds")
+             f"{mean_std(added.mean, added.std, added.n_seeds)} over its {plural(added.n_seeds, 'seed')}")
 
 
 def share_gpu() -> None:
@@ -399,8 +400,8 @@ def describe_trial(spec: StudySpec, trial: FrozenTrial, study: optuna.Study | No
     head = f"trial {trial.number:>4} {state:<8}"
     if "mean" in attrs:
         n = len(attrs.get("seed_scores", []))
-        head += (f" {spec.metric} {attrs['mean']:.5g} ± {attrs['std']:.2g} "
-                 f"({n} seeds, {attrs.get('training_path', '?')}, {attrs.get('fit_seconds', 0):.1f} s)")
+        head += (f" {spec.metric} {mean_std(attrs['mean'], attrs['std'], n)} "
+                 f"({plural(n, 'seed')}, {attrs.get('training_path', '?')}, {attrs.get('fit_seconds', 0):.1f} s)")
         if trial.state == TrialState.PRUNED and ATTR_PRUNED_AT in attrs:
             head += f" pruned at epoch {attrs[ATTR_PRUNED_AT]}"
     elif trial.state == TrialState.FAIL:
@@ -411,7 +412,8 @@ def describe_trial(spec: StudySpec, trial: FrozenTrial, study: optuna.Study | No
     if study is not None:
         best = best_trial(study, spec)
         if best is not None and "mean" in best.user_attrs:
-            head += f" | best #{best.number} {best.user_attrs['mean']:.5g} ± {best.user_attrs['std']:.2g}"
+            head += (f" | best #{best.number} "
+                     f"{mean_std(best.user_attrs['mean'], best.user_attrs['std'], len(best.user_attrs.get('seed_scores', [])))}")
         c = count_trials(rdb_storage(study._storage), study._study_id)
         of = f"/{budget}" if budget else ""
         head += f" | {c.spent}{of} spent: {c.complete} complete, {c.pruned} pruned, {c.failed} failed"

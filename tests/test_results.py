@@ -5,6 +5,7 @@ import math
 import subprocess
 import sys
 
+import optuna
 import pandas as pd
 import pytest
 import sqlalchemy
@@ -111,7 +112,7 @@ def test_report_ranks_trials_with_hand_computed_statistics(storage_url):
     assert "best #1 vs runner-up #0 on selection seeds: difference 1; distinguishable at 3 seeds" in text
     assert c.p_improvement == 1.0 and "#1 beats #0 in 100% of resamples: a clear winner" in text
 
-    with pytest.raises(StudyNotFound, match='no study "nope".*studies here: hand'):
+    with pytest.raises(StudyNotFound, match='no study "nope".*studies there: hand'):
         build_report(storage_url, "nope")
 
 
@@ -238,3 +239,95 @@ def test_readers_take_the_storages_only_study_when_none_is_named(tmp_path):
     result = run_hpo("report", "--storage", url, check=False)
     assert result.returncode != 0
     assert "--study-name is needed: this storage holds 2 studies: hand, other" in result.stderr
+
+
+def _pruned_trial(study, params, scores, epoch, steps):
+    import statistics
+
+    mean, std = statistics.fmean(scores), statistics.stdev(scores)
+    study.add_trial(optuna.trial.create_trial(
+        params=params, distributions={"act": optuna.distributions.CategoricalDistribution(["relu", "tanh"]),
+                                      "units": optuna.distributions.IntDistribution(16, 64),
+                                      "lr": optuna.distributions.FloatDistribution(1e-4, 1.0, log=True)},
+        state=optuna.trial.TrialState.PRUNED, intermediate_values={s + 1: v for s, v in enumerate(steps)},
+        user_attrs={"seeds": [10, 11, 12], "seed_scores": scores, "mean": mean, "std": std, "best_epochs": [epoch] * 3,
+                    "epochs_run": [epoch] * 3, "curves": curve_record(scores), "pruned_at_epoch": epoch}))
+
+
+@pytest.fixture
+def close_call(tmp_path):
+    """Three complete trials, #0 ahead of #1 in most resamples but not by Welch's test,
+    and a pruned trial (#3) whose partial score beats them both (seen: conv1d_loader)."""
+    url = f"sqlite:///{tmp_path / 'close.db'}"
+    study = make_study(url)
+    add_trial(study, {"act": "relu", "units": 16, "lr": 0.01}, [1.0, 1.2, 0.8])
+    add_trial(study, {"act": "tanh", "units": 20, "lr": 0.01}, [1.2, 1.4, 1.0])
+    add_trial(study, {"act": "tanh", "units": 40, "lr": 0.01}, [2.0, 2.2, 1.8])
+    _pruned_trial(study, {"act": "relu", "units": 30, "lr": 0.02}, [0.5, 0.6, 0.7], 13, [1.5] * 13)
+    _pruned_trial(study, {"act": "relu", "units": 31, "lr": 0.02}, [3.0, 3.1, 3.2], 4, [3.5] * 4)
+    return url
+
+
+def test_report_shows_pruned_trials_apart_and_says_when_one_beats_the_best(close_call):
+    out = run_hpo("report", "--study-name", "hand", "--storage", close_call).stdout
+    lines = out.splitlines()
+    assert max(len(line) for line in lines) <= 120
+    # Pruned trials are not in the ranking; they have a table of their own, best first.
+    ranking = out.split("pruned trials (2)")[0]
+    assert "study hand: 3 complete trials" in ranking and not any(l.split()[1:2] == ["3"] for l in ranking.splitlines()[3:6])
+    table = out.split("pruned trials (2)")[1].splitlines()
+    assert table[1].split()[:4] == ["trial", "pruned", "after", "epoch"]
+    assert table[2].split()[:3] == ["3", "13", "0.6"] and table[3].split()[:3] == ["4", "4", "3.1"]
+    words = " ".join(out.split())
+    assert ("pruned trial #3 reached 0.6 by epoch 13, better than the best complete trial #0 (1): "
+            "the pruner stopped a trial that was ahead") in words
+    assert "pruned trial #4" not in words
+    doc = json.loads(run_hpo("report", "--study-name", "hand", "--storage", close_call, "--format", "json").stdout)
+    assert [(p["number"], p["pruned_at_epoch"]) for p in doc["pruned"]] == [(3, 13), (4, 4)]
+    assert doc["pruned"][0]["partial_score"] == pytest.approx(0.6)
+
+
+def test_report_words_a_close_call_plainly_and_folds_between_clauses(close_call):
+    out = run_hpo("report", "--study-name", "hand", "--storage", close_call).stdout
+    words = " ".join(out.split())
+    # Seen: "but that many seeds cannot confirm it".
+    assert "but with 3 seeds per trial Welch's test cannot confirm the difference (p = 0.29): no clear winner yet" in words
+    # Seen after 3 of 12 trials: "more trials would add little".
+    assert "more trials would add little" not in words and "more trials would likely help" not in words
+    assert "3 complete trials are too few to tell whether more trials would help" in words
+    # Seen: the 120-column fold split "raise" from "seeds".
+    assert any("raise seeds (about" in line for line in out.splitlines())
+    for line in out.splitlines():
+        assert not line.rstrip().endswith(("raise", "Welch's", "Welch")), line
+
+
+def test_wide_report_shows_every_missing_value_the_same_way(close_call):
+    out = run_hpo("report", "--study-name", "hand", "--storage", close_call, "--wide").stdout
+    assert "NaN" not in out and "None" not in out
+    md = run_hpo("report", "--study-name", "hand", "--storage", close_call, "--wide", "--format", "markdown").stdout
+    assert "NaN" not in md and "None" not in md
+
+
+def test_a_mistyped_study_name_is_bad_input_with_a_suggestion(close_call, tmp_path, capsys):
+    result = run_hpo("report", "--study-name", "hnad", "--storage", close_call, check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip() == ('error: no study "hnad" in this storage (did you mean \'hand\'?); '
+                                     'studies there: hand')
+    for command in (["plot", "--study-name", "hnad", "-o", str(tmp_path / "p.png")], ["replay", "--study-name", "hnad", "0"],
+                    ["confirm", "--study-name", "hnad"], ["worker", "--study-name", "hnad"]):
+        code, out, err = hpo_in_process(capsys, *command, "--storage", close_call)
+        assert code == 2 and "(did you mean 'hand'?)" in err and len(err.strip().splitlines()) == 1, (command, err)
+    assert not (tmp_path / "p.png").exists()
+
+
+def test_a_one_seed_analytic_study_reads_in_the_singular_and_is_not_diagnosed_as_a_fit(tmp_path):
+    study = tmp_path / "one.toml"
+    study.write_text('name = "one"\nseeds = 1\ntrials = 3\n[model]\nfamily = "analytic"\nfunction = "sphere"\n'
+                     '[training]\nmax_epochs = 3\n[pruner]\nkind = "none"\n[space]\nx = { low = -1.0, high = 1.0 }\n')
+    url = f"sqlite:///{tmp_path / 'one.db'}"
+    run = run_hpo("run", str(study), "--storage", url).stdout
+    # Seen: "1 seeds each", "(1 seeds, ...)", "0.5 ± 0".
+    assert "3 trials, 1 seed each, up to 3 epochs" in run and "(1 seed, analytic" in run
+    assert "seeds" not in run.replace("hpo", "") and "± 0" not in run
+    report = run_hpo("report", "--storage", url, "--wide").stdout + run_hpo("report", "--storage", url).stdout
+    assert "± 0" not in report and "good fit" not in report and "no fit" in report
