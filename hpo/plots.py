@@ -5,15 +5,14 @@ the expected best score vs number of trials.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from hpo.errors import HpoError, StorageError
-from hpo.results import (_frame, connect_readonly, curves_frame, params_frame, rank_trials, seed_scores_frame,
-                         study_direction, trials_frame)
+from hpo.results import (_trial_attr, connect_readonly, curves_frame, params_frame, rank_trials, seed_scores_frame,
+                         stored_spec, study_direction, trials_frame)
 from hpo.stats import expected_best
 from hpo.words import plural
 
@@ -39,11 +38,9 @@ def _pyplot():
 
 def _study_metric(engine, study_name: str) -> tuple[str, str]:
     """(the objective's metric, the name of its training-side curve) from the stored spec."""
-    rows = _frame(engine, "SELECT a.value_json FROM study_user_attributes a JOIN studies s ON s.study_id = a.study_id "
-                          "WHERE s.study_name = :name AND a.key = 'hpo_spec'", name=study_name)
-    if rows.empty:
+    spec = stored_spec(engine, study_name)
+    if not spec:
         return "score", "metric"
-    spec = json.loads(rows["value_json"].iloc[0])
     metric = spec.get("metric", "score")
     # The "metric" curves hold the objective's metric on training and validation data.
     return metric, metric.removeprefix("val_")
@@ -57,6 +54,11 @@ def plot_seed_scores(storage: str | None, study_name: str, output: str | Path, *
     Raises:
         PlotError: No complete trial with per-seed scores, or no parameter `by`.
     """
+    return _save(seed_scores_figure(storage, study_name, top=top, by=by), _pyplot(), output)
+
+
+def seed_scores_figure(storage: str | None, study_name: str, *, top: int = 10, by: str | None = None):
+    """The matplotlib figure `plot_seed_scores` saves (to show or change in a notebook)."""
     engine = connect_readonly(storage)
     try:
         direction = study_direction(engine, study_name)
@@ -98,14 +100,28 @@ def plot_seed_scores(storage: str | None, study_name: str, output: str | Path, *
                        Line2D([], [], marker="o", linestyle="", color="tab:blue", alpha=0.6, label="one seed")],
               loc="upper left", bbox_to_anchor=(1.01, 1.0))
     values = np.concatenate([np.asarray(g, dtype=float) for g in groups]) if groups else np.array([])
-    log = len(values) and np.all(values > 0) and values.max() / values.min() > 100
+    log = _log_scale(values)
     if log:
         ax.set_yscale("log")
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(f"{metric} ({direction}{', log scale' if log else ''})")
     ax.grid(axis="y", alpha=0.3)
-    return _save(fig, plt, output)
+    fig.tight_layout()
+    return fig
+
+
+def _log_scale(values) -> bool:
+    """The one rule for a log y axis: every value positive, and they span decades (over
+    100x), or one tail stretches a linear axis so that the middle half of the values
+    fills under a tenth of it (one wide box squashing the others) across over 10x."""
+    values = np.asarray(values, dtype=float)
+    values = values[np.isfinite(values)]
+    if len(values) < 2 or not np.all(values > 0):
+        return False
+    ratio = values.max() / values.min()
+    q25, q75 = np.percentile(values, [25, 75])
+    return bool(ratio > 100 or (ratio > 10 and q75 - q25 < 0.1 * (values.max() - values.min())))
 
 
 def _grouped(seeds: pd.DataFrame, params: pd.DataFrame, by: str, study_name: str):
@@ -136,17 +152,24 @@ def _grouped(seeds: pd.DataFrame, params: pd.DataFrame, by: str, study_name: str
 def plot_learning_curves(storage: str | None, study_name: str, trial_number: int, output: str | Path) -> Path:
     """Learning curves of one trial: training (solid) and validation (dashed), one colour
     per seed, each seed's best epoch marked; loss on the left, the compiled metric on the
-    right; a log scale where values span decades; the legend beside the plots.
+    right; whole epochs on the x axis, and a pruned trial's last epoch marked and named
+    in the title; a log scale by the rule of the box plots; the legend beside the plots.
 
     Raises:
         PlotError: No such trial, or it stored no curves.
     """
+    return _save(learning_curves_figure(storage, study_name, trial_number), _pyplot(), output)
+
+
+def learning_curves_figure(storage: str | None, study_name: str, trial_number: int):
+    """The matplotlib figure `plot_learning_curves` saves (to show or change in a notebook)."""
     engine = connect_readonly(storage)
     try:
         study_direction(engine, study_name)
         curves = curves_frame(study_name=study_name, numbers=[trial_number], engine=engine)
         seeds = seed_scores_frame(study_name=study_name, numbers=[trial_number], engine=engine)
         metric, curve_name = _study_metric(engine, study_name)
+        pruned_at = _trial_attr(engine, study_name, "pruned_at_epoch").get(trial_number)
     finally:
         engine.dispose()
     if curves.empty:
@@ -173,10 +196,11 @@ def plot_learning_curves(storage: str | None, study_name: str, trial_number: int
                 ax.plot([b], [at[val].iloc[0]], marker="o", markersize=6, color=colour, markeredgecolor="black")
             if ax is axes[0]:
                 handles.append((line, f"seed {seed} (best epoch {b})"))
-        values = pd.concat([curves[train], curves[val]]).dropna()
-        positive = values[values > 0]
-        if len(positive) == len(values) and len(values) and positive.max() / positive.min() > 100:
+        if _log_scale(pd.concat([curves[train], curves[val]]).dropna()):
             ax.set_yscale("log")
+        if pruned_at is not None:
+            ax.axvline(pruned_at, color="tab:red", linestyle=":", linewidth=1.5)
+        ax.xaxis.set_major_locator(_whole_numbers())
         ax.set_title(name if name == "loss" else f"{name} (the objective's metric)")
         ax.set_xlabel("epoch")
         ax.set_ylabel(name + (" (log scale)" if ax.get_yscale() == "log" else ""))
@@ -187,11 +211,14 @@ def plot_learning_curves(storage: str | None, study_name: str, trial_number: int
              Line2D([], [], color="grey", linestyle="--", label="validation"),
              Line2D([], [], color="grey", marker="o", linestyle="", markeredgecolor="black",
                     label="best epoch (validation)")]
+    if pruned_at is not None:
+        style.append(Line2D([], [], color="tab:red", linestyle=":", label=f"pruned after epoch {pruned_at}"))
     fig.legend(handles=[h for h, _ in handles] + style, labels=[l for _, l in handles] + [h.get_label() for h in style],
                loc="center right", fontsize="small")
-    fig.suptitle(f"{study_name}: trial {trial_number}, {len(handles)} seeds (objective: {metric})")
+    state = "" if pruned_at is None else f", pruned after epoch {pruned_at}"
+    fig.suptitle(f"{study_name}: trial {trial_number}{state}, {plural(len(handles), 'seed')} (objective: {metric})")
     fig.tight_layout(rect=(0, 0, 0.78, 1))
-    return _save(fig, plt, output, layout=False)
+    return fig
 
 
 def plot_expected_best(storage: str | None, study_name: str, output: str | Path) -> Path:
@@ -201,6 +228,11 @@ def plot_expected_best(storage: str | None, study_name: str, output: str | Path)
     Raises:
         PlotError: No complete trial.
     """
+    return _save(expected_best_figure(storage, study_name), _pyplot(), output)
+
+
+def expected_best_figure(storage: str | None, study_name: str):
+    """The matplotlib figure `plot_expected_best` saves (to show or change in a notebook)."""
     engine = connect_readonly(storage)
     try:
         direction = study_direction(engine, study_name)
@@ -219,22 +251,29 @@ def plot_expected_best(storage: str | None, study_name: str, output: str | Path)
     fig, ax = plt.subplots(figsize=FIGSIZE, dpi=DPI)
     ax.plot(n, curve, color="tab:blue", marker=".", label="expected best of n trials (Dodge et al. 2019)")
     ax.step(n, running, where="post", color="tab:grey", alpha=0.7, label="best so far, in trial order")
-    if np.all(values > 0) and values.max() / values.min() > 100:
+    if _log_scale(values):
         ax.set_yscale("log")
+    ax.xaxis.set_major_locator(_whole_numbers())
     ax.set_xlabel("number of trials")
     ax.set_ylabel(f"best {metric} ({direction})")
     ax.set_title(f"{study_name}: expected best {metric} vs trials ({plural(len(values), 'complete trial')})")
     ax.grid(alpha=0.3)
     ax.legend()
-    return _save(fig, plt, output)
+    fig.tight_layout()
+    return fig
 
 
-def _save(fig, plt, output: str | Path, layout: bool = True) -> Path:
+def _whole_numbers():
+    # Epochs and trial counts are whole: no tick at epoch 1.5.
+    from matplotlib.ticker import MaxNLocator
+
+    return MaxNLocator(integer=True)
+
+
+def _save(fig, plt, output: str | Path) -> Path:
     path = Path(output)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        if layout:
-            fig.tight_layout()
         fig.savefig(path, dpi=DPI, format="png")
     except OSError as e:
         raise StorageError(f"cannot write the plot to {path}: {e.strerror or e}") from e

@@ -21,10 +21,11 @@ def curve_record(scores: list[float], val_loss: list[list[float]] | None = None)
 
 def add_trial(study: optuna.Study, params: dict, scores: list[float], *, best_epochs: list[int] | None = None,
               curves: list[dict] | None = None, distributions: dict | None = None,
-              stored_ci: bool = True) -> optuna.trial.FrozenTrial:
+              stored_ci: bool = True, pruned_at: int | None = None) -> optuna.trial.FrozenTrial:
     """One finished trial with the given params, per-seed scores and curves; its value is
     the mean of the scores (NaN if any is not finite, which Optuna records as a failure).
-    Without `stored_ci` it has no `ci_low`/`ci_high`, as trials recorded before hpo stored them."""
+    Without `stored_ci` it has no `ci_low`/`ci_high`, as trials recorded before hpo stored them.
+    With `pruned_at` it was pruned after that epoch, its pruner reports all above its mean."""
     best_epochs = best_epochs or [3] * len(scores)
     distributions = distributions or {
         "act": optuna.distributions.CategoricalDistribution(["relu", "tanh"]),
@@ -39,9 +40,14 @@ def add_trial(study: optuna.Study, params: dict, scores: list[float], *, best_ep
              "curves": curves if curves is not None else curve_record(scores)}
     if stored_ci:
         attrs["ci_low"], attrs["ci_high"] = bootstrap_ci(scores)
+    state = optuna.trial.TrialState.COMPLETE if finite else optuna.trial.TrialState.FAIL
+    steps = None
+    if pruned_at is not None:
+        attrs["pruned_at_epoch"] = pruned_at
+        state, steps = optuna.trial.TrialState.PRUNED, {e: mean + 1.0 for e in range(1, pruned_at + 1)}
     trial = optuna.trial.create_trial(params=params, distributions={k: distributions[k] for k in params},
-                                      value=mean if finite else None, user_attrs=attrs,
-                                      state=optuna.trial.TrialState.COMPLETE if finite else optuna.trial.TrialState.FAIL)
+                                      value=mean if state == optuna.trial.TrialState.COMPLETE else None,
+                                      user_attrs=attrs, state=state, intermediate_values=steps)
     study.add_trial(trial)
     return study.get_trials()[-1]
 

@@ -57,3 +57,40 @@ def test_expected_best_plot_through_the_command(study_url, tmp_path):
     assert out.strip() == f"wrote {tmp_path / 'eb.png'}"
     image = opened(tmp_path / "eb.png")
     assert image.size == SIZE and len(image.convert("RGB").getcolors(maxcolors=1_000_000)) > 20
+
+
+def test_learning_curves_tick_whole_epochs_and_a_pruned_trial_says_so(tmp_path):
+    from hpo.plots import learning_curves_figure
+
+    url = f"sqlite:///{tmp_path / 'p.db'}"
+    study = make_study(url)
+    scores = [1.0, 1.1]
+    add_trial(study, {"act": "relu", "units": 16, "lr": 0.01}, scores, curves=curve_record(scores))
+    add_trial(study, {"act": "relu", "units": 20, "lr": 0.01}, scores, curves=curve_record(scores), pruned_at=3)
+    # Seen: ticks at epochs 1.5 and 2.5 of a three-epoch curve.
+    complete = learning_curves_figure(url, "hand", 0)
+    for ax in complete.axes:
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert ticks and all(float(t).is_integer() for t in ticks), ticks
+    assert "pruned" not in complete._suptitle.get_text()
+    # Seen: a pruned trial's plot did not say it was pruned.
+    pruned = learning_curves_figure(url, "hand", 1)
+    assert "pruned after epoch 3" in pruned._suptitle.get_text()
+    assert "pruned after epoch 3" in [t.get_text() for t in pruned.legends[0].get_texts()]
+    assert "2 seeds" in pruned._suptitle.get_text()
+
+
+def test_a_box_plot_by_parameter_squashed_by_one_wide_box_goes_log(tmp_path):
+    from hpo.plots import seed_scores_figure
+
+    url = f"sqlite:///{tmp_path / 'w.db'}"
+    study = make_study(url)
+    # Five tight groups near 0.05-0.1 and one that spans up to 5: under 100x end to end.
+    for i, units in enumerate([16, 20, 24, 28, 32]):
+        add_trial(study, {"act": "relu", "units": units, "lr": 0.01}, [0.05 + 0.01 * i, 0.055 + 0.01 * i, 0.06 + 0.01 * i])
+    add_trial(study, {"act": "relu", "units": 64, "lr": 0.01}, [0.06, 1.0, 5.0])
+    figure = seed_scores_figure(url, "hand", by="units")
+    assert figure.axes[0].get_yscale() == "log" and "log scale" in figure.axes[0].get_ylabel()
+    # A top-trials plot of the same study follows the same rule; a narrow spread stays linear.
+    assert seed_scores_figure(url, "hand", top=6).axes[0].get_yscale() == "log"
+    assert seed_scores_figure(url, "hand", top=5).axes[0].get_yscale() == "linear"

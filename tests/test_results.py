@@ -5,7 +5,6 @@ import math
 import subprocess
 import sys
 
-import optuna
 import pandas as pd
 import pytest
 import sqlalchemy
@@ -241,19 +240,6 @@ def test_readers_take_the_storages_only_study_when_none_is_named(tmp_path):
     assert "--study-name is needed: this storage holds 2 studies: hand, other" in result.stderr
 
 
-def _pruned_trial(study, params, scores, epoch, steps):
-    import statistics
-
-    mean, std = statistics.fmean(scores), statistics.stdev(scores)
-    study.add_trial(optuna.trial.create_trial(
-        params=params, distributions={"act": optuna.distributions.CategoricalDistribution(["relu", "tanh"]),
-                                      "units": optuna.distributions.IntDistribution(16, 64),
-                                      "lr": optuna.distributions.FloatDistribution(1e-4, 1.0, log=True)},
-        state=optuna.trial.TrialState.PRUNED, intermediate_values={s + 1: v for s, v in enumerate(steps)},
-        user_attrs={"seeds": [10, 11, 12], "seed_scores": scores, "mean": mean, "std": std, "best_epochs": [epoch] * 3,
-                    "epochs_run": [epoch] * 3, "curves": curve_record(scores), "pruned_at_epoch": epoch}))
-
-
 @pytest.fixture
 def close_call(tmp_path):
     """Three complete trials, #0 ahead of #1 in most resamples but not by Welch's test,
@@ -263,8 +249,8 @@ def close_call(tmp_path):
     add_trial(study, {"act": "relu", "units": 16, "lr": 0.01}, [1.0, 1.2, 0.8])
     add_trial(study, {"act": "tanh", "units": 20, "lr": 0.01}, [1.2, 1.4, 1.0])
     add_trial(study, {"act": "tanh", "units": 40, "lr": 0.01}, [2.0, 2.2, 1.8])
-    _pruned_trial(study, {"act": "relu", "units": 30, "lr": 0.02}, [0.5, 0.6, 0.7], 13, [1.5] * 13)
-    _pruned_trial(study, {"act": "relu", "units": 31, "lr": 0.02}, [3.0, 3.1, 3.2], 4, [3.5] * 4)
+    add_trial(study, {"act": "relu", "units": 30, "lr": 0.02}, [0.5, 0.6, 0.7], pruned_at=13)
+    add_trial(study, {"act": "relu", "units": 31, "lr": 0.02}, [3.0, 3.1, 3.2], pruned_at=4)
     return url
 
 
