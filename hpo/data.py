@@ -220,6 +220,8 @@ def _user_arrays(spec: StudySpec) -> Dataset:
                                "data.loader", sha256=data.loader_sha256, parameters=0)
         try:
             arrays = load() if callable(load) else load
+        except SpecError:
+            raise
         except Exception as e:  # noqa: BLE001 - the user's loader failing is a data error
             raise SpecError(spec.source, "data.loader", f"{data.loader} raised {type(e).__name__}: {e}; fix it") from e
         _user_cache[key] = check_arrays(arrays, spec.source, data.loader, spec.output)
