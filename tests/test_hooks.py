@@ -148,6 +148,12 @@ BAD_HOOKS = {
                       "x_train has 220 samples but y_train 219"),
     "loader tuple": ({"loader": LOADER.replace("return x[:220], y[:220], x[220:], y[220:]", "return x, y")},
                      "expected (x_train, y_train, x_val, y_val)"),
+    "1-D x for an lstm": ({"study": STUDY.replace('build = "models.py:build"', 'family = "lstm"')
+                           .replace("filters = { low = 2, high = 6 }\nkernel_size = { choices = [3, 12] }\n", "")
+                           .replace("dropout = { low = 0.0, high = 0.3 }", "units = { low = 2, high = 4 }"),
+                           "loader": LOADER.replace("[:-1, :, None]", "[:-1, 0]")},
+                          "data.py:load: x_train has shape (220,), but the lstm family reads (samples, steps, "
+                          "features); reshape x_train and x_val (x.reshape(len(x), -1, 1)"),
     "unknown loss": ({"study": STUDY.replace("patience = 2", 'patience = 2\nloss = "msee"')}, "[training.loss]"),
 }
 
