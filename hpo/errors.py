@@ -62,4 +62,7 @@ class StudyNotFound(StorageError):
 
 
 class BackendError(HpoError):
-    """The Keras backend asked for cannot be used in this process."""
+    """The Keras backend asked for, or its device, cannot be used in this process; nothing
+    has run yet."""
+
+    exit_code = 2

@@ -227,3 +227,17 @@ def test_a_keras_run_keeps_tensorflows_native_start_up_lines_off_the_terminal(tm
                      "--storage", f"sqlite:///{tmp_path / 'q.db'}", env={"TF_CPP_MIN_LOG_LEVEL": "2"})
     assert "trial    0 complete" in result.stdout
     assert not any(s in result.stderr for s in ("absl", "oneDNN", "cudart_stub")), result.stderr[-2000:]
+
+
+def test_a_missing_jax_device_is_named_before_any_trial(tmp_path):
+    import importlib.util
+
+    # A platform this machine has no plugin for (CUDA here, unless its plugin is installed).
+    cuda = any(importlib.util.find_spec(m) for m in ("jax_cuda12_plugin", "jax_cuda13_plugin"))
+    platform = "rocm" if cuda else "cuda"
+    db = tmp_path / "d.db"
+    result = run_hpo("run", "sine_lstm", "--storage", f"sqlite:///{db}", env={"JAX_PLATFORMS": platform}, check=False)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(f"error: JAX cannot start on JAX_PLATFORMS={platform}: ")
+    assert "set JAX_PLATFORMS=cpu" in result.stderr and "[model.family]" not in result.stderr
+    assert not db.exists()
