@@ -281,7 +281,8 @@ def _auto_confirm(optuna_study, spec, summary) -> None:
     """The spec's `[confirm]`, once the study is done: its budget spent or its grid
     exhausted (not after a failure, an interrupt, a timeout or a memory restart)."""
     cut_short = (summary.stopped_reason or "").startswith("stopped starting trials")
-    if spec.confirm.top and not summary.exit_code and not summary.restart and not cut_short:
+    if spec.confirm.top and summary.best is not None and not summary.exit_code and not summary.restart \
+            and not cut_short:
         from hpo.confirm import confirm_study
 
         confirm_study(optuna_study, spec, spec.confirm.top, spec.confirm.seeds, echo=click.echo)
