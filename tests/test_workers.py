@@ -156,6 +156,59 @@ def test_workers_survive_a_postgresql_restart(postgres, tmp_path):
     assert not by_state(trials, TrialState.RUNNING)
 
 
+# The server refuses every new row of a trial once it has reported two epochs, with the
+# error PostgreSQL raises when its disk is full (SQLSTATE 53100): the writes that fail
+# when a disk fills mid-trial. Updating a trial's state, which rewrites a row in place,
+# still succeeds, as it may on a full disk.
+DISK_FULL = """
+CREATE FUNCTION hpo_test_disk_full() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF (SELECT count(*) FROM trial_intermediate_values v WHERE v.trial_id = NEW.trial_id) >= 2 THEN
+        RAISE EXCEPTION 'could not extend file "base/1/2": No space left on device' USING ERRCODE = 'disk_full';
+    END IF;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER full_values BEFORE INSERT OR UPDATE ON trial_intermediate_values
+    FOR EACH ROW EXECUTE FUNCTION hpo_test_disk_full();
+CREATE TRIGGER full_attrs BEFORE INSERT OR UPDATE ON trial_user_attributes
+    FOR EACH ROW EXECUTE FUNCTION hpo_test_disk_full();
+CREATE TRIGGER full_value BEFORE INSERT OR UPDATE ON trial_values
+    FOR EACH ROW EXECUTE FUNCTION hpo_test_disk_full();
+"""
+
+
+def test_a_disk_that_fills_mid_trial_stops_with_one_line_and_leaves_no_trial_running(postgres, tmp_path):
+    import sqlalchemy
+
+    url = postgres.create_database()
+    spec = write_study(tmp_path, "full", trials=3, epoch_seconds=0.0)
+    run_hpo("create", str(spec), "--storage", url)
+    engine = sqlalchemy.create_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(sqlalchemy.text(DISK_FULL))
+        result = run_hpo("run", str(spec), "--storage", url, check=False, timeout=300)
+        assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stdout + result.stderr
+        assert result.stderr.startswith("error: storage ") and "No space left on device" in result.stderr
+        assert "disk is full; free space and run again" in result.stderr
+        trials = trials_of(url, "full")
+        assert not by_state(trials, TrialState.RUNNING), [(t.number, t.state) for t in trials]
+        lost = by_state(trials, TrialState.FAIL)
+        # Given back, not failed on its own: it does not count, and waits to be retried.
+        assert len(lost) == 1 and "fail_reason" not in lost[0].user_attrs
+        assert [t.params for t in by_state(trials, TrialState.WAITING)] == [lost[0].params]
+        with engine.begin() as conn:  # space is freed
+            conn.execute(sqlalchemy.text("DROP FUNCTION hpo_test_disk_full() CASCADE"))
+    finally:
+        engine.dispose()
+    run_hpo("run", str(spec), "--storage", url, timeout=300)
+    trials = trials_of(url, "full")
+    assert len(by_state(trials, TrialState.COMPLETE)) == 3
+    assert not by_state(trials, TrialState.RUNNING) and not by_state(trials, TrialState.WAITING)
+    retry = [t for t in trials if t.system_attrs.get("failed_trial") == lost[0].number]
+    assert len(retry) == 1 and retry[0].params == lost[0].params and retry[0].state == TrialState.COMPLETE
+
+
 def test_sigterm_stops_every_worker_and_leaves_no_trial_running(tmp_path):
     """SIGTERM to `hpo run --workers 2` stops both workers; their trials are failed (not
     counted) and queued again, and the next run ends with the exact budget."""
