@@ -103,20 +103,62 @@ def test_four_workers_on_one_sqlite_file(tmp_path):
     assert workers_seen == {"w0", "w1", "w2", "w3"}
 
 
+def running_trial_with_params_and_heartbeat(url: str) -> int | None:
+    """A RUNNING trial whose params are stored and whose heartbeat was recorded, or None."""
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return conn.execute(sqlalchemy.text(
+                "SELECT t.number FROM trials t WHERE t.state = 'RUNNING' "
+                "AND EXISTS (SELECT 1 FROM trial_params p WHERE p.trial_id = t.trial_id) "
+                "AND EXISTS (SELECT 1 FROM trial_heartbeats h WHERE h.trial_id = t.trial_id)")).scalar()
+    finally:
+        engine.dispose()
+
+
+def wait_until(condition, what: str, timeout: float = 120):
+    """Poll `condition()` until it returns something truthy (no fixed sleeps: under load a
+    step takes as long as it takes)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = condition()
+        if found:
+            return found
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def stop_mid_trial(proc: subprocess.Popen, url: str) -> int:
+    """SIGSTOP the only worker of a study while its trial is RUNNING with params and a
+    heartbeat (a trial that finished between the look and the stop does not count: go on
+    and look again); the trial's number."""
+    while True:
+        wait_until(lambda: running_trial_with_params_and_heartbeat(url) is not None, "a running trial with params")
+        proc.send_signal(signal.SIGSTOP)
+        number = running_trial_with_params_and_heartbeat(url)
+        if number is not None:
+            return number
+        proc.send_signal(signal.SIGCONT)
+
+
 def test_sigkilled_worker_trial_is_retried_with_same_params(storage_url, tmp_path):
-    """Three workers, twelve trials, one worker SIGKILLed mid-trial: twelve finish, the
-    killed trial is failed and run again with the same params and seeds."""
+    """A worker SIGKILLed mid-trial (its params stored, its heartbeat seen), two more
+    workers, twelve trials: twelve finish, the killed trial is failed and run again with
+    the same params and seeds."""
     spec = write_study(tmp_path, "killed", trials=12)
     run_hpo("create", str(spec), "--storage", storage_url)
     beat = ["--heartbeat-interval", "1", "--grace-period", "3"]
-    workers = [start_hpo("worker", "--storage", storage_url, "--study-name", "killed", "--worker-index", str(i), *beat)
-               for i in range(3)]
+    workers = [start_hpo("worker", "--storage", storage_url, "--study-name", "killed", "--worker-index", "0", *beat)]
     try:
-        wait_for_line(workers[0], "trial ")
-        time.sleep(0.3)  # into its next trial, which lasts 1.2 s
+        killed_number = stop_mid_trial(workers[0], storage_url)
         workers[0].kill()
+        workers[0].wait()
+        workers += [start_hpo("worker", "--storage", storage_url, "--study-name", "killed", "--worker-index", str(i),
+                              *beat) for i in (1, 2)]
         for w in workers[1:]:
-            out, err = w.communicate(timeout=120)
+            out, err = w.communicate(timeout=300)
             assert w.returncode == 0, out + err
     finally:
         for w in workers:
@@ -126,7 +168,7 @@ def test_sigkilled_worker_trial_is_retried_with_same_params(storage_url, tmp_pat
     assert len(by_state(trials, TrialState.COMPLETE)) == 12
     assert not by_state(trials, TrialState.RUNNING)
     killed = by_state(trials, TrialState.FAIL)
-    assert len(killed) == 1 and "fail_reason" not in killed[0].user_attrs
+    assert [t.number for t in killed] == [killed_number] and "fail_reason" not in killed[0].user_attrs
     retries = [t for t in trials if t.system_attrs.get("failed_trial") == killed[0].number]
     assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE
     assert retries[0].params == killed[0].params
@@ -268,6 +310,28 @@ def test_workers_share_the_cores():
     finally:
         os.environ.clear()
         os.environ.update(env)
+
+
+def test_a_trial_whose_worker_died_before_it_had_params_is_retried_cleanly(storage_url, tmp_path):
+    """A worker killed between starting a trial (its heartbeat recorded) and storing its
+    params: the trial is failed once its heartbeat is stale, not counted, and its retry
+    draws params of its own; nothing is left RUNNING or WAITING."""
+    from hpo.storage import get_storage
+
+    spec = write_study(tmp_path, "paramless", trials=3, epoch_seconds=0.0)
+    run_hpo("create", str(spec), "--storage", storage_url)
+    storage = get_storage(storage_url, heartbeat_interval=1, grace_period=3)
+    orphan = optuna.load_study(study_name="paramless", storage=storage).ask()
+    storage.record_heartbeat(orphan._trial_id)
+    storage.engine.dispose()
+    run_hpo("run", str(spec), "--storage", storage_url, "--heartbeat-interval", "1", "--grace-period", "3",
+            timeout=300)
+    trials = trials_of(storage_url, "paramless")
+    assert trials[0].state == TrialState.FAIL and trials[0].params == {} and "fail_reason" not in trials[0].user_attrs
+    assert len(by_state(trials, TrialState.COMPLETE)) == 3
+    assert not by_state(trials, TrialState.RUNNING) and not by_state(trials, TrialState.WAITING)
+    retry = [t for t in trials if t.system_attrs.get("failed_trial") == 0]
+    assert len(retry) == 1 and retry[0].state == TrialState.COMPLETE and set(retry[0].params) == {"x", "y"}
 
 
 def test_running_trial_without_heartbeat_is_failed_and_retried(tmp_path):
