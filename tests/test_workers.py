@@ -9,6 +9,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -181,12 +182,20 @@ def test_workers_survive_a_postgresql_restart(postgres, tmp_path):
     url = postgres.create_database()
     spec = write_study(tmp_path, "restart", trials=10, epoch_seconds=0.1)
     proc = start_hpo("run", str(spec), "--storage", url, "--workers", "2", "--heartbeat-interval", "1")
+    errors: list[str] = []
+    reader = threading.Thread(target=lambda: errors.extend(proc.stderr), daemon=True)
+    reader.start()
     try:
         wait_for_line(proc, "trial ")
         postgres.stop()
-        time.sleep(3)
+        # Down until a worker has felt it, however long that takes under load.
+        wait_until(lambda: any("waiting for the database to come back" in line for line in errors),
+                   "a worker to meet the outage")
         postgres.start()
-        out, err = proc.communicate(timeout=180)
+        out = proc.stdout.read()
+        proc.wait(timeout=180)
+        reader.join(timeout=60)
+        err = "".join(errors)
     finally:
         proc.kill()
         proc.wait()
@@ -259,7 +268,8 @@ def test_sigterm_stops_every_worker_and_leaves_no_trial_running(tmp_path):
     proc = start_hpo("run", str(spec), "--storage", url, "--workers", "2")
     try:
         wait_for_line(proc, "trial ")
-        time.sleep(0.5)
+        # Into a trial that has started (and will not finish by itself for 2.4 s).
+        wait_until(lambda: running_trial_with_params_and_heartbeat(url) is not None, "a running trial")
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=60)
     finally:
