@@ -53,8 +53,10 @@ def start(spec: StudySpec, storage: str = DEFAULT_STORAGE, *, timeout: float | N
 
 def describe_start(spec: StudySpec, storage: str) -> str:
     """The line a run opens with: the study, where it is stored, its budget and objective."""
+    seeds = (f"{spec.seeds}-{spec.seeds_max} seeds each (adaptive)" if spec.seeds_max
+             else f"{spec.seeds} seeds each")
     return (f"study {spec.name} ({spec.source}) on {mask_url(storage)}: budget {spec.trials} trials, "
-            f"{spec.seeds} seeds each, up to {spec.training.max_epochs} epochs, {spec.metric} "
+            f"{seeds}, up to {spec.training.max_epochs} epochs, {spec.metric} "
             f"({spec.direction}), objective {spec.objective.mode}")
 
 

@@ -318,6 +318,10 @@ def _print_summary(spec, summary, storage: str) -> None:
                f"{summary.failed} failed in this run" + (f", {summary.lost} lost and retried" if summary.lost else ""))
     if summary.stopped_reason:
         click.echo(summary.stopped_reason)
+    elif not (summary.complete or summary.pruned or summary.failed or summary.lost or summary.exit_code):
+        # Nothing ran because nothing was left to run: say so, and how to go on.
+        click.echo(f"the study's budget of {spec.trials} trials was spent already; to add trials, run it again "
+                   f"with --trials N (more than {spec.trials})")
     best = summary.best
     if best is None:
         click.echo("no complete trial yet")
@@ -325,11 +329,15 @@ def _print_summary(spec, summary, storage: str) -> None:
     a = best.user_attrs
     click.echo(f"best trial #{best.number}: {spec.metric} {a['mean']:.5g} ± {a['std']:.2g} "
                f"over seeds {a['seeds']} (per seed: {', '.join(f'{s:.4g}' for s in a['seed_scores'])})")
-    click.echo("params: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                      for k, v in best.params.items()))
+    click.echo(f"params: {_format_params(best.params)}")
     click.echo(f"stored in {mask_url(storage)} (study {spec.name}); "
                f"replay it with: hpo replay --study-name {shlex.quote(spec.name)}"
                f"{_storage_arg(storage)} {best.number}")
+
+
+def _format_params(params: dict) -> str:
+    """`units=12, learning_rate=0.003162`: a trial's params as the run summary and replay print them."""
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
 
 
 @cli.group("bench-workers")
@@ -412,7 +420,7 @@ def replay(trial_number: int, study_name: str | None, storage: str) -> None:
 
     study_name = _study_name_or_only(study_name, storage)
     result = replay_trial(storage, study_name, trial_number)
-    click.echo(f"trial #{trial_number} of {study_name}: {result.params}")
+    click.echo(f"trial #{trial_number} of {study_name}: {_format_params(result.params)}")
     click.echo(f"{'seed':>8} {'stored':>14} {'replayed':>14} {'diff':>10}")
     for seed, stored, replayed in zip(result.seeds, result.stored, result.replayed):
         click.echo(f"{seed:>8} {stored:>14.8g} {replayed:>14.8g} {replayed - stored:>10.2g}")

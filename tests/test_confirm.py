@@ -128,6 +128,13 @@ def test_confirm_on_a_study_with_no_complete_trial_says_why_and_fails(tmp_path):
     assert "confirmed 0" not in result.stdout
 
 
+def test_an_adaptive_study_opens_with_its_seed_range(tmp_path):
+    url = f"sqlite:///{tmp_path / 'range.db'}"
+    out = run_hpo("run", write_study(tmp_path, "range", "{ min = 2, max = 4 }"), "--storage", url,
+                  "--trials", "2").stdout
+    assert "budget 2 trials, 2-4 seeds each (adaptive), up to 6 epochs" in out.splitlines()[0]
+
+
 def test_workers_share_confirmation_without_refitting_a_trial_twice(tmp_path):
     url = f"sqlite:///{tmp_path / 'share.db'}"
     # Each epoch sleeps, so both confirm processes overlap while the other refits.
