@@ -54,8 +54,10 @@ def start(spec: StudySpec, storage: str = DEFAULT_STORAGE, *, timeout: float | N
 
 def describe_start(spec: StudySpec, storage: str) -> str:
     """The line a run opens with: the study, where it is stored, its budget and objective."""
+    seeds = (f"{spec.seeds}-{spec.seeds_max} seeds each (adaptive)" if spec.seeds_max
+             else f"{plural(spec.seeds, 'seed')} each")
     return (f"study {spec.name} ({spec.source}) on {mask_url(storage)}: budget {plural(spec.trials, 'trial')}, "
-            f"{plural(spec.seeds, 'seed')} each, up to {plural(spec.training.max_epochs, 'epoch')}, {spec.metric} "
+            f"{seeds}, up to {plural(spec.training.max_epochs, 'epoch')}, {spec.metric} "
             f"({spec.direction}), objective {spec.objective.mode}")
 
 

@@ -47,3 +47,25 @@ def use_backend(requested: str | None = None) -> str:
     # lines would otherwise reach the user's terminal.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     return name
+
+
+def check_devices(backend: str) -> None:
+    """Start the backend's devices once, so that a device it was told to use but cannot
+    find (`JAX_PLATFORMS=cuda` on a machine without CUDA) is named before any trial,
+    instead of surfacing as the model's error.
+
+    Raises:
+        BackendError: Naming the setting and what to do.
+    """
+    if backend != "jax":
+        return
+    import jax
+
+    try:
+        jax.devices()
+    except Exception as e:  # noqa: BLE001 - JAX raises RuntimeError, or a bare AssertionError for a missing plugin
+        platforms = os.environ.get("JAX_PLATFORMS") or os.environ.get("JAX_PLATFORM_NAME")
+        asked = f"JAX_PLATFORMS={platforms}" if platforms else "its default platforms"
+        detail = str(e).split(" (set JAX_PLATFORMS")[0] or f"no {platforms or 'usable'} device was found"
+        raise BackendError(f"JAX cannot start on {asked}: {detail}; install the JAX plugin for that device "
+                           "(e.g. pip install 'jax[cuda12]') or set JAX_PLATFORMS=cpu") from e

@@ -282,7 +282,8 @@ def _auto_confirm(optuna_study, spec, summary) -> None:
     """The spec's `[confirm]`, once the study is done: its budget spent or its grid
     exhausted (not after a failure, an interrupt, a timeout or a memory restart)."""
     cut_short = (summary.stopped_reason or "").startswith("stopped starting trials")
-    if spec.confirm.top and not summary.exit_code and not summary.restart and not cut_short:
+    if spec.confirm.top and summary.best is not None and not summary.exit_code and not summary.restart \
+            and not cut_short:
         from hpo.confirm import confirm_study
 
         confirm_study(optuna_study, spec, spec.confirm.top, spec.confirm.seeds, echo=click.echo)
@@ -318,6 +319,10 @@ def _print_summary(spec, summary, storage: str) -> None:
                f"{summary.failed} failed in this run" + (f", {summary.lost} lost and retried" if summary.lost else ""))
     if summary.stopped_reason:
         click.echo(summary.stopped_reason)
+    elif not (summary.complete or summary.pruned or summary.failed or summary.lost or summary.exit_code):
+        # Nothing ran because nothing was left to run: say so, and how to go on.
+        click.echo(f"the study's budget of {spec.trials} trials was spent already; to add trials, run it again "
+                   f"with --trials N (more than {spec.trials})")
     best = summary.best
     if best is None:
         click.echo("no complete trial yet")
@@ -325,11 +330,15 @@ def _print_summary(spec, summary, storage: str) -> None:
     a = best.user_attrs
     click.echo(f"best trial #{best.number}: {spec.metric} {mean_std(a['mean'], a['std'], len(a['seeds']))} "
                f"over {noun_for(len(a['seeds']), 'seed')} {a['seeds']} (per seed: {', '.join(f'{s:.4g}' for s in a['seed_scores'])})")
-    click.echo("params: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                      for k, v in best.params.items()))
+    click.echo(f"params: {_format_params(best.params)}")
     click.echo(f"stored in {mask_url(storage)} (study {spec.name}); "
                f"replay it with: hpo replay --study-name {shlex.quote(spec.name)}"
                f"{_storage_arg(storage)} {best.number}")
+
+
+def _format_params(params: dict) -> str:
+    """`units=12, learning_rate=0.003162`: a trial's params as the run summary and replay print them."""
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
 
 
 @cli.group("bench-workers")
@@ -412,7 +421,7 @@ def replay(trial_number: int, study_name: str | None, storage: str) -> None:
 
     study_name = _study_name_or_only(study_name, storage)
     result = replay_trial(storage, study_name, trial_number)
-    click.echo(f"trial #{trial_number} of {study_name}: {result.params}")
+    click.echo(f"trial #{trial_number} of {study_name}: {_format_params(result.params)}")
     click.echo(f"{'seed':>8} {'stored':>14} {'replayed':>14} {'diff':>10}")
     for seed, stored, replayed in zip(result.seeds, result.stored, result.replayed):
         click.echo(f"{seed:>8} {stored:>14.8g} {replayed:>14.8g} {replayed - stored:>10.2g}")

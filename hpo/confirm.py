@@ -24,7 +24,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from hpo.diagnosis import trial_note
-from hpo.errors import TrialFailed
+from hpo.errors import HpoError, TrialFailed
 from hpo.objective import (ATTR_ADDED_BEST_EPOCHS, ATTR_ADDED_CURVES, ATTR_ADDED_EPOCHS_RUN, ATTR_ADDED_FAIL_REASON,
                            ATTR_ADDED_SCORES, ATTR_ADDED_SEEDS, ATTR_ALL_MEAN, ATTR_ALL_STD, ATTR_CI_HIGH, ATTR_CI_LOW,
                            ATTR_SEEDS, ATTR_SEED_SCORES, read_seed_record, write_trial_note)
@@ -81,6 +81,11 @@ def confirm_study(study: optuna.Study, spec: StudySpec, top: int, seeds: int,
     while wait and count_trials(storage, study._study_id).running:
         time.sleep(POLL_SECONDS)
     trials = top_trials(study, spec, top)
+    if not trials:
+        counts = count_trials(storage, study._study_id)
+        raise HpoError(f'study "{study.study_name}" has no complete trial to confirm ({counts.pruned} pruned, '
+                       f"{counts.failed} failed); run trials first (hpo run, or hpo worker --study-name "
+                       f"{study.study_name}) until one completes")
     new_seeds = fresh_seeds(study, spec, seeds)
     done: list[Confirmed] = []
     for trial in trials:
@@ -95,9 +100,13 @@ def confirm_study(study: optuna.Study, spec: StudySpec, top: int, seeds: int,
         scores = fit.scores
         result = Confirmed(trial.number, new_seeds, scores, statistics.fmean(scores),
                            statistics.stdev(scores) if len(scores) > 1 else 0.0)
-        write_trial_user_attrs(storage, trial._trial_id, {
-            ATTR_CONFIRM_SEEDS: result.seeds, ATTR_CONFIRM_SCORES: result.scores,
-            ATTR_CONFIRM_STD: result.std, ATTR_CONFIRM_MEAN: result.mean})
+        confirmed = {ATTR_CONFIRM_SEEDS: result.seeds, ATTR_CONFIRM_SCORES: result.scores,
+                     ATTR_CONFIRM_STD: result.std, ATTR_CONFIRM_MEAN: result.mean}
+        write_trial_user_attrs(storage, trial._trial_id, confirmed)
+        # The dashboard shows the note, so the note shows the confirmation.
+        attrs = {**storage.get_trial_user_attrs(trial._trial_id), **confirmed}
+        write_trial_note(storage, study._study_id, trial._trial_id, trial_note(trial.number, attrs, spec.metric),
+                         replace=True)
         echo(f"confirmed trial {trial.number}: {spec.metric} {mean_std(result.mean, result.std, len(new_seeds))} on "
              f"{plural(len(new_seeds), 'fresh seed')} (selected at {trial.user_attrs.get('mean', float('nan')):.5g})")
         done.append(result)

@@ -175,6 +175,7 @@ def _csv_table(spec: DataSpec, split_seed: int, sequence: bool) -> Dataset:
     if np.isnan(x).any():
         raise SpecError(spec.path, "data.features", "feature columns have empty cells; fill or drop them")
     if spec.task == "classification":
+        _refuse_empty_cells(frame, spec.target, spec.path, "data.target", "give every row a class")
         labels, y = np.unique(frame[spec.target].astype(str).to_numpy(), return_inverse=True)
         return _table(spec, x, y.astype(np.int32), "classification", split_seed, sequence, n_classes=len(labels))
     y = pd.to_numeric(frame[spec.target], errors="coerce").to_numpy(dtype=np.float32)
@@ -190,6 +191,10 @@ def _csv_text(spec: DataSpec, split_seed: int, maxlen: int, vocab_size: int) -> 
 
     frame = pd.read_csv(spec.path, dtype={spec.text_column: str})
     texts = frame[spec.text_column].fillna("").astype(str).to_numpy()
+    if not any(t.strip() for t in texts):
+        raise SpecError(spec.path, "data.text_column", f'column "{spec.text_column}" of {spec.path} has no text (every '
+                                                       "cell is empty); name the column that holds the texts")
+    _refuse_empty_cells(frame, spec.label_column, spec.path, "data.label_column", "give every row a label")
     labels, y = np.unique(frame[spec.label_column].astype(str).to_numpy(), return_inverse=True)
     if len(labels) < 2:
         raise SpecError(spec.path, "data.label_column", f'column "{spec.label_column}" holds one label only; '
@@ -206,6 +211,15 @@ def _csv_text(spec: DataSpec, split_seed: int, maxlen: int, vocab_size: int) -> 
     return Dataset(x[train_idx], y[train_idx], x[val_idx], y[val_idx], "classification", len(labels))
 
 
+def _refuse_empty_cells(frame: Any, column: str, path: str, field: str, fix: str) -> None:
+    empty = np.flatnonzero(frame[column].isna().to_numpy())
+    if len(empty):
+        # Line numbers of the file: the header is line 1.
+        lines = ", ".join(str(i + 2) for i in empty[:5]) + (", ..." if len(empty) > 5 else "")
+        raise SpecError(path, field, f'column "{column}" of {path} has {len(empty)} empty cell'
+                                     f"{'s' * (len(empty) != 1)} (line {lines}); {fix} or drop those rows")
+
+
 _user_cache: dict[tuple, Dataset] = {}
 
 
@@ -220,14 +234,39 @@ def _user_arrays(spec: StudySpec) -> Dataset:
                                "data.loader", sha256=data.loader_sha256, parameters=0)
         try:
             arrays = load() if callable(load) else load
+        except SpecError:
+            raise
         except Exception as e:  # noqa: BLE001 - the user's loader failing is a data error
             raise SpecError(spec.source, "data.loader", f"{data.loader} raised {type(e).__name__}: {e}; fix it") from e
-        _user_cache[key] = check_arrays(arrays, spec.source, data.loader, spec.output)
+        # Arrays handed to hpo.tune: the argument is at fault, not a loader.
+        ref, field = (data.loader, "data.loader") if callable(load) else ("the data= argument", "data")
+        checked = check_arrays(arrays, spec.source, ref, spec.output, field)
+        _check_sample_shape(spec, checked, ref, field)
+        _user_cache[key] = checked
     return _user_cache[key]
 
 
-def check_arrays(arrays: Any, source: str, ref: str, task: str) -> Dataset:
+def _check_sample_shape(spec: StudySpec, data: Dataset, ref: str, field: str) -> None:
+    # A built-in family's first layer needs (samples, steps, features) or (samples,
+    # features); Keras would say "expected ndim=3, found ndim=1" about the model.
+    need = 3 if spec.model.family in RECURRENT_FAMILIES else 2 if spec.model.family == "mlp" else None
+    have = data.x_train.ndim
+    if need is None or have == need or (need == 2 and have > 2):
+        return
+    shape = "(samples, steps, features)" if need == 3 else "(samples, features)"
+    fix = "x.reshape(len(x), -1, 1): one feature per step" if need == 3 else "x.reshape(len(x), -1)"
+    raise SpecError(spec.source, field, f"{ref}: x_train has shape {data.x_train.shape}, but the "
+                                        f"{spec.model.family} family reads {shape}; reshape x_train and x_val ({fix})")
+
+
+def check_arrays(arrays: Any, source: str, ref: str, task: str, field: str = "data.loader") -> Dataset:
     """(x_train, y_train, x_val, y_val), or a dict with those keys, as a checked `Dataset`.
+
+    Args:
+        arrays: What the loader returned, or what was passed as `data=`.
+        source, field: Where the data was named, for error messages.
+        ref: How the messages name the arrays' origin (the loader's reference, or the argument).
+        task: The study's output kind.
 
     Raises:
         SpecError: Naming the study and the loader, and what is wrong: not four arrays, lengths or sample
@@ -237,41 +276,46 @@ def check_arrays(arrays: Any, source: str, ref: str, task: str) -> Dataset:
     if isinstance(arrays, dict):
         missing = [k for k in names if k not in arrays]
         if missing:
-            raise SpecError(source, "data.loader", f"{ref}: the dict lacks {', '.join(missing)}; return keys {', '.join(names)}")
+            raise SpecError(source, field, f"{ref}: the dict lacks {', '.join(missing)}; give keys {', '.join(names)}")
         arrays = tuple(arrays[k] for k in names)
     if not isinstance(arrays, (tuple, list)) or len(arrays) != 4:
-        raise SpecError(source, "data.loader", f"{ref}: expected (x_train, y_train, x_val, y_val), got {type(arrays).__name__}"
+        raise SpecError(source, field, f"{ref}: expected (x_train, y_train, x_val, y_val), got {type(arrays).__name__}"
                                               f"{'' if not isinstance(arrays, (tuple, list)) else f' of {len(arrays)}'}; "
-                                              "return those four arrays")
+                                              "give those four arrays")
     xt, yt, xv, yv = (np.asarray(a) for a in arrays)
     for name, a in zip(names, (xt, yt, xv, yv)):
         if a.dtype.kind not in "biuf":
-            raise SpecError(source, "data.loader", f"{ref}: {name} has dtype {a.dtype}; give numbers (tokenise text first)")
+            raise SpecError(source, field, f"{ref}: {name} has dtype {a.dtype}; give numbers (tokenise text first)")
         if a.ndim == 0 or len(a) == 0:
-            raise SpecError(source, "data.loader", f"{ref}: {name} is empty; give at least one sample")
+            raise SpecError(source, field, f"{ref}: {name} is empty; give at least one sample")
         if a.dtype.kind == "f" and not np.isfinite(a).all():
-            raise SpecError(source, "data.loader", f"{ref}: {name} holds {int((~np.isfinite(a)).sum())} NaN or infinite "
+            raise SpecError(source, field, f"{ref}: {name} holds {int((~np.isfinite(a)).sum())} NaN or infinite "
                                                   "values; fill or drop them")
     for x, y, split in ((xt, yt, "train"), (xv, yv, "val")):
         if len(x) != len(y):
-            raise SpecError(source, "data.loader", f"{ref}: x_{split} has {len(x)} samples but y_{split} {len(y)}; make them agree")
+            raise SpecError(source, field, f"{ref}: x_{split} has {len(x)} samples but y_{split} {len(y)}; make them agree")
     if xt.shape[1:] != xv.shape[1:]:
-        raise SpecError(source, "data.loader", f"{ref}: x_train samples are {xt.shape[1:]} but x_val samples {xv.shape[1:]}; "
+        raise SpecError(source, field, f"{ref}: x_train samples are {xt.shape[1:]} but x_val samples {xv.shape[1:]}; "
                                               "make them agree")
     x_dtype = np.int32 if xt.dtype.kind in "biu" else np.float32
     if task == "classification":
         if yt.dtype.kind == "f" and not (np.mod(yt, 1) == 0).all():
-            raise SpecError(source, "data.loader", f"{ref}: a classification target must hold class numbers 0..K-1, "
+            raise SpecError(source, field, f"{ref}: a classification target must hold class numbers 0..K-1, "
                                                   "got fractions; give integer labels or use a regression output")
         labels = np.concatenate([yt.ravel(), yv.ravel()]).astype(np.int64)
         if labels.min() < 0:
-            raise SpecError(source, "data.loader", f"{ref}: class labels must be 0..K-1, got a negative one")
+            raise SpecError(source, field, f"{ref}: class labels must be 0..K-1, got a negative one")
+        if labels.min() > 0:
+            # Else the head would get a class that never occurs (labels 1..10 read as 11 classes).
+            raise SpecError(source, field, f"{ref}: class labels run from {labels.min()} to {labels.max()}, but must "
+                                           f"run from 0 to K-1 (no sample has class 0); subtract {labels.min()} from "
+                                           "y_train and y_val")
         return Dataset(xt.astype(x_dtype), yt.reshape(len(yt)).astype(np.int32), xv.astype(x_dtype),
                        yv.reshape(len(yv)).astype(np.int32), "classification", int(labels.max()) + 1)
     yt2 = yt.reshape(len(yt), -1).astype(np.float32)
     yv2 = yv.reshape(len(yv), -1).astype(np.float32)
     if yt2.shape[1] != yv2.shape[1]:
-        raise SpecError(source, "data.loader", f"{ref}: y_train has {yt2.shape[1]} outputs but y_val {yv2.shape[1]}; make them agree")
+        raise SpecError(source, field, f"{ref}: y_train has {yt2.shape[1]} outputs but y_val {yv2.shape[1]}; make them agree")
     return Dataset(xt.astype(x_dtype), yt2, xv.astype(x_dtype), yv2, "regression", yt2.shape[1])
 
 

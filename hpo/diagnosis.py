@@ -128,6 +128,11 @@ def trial_note(number: int, attrs: dict[str, Any], metric: str = "score") -> str
         lines += ["", f"Adding seeds as the incumbent failed: {attrs['incumbent_fail_reason']}."]
     if attrs.get("pruned_at_epoch") is not None:
         lines += ["", f"Pruned after epoch {attrs['pruned_at_epoch']}."]
+    if attrs.get("confirm_mean") is not None:
+        confirm_seeds = attrs.get("confirm_seeds") or []
+        lines += ["", f"**Confirmed on {len(confirm_seeds)} fresh seeds:** {_fmt(attrs['confirm_mean'])} ± "
+                      f"{_fmt(attrs.get('confirm_std'))} (seeds {', '.join(map(str, confirm_seeds))}; per seed: "
+                      f"{', '.join(_fmt(v) for v in attrs.get('confirm_scores') or [])})"]
     return "\n".join(lines) + "\n"
 
 

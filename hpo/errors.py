@@ -72,7 +72,10 @@ class StudyNotFound(StorageError):
 
 
 class BackendError(HpoError):
-    """The Keras backend asked for cannot be used in this process."""
+    """The Keras backend asked for, or its device, cannot be used in this process; nothing
+    has run yet."""
+
+    exit_code = 2
 
 
 def did_you_mean(word: str, options: list[str]) -> str:

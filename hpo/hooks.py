@@ -7,6 +7,7 @@ process that made them; other processes can only run them when they are importab
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import importlib.util
@@ -102,7 +103,7 @@ def load_hook(ref: str, base_dir: Path | None, source: str, field: str, *, sha25
             raise SpecError(source, field, f"this study's {field.split('.')[-1]} was handed over from Python "
                                            "(hpo.tune) in another process and is not importable; define it in a "
                                            "module and pass it to hpo.tune from there, or run the study with hpo.tune")
-        return obj
+        return _guarded(obj, ref, source, field) if callable(obj) else obj
     found = code_hash(ref, base_dir, source, field)
     if sha256 is not None and found != sha256:
         raise SpecError(source, field, f"the code of {ref} differs from the code this study's trials were fitted "
@@ -122,8 +123,26 @@ def load_hook(ref: str, base_dir: Path | None, source: str, field: str, *, sha25
         raise SpecError(source, field, f"{where}:{name} is not a function")
     if parameters is not None:
         _check_parameters(fn, parameters, ref, source, field)
-    _loaded[key] = fn
-    return fn
+    _loaded[key] = _guarded(fn, ref, source, field)
+    return _loaded[key]
+
+
+def _guarded(fn: Callable[..., Any], ref: str, source: str, field: str) -> Callable[..., Any]:
+    # A hook runs inside hpo's process: its sys.exit() would end the run (exit 0, nothing
+    # said) and leave its trial RUNNING. It becomes the hook's error like any other.
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except SystemExit as e:
+            raise SpecError(source, field, _exit_message(f"{ref} called", e)) from None
+
+    return call
+
+
+def _exit_message(who: str, e: SystemExit) -> str:
+    return (f"{who} sys.exit({'' if e.code is None else repr(e.code)}), which would end hpo itself; "
+            "return a value or raise an exception instead")
 
 
 def _import_file(path: Path, digest: str, source: str, field: str) -> Any:
@@ -139,6 +158,8 @@ def _import_file(path: Path, digest: str, source: str, field: str) -> Any:
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)
+    except SystemExit as e:
+        raise SpecError(source, field, _exit_message(f"{path} calls, when imported,", e)) from None
     except Exception as e:  # noqa: BLE001 - any error in the user's file is reported as theirs
         raise SpecError(source, field, f"importing {path} failed: {type(e).__name__}: {e}; fix that file") from e
     sys.modules[name] = module
@@ -151,6 +172,10 @@ def _import_module(where: str, source: str, field: str) -> Any:
     except ImportError as e:
         raise SpecError(source, field, f"cannot import module {where} ({e}); give a file path ending in .py, "
                                        "or make the module importable (pip install it, or set PYTHONPATH)") from e
+    except SystemExit as e:
+        raise SpecError(source, field, _exit_message(f"module {where} calls, when imported,", e)) from None
+    except Exception as e:  # noqa: BLE001 - any error in the user's module is reported as theirs
+        raise SpecError(source, field, f"importing module {where} failed: {type(e).__name__}: {e}; fix it") from e
 
 
 def _check_parameters(fn: Callable[..., Any], count: int, ref: str, source: str, field: str) -> None:
@@ -161,6 +186,10 @@ def _check_parameters(fn: Callable[..., Any], count: int, ref: str, source: str,
     try:
         signature.bind(*range(count))
     except TypeError:
+        # The signature as written (with any `*` or defaults): the bare names can read
+        # like the very call that failed, e.g. a keyword-only n_outputs.
         expected = ("build(params, input_shape, n_outputs)" if count == 3 else "load()")
-        raise SpecError(source, field, f"{ref} takes ({', '.join(signature.parameters)}) but hpo calls "
-                                       f"{expected}; change its parameters") from None
+        raise SpecError(source, field, f"{ref} is defined as {getattr(fn, '__name__', 'function')}{signature} but hpo "
+                                       f"calls {expected}, passing {'each' if count else 'no'} argument"
+                                       f"{'' if count else 's'}{' by position' if count else ''}; change its "
+                                       "parameters to match") from None

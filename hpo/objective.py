@@ -14,7 +14,7 @@ from typing import Any, Callable
 import optuna
 
 from hpo.diagnosis import trial_note
-from hpo.errors import TrialFailed
+from hpo.errors import StorageError, TrialFailed
 from hpo.space import suggest_params
 from hpo.spec import StudySpec
 from hpo.stats import bootstrap_ci, welch
@@ -88,6 +88,9 @@ class Objective:
                 fit = self._race(trial, params, fit)
         except TrialFailed as e:
             trial.set_user_attr(ATTR_FAIL_REASON, str(e))
+            raise
+        except StorageError:
+            # The database failed, not the trial: the worker gives the trial back.
             raise
         except Exception as e:  # noqa: BLE001 - any fault in user-shaped code fails this trial only
             reason = f"{type(e).__name__}: {e}"

@@ -19,6 +19,8 @@ from hpo.training import fit_repeats, release_memory
 
 @dataclass
 class ReplayResult:
+    # The trial's searched params as stored (what the run summary prints), not every
+    # name the model was built with.
     params: dict[str, Any]
     seeds: list[int]
     stored: list[float]
@@ -55,4 +57,4 @@ def replay_trial(storage_url: str, study_name: str, number: int) -> ReplayResult
                           backend=trial.user_attrs.get(ATTR_BACKEND))
     finally:
         release_memory()
-    return ReplayResult(params, seeds, list(trial.user_attrs[ATTR_SEED_SCORES]), fit.scores)
+    return ReplayResult(dict(trial.params), seeds, list(trial.user_attrs[ATTR_SEED_SCORES]), fit.scores)

@@ -7,7 +7,10 @@ Everything a worker needs to run a study is here, checked once before any trial 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import math
+import os
+import stat
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -311,6 +314,9 @@ def find_spec_file(name_or_path: str) -> Path:
         return candidate
     if candidate.is_dir():
         raise SpecError(name_or_path, "", "is a directory, not a study file; give the path of a .toml file")
+    unusable = why_not_a_file(candidate)
+    if unusable:
+        raise SpecError(name_or_path, "", f"{unusable}; give the path of a .toml study file")
     for path in (STUDIES_DIR / f"{name_or_path}.toml", Path("studies") / f"{name_or_path}.toml"):
         if path.is_file():
             return path
@@ -328,6 +334,26 @@ def load_spec(name_or_path: str | Path) -> StudySpec:
     except tomllib.TOMLDecodeError as e:
         raise SpecError(source, "", f"is not valid TOML: {e}; fix the syntax") from e
     return parse_spec(raw, source=source, base_dir=path.resolve().parent)
+
+
+def why_not_a_file(path: Path) -> str | None:
+    """Why an existing name cannot be read as a regular file (a dangling symbolic link or a
+    loop of them, a FIFO, a socket, a device); None when it is a file, a directory, or
+    nothing at all (the caller names those)."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "is a symbolic link that loops (it leads back to itself)"
+        if path.is_symlink():
+            return f"is a symbolic link to {os.readlink(path)}, which does not exist"
+        return None
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+            else "a device")
+    # Reading a FIFO would wait for a writer for ever.
+    return f"is {kind}, not a regular file"
 
 
 def read_text_file(path: Path, source: str, field: str, what: str) -> str:
@@ -567,6 +593,9 @@ def _portable_path(t: "_Table", path: str, base_dir: Path | None) -> str:
     found = resolve_data_path(path, base_dir)
     if found.is_dir():
         raise SpecError(t.source, f"{t.prefix}path", f"{found} is a directory, not a CSV file; name the file inside it")
+    unusable = why_not_a_file(found)
+    if unusable:
+        raise SpecError(t.source, f"{t.prefix}path", f"{found} {unusable}; point path at the CSV file itself")
     if not found.is_file():
         raise SpecError(t.source, f"{t.prefix}path", f"CSV file {found} does not exist; fix the path (relative paths "
                                                      "are read from the study file's folder)")
@@ -685,9 +714,16 @@ def _parse_seeds(top: "_Table") -> tuple[int, int | None]:
     if not isinstance(top.raw.get("seeds"), dict):
         return top.int("seeds", default=3, low=1, high=MAX_SEEDS), None
     t = top.table("seeds")
+    given = set(t.raw)
     low = t.int("min", default=3, low=1, high=MAX_SEEDS)
     high = t.int("max", default=low, low=1, high=MAX_SEEDS)
     t.finish()
+    for key in ("min", "max"):
+        if key not in given:
+            # Else `seeds = {}` would quietly mean 3 fixed seeds.
+            raise SpecError(top.source, f"seeds.{key}", "is missing; adaptive seeds take both bounds, e.g. "
+                                                        "seeds = { min = 3, max = 15 }; or write seeds = 3 for a "
+                                                        "fixed count")
     if high < low:
         raise SpecError(top.source, "seeds.max", f"max = {high} is below min = {low}; set max >= min")
     if high > low and low < 2:
@@ -920,10 +956,9 @@ class _Table:
 
 
 def _display_path(path: Path) -> str:
+    # The file as read from here: relative below the working directory, else absolute
+    # (a shipped study run from another folder is not at studies/NAME.toml there).
     try:
         return str(path.resolve().relative_to(Path.cwd()))
     except ValueError:
-        try:
-            return str(Path("studies") / path.resolve().relative_to(STUDIES_DIR))
-        except ValueError:
-            return str(path)
+        return str(path.resolve())

@@ -17,7 +17,7 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 
-from hpo.backend import use_backend
+from hpo.backend import check_devices, use_backend
 from hpo.errors import TrialDiverged, TrialFailed
 from hpo.spec import StudySpec
 
@@ -176,7 +176,9 @@ def check_spec_runs(spec: StudySpec) -> None:
 
     if spec.model.family != "analytic":
         # Before any data code imports Keras (a csv_text dataset tokenises with it).
-        configure_determinism(use_backend(spec.training.backend))
+        backend = use_backend(spec.training.backend)
+        configure_determinism(backend)
+        check_devices(backend)
     check_data(spec)
     if spec.model.family == "analytic":
         return

@@ -227,8 +227,12 @@ def _admit(study: optuna.Study, budget: int, sweep: bool) -> tuple[optuna.Trial 
             return None, counts
         # Pops a trial queued for retry first, else creates one.
         trial = study.ask()
-        if getattr(storage, "heartbeat_interval", None):
-            storage.record_heartbeat(trial._trial_id)
+        try:
+            if getattr(storage, "heartbeat_interval", None):
+                storage.record_heartbeat(trial._trial_id)
+        except BaseException as e:
+            _give_back(study, trial, f"worker stopped by a storage fault: {e}", retry=False)
+            raise
     return trial, counts
 
 
@@ -256,6 +260,12 @@ def _run_one(study: optuna.Study, spec: StudySpec, trial: optuna.Trial, objectiv
         raise
     except optuna.exceptions.UpdateFinishedTrialError:
         frozen = study._storage.get_trial(trial._trial_id)
+    except BaseException as e:
+        # A storage fault (a full disk), or anything else that ends this worker mid-trial
+        # (a KeyboardInterrupt raised by user code): the trial is given back, not left
+        # RUNNING. Once only: a database that failed is not waited for here.
+        _give_back(study, trial, f"worker stopped by {type(e).__name__}: {e}"[:2000], retry=False)
+        raise
     if frozen.state == TrialState.FAIL and ATTR_FAIL_REASON not in frozen.user_attrs:
         # No heartbeat reached the database for the grace period (a long outage?), so
         # another worker failed this trial and queued it again; that copy will count.
@@ -283,18 +293,32 @@ def _tell(study: optuna.Study, trial: optuna.Trial, values, state: TrialState) -
         return study._storage.get_trial(trial._trial_id)
 
 
-def _give_back(study: optuna.Study, trial: optuna.Trial, reason: str) -> None:
-    """Fail an interrupted trial without counting it, and queue its params again."""
+def _give_back(study: optuna.Study, trial: optuna.Trial, reason: str, retry: bool = True) -> None:
+    """Fail an interrupted trial without counting it, and queue its params again.
+
+    Each write is tried on its own: a database that refuses the reason (a full disk) may
+    still take the state. Without `retry`, each is tried once (after a storage fault).
+    If even the state cannot be written, the trial stays RUNNING until the grace period
+    has passed, and the next worker's sweep fails and retries it.
+    """
     storage = rdb_storage(study._storage)
+    call = (lambda name, *args: getattr(storage, name)(*args)) if retry else (
+        lambda name, *args: getattr(optuna.storages.RDBStorage, name)(storage, *args))
     with _signals_held():
         try:
-            storage.set_trial_user_attr(trial._trial_id, ATTR_INTERRUPTED, reason)
-            if storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
+            call("set_trial_user_attr", trial._trial_id, ATTR_INTERRUPTED, reason)
+        except Exception:  # noqa: BLE001 - the reason is a courtesy; the state below matters
+            pass
+        try:
+            if call("set_trial_state_values", trial._trial_id, TrialState.FAIL):
                 callback = getattr(storage, "heartbeat_stale_trial_callback", None)
                 if callback is not None:
-                    callback(study, storage.get_trial(trial._trial_id))
+                    callback(study, call("get_trial", trial._trial_id))
         except (optuna.exceptions.UpdateFinishedTrialError, HpoError):
             pass  # finished already (its result was stored), or the database is gone
+        except Exception:  # noqa: BLE001 - one try only, after a fault: the sweep recovers it
+            if retry:
+                raise
 
 
 @contextlib.contextmanager

@@ -152,3 +152,20 @@ def test_a_tuned_importable_build_is_joined_by_a_worker_that_imports_it(tmp_path
     result = run_hpo("worker", "--study-name", "imported", "--storage", f"sqlite:///{db}", "--trials", "2",
                      env=notebook_env(modules), cwd=tmp_path)
     assert "1 complete" in result.stdout
+
+
+def test_tune_given_three_arrays_speaks_of_the_data_argument_and_writes_nothing(tmp_path):
+    import numpy as np
+    import pytest
+
+    import hpo
+    from hpo.errors import SpecError
+
+    x = np.zeros((10, 2), dtype="float32")
+    db = tmp_path / "t.db"
+    with pytest.raises(SpecError) as e:
+        hpo.tune(lambda params, input_shape, n_outputs: None, data=(x, x, x), space={"units": (2, 4)},
+                 storage=f"sqlite:///{db}", study_name="three")
+    assert "[data] the data= argument: expected (x_train, y_train, x_val, y_val), got tuple of 3" in str(e.value)
+    assert "loader" not in str(e.value)
+    assert not db.exists()

@@ -65,6 +65,9 @@ def test_replay_gives_identical_scores(sine_run):
     db, _ = sine_run
     result = run_hpo("replay", "--study-name", "sine_lstm", "--storage", f"sqlite:///{db}", "1")
     assert result.stdout.strip().endswith("identical"), result.stdout
+    # The params as the run summary prints them: the searched ones, name=value.
+    first = result.stdout.splitlines()[0]
+    assert first.startswith("trial #1 of sine_lstm: units=") and "None" not in first and "{" not in first
 
 
 def test_a_diverging_trial_fails_alone_and_the_study_goes_on(tmp_path):
@@ -118,6 +121,14 @@ def test_rerun_tops_up_to_the_budget_and_refuses_a_changed_spec(tmp_path):
     assert len([t for t in trials_with_attrs(tmp_path / "b.db") if t["state"] in ("COMPLETE", "PRUNED")]) == 8
     changed = run_hpo("run", "beale", "--trials", "9", "--seeds", "5", "--storage", db, check=False)
     assert changed.returncode == 2 and "already exists" in changed.stderr and "--study-name" in changed.stderr
+
+
+def test_rerunning_a_finished_study_says_its_budget_is_spent_and_how_to_add_trials(tmp_path):
+    db = f"sqlite:///{tmp_path / 'f.db'}"
+    run_hpo("run", "beale", "--trials", "3", "--storage", db)
+    again = run_hpo("run", "beale", "--trials", "3", "--storage", db).stdout
+    assert "0 complete, 0 pruned, 0 failed in this run" in again
+    assert "the study's budget of 3 trials was spent already; to add trials, run it again with --trials N" in again
 
 
 def test_help_and_studies_answer_without_tensorflow():
@@ -227,3 +238,17 @@ def test_a_keras_run_keeps_tensorflows_native_start_up_lines_off_the_terminal(tm
                      "--storage", f"sqlite:///{tmp_path / 'q.db'}", env={"TF_CPP_MIN_LOG_LEVEL": "2"})
     assert "trial    0 complete" in result.stdout
     assert not any(s in result.stderr for s in ("absl", "oneDNN", "cudart_stub")), result.stderr[-2000:]
+
+
+def test_a_missing_jax_device_is_named_before_any_trial(tmp_path):
+    import importlib.util
+
+    # A platform this machine has no plugin for (CUDA here, unless its plugin is installed).
+    cuda = any(importlib.util.find_spec(m) for m in ("jax_cuda12_plugin", "jax_cuda13_plugin"))
+    platform = "rocm" if cuda else "cuda"
+    db = tmp_path / "d.db"
+    result = run_hpo("run", "sine_lstm", "--storage", f"sqlite:///{db}", env={"JAX_PLATFORMS": platform}, check=False)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(f"error: JAX cannot start on JAX_PLATFORMS={platform}: ")
+    assert "set JAX_PLATFORMS=cpu" in result.stderr and "[model.family]" not in result.stderr
+    assert not db.exists()

@@ -95,6 +95,18 @@ def test_confirm_refits_the_top_trials_on_unseen_seeds_and_the_view_reads_them_b
     assert json.loads(view["confirm_seeds"].iloc[0]) == [1003, 1004, 1005, 1006]
     for number, mean in zip(view["number"], view["confirm_mean"]):
         assert abs(mean - confirmed[number]["confirm_mean"]) < 1e-12
+    # Each confirmed trial's dashboard note shows its confirmation.
+    storage = get_storage(storage_url)
+    study_id = storage.get_study_id_from_name("conf")
+    for trial in storage.get_all_trials(study_id):
+        note = get_note_from_system_attrs(storage.get_study_system_attrs(study_id), trial._trial_id)
+        if trial.number in confirmed:
+            mean = confirmed[trial.number]["confirm_mean"]
+            assert note["version"] == 2 and f"**Confirmed on 4 fresh seeds:** {mean:.5g} ± " in note["body"]
+            assert "(seeds 1003, 1004, 1005, 1006; per seed: " in note["body"]
+        else:
+            assert "Confirmed" not in note["body"]
+    storage.engine.dispose()
     # A second run finds nothing left to refit; the report ranks by the confirmed mean.
     again = run_hpo("confirm", "--study-name", "conf", "--storage", storage_url, "--top", "2").stdout
     assert "confirmed 0 trials here" in again
@@ -104,6 +116,23 @@ def test_confirm_refits_the_top_trials_on_unseen_seeds_and_the_view_reads_them_b
     assert top["confirm_mean"].iloc[0] <= top["confirm_mean"].iloc[1]
     assert report.comparison.on == "fresh confirmation seeds"
     assert top["confirmation"].iloc[2] is None and "confirmed (seeds)" in format_report(report)
+
+
+def test_confirm_on_a_study_with_no_complete_trial_says_why_and_fails(tmp_path):
+    url = f"sqlite:///{tmp_path / 'none.db'}"
+    run_hpo("create", write_study(tmp_path, "none", "2"), "--storage", url)
+    result = run_hpo("confirm", "--study-name", "none", "--storage", url, check=False)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith('error: study "none" has no complete trial to confirm (0 pruned, 0 failed); '
+                                    "run trials first")
+    assert "confirmed 0" not in result.stdout
+
+
+def test_an_adaptive_study_opens_with_its_seed_range(tmp_path):
+    url = f"sqlite:///{tmp_path / 'range.db'}"
+    out = run_hpo("run", write_study(tmp_path, "range", "{ min = 2, max = 4 }"), "--storage", url,
+                  "--trials", "2").stdout
+    assert "budget 2 trials, 2-4 seeds each (adaptive), up to 6 epochs" in out.splitlines()[0]
 
 
 def test_workers_share_confirmation_without_refitting_a_trial_twice(tmp_path):

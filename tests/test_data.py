@@ -62,3 +62,34 @@ def test_csv_table_classification_encodes_labels(tmp_path):
     d = load_dataset(DataSpec(name="csv_table", path=str(csv), target="label", task="classification"),
                      sequence=False)
     assert d.x_train.shape[1] == 2 and d.n_outputs == 2 and set(np.unique(d.y_train)) <= {0, 1}
+
+
+@pytest.mark.parametrize("rows, spec_fields, field, words", [
+    ("text,label\n,a\n,b\n,a\n", {"name": "csv_text", "text_column": "text", "label_column": "label"},
+     "data.text_column", 'column "text" of {csv} has no text (every cell is empty)'),
+    ("text,label\nhi there,a\nyo,\nhey,b\nho,\n", {"name": "csv_text", "text_column": "text", "label_column": "label"},
+     "data.label_column", 'column "label" of {csv} has 2 empty cells (line 3, 5); give every row a label'),
+    ("a,label\n1,x\n2,\n3,y\n", {"name": "csv_table", "target": "label", "task": "classification"},
+     "data.target", 'column "label" of {csv} has 1 empty cell (line 3); give every row a class'),
+])
+def test_empty_text_or_label_cells_name_the_column_the_lines_and_the_fix(tmp_path, rows, spec_fields, field, words):
+    from hpo.errors import SpecError
+
+    csv = tmp_path / "d.csv"
+    csv.write_text(rows)
+    with pytest.raises(SpecError) as e:
+        load_dataset(DataSpec(path=str(csv), split="random", **spec_fields), sequence=False)
+    assert e.value.field == field and words.format(csv=csv) in str(e.value)
+
+
+def test_loader_class_labels_must_run_from_zero():
+    from hpo.data import check_arrays
+    from hpo.errors import SpecError
+
+    x = np.zeros((20, 3), dtype="float32")
+    y = np.arange(20) % 10 + 1  # 1..10
+    with pytest.raises(SpecError) as e:
+        check_arrays((x, y, x, y), "s.toml", "data.py:load", "classification")
+    assert "class labels run from 1 to 10, but must run from 0 to K-1" in str(e.value)
+    assert "subtract 1 from y_train and y_val" in str(e.value)
+    assert check_arrays((x, y - 1, x, y - 1), "s.toml", "data.py:load", "classification").n_outputs == 10

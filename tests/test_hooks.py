@@ -125,7 +125,17 @@ BAD_HOOKS = {
     "missing file": ({"study": STUDY.replace("models.py:build", "nowhere.py:build")}, "nowhere.py does not exist"),
     "missing function": ({"study": STUDY.replace("models.py:build", "models.py:make")}, "defines no make"),
     "wrong signature": ({"build": BUILD.replace("def build(params, input_shape, n_outputs)", "def build(params)")},
-                        "takes (params) but hpo calls build(params, input_shape, n_outputs)"),
+                        "is defined as build(params) but hpo calls build(params, input_shape, n_outputs)"),
+    "keyword-only n_outputs": ({"build": BUILD.replace("def build(params, input_shape, n_outputs)",
+                                                       "def build(params, input_shape, *, n_outputs)")},
+                               "defined as build(params, input_shape, *, n_outputs) but hpo calls build(params, "
+                               "input_shape, n_outputs), passing each argument by position"),
+    "build exits": ({"build": BUILD.replace("    inputs =", "    import sys\n    sys.exit(0)\n    inputs =")},
+                    "models.py:build called sys.exit(0), which would end hpo itself; return a value or raise"),
+    "build file exits on import": ({"build": BUILD + "\nimport sys\nsys.exit()\n"},
+                                   "models.py calls, when imported, sys.exit(), which would end hpo itself"),
+    "loader exits": ({"loader": LOADER.replace("    rng =", "    raise SystemExit('no data')\n    rng =")},
+                     "data.py:load called sys.exit('no data')"),
     "build raises": ({"build": BUILD.replace("    inputs =", "    raise RuntimeError('no GPU here')\n    inputs =")},
                      "raised RuntimeError: no GPU here"),
     "not a model": ({"build": BUILD.replace("return keras.Model(inputs, keras.layers.Dense(n_outputs)(x))",
@@ -138,6 +148,12 @@ BAD_HOOKS = {
                       "x_train has 220 samples but y_train 219"),
     "loader tuple": ({"loader": LOADER.replace("return x[:220], y[:220], x[220:], y[220:]", "return x, y")},
                      "expected (x_train, y_train, x_val, y_val)"),
+    "1-D x for an lstm": ({"study": STUDY.replace('build = "models.py:build"', 'family = "lstm"')
+                           .replace("filters = { low = 2, high = 6 }\nkernel_size = { choices = [3, 12] }\n", "")
+                           .replace("dropout = { low = 0.0, high = 0.3 }", "units = { low = 2, high = 4 }"),
+                           "loader": LOADER.replace("[:-1, :, None]", "[:-1, 0]")},
+                          "data.py:load: x_train has shape (220,), but the lstm family reads (samples, steps, "
+                          "features); reshape x_train and x_val (x.reshape(len(x), -1, 1)"),
     "unknown loss": ({"study": STUDY.replace("patience = 2", 'patience = 2\nloss = "msee"')}, "[training.loss]"),
 }
 

@@ -58,6 +58,10 @@ def test_required_vocabulary_in_default_study():
                          'mode = "pareto"'), "seeds", "no single incumbent"),
     (lambda t: t.replace('metric = "val_loss"', 'metric = "val_loss"\nseeds = { min = 1, max = 6 }'),
      "seeds.min", "needs 2 seeds or more; set min = 2 or more"),
+    (lambda t: t.replace('metric = "val_loss"', 'metric = "val_loss"\nseeds = {}'),
+     "seeds.min", "is missing; adaptive seeds take both bounds, e.g. seeds = { min = 3, max = 15 }; or write seeds = 3"),
+    (lambda t: t.replace('metric = "val_loss"', 'metric = "val_loss"\nseeds = { min = 4 }'),
+     "seeds.max", "is missing; adaptive seeds take both bounds"),
 ])
 def test_malformed_spec_names_file_field_and_fix(tmp_path, edit, field, words):
     path = write(tmp_path, edit(GOOD))
@@ -215,3 +219,42 @@ def test_a_horizon_too_long_for_the_data_names_the_horizon(tmp_path):
     with pytest.raises(SpecError) as e:
         check_data(load_spec(path))
     assert e.value.field == "data.horizon" and "shorten the horizon" in str(e.value)
+
+
+def test_a_study_file_that_is_a_dangling_link_a_link_loop_or_a_fifo_is_called_so(tmp_path):
+    import os
+
+    dangling, loop, fifo = tmp_path / "dangling.toml", tmp_path / "loop.toml", tmp_path / "fifo.toml"
+    dangling.symlink_to(tmp_path / "gone.toml")
+    loop.symlink_to(loop)
+    os.mkfifo(fifo)
+    for path, words in ((dangling, f"is a symbolic link to {tmp_path / 'gone.toml'}, which does not exist"),
+                        (loop, "is a symbolic link that loops"), (fifo, "is a FIFO (named pipe), not a regular file")):
+        with pytest.raises(SpecError) as e:
+            load_spec(path)
+        assert words in str(e.value) and "give the path of a .toml study file" in str(e.value)
+        assert "no such study file" not in str(e.value)
+    # Through the real command: one line, exit 2, and no wait for a writer on the FIFO.
+    result = run_hpo("run", str(fifo), "--storage", f"sqlite:///{tmp_path / 'x.db'}", check=False, timeout=120)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "is a FIFO" in result.stderr
+    assert not (tmp_path / "x.db").exists()
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda csv: csv.symlink_to(csv), "is a symbolic link that loops"),
+    (lambda csv: __import__("os").mkfifo(csv), "is a FIFO (named pipe), not a regular file"),
+])
+def test_a_data_path_in_a_link_loop_or_a_fifo_is_called_so(tmp_path, make, words):
+    make(tmp_path / "d.csv")
+    text = ('name = "t"\nmetric = "val_accuracy"\n[data]\nname = "csv_table"\npath = "d.csv"\ntarget = "v"\n'
+            '[model]\nfamily = "mlp"\n')
+    with pytest.raises(SpecError) as e:
+        load_spec(write(tmp_path, text, "t.toml"))
+    assert e.value.field == "data.path" and words in str(e.value) and "does not exist" not in str(e.value)
+
+
+def test_a_shipped_study_run_from_another_folder_names_the_file_it_read(tmp_path, monkeypatch):
+    monkeypatch.chdir(STUDIES_DIR.parent)
+    assert load_spec("sine_lstm").source == "studies/sine_lstm.toml"
+    result = run_hpo("create", "sine_lstm", "--storage", f"sqlite:///{tmp_path / 's.db'}", cwd=tmp_path)
+    assert f"study sine_lstm ({STUDIES_DIR / 'sine_lstm.toml'}) ready" in result.stdout

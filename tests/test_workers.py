@@ -9,6 +9,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -103,20 +104,62 @@ def test_four_workers_on_one_sqlite_file(tmp_path):
     assert workers_seen == {"w0", "w1", "w2", "w3"}
 
 
+def running_trial_with_params_and_heartbeat(url: str) -> int | None:
+    """A RUNNING trial whose params are stored and whose heartbeat was recorded, or None."""
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return conn.execute(sqlalchemy.text(
+                "SELECT t.number FROM trials t WHERE t.state = 'RUNNING' "
+                "AND EXISTS (SELECT 1 FROM trial_params p WHERE p.trial_id = t.trial_id) "
+                "AND EXISTS (SELECT 1 FROM trial_heartbeats h WHERE h.trial_id = t.trial_id)")).scalar()
+    finally:
+        engine.dispose()
+
+
+def wait_until(condition, what: str, timeout: float = 120):
+    """Poll `condition()` until it returns something truthy (no fixed sleeps: under load a
+    step takes as long as it takes)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = condition()
+        if found:
+            return found
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def stop_mid_trial(proc: subprocess.Popen, url: str) -> int:
+    """SIGSTOP the only worker of a study while its trial is RUNNING with params and a
+    heartbeat (a trial that finished between the look and the stop does not count: go on
+    and look again); the trial's number."""
+    while True:
+        wait_until(lambda: running_trial_with_params_and_heartbeat(url) is not None, "a running trial with params")
+        proc.send_signal(signal.SIGSTOP)
+        number = running_trial_with_params_and_heartbeat(url)
+        if number is not None:
+            return number
+        proc.send_signal(signal.SIGCONT)
+
+
 def test_sigkilled_worker_trial_is_retried_with_same_params(storage_url, tmp_path):
-    """Three workers, twelve trials, one worker SIGKILLed mid-trial: twelve finish, the
-    killed trial is failed and run again with the same params and seeds."""
+    """A worker SIGKILLed mid-trial (its params stored, its heartbeat seen), two more
+    workers, twelve trials: twelve finish, the killed trial is failed and run again with
+    the same params and seeds."""
     spec = write_study(tmp_path, "killed", trials=12)
     run_hpo("create", str(spec), "--storage", storage_url)
     beat = ["--heartbeat-interval", "1", "--grace-period", "3"]
-    workers = [start_hpo("worker", "--storage", storage_url, "--study-name", "killed", "--worker-index", str(i), *beat)
-               for i in range(3)]
+    workers = [start_hpo("worker", "--storage", storage_url, "--study-name", "killed", "--worker-index", "0", *beat)]
     try:
-        wait_for_line(workers[0], "trial ")
-        time.sleep(0.3)  # into its next trial, which lasts 1.2 s
+        killed_number = stop_mid_trial(workers[0], storage_url)
         workers[0].kill()
+        workers[0].wait()
+        workers += [start_hpo("worker", "--storage", storage_url, "--study-name", "killed", "--worker-index", str(i),
+                              *beat) for i in (1, 2)]
         for w in workers[1:]:
-            out, err = w.communicate(timeout=120)
+            out, err = w.communicate(timeout=300)
             assert w.returncode == 0, out + err
     finally:
         for w in workers:
@@ -126,7 +169,7 @@ def test_sigkilled_worker_trial_is_retried_with_same_params(storage_url, tmp_pat
     assert len(by_state(trials, TrialState.COMPLETE)) == 12
     assert not by_state(trials, TrialState.RUNNING)
     killed = by_state(trials, TrialState.FAIL)
-    assert len(killed) == 1 and "fail_reason" not in killed[0].user_attrs
+    assert [t.number for t in killed] == [killed_number] and "fail_reason" not in killed[0].user_attrs
     retries = [t for t in trials if t.system_attrs.get("failed_trial") == killed[0].number]
     assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE
     assert retries[0].params == killed[0].params
@@ -139,12 +182,20 @@ def test_workers_survive_a_postgresql_restart(postgres, tmp_path):
     url = postgres.create_database()
     spec = write_study(tmp_path, "restart", trials=10, epoch_seconds=0.1)
     proc = start_hpo("run", str(spec), "--storage", url, "--workers", "2", "--heartbeat-interval", "1")
+    errors: list[str] = []
+    reader = threading.Thread(target=lambda: errors.extend(proc.stderr), daemon=True)
+    reader.start()
     try:
         wait_for_line(proc, "trial ")
         postgres.stop()
-        time.sleep(3)
+        # Down until a worker has felt it, however long that takes under load.
+        wait_until(lambda: any("waiting for the database to come back" in line for line in errors),
+                   "a worker to meet the outage")
         postgres.start()
-        out, err = proc.communicate(timeout=180)
+        out = proc.stdout.read()
+        proc.wait(timeout=180)
+        reader.join(timeout=60)
+        err = "".join(errors)
     finally:
         proc.kill()
         proc.wait()
@@ -156,6 +207,59 @@ def test_workers_survive_a_postgresql_restart(postgres, tmp_path):
     assert not by_state(trials, TrialState.RUNNING)
 
 
+# The server refuses every new row of a trial once it has reported two epochs, with the
+# error PostgreSQL raises when its disk is full (SQLSTATE 53100): the writes that fail
+# when a disk fills mid-trial. Updating a trial's state, which rewrites a row in place,
+# still succeeds, as it may on a full disk.
+DISK_FULL = """
+CREATE FUNCTION hpo_test_disk_full() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF (SELECT count(*) FROM trial_intermediate_values v WHERE v.trial_id = NEW.trial_id) >= 2 THEN
+        RAISE EXCEPTION 'could not extend file "base/1/2": No space left on device' USING ERRCODE = 'disk_full';
+    END IF;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER full_values BEFORE INSERT OR UPDATE ON trial_intermediate_values
+    FOR EACH ROW EXECUTE FUNCTION hpo_test_disk_full();
+CREATE TRIGGER full_attrs BEFORE INSERT OR UPDATE ON trial_user_attributes
+    FOR EACH ROW EXECUTE FUNCTION hpo_test_disk_full();
+CREATE TRIGGER full_value BEFORE INSERT OR UPDATE ON trial_values
+    FOR EACH ROW EXECUTE FUNCTION hpo_test_disk_full();
+"""
+
+
+def test_a_disk_that_fills_mid_trial_stops_with_one_line_and_leaves_no_trial_running(postgres, tmp_path):
+    import sqlalchemy
+
+    url = postgres.create_database()
+    spec = write_study(tmp_path, "full", trials=3, epoch_seconds=0.0)
+    run_hpo("create", str(spec), "--storage", url)
+    engine = sqlalchemy.create_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(sqlalchemy.text(DISK_FULL))
+        result = run_hpo("run", str(spec), "--storage", url, check=False, timeout=300)
+        assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stdout + result.stderr
+        assert result.stderr.startswith("error: storage ") and "No space left on device" in result.stderr
+        assert "disk is full; free space and run again" in result.stderr
+        trials = trials_of(url, "full")
+        assert not by_state(trials, TrialState.RUNNING), [(t.number, t.state) for t in trials]
+        lost = by_state(trials, TrialState.FAIL)
+        # Given back, not failed on its own: it does not count, and waits to be retried.
+        assert len(lost) == 1 and "fail_reason" not in lost[0].user_attrs
+        assert [t.params for t in by_state(trials, TrialState.WAITING)] == [lost[0].params]
+        with engine.begin() as conn:  # space is freed
+            conn.execute(sqlalchemy.text("DROP FUNCTION hpo_test_disk_full() CASCADE"))
+    finally:
+        engine.dispose()
+    run_hpo("run", str(spec), "--storage", url, timeout=300)
+    trials = trials_of(url, "full")
+    assert len(by_state(trials, TrialState.COMPLETE)) == 3
+    assert not by_state(trials, TrialState.RUNNING) and not by_state(trials, TrialState.WAITING)
+    retry = [t for t in trials if t.system_attrs.get("failed_trial") == lost[0].number]
+    assert len(retry) == 1 and retry[0].params == lost[0].params and retry[0].state == TrialState.COMPLETE
+
+
 def test_sigterm_stops_every_worker_and_leaves_no_trial_running(tmp_path):
     """SIGTERM to `hpo run --workers 2` stops both workers; their trials are failed (not
     counted) and queued again, and the next run ends with the exact budget."""
@@ -164,7 +268,8 @@ def test_sigterm_stops_every_worker_and_leaves_no_trial_running(tmp_path):
     proc = start_hpo("run", str(spec), "--storage", url, "--workers", "2")
     try:
         wait_for_line(proc, "trial ")
-        time.sleep(0.5)
+        # Into a trial that has started (and will not finish by itself for 2.4 s).
+        wait_until(lambda: running_trial_with_params_and_heartbeat(url) is not None, "a running trial")
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=60)
     finally:
@@ -215,6 +320,28 @@ def test_workers_share_the_cores():
     finally:
         os.environ.clear()
         os.environ.update(env)
+
+
+def test_a_trial_whose_worker_died_before_it_had_params_is_retried_cleanly(storage_url, tmp_path):
+    """A worker killed between starting a trial (its heartbeat recorded) and storing its
+    params: the trial is failed once its heartbeat is stale, not counted, and its retry
+    draws params of its own; nothing is left RUNNING or WAITING."""
+    from hpo.storage import get_storage
+
+    spec = write_study(tmp_path, "paramless", trials=3, epoch_seconds=0.0)
+    run_hpo("create", str(spec), "--storage", storage_url)
+    storage = get_storage(storage_url, heartbeat_interval=1, grace_period=3)
+    orphan = optuna.load_study(study_name="paramless", storage=storage).ask()
+    storage.record_heartbeat(orphan._trial_id)
+    storage.engine.dispose()
+    run_hpo("run", str(spec), "--storage", storage_url, "--heartbeat-interval", "1", "--grace-period", "3",
+            timeout=300)
+    trials = trials_of(storage_url, "paramless")
+    assert trials[0].state == TrialState.FAIL and trials[0].params == {} and "fail_reason" not in trials[0].user_attrs
+    assert len(by_state(trials, TrialState.COMPLETE)) == 3
+    assert not by_state(trials, TrialState.RUNNING) and not by_state(trials, TrialState.WAITING)
+    retry = [t for t in trials if t.system_attrs.get("failed_trial") == 0]
+    assert len(retry) == 1 and retry[0].state == TrialState.COMPLETE and set(retry[0].params) == {"x", "y"}
 
 
 def test_running_trial_without_heartbeat_is_failed_and_retried(tmp_path):
