@@ -418,6 +418,59 @@ def replay(trial_number: int, study_name: str | None, storage: str) -> None:
     click.echo("identical" if result.identical else "differs (another machine or library version?)")
 
 
+@cli.command("export")
+@click.option("--study-name", help="Study to export from (default: the storage's only study).")
+@storage_option
+@click.option("--trial", "trial_number", type=int,
+              help="Trial to export [default: the winner: the best confirmed mean where hpo confirm ran, else "
+                   "the best objective value].")
+@click.option("--seed", type=int, help="Export only this seed's model.")
+@click.option("--all-seeds", is_flag=True, help="Export every seed's model (the default).")
+@click.option("--ensemble", is_flag=True, help="Also save one model averaging the seeds' outputs, and print "
+                                               "its validation score next to the seeds' mean.")
+@click.option("--output", "-o", required=True, type=click.Path(path_type=Path),
+              help="A folder (one FILE per model, created if new) or a FILE.keras for one model.")
+@click.option("--study-dir", type=click.Path(file_okay=False, path_type=Path), envvar="HPO_STUDY_DIR",
+              help="This machine's copy of the study file's folder, where its build and loader files are "
+                   "[default: the folder recorded when the study was created].")
+def export_command(study_name: str | None, storage: str, trial_number: int | None, seed: int | None,
+                   all_seeds: bool, ensemble: bool, output: Path, study_dir: Path | None) -> None:
+    """Refit a trial (the winner by default) and save each seed's model at its best epoch,
+    as EarlyStopping(restore_best_weights=True) leaves it, in Keras' .keras format."""
+    import statistics
+
+    from hpo.errors import OptionError
+    from hpo.export import custom_classes, export
+
+    if seed is not None and all_seeds:
+        raise OptionError("--seed", "give --seed K or --all-seeds, not both")
+    study_name = _study_name_or_only(study_name, storage)
+    result, files = export(storage, study_name, output, number=trial_number, seed=seed, ensemble=ensemble,
+                           study_dir=study_dir)
+    which = ("the winner, confirmed on fresh seeds" if result.confirmed else
+             "the winner" if trial_number is None else "as asked")
+    click.echo(f"trial #{result.number} of {study_name} ({which}): "
+               + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.searched.items()))
+    refitted = len(result.seeds) + len(result.also_refitted)
+    click.echo(f"refitted {refitted} seed{'s' * (refitted != 1)} to their best epochs in {result.refit_seconds:.1f} s"
+               + (f" (seeds {', '.join(map(str, result.also_refitted))} were trained with them, as in the search)"
+                  if result.also_refitted else ""))
+    click.echo(f"{'seed':>8} {'stored ' + result.metric:>18} {'saved model':>14} {'diff':>10}")
+    for m in result.seeds:
+        click.echo(f"{m.seed:>8} {m.stored:>18.8g} {m.score:>14.8g} {m.score - m.stored:>10.2g}")
+    if result.ensemble_score is not None:
+        scores = [m.score for m in result.seeds]
+        click.echo(f"ensemble of {len(scores)} seeds: {result.metric} {result.ensemble_score:.6g} "
+                   f"(per-seed mean {result.mean_score:.6g} ± {statistics.stdev(scores):.2g})")
+    for path in files:
+        click.echo(f"wrote {path} ({path.stat().st_size / 1024:.0f} KiB)")
+    custom = custom_classes(result.ensemble or result.seeds[0].model)
+    click.echo(f"load with: keras.saving.load_model({str(files[0])!r})"
+               + (f"; it uses classes of your own ({', '.join(custom)}): import the module that defines them, "
+                  "registered with @keras.saving.register_keras_serializable(), or pass custom_objects={...} "
+                  "(a Lambda layer also needs safe_mode=False)" if custom else ""))
+
+
 @cli.command()
 @click.argument("query")
 @storage_option
