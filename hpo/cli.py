@@ -101,10 +101,9 @@ def _open_storage(storage: str, heartbeat_interval: int | None, grace_period: in
 
 def _storage_arg(storage: str) -> str:
     """` --storage URL` for a printed command, unless it is the default (password masked)."""
-    from hpo.storage import mask_url
+    from hpo.api import storage_arg
 
-    # Quoted so the printed command runs as printed, whatever the path holds.
-    return "" if storage == DEFAULT_STORAGE else f" --storage {shlex.quote(mask_url(storage))}"
+    return storage_arg(storage)
 
 
 _memory_option = click.option(
@@ -310,25 +309,10 @@ def confirm(study_name: str | None, storage: str, top: int, seeds: int) -> None:
 
 
 def _print_summary(spec, summary, storage: str) -> None:
-    from hpo.storage import mask_url
+    from hpo.api import summary_lines
 
-    click.echo("")
-    click.echo(f"done in {summary.seconds:.1f} s: {summary.complete} complete, {summary.pruned} pruned, "
-               f"{summary.failed} failed in this run" + (f", {summary.lost} lost and retried" if summary.lost else ""))
-    if summary.stopped_reason:
-        click.echo(summary.stopped_reason)
-    best = summary.best
-    if best is None:
-        click.echo("no complete trial yet")
-        return
-    a = best.user_attrs
-    click.echo(f"best trial #{best.number}: {spec.metric} {a['mean']:.5g} ± {a['std']:.2g} "
-               f"over seeds {a['seeds']} (per seed: {', '.join(f'{s:.4g}' for s in a['seed_scores'])})")
-    click.echo("params: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                      for k, v in best.params.items()))
-    click.echo(f"stored in {mask_url(storage)} (study {spec.name}); "
-               f"replay it with: hpo replay --study-name {shlex.quote(spec.name)}"
-               f"{_storage_arg(storage)} {best.number}")
+    for line in summary_lines(spec, summary, storage):
+        click.echo(line)
 
 
 @cli.group("bench-workers")

@@ -353,28 +353,6 @@ def export(storage_url: str, study_name: str, output: str | Path, *, number: int
     return result, save_models(output_files(result, output), output)
 
 
-def best_models(storage: str, study_name: str, *, trial: int | None = None, seed: int | None = None,
-                ensemble: bool = False, study_dir: str | Path | None = None) -> list[Any]:
-    """The trained Keras models of a study's winner (or of `trial`), one per seed at its
-    best epoch, as `hpo export` saves them; KerasTuner's `tuner.get_best_models()`.
-
-    Args:
-        storage: The study database URL.
-        study_name: The study.
-        trial: A complete trial's number; None: the winner (the confirmed one where
-            `hpo confirm` ran).
-        seed: Only this seed's model.
-        ensemble: Return `[ensemble]`: one model averaging the seeds' outputs.
-        study_dir: This machine's copy of the study file's folder.
-
-    Raises:
-        OptionError, SpecError, StudyNotFound: As `hpo export`.
-    """
-    result = rebuild_models(plan_export(storage, study_name, number=trial, seed=seed, ensemble=ensemble,
-                                        study_dir=study_dir))
-    return [result.ensemble] if ensemble else [m.model for m in result.seeds]
-
-
 def validation_split(storage: str, study_name: str, number: int, seed: int | None = None) -> tuple[Any, Any, int]:
     """(x_val, y_val, batch_size) of a trial, as its seeds were validated: to score a
     model loaded from an exported file.
