@@ -93,13 +93,14 @@ def summary_lines(spec: StudySpec, summary: RunSummary, storage: str) -> list[st
     lines.append("params: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                         for k, v in best.params.items()))
     name, where = shlex.quote(spec.name), storage_arg(storage)
-    lines.append(f"stored in {mask_url(storage)} (study {spec.name}); "
-                 f"replay it with: hpo replay --study-name {name}{where} {best.number}")
     if any(ref.startswith(hooks.PYTHON_PREFIX) for ref in (spec.model.build or "", spec.data.loader or "")):
         # A function handed over from a notebook is importable only in this process.
         lines.append(f"its models: hpo.best_models({mask_url(storage)!r}, {spec.name!r}) in this Python process")
-    else:
+    elif spec.model.family != "analytic":
         lines.append(f"export its models with: hpo export --study-name {name}{where} -o {shlex.quote(spec.name)}-models")
+    # Last: a command to copy from the end of the output.
+    lines.append(f"stored in {mask_url(storage)} (study {spec.name}); "
+                 f"replay it with: hpo replay --study-name {name}{where} {best.number}")
     return lines
 
 

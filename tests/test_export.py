@@ -202,3 +202,17 @@ def test_tune_prints_its_summary_without_optunas_log_and_its_models_and_report_f
     assert scores["got"] == pytest.approx(scores["stored"], abs=1e-6, rel=1e-6)
     assert "HTML True 3" in out.stdout
     assert "TEXT study mine: 2 complete trials" in out.stdout
+
+
+def test_the_default_trial_is_the_confirmed_winner_once_hpo_confirm_ran(study_run):
+    from hpo.export import plan_export
+
+    folder, url = study_run
+    run_hpo("confirm", "--study-name", STUDY, "--storage", url, "--top", "2", "--seeds", "2")
+    conn = sqlite3.connect(url.removeprefix("sqlite:///"))
+    confirmed = conn.execute("SELECT t.number FROM trials t JOIN trial_user_attributes a USING (trial_id) "
+                             "JOIN studies s USING (study_id) WHERE s.study_name = ? AND a.key = 'confirm_mean' "
+                             "ORDER BY CAST(a.value_json AS REAL) LIMIT 1", (STUDY,)).fetchone()[0]
+    conn.close()
+    plan = plan_export(url, STUDY)
+    assert plan.confirmed and plan.trial.number == confirmed
