@@ -26,9 +26,9 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    # hpo.tune / hpo.run / hpo.load_spec, imported on first use: `import hpo` (and
-    # `hpo --help`) stays free of Optuna's and Keras' start-up cost.
-    if name in ("tune", "run", "load_spec"):
+    # hpo.tune / hpo.run / hpo.load_spec / hpo.best_models / hpo.report, imported on first
+    # use: `import hpo` (and `hpo --help`) stays free of Optuna's and Keras' start-up cost.
+    if name in ("tune", "run", "load_spec", "best_models", "report"):
         from hpo import api
 
         return getattr(api, name)

@@ -19,9 +19,9 @@ from hpo.errors import SpecError
 from hpo.spec import StudySpec, load_spec, parse_spec
 from hpo.storage import DEFAULT_STORAGE, get_storage, mask_url
 from hpo.workers import RunSummary
-from hpo.words import plural
+from hpo.words import format_params, mean_std, noun_for, plural
 
-__all__ = ["describe_start", "load_spec", "run", "start", "tune"]
+__all__ = ["best_models", "describe_start", "load_spec", "report", "run", "start", "storage_arg", "summary_lines", "tune"]
 
 
 def start(spec: StudySpec, storage: str = DEFAULT_STORAGE, *, timeout: float | None = None,
@@ -38,17 +38,24 @@ def start(spec: StudySpec, storage: str = DEFAULT_STORAGE, *, timeout: float | N
         SpecError: The spec's data or model cannot be built; nothing was written.
     """
     from hpo.storage import GRACE_PERIOD, HEARTBEAT_INTERVAL
-    from hpo.study import create_study
+    from hpo.study import create_study, quiet_optuna
     from hpo.training import check_spec_runs
     from hpo.workers import clear_stop, memory_growth_limit, run_trials
 
-    check_spec_runs(spec)
-    study = create_study(spec, get_storage(storage, heartbeat_interval=heartbeat_interval or HEARTBEAT_INTERVAL,
-                                           grace_period=grace_period or GRACE_PERIOD))
-    clear_stop(study)
-    echo(describe_start(spec, storage))
-    summary = run_trials(study, spec, budget=spec.trials, timeout=timeout, max_consecutive_failures=max_failures,
-                         echo=echo, max_memory_growth_mb=memory_growth_limit(spec, max_memory_growth))
+    # Our lines say what happened, as in `hpo run`; the caller's Optuna verbosity comes back after.
+    verbosity = optuna.logging.get_verbosity()
+    quiet_optuna()
+    try:
+        check_spec_runs(spec)
+        study = create_study(spec, get_storage(storage, heartbeat_interval=heartbeat_interval or HEARTBEAT_INTERVAL,
+                                               grace_period=grace_period or GRACE_PERIOD))
+        clear_stop(study)
+        echo(describe_start(spec, storage))
+        summary = run_trials(study, spec, budget=spec.trials, timeout=timeout,
+                             max_consecutive_failures=max_failures, echo=echo,
+                             max_memory_growth_mb=memory_growth_limit(spec, max_memory_growth))
+    finally:
+        optuna.logging.set_verbosity(verbosity)
     return study, summary
 
 
@@ -59,6 +66,49 @@ def describe_start(spec: StudySpec, storage: str) -> str:
     return (f"study {spec.name} ({spec.source}) on {mask_url(storage)}: budget {plural(spec.trials, 'trial')}, "
             f"{seeds}, up to {plural(spec.training.max_epochs, 'epoch')}, {spec.metric} "
             f"({spec.direction}), objective {spec.objective.mode}")
+
+
+def storage_arg(storage: str) -> str:
+    """` --storage URL` for a printed command, unless it is the default (password masked)."""
+    import shlex
+
+    # Quoted so the printed command runs as printed, whatever the path holds.
+    return "" if storage == DEFAULT_STORAGE else f" --storage {shlex.quote(mask_url(storage))}"
+
+
+def summary_lines(spec: StudySpec, summary: RunSummary, storage: str) -> list[str]:
+    """The lines a run closes with: what it did, the best trial (mean ± std over its seeds,
+    per-seed scores, params), where it is stored and how to replay and export it."""
+    import shlex
+
+    from hpo.storage import mask_url
+
+    lines = ["", f"done in {summary.seconds:.1f} s: {summary.complete} complete, {summary.pruned} pruned, "
+                 f"{summary.failed} failed in this run" + (f", {summary.lost} lost and retried" if summary.lost else "")]
+    if summary.stopped_reason:
+        lines.append(summary.stopped_reason)
+    elif not (summary.complete or summary.pruned or summary.failed or summary.lost or summary.exit_code):
+        # Nothing ran because nothing was left to run: say so, and how to go on.
+        lines.append(f"the study's budget of {spec.trials} trials was spent already; to add trials, run it again "
+                     f"with --trials N (more than {spec.trials})")
+    best = summary.best
+    if best is None:
+        return lines + ["no complete trial yet"]
+    a = best.user_attrs
+    lines.append(f"best trial #{best.number}: {spec.metric} {mean_std(a['mean'], a['std'], len(a['seeds']))} "
+                 f"over {noun_for(len(a['seeds']), 'seed')} {a['seeds']} "
+                 f"(per seed: {', '.join(f'{s:.4g}' for s in a['seed_scores'])})")
+    lines.append(f"params: {format_params(best.params)}")
+    name, where = shlex.quote(spec.name), storage_arg(storage)
+    if any(ref.startswith(hooks.PYTHON_PREFIX) for ref in (spec.model.build or "", spec.data.loader or "")):
+        # A function handed over from a notebook is importable only in this process.
+        lines.append(f"its models: hpo.best_models({mask_url(storage)!r}, {spec.name!r}) in this Python process")
+    elif spec.model.family != "analytic":
+        lines.append(f"export its models with: hpo export --study-name {name}{where} -o {shlex.quote(spec.name)}-models")
+    # Last: a command to copy from the end of the output.
+    lines.append(f"stored in {mask_url(storage)} (study {spec.name}); "
+                 f"replay it with: hpo replay --study-name {name}{where} {best.number}")
+    return lines
 
 
 def run(spec: StudySpec | str | Path, storage: str = DEFAULT_STORAGE, *, trials: int | None = None,
@@ -136,8 +186,33 @@ def tune(build: Callable[..., Any] | str, *, data: Any, space: dict[str, Any], s
         "sampler": {"kind": sampler}, "pruner": {"kind": pruner},
     }
     spec = parse_spec(raw, source=source, base_dir=Path.cwd())
-    study, _ = start(spec, storage, timeout=timeout, echo=echo, max_memory_growth=0)
+    study, summary = start(spec, storage, timeout=timeout, echo=echo, max_memory_growth=0)
+    for line in summary_lines(spec, summary, storage):
+        echo(line)
     return study
+
+
+def best_models(storage: str, study_name: str, *, trial: int | None = None, seed: int | None = None,
+                ensemble: bool = False) -> list[Any]:
+    """The trained Keras models of a study's winner (or of `trial`): one per seed at its
+    best epoch, as `hpo export` saves them (KerasTuner's `tuner.get_best_models()`).
+
+    Args:
+        storage: The study database URL.
+        study_name: The study.
+        trial: A complete trial's number; None: the winner (the best confirmed mean where
+            `hpo confirm` ran, else the best objective value).
+        seed: Only this seed's model.
+        ensemble: Return `[ensemble]`: one model averaging the seeds' outputs.
+
+    Raises:
+        OptionError: No complete trial, a pruned or failed trial, a seed it did not use.
+        SpecError: The build or loader code changed since the study ran.
+    """
+    from hpo.export import plan_export, rebuild_models
+
+    result = rebuild_models(plan_export(storage, study_name, number=trial, seed=seed, ensemble=ensemble))
+    return [result.ensemble] if ensemble else [m.model for m in result.seeds]
 
 
 def _function_ref(fn: Callable[..., Any] | str, name: str) -> str:
@@ -208,3 +283,87 @@ def _space_table(space: dict[str, Any], source: str) -> dict[str, Any]:
         else:
             table[name] = {"value": value}
     return table
+
+
+class StudyReport:
+    """`hpo report` for a notebook: its text as the repr, and an HTML table with the
+    plots inline (PNG data URIs) where the notebook renders HTML."""
+
+    def __init__(self, storage: str, study_name: str, top: int = 5) -> None:
+        from hpo.results import build_report
+
+        self.storage, self.study_name = storage, study_name
+        self.report = build_report(storage, study_name, top)
+        self._html: str | None = None
+
+    def __repr__(self) -> str:
+        from hpo.results import format_report
+
+        return format_report(self.report)
+
+    def _repr_html_(self) -> str:
+        if self._html is None:
+            self._html = self._render_html()
+        return self._html
+
+    def _render_html(self) -> str:
+        import html
+
+        from hpo.results import _narrow, format_report
+
+        r = self.report
+        text = format_report(r, wide=True).split("\n")
+        parts = [f"<h4>{html.escape(text[0])}</h4>", _narrow(r.top).to_html(index=False, escape=True)]
+        # The prose after the table: the best-vs-runner-up test and the expected-best line.
+        blank = [i for i, line in enumerate(text) if not line.strip()]
+        parts += [f"<p>{html.escape(line)}</p>" for line in text[blank[-1] + 1:] if line.strip()] if blank else []
+        parts += [f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{png}" style="max-width:100%">'
+                  for alt, png in self._plots()]
+        return "\n".join(parts)
+
+    def _plots(self) -> list[tuple[str, str]]:
+        import base64
+        import tempfile
+
+        from hpo.plots import PlotError, plot_expected_best, plot_learning_curves, plot_seed_scores
+
+        top = self.report.top
+        plots = [("per-seed scores of the top trials",
+                  lambda out: plot_seed_scores(self.storage, self.study_name, out, top=max(len(top), 1)))]
+        if len(top):
+            best = int(top["number"].iloc[0])
+            plots.append((f"learning curves of trial {best}",
+                          lambda out: plot_learning_curves(self.storage, self.study_name, best, out)))
+        plots.append(("expected best vs trials", lambda out: plot_expected_best(self.storage, self.study_name, out)))
+        drawn = []
+        with tempfile.TemporaryDirectory() as folder:
+            for i, (alt, draw) in enumerate(plots):
+                try:
+                    path = draw(Path(folder) / f"{i}.png")
+                except PlotError:
+                    continue
+                drawn.append((alt, base64.b64encode(path.read_bytes()).decode("ascii")))
+        return drawn
+
+
+def report(study: optuna.Study | str, storage: str | None = None, *, top: int = 5) -> StudyReport:
+    """`hpo report` for a notebook: the top trials with mean ± std, bootstrap CI, seeds,
+    confirmation and diagnosis, best vs runner-up, expected best vs trials, and plots.
+
+    Args:
+        study: The study `hpo.tune` or `hpo.run` returned, or a study name.
+        storage: The database URL (with a study name; default: `HPO_STORAGE`, else SQLite).
+        top: Trials to list.
+
+    Returns:
+        An object that prints as `hpo report` does and renders as HTML (table and plots)
+        in a notebook.
+
+    Raises:
+        StudyNotFound: No such study.
+    """
+    from hpo.storage import rdb_storage, resolve_storage_url
+
+    if isinstance(study, optuna.Study):
+        return StudyReport(rdb_storage(study._storage).url, study.study_name, top)
+    return StudyReport(resolve_storage_url(storage), study, top)

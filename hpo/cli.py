@@ -18,7 +18,7 @@ import click
 from hpo.errors import HpoError
 from hpo.spec import MAX_EPOCHS, MAX_SEEDS, MAX_TRIALS
 from hpo.storage import DEFAULT_STORAGE, STORAGE_ENV
-from hpo.words import mean_std, noun_for, plural
+from hpo.words import format_params, plural
 
 storage_option = click.option(
     "--storage", envvar=STORAGE_ENV, default=DEFAULT_STORAGE, show_default=True,
@@ -102,10 +102,9 @@ def _open_storage(storage: str, heartbeat_interval: int | None, grace_period: in
 
 def _storage_arg(storage: str) -> str:
     """` --storage URL` for a printed command, unless it is the default (password masked)."""
-    from hpo.storage import mask_url
+    from hpo.api import storage_arg
 
-    # Quoted so the printed command runs as printed, whatever the path holds.
-    return "" if storage == DEFAULT_STORAGE else f" --storage {shlex.quote(mask_url(storage))}"
+    return storage_arg(storage)
 
 
 _memory_option = click.option(
@@ -312,33 +311,10 @@ def confirm(study_name: str | None, storage: str, top: int, seeds: int) -> None:
 
 
 def _print_summary(spec, summary, storage: str) -> None:
-    from hpo.storage import mask_url
+    from hpo.api import summary_lines
 
-    click.echo("")
-    click.echo(f"done in {summary.seconds:.1f} s: {summary.complete} complete, {summary.pruned} pruned, "
-               f"{summary.failed} failed in this run" + (f", {summary.lost} lost and retried" if summary.lost else ""))
-    if summary.stopped_reason:
-        click.echo(summary.stopped_reason)
-    elif not (summary.complete or summary.pruned or summary.failed or summary.lost or summary.exit_code):
-        # Nothing ran because nothing was left to run: say so, and how to go on.
-        click.echo(f"the study's budget of {spec.trials} trials was spent already; to add trials, run it again "
-                   f"with --trials N (more than {spec.trials})")
-    best = summary.best
-    if best is None:
-        click.echo("no complete trial yet")
-        return
-    a = best.user_attrs
-    click.echo(f"best trial #{best.number}: {spec.metric} {mean_std(a['mean'], a['std'], len(a['seeds']))} "
-               f"over {noun_for(len(a['seeds']), 'seed')} {a['seeds']} (per seed: {', '.join(f'{s:.4g}' for s in a['seed_scores'])})")
-    click.echo(f"params: {_format_params(best.params)}")
-    click.echo(f"stored in {mask_url(storage)} (study {spec.name}); "
-               f"replay it with: hpo replay --study-name {shlex.quote(spec.name)}"
-               f"{_storage_arg(storage)} {best.number}")
-
-
-def _format_params(params: dict) -> str:
-    """`units=12, learning_rate=0.003162`: a trial's params as the run summary and replay print them."""
-    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+    for line in summary_lines(spec, summary, storage):
+        click.echo(line)
 
 
 @cli.group("bench-workers")
@@ -421,11 +397,64 @@ def replay(trial_number: int, study_name: str | None, storage: str) -> None:
 
     study_name = _study_name_or_only(study_name, storage)
     result = replay_trial(storage, study_name, trial_number)
-    click.echo(f"trial #{trial_number} of {study_name}: {_format_params(result.params)}")
+    click.echo(f"trial #{trial_number} of {study_name}: {format_params(result.params)}")
     click.echo(f"{'seed':>8} {'stored':>14} {'replayed':>14} {'diff':>10}")
     for seed, stored, replayed in zip(result.seeds, result.stored, result.replayed):
         click.echo(f"{seed:>8} {stored:>14.8g} {replayed:>14.8g} {replayed - stored:>10.2g}")
     click.echo("identical" if result.identical else "differs (another machine or library version?)")
+
+
+@cli.command("export")
+@click.option("--study-name", help="Study to export from (default: the storage's only study).")
+@storage_option
+@click.option("--trial", "trial_number", type=int,
+              help="Trial to export [default: the winner: the best confirmed mean where hpo confirm ran, else "
+                   "the best objective value].")
+@click.option("--seed", type=int, help="Export only this seed's model.")
+@click.option("--all-seeds", is_flag=True, help="Export every seed's model (the default).")
+@click.option("--ensemble", is_flag=True, help="Also save one model averaging the seeds' outputs, and print "
+                                               "its validation score next to the seeds' mean.")
+@click.option("--output", "-o", required=True, type=click.Path(path_type=Path),
+              help="A folder (one FILE per model, created if new) or a FILE.keras for one model.")
+@click.option("--study-dir", type=click.Path(file_okay=False, path_type=Path), envvar="HPO_STUDY_DIR",
+              help="This machine's copy of the study file's folder, where its build and loader files are "
+                   "[default: the folder recorded when the study was created].")
+def export_command(study_name: str | None, storage: str, trial_number: int | None, seed: int | None,
+                   all_seeds: bool, ensemble: bool, output: Path, study_dir: Path | None) -> None:
+    """Refit a trial (the winner by default) and save each seed's model at its best epoch,
+    as EarlyStopping(restore_best_weights=True) leaves it, in Keras' .keras format."""
+    import statistics
+
+    from hpo.errors import OptionError
+    from hpo.export import custom_classes, export
+
+    if seed is not None and all_seeds:
+        raise OptionError("--seed", "give --seed K or --all-seeds, not both")
+    study_name = _study_name_or_only(study_name, storage)
+    result, files = export(storage, study_name, output, number=trial_number, seed=seed, ensemble=ensemble,
+                           study_dir=study_dir)
+    which = ("the winner, confirmed on fresh seeds" if result.confirmed else
+             "the winner" if trial_number is None else "as asked")
+    click.echo(f"trial #{result.number} of {study_name} ({which}): "
+               + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.searched.items()))
+    refitted = len(result.seeds) + len(result.also_refitted)
+    click.echo(f"refitted {refitted} seed{'s' * (refitted != 1)} to their best epochs in {result.refit_seconds:.1f} s"
+               + (f" (seeds {', '.join(map(str, result.also_refitted))} were trained with them, as in the search)"
+                  if result.also_refitted else ""))
+    click.echo(f"{'seed':>8} {'stored ' + result.metric:>18} {'saved model':>14} {'diff':>10}")
+    for m in result.seeds:
+        click.echo(f"{m.seed:>8} {m.stored:>18.8g} {m.score:>14.8g} {m.score - m.stored:>10.2g}")
+    if result.ensemble_score is not None:
+        scores = [m.score for m in result.seeds]
+        click.echo(f"ensemble of {len(scores)} seeds: {result.metric} {result.ensemble_score:.6g} "
+                   f"(per-seed mean {result.mean_score:.6g} ± {statistics.stdev(scores):.2g})")
+    for path in files:
+        click.echo(f"wrote {path} ({path.stat().st_size / 1024:.0f} KiB)")
+    custom = custom_classes(result.ensemble or result.seeds[0].model)
+    click.echo(f"load with: keras.saving.load_model({str(files[0])!r})"
+               + (f"; it uses classes of your own ({', '.join(custom)}): import the module that defines them, "
+                  "registered with @keras.saving.register_keras_serializable(), or pass custom_objects={...} "
+                  "(a Lambda layer also needs safe_mode=False)" if custom else ""))
 
 
 @cli.command()

@@ -52,6 +52,8 @@ class RepeatFit:
     # Wall time of each lock-step epoch; fit_seconds less these is the trial's fixed
     # cost (loading data, building, tracing and compiling).
     epoch_seconds: list[float] = field(default_factory=list)
+    # With `keep_best`: each seed's weights at its best epoch, in `model.get_weights()` order.
+    best_weights: list[list[np.ndarray]] | None = None
 
     @property
     def fixed_seconds(self) -> float:
@@ -117,14 +119,15 @@ class EarlyStopper:
 class EpochTrainer(Protocol):
     """One training path: trains every seed one epoch and returns each log (`loss`,
     `val_loss`, the metrics and their `val_` forms) as one value per seed. Seeds whose
-    `active` entry is False have stopped early: their weights must not change."""
+    `active` entry is False have stopped early: their weights must not change.
+    `weights(i)` gives seed i's current weights (`keep_best` asks for them)."""
 
     def run_epoch(self, active: np.ndarray) -> dict[str, np.ndarray]: ...
 
 
 def fit_repeats(spec: StudySpec, params: dict[str, Any], seeds: list[int],
                 on_epoch: EpochCallback | None = None, *, path: str | None = None,
-                backend: str | None = None) -> RepeatFit:
+                backend: str | None = None, keep_best: bool = False) -> RepeatFit:
     """Fit the params once per seed, in lock-step, with per-seed early stopping.
 
     On the JAX backend the seeds train as replicas of one vectorised program
@@ -140,6 +143,9 @@ def fit_repeats(spec: StudySpec, params: dict[str, Any], seeds: list[int],
         path: "vectorized" or "sequential" to force a path; None picks one.
         backend: "jax" or "tensorflow" to force a Keras backend (a replay uses the
             trial's); None: the spec's, `HPO_BACKEND`, or the default.
+        keep_best: Keep each seed's weights at its best epoch (`RepeatFit.best_weights`),
+            as `EarlyStopping(restore_best_weights=True)` restores them; `hpo export`
+            refits with it, trials do not pay for it.
 
     Raises:
         TrialDiverged: A seed's loss became NaN or infinite.
@@ -147,7 +153,7 @@ def fit_repeats(spec: StudySpec, params: dict[str, Any], seeds: list[int],
     """
     if spec.model.family == "analytic":
         trainer: EpochTrainer = _AnalyticTrainer(spec, params, seeds)
-        return _lock_step(spec, seeds, trainer, on_epoch, "analytic", None)
+        return _lock_step(spec, seeds, trainer, on_epoch, "analytic", None, keep_best=keep_best)
     backend = use_backend(backend or spec.training.backend)
     # Before the clock starts: the first trial of a process would pay the import.
     configure_determinism(backend)
@@ -160,7 +166,8 @@ def fit_repeats(spec: StudySpec, params: dict[str, Any], seeds: list[int],
         trainer = _vectorized_trainer(spec, params, seeds)
     else:
         trainer = _SequentialTrainer(spec, params, seeds)
-    return _lock_step(spec, seeds, trainer, on_epoch, chosen, backend, setup=time.perf_counter() - start)
+    return _lock_step(spec, seeds, trainer, on_epoch, chosen, backend, setup=time.perf_counter() - start,
+                      keep_best=keep_best)
 
 
 def check_spec_runs(spec: StudySpec) -> None:
@@ -201,7 +208,7 @@ def _unsupported_reason(spec: StudySpec, backend: str) -> str | None:
 
 
 def _lock_step(spec: StudySpec, seeds: list[int], trainer: EpochTrainer, on_epoch: EpochCallback | None,
-               path: str, backend: str | None, setup: float = 0.0) -> RepeatFit:
+               path: str, backend: str | None, setup: float = 0.0, keep_best: bool = False) -> RepeatFit:
     """The one loop of every path: an epoch of all active seeds, their curves and early
     stopping, then each seed's score so far to the pruner."""
     stoppers = [_stopper(spec) for _ in seeds]
@@ -209,6 +216,7 @@ def _lock_step(spec: StudySpec, seeds: list[int], trainer: EpochTrainer, on_epoc
     sources = {"loss": "loss", "val_loss": "val_loss", "metric": spec.metric.removeprefix("val_"),
                "val_metric": spec.metric}
     pruned_at, epoch_seconds = None, []
+    best_weights: list = [None] * len(seeds)
     for epoch in range(spec.training.max_epochs):
         active = np.array([not s.stopped for s in stoppers])
         start = time.perf_counter()
@@ -223,6 +231,8 @@ def _lock_step(spec: StudySpec, seeds: list[int], trainer: EpochTrainer, on_epoc
             for key, source in sources.items():
                 curves[i][key].append(float(logs[source][i]))
             stoppers[i].update(float(logs[spec.metric][i]))
+            if keep_best and stoppers[i].best_epoch == stoppers[i].epochs_run:
+                best_weights[i] = trainer.weights(i)
         # The pruner's time (a database round trip, possibly a database outage) is not fit time.
         if on_epoch is not None and on_epoch(epoch + 1, [float(s.best) for s in stoppers]):
             pruned_at = epoch + 1
@@ -230,7 +240,8 @@ def _lock_step(spec: StudySpec, seeds: list[int], trainer: EpochTrainer, on_epoc
         if all(s.stopped for s in stoppers):
             break
     fits = [SeedFit(seed, float(s.best), s.best_epoch, s.epochs_run, c) for seed, s, c in zip(seeds, stoppers, curves)]
-    return RepeatFit(fits, setup + sum(epoch_seconds), path, pruned_at, backend, epoch_seconds)
+    return RepeatFit(fits, setup + sum(epoch_seconds), path, pruned_at, backend, epoch_seconds,
+                     best_weights if keep_best else None)
 
 
 def _stopper(spec: StudySpec) -> EarlyStopper:
@@ -275,6 +286,12 @@ def _compiled_builder(spec: StudySpec, params: dict[str, Any], data: Any, n_trai
         return model
 
     return build
+
+
+def build_trial_model(spec: StudySpec, params: dict[str, Any], data: Any) -> Any:
+    """A new compiled Keras model of the trial for `data` (the built-in family's or the
+    user's), as each seed's fit builds it: `hpo export` puts a seed's weights in it."""
+    return _compiled_builder(spec, params, data, len(data.x_train))()
 
 
 def _vectorized_trainer(spec: StudySpec, params: dict[str, Any], seeds: list[int]) -> EpochTrainer:
@@ -331,6 +348,9 @@ class _SequentialTrainer:
         # seed is the first still training.
         keys = {k for logs in per_seed for k in logs}
         return {k: np.array([logs.get(k, math.nan) for logs in per_seed]) for k in keys}
+
+    def weights(self, i: int) -> list[np.ndarray]:
+        return self.runs[i][0].get_weights()
 
 
 _determinism_configured = False

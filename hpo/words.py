@@ -20,3 +20,8 @@ def mean_std(mean: float, std: float | None, n_seeds: int, digits: int = 5, std_
     if n_seeds == 1 or std is None:
         return f"{mean:.{digits}g}"
     return f"{mean:.{digits}g} ± {std:.{std_digits}g}"
+
+
+def format_params(params: dict) -> str:
+    """`units=12, learning_rate=0.003162`: a trial's params as the run summary and replay print them."""
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
