@@ -124,8 +124,9 @@ def test_a_worker_refuses_a_changed_build_file_naming_both_hashes(conv_run):
 BAD_HOOKS = {
     "missing file": ({"study": STUDY.replace("models.py:build", "nowhere.py:build")}, "nowhere.py does not exist"),
     "missing function": ({"study": STUDY.replace("models.py:build", "models.py:make")}, "defines no make"),
-    "wrong signature": ({"build": BUILD.replace("def build(params, input_shape, n_outputs)", "def build(params)")},
-                        "takes (params) but hpo calls build(params, input_shape, n_outputs)"),
+    "wrong signature": ({"build": BUILD.replace("def build(params, input_shape, n_outputs)",
+                                                "def build(params, input_shape)")},
+                        "takes (params, input_shape) but hpo calls build(params, input_shape, n_outputs) or build(hp)"),
     "build raises": ({"build": BUILD.replace("    inputs =", "    raise RuntimeError('no GPU here')\n    inputs =")},
                      "raised RuntimeError: no GPU here"),
     "not a model": ({"build": BUILD.replace("return keras.Model(inputs, keras.layers.Dense(n_outputs)(x))",
