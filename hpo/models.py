@@ -144,12 +144,11 @@ def _check_hp_model(spec: StudySpec, model: keras.Model, params: dict[str, Any])
                                                     "own, as KerasTuner requires: call model.compile(optimizer=..., "
                                                     "loss=..., metrics=[...]) before returning it")
     wanted = spec.metric.removeprefix("val_")
-    names = {m if isinstance(m, str) else (m.get("config") or {}).get("name") if isinstance(m, dict) else
-             getattr(m, "name", None) for m in (model.get_compile_config() or {}).get("metrics") or []}
+    names = sorted(_metric_name(m) for m in (model.get_compile_config() or {}).get("metrics") or [])
     if wanted != "loss" and wanted not in names:
         raise SpecError(spec.source, "metric", f"the study's metric is {spec.metric} but {what} compiles no "
-                                               f"\"{wanted}\" metric (it has {', '.join(sorted(map(str, names))) or 'none'}); "
-                                               f"add metrics=[\"{wanted}\"] to its compile, or set metric = \"val_loss\"")
+                                               f"\"{wanted}\" metric (it has {', '.join(names) or 'none'}); add "
+                                               f"metrics=[\"{wanted}\"] to its compile, or set metric = \"val_loss\"")
     if spec.training.loss is not None:
         raise SpecError(spec.source, "training.loss", f"{what} compiles its own loss; remove [training] loss")
     for name in spec.space:
@@ -166,6 +165,13 @@ def _check_hp_model(spec: StudySpec, model: keras.Model, params: dict[str, Any])
     if clash:
         raise SpecError(spec.source, f"space.{clash[0]}", f"{what} declares {clash[0]} with an hp call and [space] "
                                                           "names it too; keep one of them")
+
+
+def _metric_name(metric: Any) -> str:
+    # A compile config lists a metric by its string, or serialised with its name.
+    if isinstance(metric, dict):
+        return str((metric.get("config") or {}).get("name"))
+    return metric if isinstance(metric, str) else str(getattr(metric, "name", metric))
 
 
 def _input_dtype(input_shape: tuple[int, ...], model: keras.Model) -> str:

@@ -112,15 +112,17 @@ def test_a_build_is_kerastuners_when_it_takes_one_argument():
 
 
 EXPECTED = {
-    "tuner_mlp": {"units": {"low": 32, "high": 512, "log": False, "step": 32}, "activation": {"choices": ["relu", "tanh"]},
-                  "dropout": {"choices": [False, True]}, "lr": {"low": 1e-4, "high": 1e-2, "log": True}},
+    "tuner_mlp": {"units": {"low": 32, "high": 512, "log": False, "step": 32},
+                  "activation": {"choices": ["relu", "tanh"]}, "dropout": {"choices": [False, True]},
+                  "lr": {"low": 1e-4, "high": 1e-2, "log": True}},
     "tuner_layers": {"num_layers": {"low": 1, "high": 3, "log": False, "step": 1},
                      "activation": {"choices": ["relu", "tanh"]}, "dropout": {"choices": [False, True]},
                      "lr": {"low": 1e-4, "high": 1e-2, "log": True},
                      **{f"units_{i}": {"low": 32, "high": 512, "log": False, "step": 32} for i in range(3)}},
     "tuner_scoped": {"units": {"choices": [16, 32, 64, 128, 256]}, "dropout": {"choices": [False, True]},
                      "rate": {"low": 0.1, "high": 0.5, "log": False, "step": 0.1}, "classes": {"value": 10},
-                     "optimizer": {"choices": ["adam", "sgd"]}, "learning_rate": {"low": 1e-3, "high": 1e-1, "log": True},
+                     "optimizer": {"choices": ["adam", "sgd"]},
+                     "learning_rate": {"low": 1e-3, "high": 1e-1, "log": True},
                      "momentum": {"low": 0.0, "high": 0.9, "log": False}},
 }
 
@@ -235,19 +237,23 @@ def own(params, input_shape, n_outputs):
     model.compile("adam", "sparse_categorical_crossentropy")
     return model
 """
+DROPOUT = '    if hp.Boolean("dropout"):\n        model.add(layers.Dropout(rate=0.25))\n'
+RAISES = '    if not hp.Boolean("dropout"):\n        raise RuntimeError("no dropout")\n'
+SEQUENTIAL = "    model = keras.Sequential()\n"
+MLP_METRICS = 'metrics=["accuracy"],\n    )\n    return model\n\n\ndef build_layers'
 BAD_BUILDS = {
-    "raises at the first point": ({"builds": BUILDS.replace('    if hp.Boolean("dropout"):\n        model.add(layers.Dropout(rate=0.25))\n    model.add(layers.Dense(10',
-                                                            '    if not hp.Boolean("dropout"):\n        raise RuntimeError("no dropout")\n    model.add(layers.Dense(10', 1)},
-                                  "tuner_builds.py:build raised RuntimeError: no dropout when built with the first point"),
+    "raises at the first point": (
+        {"builds": BUILDS.replace(DROPOUT, RAISES, 1)},
+        "tuner_builds.py:build raised RuntimeError: no dropout when built with the first point"),
     "uncompiled": ({"builds": BUILDS.replace(COMPILE, "    return model\n\n\ndef build_layers")},
                    "tuner_builds.py:build returned an uncompiled model; a build(hp) compiles its own"),
     "compiled in hpo's form": ({"builds": BUILDS + OWN_FORM, "ref": "tuner_builds.py:own"},
                                "tuner_builds.py:own returned a compiled model, but hpo compiles the model of a "
                                "build(params, input_shape, n_outputs) itself"),
-    "unsupported method": ({"builds": BUILDS.replace('    model = keras.Sequential()\n', '    hp.copy()\n    model = keras.Sequential()\n', 1)},
-                           "tuner_builds.py:build calls hp.copy, which hpo's hp does not implement"),
-    "no such metric": ({"builds": BUILDS.replace('metrics=["accuracy"],\n    )\n    return model\n\n\ndef build_layers',
-                                                 'metrics=["mae"],\n    )\n    return model\n\n\ndef build_layers')},
+    "unsupported method": (
+        {"builds": BUILDS.replace(SEQUENTIAL, "    hp.copy()\n" + SEQUENTIAL, 1)},
+        "tuner_builds.py:build calls hp.copy, which hpo's hp does not implement"),
+    "no such metric": ({"builds": BUILDS.replace(MLP_METRICS, MLP_METRICS.replace("accuracy", "mae"))},
                        'compiles no "accuracy" metric'),
     "model space in [space]": ({"space": "[space]\nlearning_rate = { low = 1e-4, high = 1e-2, log = true }\n"},
                                "[space.learning_rate] a build(hp) declares its space with its hp calls"),
@@ -261,7 +267,8 @@ def test_a_bad_kerastuner_build_stops_before_any_trial_in_one_line_naming_the_fi
     folder.mkdir()
     (folder / "tuner_builds.py").write_text(changes.get("builds", BUILDS))
     toml = (STUDIES_DIR / "tuner_mlp.toml").read_text() + changes.get("space", "")
-    (folder / "tuner_mlp.toml").write_text(toml.replace("tuner_builds.py:build", changes.get("ref", "tuner_builds.py:build")))
+    ref = changes.get("ref", "tuner_builds.py:build")
+    (folder / "tuner_mlp.toml").write_text(toml.replace("tuner_builds.py:build", ref))
     db = tmp_path / "bad.db"
     result = run_hpo("run", str(folder / "tuner_mlp.toml"), "--storage", f"sqlite:///{db}", check=False)
     assert result.returncode == 2, result.stderr
