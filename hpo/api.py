@@ -133,22 +133,25 @@ def run(spec: StudySpec | str | Path, storage: str = DEFAULT_STORAGE, *, trials:
     return study
 
 
-def tune(build: Callable[..., Any] | str, *, data: Any, space: dict[str, Any], seeds: int = 5, trials: int = 20,
-         storage: str = DEFAULT_STORAGE, study_name: str | None = None, metric: str = "val_loss",
+def tune(build: Callable[..., Any] | str, *, data: Any, space: dict[str, Any] | None = None, seeds: int = 5,
+         trials: int = 20, storage: str = DEFAULT_STORAGE, study_name: str | None = None, metric: str = "val_loss",
          max_epochs: int = 30, patience: int = 5, output: str | None = None, loss: str | None = None,
          seed: int = 0, sampler: str = "tpe", pruner: str = "median", backend: str | None = None,
          timeout: float | None = None, echo: Callable[[str], None] = print) -> optuna.Study:
     """Tune your own Keras model from Python, on the same road as `hpo run`.
 
     Args:
-        build: `build(params, input_shape, n_outputs) -> keras.Model` (uncompiled), or a
-            reference "file.py:build" / "package.module:build".
+        build: `build(params, input_shape, n_outputs) -> keras.Model` (uncompiled), a
+            KerasTuner-style `build(hp)` returning a compiled model (its `hp` calls are
+            the space, its compile is kept), or a reference "file.py:build" /
+            "package.module:build" to either.
         data: `(x_train, y_train, x_val, y_val)` arrays (or a dict with those keys), or a
             loader function returning them, or a reference "file.py:load".
         space: Name -> `(low, high)` (an int or float range), `(low, high, "log")`, a
             list (choices), or a fixed value. Vocabulary names (`learning_rate`,
             `batch_size`, `optimizer`, ...) configure hpo's compile and fit; every name
-            reaches `build` in `params`.
+            reaches `build` in `params`. For a `build(hp)`: only how it is fed
+            (`batch_size`), or nothing.
         seeds: Fits per trial, trained together.
         trials: Finished trials the study should end with.
         storage: Database URL.
@@ -180,7 +183,8 @@ def tune(build: Callable[..., Any] | str, *, data: Any, space: dict[str, Any], s
         model["output"] = output
     raw: dict[str, Any] = {
         "name": name, "metric": metric, "seeds": seeds, "seed": seed, "trials": trials,
-        "model": model, "data": _data_table(data, name), "space": _space_table(space, source),
+        "model": model, "data": _data_table(data, name),
+        "space": _space_table({} if space is None else space, source),
         "training": {"max_epochs": max_epochs, "patience": patience,
                      **({"loss": loss} if loss else {}), **({"backend": backend} if backend else {})},
         "sampler": {"kind": sampler}, "pruner": {"kind": pruner},

@@ -83,7 +83,7 @@ def code_hash(ref: str, base_dir: Path | None, source: str, field: str) -> str |
 
 
 def load_hook(ref: str, base_dir: Path | None, source: str, field: str, *, sha256: str | None = None,
-              parameters: int | None = None) -> Callable[..., Any]:
+              parameters: int | tuple[int, ...] | None = None) -> Callable[..., Any]:
     """Import the function a reference names (once per process and code version).
 
     Args:
@@ -91,7 +91,8 @@ def load_hook(ref: str, base_dir: Path | None, source: str, field: str, *, sha25
         base_dir: The study file's folder, against which a file is resolved.
         source, field: Where the reference was written, for error messages.
         sha256: The hash the study recorded; the code found now must match it.
-        parameters: How many positional arguments the function must take.
+        parameters: How many positional arguments the function must take (or the
+            counts it may take: a build takes hpo's three or KerasTuner's one).
 
     Raises:
         SpecError: No such file, module or function, not callable, the wrong number of
@@ -178,18 +179,26 @@ def _import_module(where: str, source: str, field: str) -> Any:
         raise SpecError(source, field, f"importing module {where} failed: {type(e).__name__}: {e}; fix it") from e
 
 
-def _check_parameters(fn: Callable[..., Any], count: int, ref: str, source: str, field: str) -> None:
+_CALLS = {3: "build(params, input_shape, n_outputs)", 1: "build(hp) (KerasTuner's form)", 0: "load()"}
+
+
+def _check_parameters(fn: Callable[..., Any], count: int | tuple[int, ...], ref: str, source: str,
+                      field: str) -> None:
     try:
         signature = inspect.signature(fn)
     except (TypeError, ValueError):
         return
-    try:
-        signature.bind(*range(count))
-    except TypeError:
-        # The signature as written (with any `*` or defaults): the bare names can read
-        # like the very call that failed, e.g. a keyword-only n_outputs.
-        expected = ("build(params, input_shape, n_outputs)" if count == 3 else "load()")
-        raise SpecError(source, field, f"{ref} is defined as {getattr(fn, '__name__', 'function')}{signature} but hpo "
-                                       f"calls {expected}, passing {'each' if count else 'no'} argument"
-                                       f"{'' if count else 's'}{' by position' if count else ''}; change its "
-                                       "parameters to match") from None
+    counts = count if isinstance(count, tuple) else (count,)
+    for n in counts:
+        try:
+            signature.bind(*range(n))
+            return
+        except TypeError:
+            pass
+    # The signature as written (with any `*` or defaults): the bare names can read like the
+    # very call that failed, e.g. a keyword-only n_outputs.
+    expected = " or ".join(_CALLS[n] for n in counts)
+    raise SpecError(source, field, f"{ref} is defined as {getattr(fn, '__name__', 'function')}{signature} but hpo "
+                                   f"calls {expected}, passing {'each' if any(counts) else 'no'} argument"
+                                   f"{'' if any(counts) else 's'}{' by position' if any(counts) else ''}; change its "
+                                   "parameters to match") from None

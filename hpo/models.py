@@ -24,18 +24,46 @@ RECURRENT_LAYERS = {"lstm": keras.layers.LSTM, "gru": keras.layers.GRU, "simple_
 
 def model_factory(spec: StudySpec) -> Builder:
     """The spec's model builder: the user's `[model] build` function (its code checked
-    against the hash the study recorded), or a built-in family's."""
+    against the hash the study recorded; a KerasTuner-style `build(hp)` answered from the
+    params), or a built-in family's."""
     if spec.model.family == CUSTOM:
-        from hpo import hooks
+        from hpo.tuner_hp import build_hp_model, is_hp_build, load_build
 
-        return hooks.load_hook(spec.model.build, None if spec.base_dir is None else Path(spec.base_dir), spec.source,
-                               "model.build", sha256=spec.model.build_sha256, parameters=3)
+        user_build = load_build(spec)
+        if not is_hp_build(user_build):
+            return user_build
+        return lambda params, input_shape, n_outputs: build_hp_model(user_build, params)
 
     def build(params: dict[str, Any], input_shape: tuple[int, ...], n_outputs: int) -> keras.Model:
         return build_model(params, input_shape, family=spec.model.family, output=spec.output, n_outputs=n_outputs,
                            stateful=spec.model.stateful)
 
     return build
+
+
+def compiles_itself(spec: StudySpec) -> bool:
+    """Whether the spec's models come compiled (a KerasTuner-style `build(hp)`, whose
+    optimizer, loss and metrics are kept) rather than compiled by hpo from the params."""
+    from hpo.tuner_hp import hp_build
+
+    return hp_build(spec) is not None
+
+
+def check_first_params(spec: StudySpec) -> dict[str, Any]:
+    """The space's first point (`space.first_params`); a `build(hp)`, which runs to
+    declare its space, failing there stops the run like any failing build.
+
+    Raises:
+        SpecError: Naming the study file, the hook and the fix.
+    """
+    from hpo.space import first_params
+
+    try:
+        return first_params(spec)
+    except SpecError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure of the user's code, reported as theirs
+        raise _build_failed(spec, e, {}) from e
 
 
 def check_model(spec: StudySpec, params: dict[str, Any], input_shape: tuple[int, ...], n_outputs: int,
@@ -49,17 +77,22 @@ def check_model(spec: StudySpec, params: dict[str, Any], input_shape: tuple[int,
     field = "model.build" if spec.model.family == CUSTOM else "model.family"
     what = spec.model.build or spec.model.family
     build = model_factory(spec)
+    compiled_by_build = compiles_itself(spec)
     try:
         model = build(params, input_shape, n_outputs)
     except SpecError:
         raise
     except Exception as e:  # noqa: BLE001 - any failure of the user's code, reported as theirs
-        raise SpecError(spec.source, field, f"{what} raised {type(e).__name__}: {e} when built with the first point "
-                                            f"of the space ({_short(params)}); fix it") from e
+        raise _build_failed(spec, e, params) from e
     if not isinstance(model, keras.Model):
-        raise SpecError(spec.source, field, f"{what} returned {type(model).__name__}, not a keras.Model; "
-                                            "return keras.Model(inputs, outputs) (uncompiled)")
+        raise SpecError(spec.source, field, f"{what} returned {type(model).__name__}, not a keras.Model; return "
+                                            + ("the compiled model" if compiled_by_build else
+                                               "keras.Model(inputs, outputs) (uncompiled)"))
     try:
+        if not model.built:
+            # A Sequential without an Input (KerasTuner's guide writes them so) is built
+            # for the data on its first call, as `fit` would.
+            model.build((None, *input_shape))
         out = model.compute_output_spec(keras.KerasTensor((2, *input_shape), dtype=_input_dtype(input_shape, model)))
     except Exception as e:  # noqa: BLE001
         raise SpecError(spec.source, field, f"{what} builds a model that cannot take inputs of shape {input_shape}: "
@@ -69,12 +102,76 @@ def check_model(spec: StudySpec, params: dict[str, Any], input_shape: tuple[int,
         kind = "classes" if spec.output == "classification" else "targets"
         raise SpecError(spec.source, field, f"{what} returns {width} outputs per sample but the data has {n_outputs} "
                                             f"{kind}; end the model with a layer of n_outputs units")
+    if compiled_by_build:
+        _check_hp_model(spec, model, params)
+        return
+    if getattr(model, "compiled", False):
+        raise SpecError(spec.source, field, f"{what} returned a compiled model, but hpo compiles the model of a "
+                                            "build(params, input_shape, n_outputs) itself, with the space's optimizer "
+                                            "and learning rate; return it uncompiled, or write a KerasTuner-style "
+                                            "build(hp) to keep your own compile")
     try:
         compile_model(model, params, output=spec.output, steps_per_epoch=max(1, n_train // params["batch_size"]),
                       loss=spec.training.loss)
     except ValueError as e:
         raise SpecError(spec.source, "training.loss", f"{e}; name a Keras loss such as \"mse\" or "
                                                       "\"sparse_categorical_crossentropy\"") from e
+
+
+def _build_failed(spec: StudySpec, error: Exception, params: dict[str, Any]) -> SpecError:
+    from hpo.tuner_hp import SUPPORTED, UnsupportedHyperParameter
+
+    what = spec.model.build or spec.model.family
+    field = "model.build" if spec.model.family == CUSTOM else "model.family"
+    if isinstance(error, UnsupportedHyperParameter):
+        if error.detail:
+            return SpecError(spec.source, field, f"{what} calls hp.{error.call}{error.detail}")
+        return SpecError(spec.source, field, f"{what} calls hp.{error.call}, which hpo's hp does not implement "
+                                             f"(it has {', '.join(SUPPORTED)}); rewrite that call with one of them")
+    point = f" ({_short(params)})" if params else " (each hp call's default)"
+    return SpecError(spec.source, field, f"{what} raised {type(error).__name__}: {error} when built with the first "
+                                         f"point of the space{point}; fix it")
+
+
+def _check_hp_model(spec: StudySpec, model: keras.Model, params: dict[str, Any]) -> None:
+    # A build(hp) brings its own compile: check what hpo needs of it, and that [space],
+    # [training] loss and the sampler leave its space to its hp calls.
+    from hpo.tuner_hp import FIT_PARAMS, HyperParameters, hp_build
+
+    what = spec.model.build
+    if not getattr(model, "compiled", False):
+        raise SpecError(spec.source, "model.build", f"{what} returned an uncompiled model; a build(hp) compiles its "
+                                                    "own, as KerasTuner requires: call model.compile(optimizer=..., "
+                                                    "loss=..., metrics=[...]) before returning it")
+    wanted = spec.metric.removeprefix("val_")
+    names = sorted(_metric_name(m) for m in (model.get_compile_config() or {}).get("metrics") or [])
+    if wanted != "loss" and wanted not in names:
+        raise SpecError(spec.source, "metric", f"the study's metric is {spec.metric} but {what} compiles no "
+                                               f"\"{wanted}\" metric (it has {', '.join(names) or 'none'}); add "
+                                               f"metrics=[\"{wanted}\"] to its compile, or set metric = \"val_loss\"")
+    if spec.training.loss is not None:
+        raise SpecError(spec.source, "training.loss", f"{what} compiles its own loss; remove [training] loss")
+    for name in spec.space:
+        if name not in FIT_PARAMS:
+            raise SpecError(spec.source, f"space.{name}", f"a build(hp) declares its space with its hp calls; "
+                                                          f"[space] may only hold {', '.join(FIT_PARAMS)}: declare "
+                                                          f"{name} with an hp call in {what}, or remove it")
+    if spec.sampler.kind == "grid":
+        raise SpecError(spec.source, "sampler.kind", f"the grid sampler needs the whole space before the first trial, "
+                                                     f"and {what} declares it as it runs; use \"tpe\" or \"random\"")
+    hp = HyperParameters(values=params)
+    hp_build(spec)(hp)
+    clash = sorted(set(hp.declared) & set(spec.space))
+    if clash:
+        raise SpecError(spec.source, f"space.{clash[0]}", f"{what} declares {clash[0]} with an hp call and [space] "
+                                                          "names it too; keep one of them")
+
+
+def _metric_name(metric: Any) -> str:
+    # A compile config lists a metric by its string, or serialised with its name.
+    if isinstance(metric, dict):
+        return str((metric.get("config") or {}).get("name"))
+    return metric if isinstance(metric, str) else str(getattr(metric, "name", metric))
 
 
 def _input_dtype(input_shape: tuple[int, ...], model: keras.Model) -> str:

@@ -1,7 +1,8 @@
 """Search space: a `StudySpec` and an Optuna trial in, a plain params dict out.
 
-Pure: no Keras. Names the spec leaves out take the family's defaults, and parameters that
+No Keras here. Names the spec leaves out take the family's defaults, and parameters that
 only matter under another choice (SGD momentum, a schedule's decay) are asked for only then.
+A KerasTuner-style `build(hp)` declares its own space: it is run to suggest it (tuner_hp.py).
 """
 
 from __future__ import annotations
@@ -39,18 +40,22 @@ def suggest_params(spec: StudySpec, trial: optuna.trial.BaseTrial) -> dict[str, 
     Works with any `BaseTrial`, so `optuna.trial.FixedTrial(stored_params)` replays a trial.
     """
     if spec.model.family == "analytic":
-        return {name: _suggest(trial, name, p) for name, p in spec.space.items()}
+        return {name: suggest_param(trial, name, p) for name, p in spec.space.items()}
+    hp_params = _suggest_hp_params(spec, trial)
+    if hp_params is not None:
+        return hp_params
     params = default_params(spec)
     for name in sorted(spec.space, key=lambda n: n in _CONDITIONS):
         if name in _CONDITIONS:
             parent, values = _CONDITIONS[name]
             if params[parent] not in values:
                 continue
-        params[name] = _suggest(trial, name, spec.space[name])
+        params[name] = suggest_param(trial, name, spec.space[name])
     return params
 
 
-def _suggest(trial: optuna.trial.BaseTrial, name: str, p: Param) -> Any:
+def suggest_param(trial: optuna.trial.BaseTrial, name: str, p: Param) -> Any:
+    """The trial's suggestion for one parameter of a space (a fixed one's value)."""
     if isinstance(p, Fixed):
         return p.value
     if isinstance(p, Choice):
@@ -60,6 +65,21 @@ def _suggest(trial: optuna.trial.BaseTrial, name: str, p: Param) -> Any:
     if isinstance(p, FloatRange):
         return trial.suggest_float(name, p.low, p.high, step=p.step, log=p.log)
     raise TypeError(f"unknown parameter kind {p!r}")
+
+
+def _suggest_hp_params(spec: StudySpec, trial: optuna.trial.BaseTrial | None) -> dict[str, Any] | None:
+    # A KerasTuner-style build(hp) declares its space as it runs: it is run once here
+    # (None for a trial: each call's default); [space] holds only how it is fed.
+    from hpo.tuner_hp import FIT_PARAMS, hp_build, suggest_hp_params
+
+    build = hp_build(spec)
+    if build is None:
+        return None
+    defaults = default_params(spec)
+    fit_params = {name: defaults[name] for name in FIT_PARAMS}
+    for name, p in spec.space.items():
+        fit_params[name] = suggest_param(trial, name, p) if trial is not None else _first_value(p)
+    return suggest_hp_params(spec, trial, build, fit_params)[0]
 
 
 def grid_search_space(spec: StudySpec) -> dict[str, list[Any]]:
@@ -77,12 +97,16 @@ def grid_search_space(spec: StudySpec) -> dict[str, list[Any]]:
 
 
 def first_params(spec: StudySpec) -> dict[str, Any]:
-    """The params of the space's first point (low ends, first choices), to build a
-    study's model once before any trial."""
-    first: dict[str, Any] = {}
-    for name, p in spec.space.items():
-        if isinstance(p, Choice):
-            first[name] = p.choices[0]
-        elif isinstance(p, (IntRange, FloatRange)):
-            first[name] = p.low
+    """The params of the space's first point (low ends, first choices; a build(hp)'s
+    calls' defaults), to build a study's model once before any trial."""
+    hp_params = _suggest_hp_params(spec, None)
+    if hp_params is not None:
+        return hp_params
+    first = {name: _first_value(p) for name, p in spec.space.items() if not isinstance(p, Fixed)}
     return suggest_params(spec, optuna.trial.FixedTrial(first))
+
+
+def _first_value(p: Param) -> Any:
+    if isinstance(p, Fixed):
+        return p.value
+    return p.choices[0] if isinstance(p, Choice) else p.low

@@ -485,7 +485,7 @@ def spec_to_dict(spec: StudySpec) -> dict[str, Any]:
         "confirm": section(spec.confirm),
         "objective": section(spec.objective), "model": section(spec.model),
         "training": section(spec.training), "sampler": section(spec.sampler), "pruner": section(spec.pruner),
-        "space": {name: _param_to_raw(p) for name, p in spec.space.items()},
+        "space": {name: param_to_raw(p) for name, p in spec.space.items()},
     }
     if spec.model.family == CUSTOM:
         out["model"] = {k: v for k, v in out["model"].items() if k in ("build", "build_sha256", "output")}
@@ -498,7 +498,8 @@ def spec_to_dict(spec: StudySpec) -> dict[str, Any]:
     return out
 
 
-def _param_to_raw(p: Param) -> Any:
+def param_to_raw(p: Param) -> Any:
+    """One parameter of a space as a study file writes it."""
     if isinstance(p, Fixed):
         return {"value": p.value}
     if isinstance(p, Choice):

@@ -189,10 +189,9 @@ def check_spec_runs(spec: StudySpec) -> None:
     check_data(spec)
     if spec.model.family == "analytic":
         return
-    from hpo.models import check_model
-    from hpo.space import first_params
+    from hpo.models import check_first_params, check_model
 
-    params = first_params(spec)
+    params = check_first_params(spec)
     data = _load_data(spec, params, spec.seed)
     check_model(spec, params, data.input_shape, data.n_outputs, len(data.x_train))
 
@@ -274,15 +273,18 @@ def _load_data(spec: StudySpec, params: dict[str, Any], split_seed: int) -> Any:
 
 def _compiled_builder(spec: StudySpec, params: dict[str, Any], data: Any, n_train: int) -> Callable[[], Any]:
     """A function that builds and compiles the trial's Keras model (uncalled: each seed
-    builds it under its own `set_random_seed`); the built-in family's or the user's."""
-    from hpo.models import compile_model, model_factory
+    builds it under its own `set_random_seed`); the built-in family's or the user's (a
+    KerasTuner-style `build(hp)` compiles its own)."""
+    from hpo.models import compile_model, compiles_itself, model_factory
 
     steps = max(1, math.ceil(n_train / params["batch_size"]))
     factory = model_factory(spec)
+    compiled = compiles_itself(spec)
 
     def build() -> Any:
         model = factory(params, data.input_shape, data.n_outputs)
-        compile_model(model, params, output=spec.output, steps_per_epoch=steps, loss=spec.training.loss)
+        if not compiled:
+            compile_model(model, params, output=spec.output, steps_per_epoch=steps, loss=spec.training.loss)
         return model
 
     return build

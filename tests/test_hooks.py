@@ -124,12 +124,15 @@ def test_a_worker_refuses_a_changed_build_file_naming_both_hashes(conv_run):
 BAD_HOOKS = {
     "missing file": ({"study": STUDY.replace("models.py:build", "nowhere.py:build")}, "nowhere.py does not exist"),
     "missing function": ({"study": STUDY.replace("models.py:build", "models.py:make")}, "defines no make"),
-    "wrong signature": ({"build": BUILD.replace("def build(params, input_shape, n_outputs)", "def build(params)")},
-                        "is defined as build(params) but hpo calls build(params, input_shape, n_outputs)"),
+    "wrong signature": ({"build": BUILD.replace("def build(params, input_shape, n_outputs)",
+                                                "def build(params, input_shape)")},
+                        "is defined as build(params, input_shape) but hpo calls build(params, input_shape, "
+                        "n_outputs) or build(hp)"),
     "keyword-only n_outputs": ({"build": BUILD.replace("def build(params, input_shape, n_outputs)",
                                                        "def build(params, input_shape, *, n_outputs)")},
                                "defined as build(params, input_shape, *, n_outputs) but hpo calls build(params, "
-                               "input_shape, n_outputs), passing each argument by position"),
+                               "input_shape, n_outputs) or build(hp) (KerasTuner's form), passing each argument "
+                               "by position"),
     "build exits": ({"build": BUILD.replace("    inputs =", "    import sys\n    sys.exit(0)\n    inputs =")},
                     "models.py:build called sys.exit(0), which would end hpo itself; return a value or raise"),
     "build file exits on import": ({"build": BUILD + "\nimport sys\nsys.exit()\n"},
