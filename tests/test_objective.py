@@ -191,11 +191,12 @@ def test_a_pruned_trial_replays_up_to_the_epoch_it_was_pruned_at(tmp_path):
     from hpo.replay import replay_trial
 
     # Little noise: each seed's best epoch is its last, so replaying one epoch short differs.
+    # Two warm-up epochs: no trial is pruned before epoch 3.
     raw = {**NOISY, "model": {**NOISY["model"], "noise": 0.001},
-           "pruner": {"n_startup_trials": 1, "n_warmup_steps": 0}}
+           "pruner": {"n_startup_trials": 1, "n_warmup_steps": 2}}
     study, _ = run(tmp_path, raw, trials=8)
     pruned = [t for t in study.get_trials() if t.state == optuna.trial.TrialState.PRUNED]
-    assert pruned
+    assert pruned and min(t.user_attrs["pruned_at_epoch"] for t in pruned) == 3
     for t in pruned:
         assert max(t.intermediate_values) == t.user_attrs["pruned_at_epoch"]
         result = replay_trial(f"sqlite:///{tmp_path / 'o.db'}", "noisy", t.number)
