@@ -222,7 +222,8 @@ def create(study: str, storage: str, study_name: str | None, trials: int | None,
 
     spec = _checked_spec(study, seeds=seeds, max_epochs=max_epochs, trials=trials, name=study_name)
     clear_stop(create_study(spec, _open_storage(storage, None, None, "create")))
-    click.echo(f"study {spec.name} ({spec.source}) ready on {mask_url(storage)}: budget {plural(spec.trials, 'trial')}; "
+    click.echo(f"study {spec.name} ({spec.source}) ready on {mask_url(storage)}: "
+               f"budget {plural(spec.trials, 'trial')}; "
                f"start workers with: hpo worker{_storage_arg(storage)} --study-name {shlex.quote(spec.name)}")
 
 
@@ -323,8 +324,9 @@ def _print_summary(spec, summary, storage: str) -> None:
         click.echo("no complete trial yet")
         return
     a = best.user_attrs
+    per_seed = ", ".join(f"{s:.4g}" for s in a["seed_scores"])
     click.echo(f"best trial #{best.number}: {spec.metric} {mean_std(a['mean'], a['std'], len(a['seeds']))} "
-               f"over {noun_for(len(a['seeds']), 'seed')} {a['seeds']} (per seed: {', '.join(f'{s:.4g}' for s in a['seed_scores'])})")
+               f"over {noun_for(len(a['seeds']), 'seed')} {a['seeds']} (per seed: {per_seed})")
     click.echo("params: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                       for k, v in best.params.items()))
     click.echo(f"stored in {mask_url(storage)} (study {spec.name}); "
