@@ -221,7 +221,8 @@ def create(study: str, storage: str, study_name: str | None, trials: int | None,
 
     spec = _checked_spec(study, seeds=seeds, max_epochs=max_epochs, trials=trials, name=study_name)
     clear_stop(create_study(spec, _open_storage(storage, None, None, "create")))
-    click.echo(f"study {spec.name} ({spec.source}) ready on {mask_url(storage)}: budget {plural(spec.trials, 'trial')}; "
+    click.echo(f"study {spec.name} ({spec.source}) ready on {mask_url(storage)}: "
+               f"budget {plural(spec.trials, 'trial')}; "
                f"start workers with: hpo worker{_storage_arg(storage)} --study-name {shlex.quote(spec.name)}")
 
 

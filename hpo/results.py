@@ -638,7 +638,8 @@ def _pruned_lines(report: Report, fmt: str) -> list[str]:
         minimize = report.direction == "minimize"
         for r in pruned.itertuples(index=False):
             if (r.partial_score < value) if minimize else (r.partial_score > value):
-                epoch = "" if r.pruned_at_epoch is None or pd.isna(r.pruned_at_epoch) else f" by epoch {int(r.pruned_at_epoch)}"
+                known = r.pruned_at_epoch is not None and not pd.isna(r.pruned_at_epoch)
+                epoch = f" by epoch {int(r.pruned_at_epoch)}" if known else ""
                 lines.append(f"pruned trial #{r.number} reached {_num(r.partial_score)}{epoch}, better than the best "
                              f"complete trial #{best} ({_num(value)}): the pruner stopped a trial that was ahead; "
                              f"a later n_warmup_steps or a gentler pruner would have let it finish")

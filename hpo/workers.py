@@ -436,8 +436,8 @@ def describe_trial(spec: StudySpec, trial: FrozenTrial, study: optuna.Study | No
     if study is not None:
         best = best_trial(study, spec)
         if best is not None and "mean" in best.user_attrs:
-            head += (f" | best #{best.number} "
-                     f"{mean_std(best.user_attrs['mean'], best.user_attrs['std'], len(best.user_attrs.get('seed_scores', [])))}")
+            b = best.user_attrs
+            head += f" | best #{best.number} {mean_std(b['mean'], b['std'], len(b.get('seed_scores', [])))}"
         c = count_trials(rdb_storage(study._storage), study._study_id)
         of = f"/{budget}" if budget else ""
         head += f" | {c.spent}{of} spent: {c.complete} complete, {c.pruned} pruned, {c.failed} failed"

@@ -185,3 +185,19 @@ def test_a_trial_the_old_rule_would_prune_is_kept(tmp_path):
     kept = study.get_trials()[-1]
     assert kept.params == {"x": x} and kept.state == optuna.trial.TrialState.COMPLETE
     assert kept.value == pytest.approx(new[-1]) == pytest.approx(kept.intermediate_values[8])
+
+
+def test_a_pruned_trial_replays_up_to_the_epoch_it_was_pruned_at(tmp_path):
+    from hpo.replay import replay_trial
+
+    # Little noise: each seed's best epoch is its last, so replaying one epoch short differs.
+    # Two warm-up epochs: no trial is pruned before epoch 3.
+    raw = {**NOISY, "model": {**NOISY["model"], "noise": 0.001},
+           "pruner": {"n_startup_trials": 1, "n_warmup_steps": 2}}
+    study, _ = run(tmp_path, raw, trials=8)
+    pruned = [t for t in study.get_trials() if t.state == optuna.trial.TrialState.PRUNED]
+    assert pruned and min(t.user_attrs["pruned_at_epoch"] for t in pruned) == 3
+    for t in pruned:
+        assert max(t.intermediate_values) == t.user_attrs["pruned_at_epoch"]
+        result = replay_trial(f"sqlite:///{tmp_path / 'o.db'}", "noisy", t.number)
+        assert result.replayed == pytest.approx(t.user_attrs["seed_scores"], abs=0, rel=1e-12)
