@@ -188,6 +188,5 @@ def test_the_readmes_screenshot_command_captures_the_loaded_page(study_db, tmp_p
         process.terminate()
         process.communicate(timeout=30)
     shot = tmp_path / "studies.png"
-    # The loaded page (studies, buttons, banner) is about 30 KB of PNG; the grey
-    # "Loading studies..." text on white is under 10 KB.
+    # The loaded page (studies, buttons, banner) is about 30 KB of PNG.
     assert shot.exists() and shot.stat().st_size > 20_000
