@@ -85,12 +85,39 @@ def serve_dashboard(storage: str | None = None, host: str = "127.0.0.1", port: i
     make_server(host, port, app, server_class=Server, handler_class=Handler).serve_forever()
 
 
+# Shown at the foot of every page of a read-only dashboard: its Create, Delete and note
+# buttons are optuna-dashboard's own, and would otherwise only answer 403 when pressed.
+READ_ONLY_BANNER = (b'<div id="hpo-read-only" style="position:fixed;bottom:0;left:0;right:0;z-index:10000;'
+                    b'background:#fff3cd;color:#664d03;padding:6px 12px;font:14px sans-serif;text-align:center">'
+                    b"Read-only: this dashboard refuses changes (creating or deleting studies, editing notes); "
+                    b"start it with <code>hpo dashboard --allow-writes</code> to allow them.</div>")
+
+
 def read_only(app: Callable) -> Callable:
-    """A WSGI app that passes reads (GET, HEAD, OPTIONS) to `app` and refuses the rest."""
+    """A WSGI app that passes reads (GET, HEAD, OPTIONS) to `app` and refuses the rest, and
+    says on each HTML page that it is read-only."""
     def guarded(environ: dict, start_response: Callable) -> list[bytes]:
-        if environ.get("REQUEST_METHOD", "GET").upper() in ("GET", "HEAD", "OPTIONS"):
-            return app(environ, start_response)
-        start_response("403 Forbidden", [("Content-Type", "application/json")])
-        return [b'{"reason": "this dashboard is read-only; start it with hpo dashboard --allow-writes"}']
+        if environ.get("REQUEST_METHOD", "GET").upper() not in ("GET", "HEAD", "OPTIONS"):
+            start_response("403 Forbidden", [("Content-Type", "application/json")])
+            return [b'{"reason": "this dashboard is read-only; start it with hpo dashboard --allow-writes"}']
+        answer: dict = {}
+
+        def capture(status: str, headers: list, exc_info: object = None) -> Callable:
+            answer.update(status=status, headers=headers, exc_info=exc_info)
+            return lambda data: None
+
+        body = app(environ, capture)
+        headers = answer["headers"]
+        if any(k.lower() == "content-type" and v.startswith("text/html") for k, v in headers):
+            try:
+                page = b"".join(body)
+            finally:
+                getattr(body, "close", lambda: None)()
+            page = page.replace(b"</body>", READ_ONLY_BANNER + b"</body>", 1)
+            headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
+            headers.append(("Content-Length", str(len(page))))
+            body = [page]
+        start_response(answer["status"], headers, answer["exc_info"])
+        return body
 
     return guarded

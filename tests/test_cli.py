@@ -252,3 +252,36 @@ def test_a_missing_jax_device_is_named_before_any_trial(tmp_path):
     assert result.stderr.startswith(f"error: JAX cannot start on JAX_PLATFORMS={platform}: ")
     assert "set JAX_PLATFORMS=cpu" in result.stderr and "[model.family]" not in result.stderr
     assert not db.exists()
+
+
+def readme_queries() -> list[str]:
+    """Every SQL query the README shows: its sql blocks, its `hpo sql "..."` lines and the
+    standard-library example's query."""
+    import re
+
+    text = (ROOT / "README.md").read_text()
+    queries = [q.strip() for block in re.findall(r"```sql\n(.*?)```", text, re.S) for q in block.split(";")]
+    queries += re.findall(r'^hpo sql "(SELECT [^"]*)"', text, re.M)
+    queries += re.findall(r'db\.execute\("""(.*?)"""', text, re.S)
+    return [re.sub(r"^--.*$", "", q, flags=re.M).strip() for q in queries if "SELECT" in q]
+
+
+def test_the_readmes_sql_examples_return_rows_of_their_study_only(sine_run, tmp_path):
+    db, _ = sine_run
+    alone, shared = tmp_path / "alone.db", tmp_path / "shared.db"
+    for copy in (alone, shared):
+        with sqlite3.connect(db) as source, sqlite3.connect(copy) as target:
+            source.backup(target)
+    # Another study in the same file, with trial numbers of its own from 0.
+    run_hpo("run", "beale", "--trials", "3", "--storage", f"sqlite:///{shared}")
+    queries = readme_queries()
+    assert len(queries) >= 6
+    for query in queries:
+        assert "study_name" in query, query
+        # The example's trial 12, in this 3-trial study: trial 1.
+        query = query.replace("number = 12", "number = 1")
+        results = []
+        for path in (alone, shared):
+            with sqlite3.connect(path) as conn:
+                results.append(conn.execute(query).fetchall())
+        assert results[0] and results[0] == results[1], query

@@ -1,4 +1,5 @@
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -121,6 +122,9 @@ def test_dashboard_serves_the_study_its_trials_and_their_notes(study_db, browser
         browser.get(f"{base}/dashboard")
         WebDriverWait(browser, 60).until(lambda d: "beale" in body_text(d) and "older" in body_text(d))
         browser.save_screenshot(str(tmp_path / "studies.png"))
+        # Read-only by default: the page says so beside the buttons that would answer 403.
+        assert "Read-only: this dashboard refuses changes" in body_text(browser)
+        assert "--allow-writes" in body_text(browser)
 
         beale = optuna.load_study(study_name="beale", storage=study_db)
         browser.get(f"{base}/dashboard/studies/{beale._study_id}/trials")
@@ -159,3 +163,30 @@ def test_dashboard_is_read_only_by_default_and_quiet(study_db):
         out = proc.communicate(timeout=30)[0]
     assert "older" in [s.study_name for s in optuna.get_all_study_summaries(study_db)]
     assert "GET /api/studies" not in out and "read-only" in out
+
+
+def test_the_readmes_screenshot_command_captures_the_loaded_page(study_db, tmp_path):
+    """The README's command, as printed, with the page's port: the screenshot shows the
+    loaded page, not "Loading studies..."."""
+    import re
+
+    if not os.path.exists(CHROMIUM):
+        if os.environ.get("CI"):
+            pytest.fail("chromium not found in CI; .ci/run should have installed it")
+        pytest.skip("chromium not installed (apt-get install -y chromium)")
+    readme = (ROOT / "README.md").read_text()
+    command_text = re.search(r"^chromium --headless .*?dashboard$", readme, re.S | re.M).group(0)
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "hpo", "dashboard", "--storage", study_db, "--port", str(port)],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/api/studies", process)
+        args = shlex.split(command_text.replace("\\\n", " ").replace(":8080", f":{port}"))
+        subprocess.run([CHROMIUM, *args[1:], f"--user-data-dir={tmp_path / 'profile'}"], cwd=tmp_path,
+                       capture_output=True, timeout=120, check=True)
+    finally:
+        process.terminate()
+        process.communicate(timeout=30)
+    shot = tmp_path / "studies.png"
+    # The loaded page (studies, buttons, banner) is about 30 KB of PNG.
+    assert shot.exists() and shot.stat().st_size > 20_000
