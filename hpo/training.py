@@ -17,7 +17,7 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 
-from hpo.backend import use_backend
+from hpo.backend import use_backend, use_compilation_cache
 from hpo.errors import TrialDiverged, TrialFailed
 from hpo.spec import StudySpec
 
@@ -341,13 +341,14 @@ _determinism_configured = False
 
 def configure_determinism(backend: str) -> None:
     """Import Keras quietly and, on TensorFlow, make its ops deterministic (once per
-    process), so a replay is exact."""
+    process), so a replay is exact; on JAX, use the persistent compilation cache."""
     global _determinism_configured
     if _determinism_configured:
         return
     _import_tensorflow_quietly()
     import keras  # noqa: F401
     if backend != "tensorflow":
+        use_compilation_cache()
         return
     import tensorflow as tf
 
