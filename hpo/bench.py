@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import resource
 import statistics
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
@@ -133,6 +134,8 @@ def run_bench(seed_counts: list[int], *, model: str = "lstm", epochs: int = 20, 
     if backend != "jax":
         raise BackendError(f"hpo bench times the vectorised JAX engine; this process runs {backend} "
                            "(unset HPO_BACKEND or set it to jax)")
+    # A cache of its own, empty: "a new shape" is one no process has compiled yet.
+    os.environ["HPO_CACHE_DIR"] = tempfile.mkdtemp(prefix="hpo-bench-cache-")
     configure_determinism(backend)
     build = reference_builder(model, units)
     data = reference_data(model, samples)

@@ -92,26 +92,27 @@ class Replicas:
 class CompileClock:
     """What JAX has compiled in this process so far: `seconds` spent tracing, lowering and
     compiling (a program read from the persistent cache counts its reading time), and
-    `compiles`, the programs XLA really compiled (not read from the persistent cache).
-    Take two readings and subtract: `CompileClock.now()` is a snapshot."""
+    `compiles`, the programs XLA really compiled (not read from the persistent cache),
+    and `programs`, those compiled or read from that cache. Take two readings and
+    subtract: `CompileClock.now()` is a snapshot."""
 
     _seconds = 0.0
     _backend_compiles = 0
     _cache_hits = 0
     _listening = False
 
-    def __init__(self, seconds: float, compiles: int) -> None:
-        self.seconds, self.compiles = seconds, compiles
+    def __init__(self, seconds: float, compiles: int, programs: int) -> None:
+        self.seconds, self.compiles, self.programs = seconds, compiles, programs
 
     @classmethod
     def now(cls) -> "CompileClock":
         cls._listen()
-        return cls(cls._seconds, cls._backend_compiles - cls._cache_hits)
+        return cls(cls._seconds, cls._backend_compiles - cls._cache_hits, cls._backend_compiles)
 
     def since(self) -> "CompileClock":
-        """The seconds and compilations from this snapshot until now."""
+        """The seconds, compilations and programs from this snapshot until now."""
         now = CompileClock.now()
-        return CompileClock(now.seconds - self.seconds, now.compiles - self.compiles)
+        return CompileClock(now.seconds - self.seconds, now.compiles - self.compiles, now.programs - self.programs)
 
     @classmethod
     def _listen(cls) -> None:

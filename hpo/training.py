@@ -51,6 +51,9 @@ class RepeatFit:
     # Wall time of each lock-step epoch; fit_seconds less these is the trial's fixed
     # cost (loading data, building, tracing and compiling).
     epoch_seconds: list[float] = field(default_factory=list)
+    # Seconds JAX spent tracing and compiling during the fit (None off JAX): part of
+    # fit_seconds, what a trial pays for a program no process had compiled before.
+    compile_seconds: float | None = None
 
     @property
     def fixed_seconds(self) -> float:
@@ -160,12 +163,24 @@ def fit_repeats(spec: StudySpec, params: dict[str, Any], seeds: list[int],
     if path == "vectorized" and unsupported:
         raise ValueError(f"cannot train these seeds as vectorized replicas: {unsupported}")
     chosen = "sequential" if path == "sequential" or unsupported else "vectorized"
+    clock = _compile_clock(backend)
     start = time.perf_counter()
     if chosen == "vectorized":
         trainer = _vectorized_trainer(spec, params, seeds)
     else:
         trainer = _SequentialTrainer(spec, params, seeds)
-    return _lock_step(spec, seeds, trainer, on_epoch, chosen, backend, setup=time.perf_counter() - start)
+    fit = _lock_step(spec, seeds, trainer, on_epoch, chosen, backend, setup=time.perf_counter() - start)
+    if clock is not None:
+        fit.compile_seconds = clock.since().seconds
+    return fit
+
+
+def _compile_clock(backend: str) -> Any:
+    if backend != "jax":
+        return None
+    from hpo.engine import CompileClock
+
+    return CompileClock.now()
 
 
 def check_spec_runs(spec: StudySpec) -> None:
