@@ -5,9 +5,9 @@ JAX's persistent compilation cache (`HPO_CACHE_DIR`), shared by every process th
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
-
 from pathlib import Path
 
 from hpo.errors import BackendError
@@ -89,7 +89,8 @@ def use_compilation_cache() -> Path | None:
         return _cache_dir
     _cache_configured = True
     path = compilation_cache_dir()
-    if path is None:
+    if path is None or importlib.util.find_spec("filelock") is None:
+        # Without filelock JAX can neither bound the cache nor lock it for concurrent writers.
         return None
     try:
         path.mkdir(parents=True, exist_ok=True)
