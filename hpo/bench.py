@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import resource
 import statistics
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
@@ -134,6 +135,8 @@ def run_bench(seed_counts: list[int], *, model: str = "lstm", epochs: int = 20, 
     if backend != "jax":
         raise BackendError(f"hpo bench times the vectorised JAX engine; this process runs {backend} "
                            "(unset HPO_BACKEND or set it to jax)")
+    # A cache of its own, empty: "a new shape" is one no process has compiled yet.
+    os.environ["HPO_CACHE_DIR"] = tempfile.mkdtemp(prefix="hpo-bench-cache-")
     configure_determinism(backend)
     build = reference_builder(model, units)
     data = reference_data(model, samples)
@@ -188,14 +191,25 @@ def format_table(result: BenchResult) -> str:
 
 
 def _time_native_fit(build: Callable[[], Any], data: tuple, epochs: int, seed: int) -> float:
-    """One native Keras fit as a user would write it: build, compile, one `fit` call."""
+    """One native Keras fit as a user would write it: build, compile, one `fit` call,
+    without hpo's persistent compilation cache (which would hand each new model's
+    `fit` the programs of the one before)."""
+    import jax
     import keras
+    from jax.experimental.compilation_cache import compilation_cache
 
     x, y, xv, yv = data
-    start = time.perf_counter()
-    keras.utils.set_random_seed(seed)
-    build().fit(x, y, batch_size=32, epochs=epochs, validation_data=(xv, yv), verbose=0)
-    return time.perf_counter() - start
+    cache_dir = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", None)
+    compilation_cache.reset_cache()
+    try:
+        start = time.perf_counter()
+        keras.utils.set_random_seed(seed)
+        build().fit(x, y, batch_size=32, epochs=epochs, validation_data=(xv, yv), verbose=0)
+        return time.perf_counter() - start
+    finally:
+        jax.config.update("jax_compilation_cache_dir", cache_dir)
+        compilation_cache.reset_cache()
 
 
 def _time_replicas(build: Callable[[], Any], data: tuple, epochs: int, seeds: list[int],

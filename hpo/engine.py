@@ -89,6 +89,56 @@ class Replicas:
         return [by_id[id(v)] for v in self.model.weights]
 
 
+class CompileClock:
+    """What JAX has compiled in this process so far: `seconds` spent tracing, lowering and
+    compiling (a program read from the persistent cache counts its reading time), and
+    `compiles`, the programs XLA really compiled (not read from the persistent cache),
+    and `programs`, those compiled or read from that cache. Take two readings and
+    subtract: `CompileClock.now()` is a snapshot."""
+
+    _seconds = 0.0
+    _backend_compiles = 0
+    _cache_hits = 0
+    _listening = False
+
+    def __init__(self, seconds: float, compiles: int, programs: int) -> None:
+        self.seconds, self.compiles, self.programs = seconds, compiles, programs
+
+    @classmethod
+    def now(cls) -> "CompileClock":
+        cls._listen()
+        return cls(cls._seconds, cls._backend_compiles - cls._cache_hits, cls._backend_compiles)
+
+    def since(self) -> "CompileClock":
+        """The seconds, compilations and programs from this snapshot until now."""
+        now = CompileClock.now()
+        return CompileClock(now.seconds - self.seconds, now.compiles - self.compiles, now.programs - self.programs)
+
+    @classmethod
+    def _listen(cls) -> None:
+        if cls._listening:
+            return
+        import jax
+        from jax._src import dispatch
+
+        phases = {dispatch.JAXPR_TRACE_EVENT, dispatch.JAXPR_TO_MLIR_MODULE_EVENT, dispatch.BACKEND_COMPILE_EVENT}
+
+        def on_duration(event: str, seconds: float, **kwargs: Any) -> None:
+            if event in phases:
+                cls._seconds += seconds
+            if event == dispatch.BACKEND_COMPILE_EVENT:
+                # A persistent-cache hit passes here too, and is counted off below.
+                cls._backend_compiles += 1
+
+        def on_event(event: str, **kwargs: Any) -> None:
+            if event == "/jax/compilation_cache/cache_hits":
+                cls._cache_hits += 1
+
+        jax.monitoring.register_event_duration_secs_listener(on_duration)
+        jax.monitoring.register_event_listener(on_event)
+        cls._listening = True
+
+
 def fit_shuffler(seed: int, n: int) -> np.random.RandomState:
     """The generator of the training orders `model.fit(shuffle=True)` draws under the
     seed: one `permutation(n)` per epoch."""
@@ -115,9 +165,7 @@ def _config_key(model: Any) -> str:
     Only Keras' own layers and model classes say all they compute in their config; a
     model with a custom layer or a Lambda gets a key of its own, never shared.
     """
-    keras_made = all(type(obj).__module__.startswith("keras.") and type(obj).__name__ != "Lambda"
-                     for obj in [model, *model._flatten_layers()])
-    if not keras_made:
+    if not _keras_made(model):
         return f"unshared-{id(model)}"
     optimizer = dict(model.optimizer.get_config())
     optimizer.pop("name", None)
@@ -129,6 +177,33 @@ def _config_key(model: Any) -> str:
     parts = [_canonical(model.get_config(), names), optimizer, compiled,
              [(tuple(v.shape), str(v.dtype)) for v in model.variables]]
     return json.dumps(parts, sort_keys=True, default=repr)
+
+
+def _keras_made(model: Any) -> bool:
+    return all(type(obj).__module__.startswith("keras.") and type(obj).__name__ != "Lambda"
+               for obj in [model, *model._flatten_layers()])
+
+
+# Loss reductions that divide by the batch size: a padded batch whose real rows carry
+# weight batch/real and whose padding rows weight 0 gives the short batch's loss.
+_MEAN_REDUCTIONS = ("sum_over_batch_size", "mean", "mean_with_sample_weight")
+
+
+def _pads_short_batch(model: Any) -> bool:
+    """Whether the short last batch can run as a full one whose extra rows weigh nothing:
+    Keras' own model and layers (their train and test steps, losses and metrics honour
+    sample weights), each sample computed on its own (no BatchNormalization, no activity
+    regulariser summing over the batch), and a loss that is a mean over the batch."""
+    if not _keras_made(model):
+        return False
+    import keras
+
+    for layer in model._flatten_layers():
+        if isinstance(layer, keras.layers.BatchNormalization) or getattr(layer, "activity_regularizer", None):
+            return False
+    losses = getattr(model._compile_loss, "_flat_losses", None) or []
+    return bool(losses) and all(getattr(entry.loss, "reduction", "sum_over_batch_size") in _MEAN_REDUCTIONS
+                                for entry in losses)
 
 
 def _canonical(config: Any, names: dict[str, str]) -> Any:
@@ -169,28 +244,41 @@ def _compile_epoch(model: Any) -> Callable[..., Any]:
     Not one `lax.scan` over the batches: XLA on a CPU runs convolutions inside a loop
     body several times slower than alone (Conv1D: 3.8 ms a batch against 0.5 ms), and
     a batch's dispatch costs little beside its step.
+
+    Where the model allows it (`_pads_short_batch`), the short last batch runs as a full
+    one whose extra rows weigh nothing, so each step compiles for one batch shape, not
+    two: the loss, its gradients and the metrics are those of the short batch (to
+    float32 rounding), and so are the dropout masks of its real rows (JAX draws a
+    random array element by element, so the first rows of a larger draw are the draw).
     """
     import jax
     import jax.numpy as jnp
 
     metrics_init = [jnp.zeros(v.shape, v.dtype) for v in model.metrics_variables]
+    padded = _pads_short_batch(model)
 
-    def train_replica(state: Any, active: Any, xb: Any, yb: Any) -> tuple[Any, Any]:
-        logs, new = model.train_step(state, (xb, yb))
+    def train_replica(state: Any, active: Any, xb: Any, yb: Any, weights: Any) -> tuple[Any, Any]:
+        if weights is None:
+            logs, new = model.train_step(state, (xb, yb))
+        else:
+            logs, new = _weighted_train_step(model, state, xb, yb, *weights)
         # A replica that stopped early keeps its weights and optimizer state.
         return jax.tree.map(lambda n, o: jnp.where(active, n, o), new, state), logs
 
-    def test_replica(state: Any, xb: Any, yb: Any) -> tuple[Any, Any]:
-        logs, new = model.test_step(state, (xb, yb))
+    def test_replica(state: Any, xb: Any, yb: Any, weights: Any) -> tuple[Any, Any]:
+        if weights is None:
+            logs, new = model.test_step(state, (xb, yb))
+        else:
+            logs, new = _weighted_test_step(model, state, xb, yb, *weights)
         return new, logs
 
     @jax.jit
-    def train_batch(state: Any, active: Any, idx: Any, x: Any, y: Any) -> tuple[Any, Any]:
-        return jax.vmap(train_replica)(state, active, x[idx], y[idx])
+    def train_batch(state: Any, active: Any, idx: Any, x: Any, y: Any, weights: Any) -> tuple[Any, Any]:
+        return jax.vmap(train_replica, in_axes=(0, 0, 0, 0, None))(state, active, x[idx], y[idx], weights)
 
     @jax.jit
-    def test_batch(state: Any, xb: Any, yb: Any) -> tuple[Any, Any]:
-        return jax.vmap(test_replica, in_axes=(0, None, None))(state, xb, yb)
+    def test_batch(state: Any, idx: Any, xv: Any, yv: Any, weights: Any) -> tuple[Any, Any]:
+        return jax.vmap(test_replica, in_axes=(0, None, None, None))(state, xv[idx], yv[idx], weights)
 
     @jax.jit
     def fresh_metrics(active: Any) -> list[Any]:
@@ -203,16 +291,89 @@ def _compile_epoch(model: Any) -> Callable[..., Any]:
         state = (trainable, non_trainable, optimizer_vars, fresh)
         # Batches as model.fit and evaluate cut them: the short remainder is a batch too.
         for start in range(0, orders.shape[1], batch_size):
-            state, train_logs = train_batch(state, active, orders[:, start:start + batch_size], x, y)
+            idx, weights = _batch(orders[:, start:start + batch_size], batch_size, padded)
+            state, train_logs = train_batch(state, active, idx, x, y, weights)
         trainable, non_trainable, optimizer_vars, _ = state
         test_state = (trainable, non_trainable, fresh)
-        for start in range(0, xv.shape[0], batch_size):
-            test_state, val_logs = test_batch(test_state, xv[start:start + batch_size], yv[start:start + batch_size])
+        n_val = xv.shape[0]
+        for start in range(0, n_val, batch_size):
+            idx, weights = _batch(np.arange(start, min(start + batch_size, n_val)), batch_size, padded)
+            test_state, val_logs = test_batch(test_state, idx, xv, yv, weights)
         logs = dict(train_logs)
         logs.update({f"val_{k}": v for k, v in val_logs.items()})
         return (trainable, non_trainable, optimizer_vars, fresh), logs
 
     return epoch
+
+
+def _batch(idx: np.ndarray, batch_size: int, padded: bool) -> tuple[np.ndarray, Any]:
+    """The rows of one batch (the last axis of `idx`) and, where batches are padded,
+    (row weights, real rows): a short batch padded to `batch_size` with its own first
+    rows, which weigh 0."""
+    if not padded:
+        return idx, None
+    real = idx.shape[-1]
+    mask = np.zeros(batch_size, np.float32)
+    mask[:real] = 1.0
+    if real < batch_size:
+        fill = np.resize(idx[..., :real], (*idx.shape[:-1], batch_size - real))
+        idx = np.concatenate([idx, fill], axis=-1)
+    return idx, (mask, np.float32(real))
+
+
+def _weighted_loss(model: Any, state: Any, xb: Any, yb: Any, mask: Any, real: Any, training: bool,
+                   optimizer_vars: Any = None) -> Any:
+    trainable, non_trainable, metrics_vars = state
+    # Keras divides a batch's summed loss by its size: weights batch/real on the real
+    # rows make that the mean over the real rows.
+    weight = mask * (mask.shape[0] / real)
+    return model.compute_loss_and_updates(trainable, non_trainable, metrics_vars, xb, yb, weight, training=training,
+                                          optimizer_variables=optimizer_vars)
+
+
+def _weighted_metrics(model: Any, metrics_vars: Any, loss: Any, yb: Any, y_pred: Any, mask: Any,
+                      real: Any) -> tuple[dict, list]:
+    """Keras' metric update of a step (`_update_metrics_variables`) for a padded batch:
+    the loss tracker counts the real rows, and every compiled metric, weighted or not
+    (an unweighted one sees no sample weights in Keras), takes the rows' 0/1 weights."""
+    from keras.src import backend
+
+    with backend.StatelessScope(state_mapping=list(zip(model.metrics_variables, metrics_vars))) as scope:
+        model._loss_tracker.update_state(loss, sample_weight=real)
+        compiled = model._compile_metrics
+        if compiled is not None:
+            y_true, y_pred = compiled._flatten_y(yb), compiled._flatten_y(y_pred)
+            for metrics in (compiled._flat_metrics, compiled._flat_weighted_metrics):
+                for metric, t, p in zip(metrics, y_true, y_pred):
+                    if metric:
+                        metric.update_state(t, p, sample_weight=mask)
+        logs = model.get_metrics_result()
+    updated = [scope.get_current_value(v) for v in model.metrics_variables]
+    return logs, [v.value if new is None else new for v, new in zip(model.metrics_variables, updated)]
+
+
+def _weighted_train_step(model: Any, state: Any, xb: Any, yb: Any, mask: Any, real: Any) -> tuple[dict, Any]:
+    """Keras' JAX `train_step` on a batch whose rows carry weights (`_batch`)."""
+    import jax
+
+    trainable, non_trainable, optimizer_vars, metrics_vars = state
+
+    def loss_of(trainable: Any) -> Any:
+        return _weighted_loss(model, (trainable, non_trainable, metrics_vars), xb, yb, mask, real, True,
+                              optimizer_vars)
+
+    (_, (loss, y_pred, non_trainable, metrics_vars)), grads = jax.value_and_grad(loss_of, has_aux=True)(trainable)
+    trainable, optimizer_vars = model.optimizer.stateless_apply(optimizer_vars, grads, trainable)
+    logs, metrics_vars = _weighted_metrics(model, metrics_vars, loss, yb, y_pred, mask, real)
+    return logs, (trainable, non_trainable, optimizer_vars, metrics_vars)
+
+
+def _weighted_test_step(model: Any, state: Any, xb: Any, yb: Any, mask: Any, real: Any) -> tuple[dict, Any]:
+    """Keras' JAX `test_step` on a batch whose rows carry weights (`_batch`)."""
+    trainable, non_trainable, metrics_vars = state
+    _, (loss, y_pred, non_trainable, metrics_vars) = _weighted_loss(model, state, xb, yb, mask, real, False)
+    logs, metrics_vars = _weighted_metrics(model, metrics_vars, loss, yb, y_pred, mask, real)
+    return logs, (trainable, non_trainable, metrics_vars)
 
 
 def _seed_of(variable: Any, initializer: Any) -> int | None:

@@ -29,6 +29,7 @@ ATTR_SEEDS = "seeds"
 ATTR_BEST_EPOCHS = "best_epochs"
 ATTR_EPOCHS_RUN = "epochs_run"
 ATTR_FIT_SECONDS = "fit_seconds"
+ATTR_COMPILE_SECONDS = "compile_seconds"
 ATTR_CURVES = "curves"
 ATTR_PATH = "training_path"
 ATTR_BACKEND = "backend"
@@ -141,7 +142,9 @@ class Objective:
             batch = [start + i for i in range(min(spec.seeds, spec.seeds_max - len(fit.fits)))]
             # Later batches stop at a signal like the first, but do not report to the pruner.
             more = fit_repeats(spec, params, batch, lambda epoch, scores: self.check_stop() or False)
-            fit = RepeatFit(fit.fits + more.fits, fit.fit_seconds + more.fit_seconds, fit.path, backend=fit.backend)
+            compiled = None if fit.compile_seconds is None else fit.compile_seconds + (more.compile_seconds or 0.0)
+            fit = RepeatFit(fit.fits + more.fits, fit.fit_seconds + more.fit_seconds, fit.path, backend=fit.backend,
+                            compile_seconds=compiled)
         trial.set_user_attr(ATTR_SEED_STOP, reason)
         return fit
 
@@ -296,6 +299,8 @@ def record_fit(trial: optuna.Trial, fit: RepeatFit) -> None:
     }
     if fit.backend is not None:
         attrs[ATTR_BACKEND] = fit.backend
+    if fit.compile_seconds is not None:
+        attrs[ATTR_COMPILE_SECONDS] = round(fit.compile_seconds, 4)
     if fit.pruned_at_epoch is not None:
         attrs[ATTR_PRUNED_AT] = fit.pruned_at_epoch
     for key, value in attrs.items():

@@ -17,7 +17,7 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 
-from hpo.backend import check_devices, use_backend
+from hpo.backend import check_devices, use_backend, use_compilation_cache
 from hpo.errors import TrialDiverged, TrialFailed
 from hpo.spec import StudySpec
 
@@ -54,6 +54,9 @@ class RepeatFit:
     epoch_seconds: list[float] = field(default_factory=list)
     # With `keep_best`: each seed's weights at its best epoch, in `model.get_weights()` order.
     best_weights: list[list[np.ndarray]] | None = None
+    # Seconds JAX spent tracing and compiling during the fit (None off JAX): part of
+    # fit_seconds, what a trial pays for a program no process had compiled before.
+    compile_seconds: float | None = None
 
     @property
     def fixed_seconds(self) -> float:
@@ -161,13 +164,25 @@ def fit_repeats(spec: StudySpec, params: dict[str, Any], seeds: list[int],
     if path == "vectorized" and unsupported:
         raise ValueError(f"cannot train these seeds as vectorized replicas: {unsupported}")
     chosen = "sequential" if path == "sequential" or unsupported else "vectorized"
+    clock = _compile_clock(backend)
     start = time.perf_counter()
     if chosen == "vectorized":
         trainer = _vectorized_trainer(spec, params, seeds)
     else:
         trainer = _SequentialTrainer(spec, params, seeds)
-    return _lock_step(spec, seeds, trainer, on_epoch, chosen, backend, setup=time.perf_counter() - start,
-                      keep_best=keep_best)
+    fit = _lock_step(spec, seeds, trainer, on_epoch, chosen, backend, setup=time.perf_counter() - start,
+                     keep_best=keep_best)
+    if clock is not None:
+        fit.compile_seconds = clock.since().seconds
+    return fit
+
+
+def _compile_clock(backend: str) -> Any:
+    if backend != "jax":
+        return None
+    from hpo.engine import CompileClock
+
+    return CompileClock.now()
 
 
 def check_spec_runs(spec: StudySpec) -> None:
@@ -360,13 +375,14 @@ _determinism_configured = False
 
 def configure_determinism(backend: str) -> None:
     """Import Keras quietly and, on TensorFlow, make its ops deterministic (once per
-    process), so a replay is exact."""
+    process), so a replay is exact; on JAX, use the persistent compilation cache."""
     global _determinism_configured
     if _determinism_configured:
         return
     _import_tensorflow_quietly()
     import keras  # noqa: F401
     if backend != "tensorflow":
+        use_compilation_cache()
         return
     import tensorflow as tf
 

@@ -8,11 +8,18 @@ import pytest
 from hpo.backend import use_backend
 from tests.postgres import PostgresServer, find_pg_bin
 
+ROOT = Path(__file__).resolve().parent.parent
+
+# One persistent compilation cache for the suite and every `hpo` it starts, kept between
+# runs (pytest's own cache folder), so a shape compiled once is never compiled again.
+os.environ.setdefault("HPO_CACHE_DIR", str(ROOT / ".pytest_cache" / "hpo-jax"))
+
 # Keras fixes its backend at first import: choose it (hpo's default, or HPO_BACKEND)
 # before any test module imports Keras.
-use_backend()
+if use_backend() == "jax":
+    from hpo.backend import use_compilation_cache
 
-ROOT = Path(__file__).resolve().parent.parent
+    use_compilation_cache()
 
 
 @pytest.fixture(scope="session")

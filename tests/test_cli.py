@@ -40,7 +40,7 @@ def test_run_stores_mean_std_and_every_per_seed_figure(sine_run):
     assert len(finished) == 3 and len(trials) == 3
     for t in trials:
         a = t["attrs"]
-        assert {"mean", "std", "seed_scores", "seeds", "best_epochs", "epochs_run", "fit_seconds", "curves"} <= set(a)
+        assert {"mean", "std", "seed_scores", "seeds", "best_epochs", "epochs_run", "fit_seconds", "compile_seconds", "curves"} <= set(a)
         assert a["seeds"] == [42000, 42001] and len(a["seed_scores"]) == 2
         assert a["mean"] == pytest.approx(statistics.fmean(a["seed_scores"]), rel=1e-12)
         assert a["std"] == pytest.approx(statistics.stdev(a["seed_scores"]), rel=1e-12)

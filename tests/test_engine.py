@@ -273,3 +273,70 @@ def test_a_repeated_shape_reuses_its_compiled_program_but_a_custom_layer_never_s
 def _built(make):
     keras.utils.set_random_seed(1)
     return make()
+
+
+_ONE_EPOCH = """
+import numpy as np
+from hpo.backend import use_backend
+use_backend()
+from hpo.training import configure_determinism
+configure_determinism("jax")
+from hpo import engine
+from tests.test_engine import builder
+rng = np.random.default_rng(0)
+x = rng.normal(size=(83, 6, 2)).astype("float32")
+y = x[:, :, :1].sum(axis=1)
+clock = engine.CompileClock.now()
+engine.Replicas(builder("gru", 0.2), [1, 2], x, y, x[:29], y[:29], batch_size=32).run_epoch(np.ones(2, bool))
+print(clock.since().compiles)
+"""
+
+
+def test_a_second_process_compiles_nothing_for_a_shape_the_first_compiled(tmp_path):
+    # Workers, hpo confirm, hpo replay and re-runs are other processes: JAX's persistent
+    # cache in HPO_CACHE_DIR hands them the programs the first one compiled.
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    env = {**os.environ, "HPO_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT)}
+    runs = [subprocess.run([sys.executable, "-c", _ONE_EPOCH], capture_output=True, text=True, env=env, cwd=ROOT,
+                           check=True) for _ in range(2)]
+    first, second = (int(r.stdout.split()[-1]) for r in runs)
+    assert first > 0 and second == 0
+    assert any((tmp_path / "cache").iterdir())
+    off = subprocess.run([sys.executable, "-c", _ONE_EPOCH], capture_output=True, text=True, check=True, cwd=ROOT,
+                         env=env | {"HPO_CACHE_DIR": "off"})
+    assert int(off.stdout.split()[-1]) > 0
+
+
+def test_the_short_last_batch_costs_no_program_of_its_own(arrays):
+    # 83 rows make batches of 32, 32 and 19; 64 rows two of 32: the same programs.
+    def programs(n):
+        engine.clear_cache()
+        clock = engine.CompileClock.now()
+        replicas = engine.Replicas(builder("lstm", 0.3), [1, 2], arrays["x"][:n], arrays["y"][:n], arrays["xv"],
+                                   arrays["yv"], batch_size=32)
+        replicas.run_epoch(np.ones(2, bool))
+        return clock.since().programs
+
+    assert programs(N_TRAIN) == programs(64)
+
+
+def test_a_short_batch_padded_is_the_short_batch(arrays):
+    # Loss, gradients (so the weights after the step) and every metric, weighted or not.
+    build = builder("dense", 0.4)
+    model = build()
+    x, y = arrays["x"][:19], arrays["y"][:19]
+    model._symbolic_build(data_batch=(x, y))
+    assert engine._pads_short_batch(model)
+    state = engine._variable_values(model)
+    native_logs, native_state = model.train_step(state, (x, y))
+    idx, weights = engine._batch(np.arange(19), 32, padded=True)
+    logs, padded_state = engine._weighted_train_step(model, state, arrays["x"][idx], arrays["y"][idx], *weights)
+    for key in native_logs:
+        assert float(logs[key]) == pytest.approx(float(native_logs[key]), rel=1e-6)
+    for a, b in zip(native_state[0], padded_state[0]):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
