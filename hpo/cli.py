@@ -189,11 +189,11 @@ def run(study: str, storage: str, study_name: str | None, trials: int | None, ti
 
 def _print_header(spec, storage: str, workers: int) -> None:
     from hpo.api import describe_start
-    from hpo.workers import worker_threads
+    from hpo.workers import describe_threads
 
     click.echo(describe_start(spec, storage))
     if workers > 1:
-        click.echo(f"{workers} workers, {worker_threads(workers)} TensorFlow threads each")
+        click.echo(describe_threads(spec, workers))
 
 
 def _checked_spec(study: str, **overrides):
@@ -231,7 +231,8 @@ def create(study: str, storage: str, study_name: str | None, trials: int | None,
 @click.option("--trials", type=click.IntRange(1, MAX_TRIALS),
               help="Finished trials the whole study should end with (default: the stored spec's).")
 @_worker_options
-@click.option("--threads", type=click.IntRange(1), help="TensorFlow intra-op threads of this worker (default: TensorFlow's).")
+@click.option("--threads", type=click.IntRange(1),
+              help="Training threads of this worker, JAX's and TensorFlow's (default: theirs, one per core).")
 @_memory_option
 @click.option("--worker-index", type=click.IntRange(0, 10**6),
               help="This worker's number, shown in its lines (default: a random number). Proposals do not "
@@ -247,8 +248,9 @@ def worker(storage: str, study_name: str, trials: int | None, timeout: float | N
     from hpo.storage import mask_url
     from hpo.study import load_study
     from hpo.training import check_spec_runs
-    from hpo.workers import limit_threads, memory_growth_limit, run_trials, share_gpu
+    from hpo.workers import die_with_parent, limit_threads, memory_growth_limit, run_trials, share_gpu
 
+    die_with_parent()
     if threads is not None:
         limit_threads(threads)
     share_gpu()
