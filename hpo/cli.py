@@ -392,6 +392,29 @@ def bench_throughput(study: str, storage: str, trials: int, worker_counts: str, 
             click.echo(f"{n} vs {first} workers: x{rate / rates[first]:.2f}")
 
 
+@bench_workers.command("scale")
+@click.option("--storage", "urls", multiple=True, envvar=STORAGE_ENV, default=[DEFAULT_STORAGE], show_default=True,
+              help="Study database URL; repeat to measure several (e.g. a PostgreSQL and a SQLite file).")
+@click.option("--workers", "worker_counts", default="1,4,16,64,128", show_default=True,
+              help="Comma-separated worker counts.")
+@click.option("--trials-per-worker", type=click.IntRange(1), default=4, show_default=True,
+              help="Budget of each study: this many trials per worker, at least 100.")
+def bench_scale(urls: tuple[str, ...], worker_counts: str, trials_per_worker: int) -> None:
+    """N worker processes on one analytic (beale) study per database: trials per second,
+    peak server connections, admission-lock wait, and whether the budget came out exact."""
+    from hpo.bench_workers import measure_scale
+
+    for url in urls:
+        for n in (int(x) for x in worker_counts.split(",")):
+            r = measure_scale(url, n, max(100, trials_per_worker * n))
+            peak = "" if r.peak_connections is None else f", peak {r.peak_connections} connections"
+            click.echo(f"{r.url}: {n:>3} workers: {r.trials_per_second:6.1f} trials/s{peak}, "
+                       f"lock wait {r.lock_wait_seconds:.1f} s, budget {r.spent}/{r.budget} "
+                       f"{'exact' if r.exact else 'NOT exact'}, {r.running} running, {r.errors} workers failed; "
+                       f"{r.worker_rss_mb:.0f} MB a worker" + (f" (loaded {', '.join(r.heavy_imports)})"
+                                                                if r.heavy_imports else ""))
+
+
 @cli.command()
 def studies() -> None:
     """List the study files shipped in studies/."""

@@ -15,6 +15,7 @@ import contextlib
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -33,6 +34,8 @@ from hpo.study import quiet_optuna
 from hpo.storage import (STOP_ATTR, TrialCounts, count_trials, fail_heartless_trials, rdb_storage, retry_storage_call,
                          study_lock)
 
+# Trial user attribute: the host (in a container, its id) and process id of the worker that ran it.
+ATTR_WORKER = "worker"
 # How often an idle worker looks again whether a running trial of another worker died.
 POLL_SECONDS = 1.0
 # How long `run_workers` waits for a stopped child before it kills it.
@@ -228,6 +231,7 @@ def _admit(study: optuna.Study, budget: int, sweep: bool) -> tuple[optuna.Trial 
         trial = study.ask()
         if getattr(storage, "heartbeat_interval", None):
             storage.record_heartbeat(trial._trial_id)
+    trial.set_user_attr(ATTR_WORKER, f"{socket.gethostname()}:{os.getpid()}")
     return trial, counts
 
 

@@ -62,7 +62,7 @@ def test_services_healthcheck_dependencies_and_ports(compose):
     assert services["dashboard"]["depends_on"] == {"postgres": healthy, "create": created}
     # Scalable: nothing that two copies of a worker would fight over.
     assert "container_name" not in services["worker"] and "ports" not in services["worker"]
-    assert services["dashboard"]["ports"] == ["127.0.0.1:8080:8080"]
+    assert interpolate(services["dashboard"]["ports"], {}) == ["127.0.0.1:8080:8080"]
     assert [name for name, s in services.items() if "ports" in s] == ["dashboard"]
 
 
