@@ -101,6 +101,8 @@ def test_four_workers_on_one_sqlite_file(tmp_path):
     assert len(trials) == 40
     workers_seen = set(re.findall(r"^(w\d+) trial ", result.stdout, re.MULTILINE))
     assert workers_seen == {"w0", "w1", "w2", "w3"}
+    # Each trial names the worker (host:pid) that ran it.
+    assert len({t.user_attrs["worker"] for t in trials}) == 4
 
 
 def test_sigkilled_worker_trial_is_retried_with_same_params(storage_url, tmp_path):
