@@ -1,17 +1,24 @@
 # The hpo worker image: `hpo worker`, `hpo create` and optuna-dashboard, from this repository.
-FROM python:3.11-slim
+# BASE: any image with Python 3.11 and pip on PATH; docker/make-base.sh builds one from
+# Debian packages where no registry is reachable. EXTRAS: e.g. gpu, for JAX on NVIDIA GPUs.
+ARG BASE=python:3.11-slim
+FROM ${BASE}
+ARG EXTRAS=""
 
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 WORKDIR /app
-# README.m[d]: copied when present (pyproject names it); the glob keeps the build going without it.
-COPY pyproject.toml README.m[d] ./
+# Dependencies first, from pyproject.toml alone (the package is a stub until the code is
+# copied), so a change to the code rebuilds in seconds instead of reinstalling TensorFlow.
+# Editable: the package keeps finding studies/ beside it (compose mounts ./studies there).
+COPY pyproject.toml ./
+RUN mkdir hpo && touch hpo/__init__.py && pip install -e ".${EXTRAS:+[$EXTRAS]}" \
+    && useradd --create-home --uid 1000 hpo
+COPY README.md ./
 COPY hpo ./hpo
 COPY studies ./studies
-# Editable, so the package keeps finding studies/ beside it (compose mounts ./studies there).
-RUN pip install -e . && useradd --create-home --uid 1000 hpo
 USER hpo
 
 CMD ["hpo", "--help"]

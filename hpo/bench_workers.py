@@ -108,3 +108,118 @@ def measure_throughput(url: str, study: str, trials: int, workers: int, *, seeds
     start = time.perf_counter()
     subprocess.run(cmd, check=True, capture_output=True, cwd=_package_root())
     return trials / ((time.perf_counter() - start) / 60)
+
+
+@dataclass
+class ScaleResult:
+    """One row of the scale drill: N worker processes on one database."""
+
+    url: str
+    workers: int
+    budget: int
+    spent: int
+    running: int
+    trials_per_second: float
+    peak_connections: int | None
+    lock_wait_seconds: float
+    errors: int
+    worker_rss_mb: float
+    heavy_imports: list[str]
+
+    @property
+    def exact(self) -> bool:
+        return self.spent == self.budget and self.running == 0
+
+
+def measure_scale(url: str, workers: int, trials: int, study: str = "beale") -> ScaleResult:
+    """Start `workers` processes that each run hpo's worker loop (`run_trials`, as `hpo
+    worker` does) on one new study of `trials` analytic trials; once every one has
+    imported and connected, let them go together.
+
+    Trials per second run from the first trial's start to the last one's end (as the
+    database records them); peak connections is the most client connections PostgreSQL's
+    `pg_stat_activity` showed at once (None on SQLite); lock wait sums the seconds the
+    workers spent waiting for the study's admission lock; errors counts workers that
+    exited non-zero.
+    """
+    import json
+    import threading
+
+    spec = load_spec(study).with_overrides(trials=trials, name=f"bench_scale_{workers}_{uuid.uuid4().hex[:8]}")
+    storage = get_storage(url)
+    hpo_study = create_study(spec, storage)
+    env = {**os.environ, STORAGE_ENV: url, "PYTHONPATH": os.pathsep.join(
+        filter(None, [_package_root(), os.environ.get("PYTHONPATH")]))}
+    procs = [subprocess.Popen([sys.executable, "-m", "hpo.bench_workers", spec.name], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                              cwd=_package_root()) for _ in range(workers)]
+    for p in procs:
+        p.stdout.readline()  # "ready": imported, storage open, study loaded
+    peak = [0]
+    done = threading.Event()
+    sampler = threading.Thread(target=_sample_connections, args=(storage, peak, done), daemon=True)
+    if storage.engine.dialect.name == "postgresql":
+        sampler.start()
+    for p in procs:
+        p.stdin.write("go\n")
+        p.stdin.close()
+    lock_wait, errors, peak_rss, heavy = 0.0, 0, 0.0, set()
+    for p in procs:
+        out = p.stdout.read()
+        p.wait()
+        lines = [line for line in out.splitlines() if line.startswith("{")]
+        if p.returncode or not lines:
+            errors += 1
+            print(f"worker exit {p.returncode}: {out.strip().splitlines()[-1:]}", file=sys.stderr)
+        elif "waiting for the database" in out:
+            print(f"worker: {out.strip().splitlines()[0]}", file=sys.stderr)
+        else:
+            report = json.loads(lines[-1])
+            lock_wait += report["lock_wait_seconds"]
+            peak_rss = max(peak_rss, report["rss_mb"])
+            heavy.update(report["heavy_imports"])
+    done.set()
+    if sampler.is_alive():
+        sampler.join()
+    counts = count_trials(storage, hpo_study._study_id)
+    frozen = [t for t in hpo_study.get_trials(deepcopy=False) if t.datetime_complete is not None]
+    seconds = ((max(t.datetime_complete for t in frozen) - min(t.datetime_start for t in frozen)).total_seconds()
+               if frozen else 0.0)
+    return ScaleResult(mask_url(url), workers, trials, counts.spent, counts.running,
+                       len(frozen) / seconds if seconds else 0.0,
+                       peak[0] if sampler.ident is not None else None, lock_wait, errors, peak_rss, sorted(heavy))
+
+
+def _sample_connections(storage, peak: list[int], done) -> None:
+    import sqlalchemy
+
+    query = sqlalchemy.text("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' "
+                            "AND pid <> pg_backend_pid()")
+    with storage.engine.connect() as conn:
+        while not done.wait(0.05):
+            peak[0] = max(peak[0], conn.execute(query).scalar())
+            conn.rollback()
+
+
+def _scale_worker(study_name: str) -> None:
+    """One process of `measure_scale`: hpo's worker loop on the study, released by "go"
+    on stdin; prints its lock wait as JSON."""
+    import json
+
+    from hpo import storage as hpo_storage
+    from hpo.study import load_study
+
+    study, spec = load_study(get_storage(), study_name)
+    print("ready", flush=True)
+    sys.stdin.readline()
+    summary = run_trials(study, spec, budget=spec.trials, max_consecutive_failures=spec.trials,
+                         echo=lambda line: None)
+    # 128 of these must fit in memory: the analytic path loads no training framework.
+    heavy = [m for m in ("keras", "tensorflow", "jax") if m in sys.modules]
+    print(json.dumps({"lock_wait_seconds": hpo_storage.lock_wait_seconds(), "complete": summary.complete,
+                      "stopped": summary.stopped_reason, "rss_mb": rss_mb(), "heavy_imports": heavy}), flush=True)
+    sys.exit(summary.exit_code)
+
+
+if __name__ == "__main__":
+    _scale_worker(sys.argv[1])

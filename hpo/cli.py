@@ -189,11 +189,11 @@ def run(study: str, storage: str, study_name: str | None, trials: int | None, ti
 
 def _print_header(spec, storage: str, workers: int) -> None:
     from hpo.api import describe_start
-    from hpo.workers import worker_threads
+    from hpo.workers import describe_threads
 
     click.echo(describe_start(spec, storage))
     if workers > 1:
-        click.echo(f"{workers} workers, {worker_threads(workers)} TensorFlow threads each")
+        click.echo(describe_threads(spec, workers))
 
 
 def _checked_spec(study: str, **overrides):
@@ -232,7 +232,8 @@ def create(study: str, storage: str, study_name: str | None, trials: int | None,
 @click.option("--trials", type=click.IntRange(1, MAX_TRIALS),
               help="Finished trials the whole study should end with (default: the stored spec's).")
 @_worker_options
-@click.option("--threads", type=click.IntRange(1), help="TensorFlow intra-op threads of this worker (default: TensorFlow's).")
+@click.option("--threads", type=click.IntRange(1),
+              help="Training threads of this worker, JAX's and TensorFlow's (default: theirs, one per core).")
 @_memory_option
 @click.option("--worker-index", type=click.IntRange(0, 10**6),
               help="This worker's number, shown in its lines (default: a random number). Proposals do not "
@@ -248,8 +249,9 @@ def worker(storage: str, study_name: str, trials: int | None, timeout: float | N
     from hpo.storage import mask_url
     from hpo.study import load_study
     from hpo.training import check_spec_runs
-    from hpo.workers import limit_threads, memory_growth_limit, run_trials, share_gpu
+    from hpo.workers import die_with_parent, limit_threads, memory_growth_limit, run_trials, share_gpu
 
+    die_with_parent()
     if threads is not None:
         limit_threads(threads)
     share_gpu()
@@ -375,6 +377,29 @@ def bench_throughput(study: str, storage: str, trials: int, worker_counts: str, 
     for n, rate in rates.items():
         if n != first:
             click.echo(f"{n} vs {plural(first, 'worker')}: x{rate / rates[first]:.2f}")
+
+
+@bench_workers.command("scale")
+@click.option("--storage", "urls", multiple=True, envvar=STORAGE_ENV, default=[DEFAULT_STORAGE], show_default=True,
+              help="Study database URL; repeat to measure several (e.g. a PostgreSQL and a SQLite file).")
+@click.option("--workers", "worker_counts", default="1,4,16,64,128", show_default=True,
+              help="Comma-separated worker counts.")
+@click.option("--trials-per-worker", type=click.IntRange(1), default=4, show_default=True,
+              help="Budget of each study: this many trials per worker, at least 100.")
+def bench_scale(urls: tuple[str, ...], worker_counts: str, trials_per_worker: int) -> None:
+    """N worker processes on one analytic (beale) study per database: trials per second,
+    peak server connections, admission-lock wait, and whether the budget came out exact."""
+    from hpo.bench_workers import measure_scale
+
+    for url in urls:
+        for n in (int(x) for x in worker_counts.split(",")):
+            r = measure_scale(url, n, max(100, trials_per_worker * n))
+            peak = "" if r.peak_connections is None else f", peak {r.peak_connections} connections"
+            click.echo(f"{r.url}: {n:>3} workers: {r.trials_per_second:6.1f} trials/s{peak}, "
+                       f"lock wait {r.lock_wait_seconds:.1f} s, budget {r.spent}/{r.budget} "
+                       f"{'exact' if r.exact else 'NOT exact'}, {r.running} running, {r.errors} workers failed; "
+                       f"{r.worker_rss_mb:.0f} MB a worker" + (f" (loaded {', '.join(r.heavy_imports)})"
+                                                                if r.heavy_imports else ""))
 
 
 @cli.command()

@@ -4,7 +4,9 @@ reports and the per-seed record out, with the mean (or mean and std) as its valu
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
 import statistics
 import sys
 import time
@@ -327,11 +329,11 @@ def write_trial_note(storage: optuna.storages.BaseStorage, study_id: int, trial_
     Replacing one (rare: an incumbent that gained seeds) reads them once, as `save_note`
     would, to bump the version and blank the chunks a shorter body no longer fills.
     """
-    try:
-        from optuna_dashboard._note import note_str_key_prefix, note_ver_key, split_body
-    except ImportError:
+    note = _dashboard_note_module()
+    if note is None:
         return False
-    chunks = split_body(body, trial_id)
+    note_str_key_prefix, note_ver_key = note.note_str_key_prefix, note.note_ver_key
+    chunks = note.split_body(body, trial_id)
     version = 1
     if replace:
         old = storage.get_study_system_attrs(study_id)
@@ -342,3 +344,27 @@ def write_trial_note(storage: optuna.storages.BaseStorage, study_id: int, trial_
         storage.set_study_system_attr(study_id, key, value)
     storage.set_study_system_attr(study_id, note_ver_key(trial_id), version)
     return True
+
+
+def _dashboard_note_module():
+    # optuna-dashboard's note helpers (`_note.py`: math, typing, optuna) without the package
+    # around them: its __init__ loads the whole web app, pandas and scikit-learn with it,
+    # 120 MB and 2 s in every worker (128 analytic workers did not fit in 24 GB).
+    if "optuna_dashboard._note" in sys.modules:
+        return sys.modules["optuna_dashboard._note"]
+    if _NOTE_MODULE in sys.modules:
+        return sys.modules[_NOTE_MODULE]
+    package = importlib.util.find_spec("optuna_dashboard")
+    if package is None or not package.submodule_search_locations:
+        return None
+    spec = importlib.util.spec_from_file_location(
+        _NOTE_MODULE, os.path.join(list(package.submodule_search_locations)[0], "_note.py"))
+    if spec is None:
+        return None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules[_NOTE_MODULE] = module
+    return module
+
+
+_NOTE_MODULE = "hpo._dashboard_note"

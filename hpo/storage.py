@@ -67,7 +67,10 @@ def engine_kwargs(url: str) -> dict:
         # Several local workers write one file: wait for the lock instead of failing.
         return {"connect_args": {"timeout": 60}}
     # pool_pre_ping replaces connections a database restart has cut before they are used.
-    return {"pool_pre_ping": True, "pool_size": 2, "max_overflow": 4, "pool_recycle": 300}
+    # A worker keeps one connection between calls and opens at most two more at once (the
+    # trial it starts while holding the admission lock's; its heartbeat thread's), closed
+    # again after use: N workers hold about N of the server's max_connections, not 2-6 N.
+    return {"pool_pre_ping": True, "pool_size": 1, "max_overflow": 2, "pool_recycle": 300}
 
 
 def get_storage(url: str | None = None, *, heartbeat_interval: int | None = HEARTBEAT_INTERVAL,
@@ -326,18 +329,22 @@ def study_lock(storage: optuna.storages.RDBStorage, study_id: int) -> Iterator[N
     the connection drops). SQLite: an exclusive `flock` on `<file>.hpo-lock` beside the
     database (SQLite is one machine only). Other backends: a lock within this process only.
     """
+    global _lock_wait
     url = storage.url
     backend = sqlalchemy.engine.make_url(url).get_backend_name()
+    asked = time.perf_counter()
     if backend == "postgresql":
         with storage.engine.begin() as conn:
             conn.execute(sqlalchemy.text("SELECT pg_advisory_xact_lock(:ns, :sid)"),
                          {"ns": _LOCK_NAMESPACE, "sid": study_id})
+            _lock_wait += time.perf_counter() - asked
             yield
         return
     path = sqlite_path(url)
     if path is not None:
         with open(f"{path}.hpo-lock", "a+") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
+            _lock_wait += time.perf_counter() - asked
             try:
                 yield
             finally:
@@ -348,6 +355,13 @@ def study_lock(storage: optuna.storages.RDBStorage, study_id: int) -> Iterator[N
 
 
 _local_lock = threading.Lock()
+# Seconds this process waited for `study_lock` (on PostgreSQL including the connection it takes).
+_lock_wait = 0.0
+
+
+def lock_wait_seconds() -> float:
+    """Seconds this process has spent waiting for study admission locks (`hpo bench-workers scale`)."""
+    return _lock_wait
 
 
 def write_trial_user_attrs(storage: optuna.storages.RDBStorage, trial_id: int, attrs: dict[str, Any]) -> None:

@@ -15,6 +15,7 @@ import contextlib
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -34,6 +35,8 @@ from hpo.storage import (STOP_ATTR, TrialCounts, count_trials, fail_heartless_tr
                          study_lock)
 from hpo.words import mean_std, plural
 
+# Trial user attribute: the host (in a container, its id) and process id of the worker that ran it.
+ATTR_WORKER = "worker"
 # How often an idle worker looks again whether a running trial of another worker died.
 POLL_SECONDS = 1.0
 # How long `run_workers` waits for a stopped child before it kills it.
@@ -230,6 +233,7 @@ def _admit(study: optuna.Study, budget: int, sweep: bool) -> tuple[optuna.Trial 
         try:
             if getattr(storage, "heartbeat_interval", None):
                 storage.record_heartbeat(trial._trial_id)
+            trial.set_user_attr(ATTR_WORKER, f"{socket.gethostname()}:{os.getpid()}")
         except BaseException as e:
             _give_back(study, trial, f"worker stopped by a storage fault: {e}", retry=False)
             raise
@@ -447,7 +451,7 @@ def describe_trial(spec: StudySpec, trial: FrozenTrial, study: optuna.Study | No
 
 
 def worker_threads(workers: int, cores: int | None = None) -> int:
-    """TensorFlow intra-op threads per worker so that `workers` processes share the cores."""
+    """Training threads (JAX's or TensorFlow's) per worker so that `workers` processes share the cores."""
     cores = cores or available_cores()
     return max(1, cores // max(1, workers))
 
@@ -459,11 +463,34 @@ def available_cores() -> int:
     return os.cpu_count() or 1
 
 
+def describe_threads(spec: StudySpec, workers: int) -> str:
+    """The start line of `hpo run --workers N`: how many threads of which backend each worker trains with."""
+    from hpo.backend import resolve_backend
+
+    if spec.model.family == "analytic":
+        return f"{workers} workers (analytic study: nothing to train, no training threads)"
+    backend = {"jax": "JAX", "tensorflow": "TensorFlow"}[resolve_backend(spec.training.backend)]
+    threads = worker_threads(workers)
+    return f"{workers} workers, {threads} {backend} thread{'s' if threads > 1 else ''} each"
+
+
+# XLA's CPU client (JAX) reads its thread settings from XLA_FLAGS once, when JAX starts.
+_XLA_THREAD_FLAGS = ("--xla_cpu_multi_thread_eigen", "intra_op_parallelism_threads")
+
+
 def limit_threads(threads: int) -> None:
-    """Cap this process's TensorFlow (and OpenMP) threads; call before TensorFlow loads."""
+    """Cap this process's training threads, JAX's (XLA_FLAGS) and TensorFlow's (and
+    OpenMP's); call before either loads. XLA flags the user set already are kept."""
     for name in ("TF_NUM_INTRAOP_THREADS", "OMP_NUM_THREADS"):
         os.environ[name] = str(threads)
     os.environ["TF_NUM_INTEROP_THREADS"] = "1"
+    flags = os.environ.get("XLA_FLAGS", "")
+    if not any(f in flags for f in _XLA_THREAD_FLAGS):
+        # One thread: Eigen's own pool off too, or it takes a thread per core anyway.
+        ours = f"intra_op_parallelism_threads={threads}"
+        if threads == 1:
+            ours = f"--xla_cpu_multi_thread_eigen=false {ours}"
+        os.environ["XLA_FLAGS"] = f"{flags} {ours}".strip()
 
 
 def run_workers(storage_url: str, spec: StudySpec, workers: int, *, budget: int, timeout: float | None = None,
@@ -498,7 +525,7 @@ def run_workers(storage_url: str, spec: StudySpec, workers: int, *, budget: int,
         cmd_tail += ["--max-memory-growth", str(max_memory_growth)]
     # The URL travels in the environment, not on the command line, where `ps` would show
     # its password.
-    env = {**os.environ, STORAGE_ENV: storage_url, "PYTHONUNBUFFERED": "1",
+    env = {**os.environ, STORAGE_ENV: storage_url, "PYTHONUNBUFFERED": "1", PARENT_ENV: str(os.getpid()),
            # The workers run this very package, wherever the command was started from.
            "PYTHONPATH": os.pathsep.join(filter(None, [_package_root(), os.environ.get("PYTHONPATH")]))}
     lock = threading.Lock()
@@ -506,8 +533,9 @@ def run_workers(storage_url: str, spec: StudySpec, workers: int, *, budget: int,
     for i in range(workers):
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "hpo", "worker", "--worker-index", str(i), *cmd_tail],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-            start_new_session=True, preexec_fn=_die_with_parent))
+            # No preexec_fn: with one, Python forks (and runs JAX's fork warning) in a process
+            # whose JAX or TensorFlow threads are running; without, the child is spawned afresh.
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True))
     relays = [threading.Thread(target=_relay, args=(p.stdout, f"w{i}", echo, lock), daemon=True)
               for i, p in enumerate(procs)]
     relays += [threading.Thread(target=_relay, args=(p.stderr, f"w{i}", echo_err, lock), daemon=True)
@@ -570,12 +598,27 @@ def _stop_all(procs: list[subprocess.Popen], echo_err: Callable[[str], None]) ->
                      "its trial is retried once the grace period has passed")
 
 
-def _die_with_parent() -> None:
-    # Linux: a worker gets SIGTERM when `hpo run` dies, even by SIGKILL, so none is left behind.
+# Set by `run_workers` for its children: the process id of the `hpo run` that started them.
+PARENT_ENV = "HPO_WORKER_PARENT"
+
+
+def die_with_parent() -> None:
+    """In a worker started by `run_workers`: get SIGTERM when that `hpo run` dies, even
+    by SIGKILL, so no worker is left behind (Linux; elsewhere nothing happens).
+
+    The worker asks for it itself, first thing: asked by the parent between fork and exec,
+    it would take a fork of a process whose JAX threads run.
+    """
+    parent = os.environ.pop(PARENT_ENV, None)
+    if parent is None:
+        return
     try:
         import ctypes
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
-        pass
+        return
+    if os.getppid() != int(parent):
+        # The parent died before the request was made: nobody would send the signal.
+        os.kill(os.getpid(), signal.SIGTERM)
 

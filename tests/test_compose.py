@@ -62,7 +62,7 @@ def test_services_healthcheck_dependencies_and_ports(compose):
     assert services["dashboard"]["depends_on"] == {"postgres": healthy, "create": created}
     # Scalable: nothing that two copies of a worker would fight over.
     assert "container_name" not in services["worker"] and "ports" not in services["worker"]
-    assert services["dashboard"]["ports"] == ["127.0.0.1:8080:8080"]
+    assert interpolate(services["dashboard"]["ports"], {}) == ["127.0.0.1:8080:8080"]
     assert [name for name, s in services.items() if "ports" in s] == ["dashboard"]
 
 
@@ -138,3 +138,150 @@ def test_compose_commands_run_against_real_postgresql(compose, postgres):
     finally:
         dashboard.terminate()
         dashboard.wait(timeout=30)
+
+
+# The real stack: images built here (no registry needed), docker-compose up, faults injected.
+BASE_IMAGE = "hpo-base:bookworm"
+POSTGRES_IMAGE = "hpo-postgres:local"
+STACK_STUDY = """
+name = "compose_slow"
+seeds = 1
+trials = 20
+[model]
+family = "analytic"
+function = "beale"
+epoch_seconds = 0.4
+[training]
+max_epochs = 6
+patience = 100
+[pruner]
+kind = "none"
+[space]
+x = { low = -4.5, high = 4.5 }
+y = { low = -4.5, high = 4.5 }
+"""
+
+
+def _docker_or_skip() -> None:
+    import shutil
+
+    ok = shutil.which("docker-compose") and subprocess.run(["docker", "info"], capture_output=True).returncode == 0
+    if not ok:
+        if os.environ.get("CI"):
+            pytest.fail("no Docker engine or docker-compose in CI; .ci/run should have installed and started them")
+        pytest.skip("no Docker engine (apt-get install docker.io docker-compose debootstrap; dockerd &)")
+
+
+def _sh(*cmd: str, env: dict | None = None, timeout: float = 1800) -> str:
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout)
+    assert result.returncode == 0, f"{' '.join(cmd)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+def _wait(condition, what: str, timeout: float = 600):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.mark.compose
+def test_the_compose_stack_runs_a_study_through_a_killed_worker_and_a_database_restart(tmp_path):
+    """Build the images, `docker-compose up` postgres, create, two workers and the
+    dashboard; kill a worker mid-trial and restart PostgreSQL mid-run: the study ends with
+    exactly its budget, nothing RUNNING, every trial run by a worker container; the
+    dashboard reads (200) and refuses writes (403); `hpo report` reads it from the host."""
+    import secrets
+
+    _docker_or_skip()
+    if subprocess.run(["docker", "image", "inspect", BASE_IMAGE], capture_output=True).returncode != 0:
+        _sh(str(ROOT / "docker" / "make-base.sh"), BASE_IMAGE)
+    _sh("docker", "build", "-q", "--build-arg", f"BASE={BASE_IMAGE}", "-t", POSTGRES_IMAGE, "docker/postgres")
+
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    (studies / "compose_slow.toml").write_text(STACK_STUDY)
+    studies.chmod(0o755)
+    (studies / "compose_slow.toml").chmod(0o644)
+    pg_port, web_port = _free_port(), _free_port()
+    # The test only: PostgreSQL published on this machine, so `hpo report` can read it.
+    override = tmp_path / "override.yml"
+    override.write_text(f"""
+services:
+  postgres:
+    ports: ["127.0.0.1:{pg_port}:5432"]
+  create:
+    volumes: ["{studies}:/app/test-studies:ro"]
+""")
+    password = secrets.token_hex(12)
+    project = f"hpotest{secrets.token_hex(4)}"
+    env = {**os.environ, "POSTGRES_PASSWORD": password, "HPO_STUDY": "/app/test-studies/compose_slow.toml",
+           "HPO_STUDY_NAME": "compose_slow", "HPO_TRIALS": "20", "HPO_BASE_IMAGE": BASE_IMAGE,
+           "HPO_POSTGRES_IMAGE": POSTGRES_IMAGE, "HPO_DASHBOARD_PORT": str(web_port)}
+    compose_cmd = ["docker-compose", "-p", project, "-f", str(COMPOSE), "-f", str(override)]
+    url = f"postgresql+psycopg://hpo:{password}@127.0.0.1:{pg_port}/hpo"
+
+    def trials() -> list:
+        try:
+            return optuna.load_study(study_name="compose_slow", storage=url).get_trials(deepcopy=False)
+        except Exception:  # noqa: BLE001 - not created yet, or the database is restarting
+            return []
+
+    def container(service: str) -> list[str]:
+        return _sh(*compose_cmd, "ps", "-q", service, env=env).split()
+
+    _sh(*compose_cmd, "build", env=env)
+    try:
+        start = time.monotonic()
+        _sh(*compose_cmd, "up", "-d", "--scale", "worker=2", env=env, timeout=600)
+        workers = _wait(lambda: len(container("worker")) == 2 and container("worker"), "two worker containers")
+        # A worker container killed mid-trial: its trial is retried after the grace period.
+        victim = workers[0]
+        host = _sh("docker", "inspect", "-f", "{{.Config.Hostname}}", victim).strip()
+        _wait(lambda: any(t.state == TrialState.RUNNING and t.user_attrs.get("worker", "").startswith(f"{host}:")
+                          for t in trials()), "a trial running on the first worker")
+        _sh("docker", "kill", victim)
+        # PostgreSQL restarted mid-run: the workers wait for it and carry on.
+        _wait(lambda: sum(t.state == TrialState.COMPLETE for t in trials()) >= 8, "8 complete trials")
+        _sh("docker", "restart", container("postgres")[0])
+
+        def finished() -> bool:
+            states = [_sh("docker", "inspect", "-f", "{{.State.Status}} {{.State.ExitCode}}", c).strip()
+                      for c in container("worker")]
+            return all(s.startswith("exited") for s in states) and states
+        states = _wait(finished, "every worker to finish", timeout=900)
+        seconds = time.monotonic() - start
+        print(f"compose stack: up to a finished 20-trial study (with a kill and a restart) in {seconds:.0f} s")
+
+        done = trials()
+        spent = [t for t in done if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+                 or (t.state == TrialState.FAIL and "fail_reason" in t.user_attrs)]
+        assert len(spent) == 20, [(t.number, t.state, t.user_attrs.get("worker")) for t in done]
+        assert not [t for t in done if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+        assert any(t.state == TrialState.FAIL and "fail_reason" not in t.user_attrs for t in done)  # the lost one
+        hosts = {_sh("docker", "inspect", "-f", "{{.Config.Hostname}}", c).strip() for c in workers}
+        assert {t.user_attrs["worker"].split(":")[0] for t in spent} <= hosts
+        # Docker does not restart a container it was told to kill; the other worker ends cleanly.
+        exits = {c: _sh("docker", "inspect", "-f", "{{.State.ExitCode}}", c).strip() for c in workers}
+        assert exits == {victim: "137", workers[1]: "0"}, (exits, states)
+
+        base = f"http://127.0.0.1:{web_port}"
+        with urllib.request.urlopen(f"{base}/api/studies", timeout=10) as r:
+            assert r.status == 200
+            assert [s["study_name"] for s in json.loads(r.read())["study_summaries"]] == ["compose_slow"]
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(urllib.request.Request(f"{base}/api/studies/1", method="DELETE"), timeout=10)
+        assert refused.value.code == 403
+        report = subprocess.run([sys.executable, "-m", "hpo", "report", "--study-name", "compose_slow"],
+                                capture_output=True, text=True, cwd=ROOT, timeout=300,
+                                env={**os.environ, "HPO_STORAGE": url})
+        assert report.returncode == 0 and "compose_slow" in report.stdout, report.stdout + report.stderr
+    except BaseException:
+        print(subprocess.run([*compose_cmd, "logs", "--tail", "40"], capture_output=True, text=True,
+                             env=env, cwd=ROOT).stdout)
+        raise
+    finally:
+        subprocess.run([*compose_cmd, "down", "-v"], capture_output=True, env=env, cwd=ROOT, timeout=300)

@@ -102,6 +102,8 @@ def test_four_workers_on_one_sqlite_file(tmp_path):
     assert len(trials) == 40
     workers_seen = set(re.findall(r"^(w\d+) trial ", result.stdout, re.MULTILINE))
     assert workers_seen == {"w0", "w1", "w2", "w3"}
+    # Each trial names the worker (host:pid) that ran it.
+    assert len({t.user_attrs["worker"] for t in trials}) == 4
 
 
 def running_trial_with_params_and_heartbeat(url: str) -> int | None:
@@ -315,8 +317,17 @@ def test_workers_share_the_cores():
     assert _workers_type("auto") == available_cores()
     env = dict(os.environ)
     try:
+        os.environ.pop("XLA_FLAGS", None)
         limit_threads(2)
         assert (os.environ["TF_NUM_INTRAOP_THREADS"], os.environ["TF_NUM_INTEROP_THREADS"]) == ("2", "1")
+        assert os.environ["XLA_FLAGS"] == "intra_op_parallelism_threads=2"
+        os.environ["XLA_FLAGS"] = "--xla_dump_to=/tmp/x"
+        limit_threads(1)
+        assert os.environ["XLA_FLAGS"] == ("--xla_dump_to=/tmp/x --xla_cpu_multi_thread_eigen=false "
+                                           "intra_op_parallelism_threads=1")
+        os.environ["XLA_FLAGS"] = "intra_op_parallelism_threads=4"
+        limit_threads(1)
+        assert os.environ["XLA_FLAGS"] == "intra_op_parallelism_threads=4"  # the user's own setting wins
     finally:
         os.environ.clear()
         os.environ.update(env)
@@ -342,6 +353,49 @@ def test_a_trial_whose_worker_died_before_it_had_params_is_retried_cleanly(stora
     assert not by_state(trials, TrialState.RUNNING) and not by_state(trials, TrialState.WAITING)
     retry = [t for t in trials if t.system_attrs.get("failed_trial") == 0]
     assert len(retry) == 1 and retry[0].state == TrialState.COMPLETE and set(retry[0].params) == {"x", "y"}
+
+
+def test_keras_workers_start_without_forking_a_process_that_runs_jax(tmp_path):
+    """`hpo run --workers 2` on a Keras study has built its model (JAX threads running)
+    before it starts the workers: they start as new processes, with no fork and so no
+    JAX warning about one, each with its share of the cores named by backend."""
+    from hpo.workers import worker_threads
+
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    result = run_hpo("run", "sequence_toy", "--storage", url, "--trials", "2", "--seeds", "1", "--max-epochs", "1",
+                     "--workers", "2", env={"HPO_BACKEND": "jax"})
+    assert "RuntimeWarning" not in result.stderr and "os.fork" not in result.stderr, result.stderr
+    threads = worker_threads(2)
+    assert f"2 workers, {threads} JAX thread{'s' if threads > 1 else ''} each" in result.stdout
+    assert "TensorFlow" not in result.stdout
+    trials = trials_of(url, "sequence_toy")
+    assert len(by_state(trials, TrialState.COMPLETE)) + len(by_state(trials, TrialState.PRUNED)) == 2 == len(trials)
+
+
+def test_workers_of_a_killed_run_stop_and_its_trials_are_retried(tmp_path):
+    """`hpo run --workers 2` SIGKILLed: its workers get SIGTERM from the kernel (they
+    asked for it themselves, not through a fork hook), give their trials back and exit;
+    the next run ends with the exact budget."""
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    spec = write_study(tmp_path, "orphans", trials=6, epoch_seconds=0.3)
+    proc = start_hpo("run", str(spec), "--storage", url, "--workers", "2")
+    try:
+        wait_for_line(proc, "trial ")
+        assert len(processes_with("orphans")) == 3
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 60
+        while processes_with("orphans") and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert processes_with("orphans") == []
+    trials = trials_of(url, "orphans")
+    assert not by_state(trials, TrialState.RUNNING)
+    run_hpo("run", str(spec), "--storage", url, "--workers", "2", timeout=300)
+    trials = trials_of(url, "orphans")
+    assert len(by_state(trials, TrialState.COMPLETE)) == 6 and not by_state(trials, TrialState.RUNNING)
 
 
 def test_running_trial_without_heartbeat_is_failed_and_retried(tmp_path):
