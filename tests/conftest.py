@@ -1,6 +1,7 @@
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -54,3 +55,15 @@ def run_hpo(*args: str, env: dict | None = None, cwd: Path | None = None, timeou
         raise AssertionError(f"hpo {' '.join(args)} exited {result.returncode}\n"
                              f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}")
     return result
+
+
+def wait_until(condition, what: str, timeout: float = 120, poll: float = 0.05):
+    """Poll `condition()` until it returns something truthy (no fixed sleeps: under load a
+    step takes as long as it takes)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = condition()
+        if found:
+            return found
+        time.sleep(poll)
+    raise AssertionError(f"timed out waiting for {what}")

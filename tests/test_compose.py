@@ -18,7 +18,7 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, wait_until
 
 COMPOSE = ROOT / "docker-compose.yml"
 
@@ -178,16 +178,6 @@ def _sh(*cmd: str, env: dict | None = None, timeout: float = 1800) -> str:
     return result.stdout
 
 
-def _wait(condition, what: str, timeout: float = 600):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 @pytest.mark.compose
 def test_the_compose_stack_runs_a_study_through_a_killed_worker_and_a_database_restart(tmp_path):
     """Build the images, `docker-compose up` postgres, create, two workers and the
@@ -237,22 +227,23 @@ services:
     try:
         start = time.monotonic()
         _sh(*compose_cmd, "up", "-d", "--scale", "worker=2", env=env, timeout=600)
-        workers = _wait(lambda: len(container("worker")) == 2 and container("worker"), "two worker containers")
+        workers = wait_until(lambda: len(container("worker")) == 2 and container("worker"), "two worker containers",
+                             timeout=600, poll=1)
         # A worker container killed mid-trial: its trial is retried after the grace period.
         victim = workers[0]
         host = _sh("docker", "inspect", "-f", "{{.Config.Hostname}}", victim).strip()
-        _wait(lambda: any(t.state == TrialState.RUNNING and t.user_attrs.get("worker", "").startswith(f"{host}:")
-                          for t in trials()), "a trial running on the first worker")
+        wait_until(lambda: any(t.state == TrialState.RUNNING and t.user_attrs.get("worker", "").startswith(f"{host}:")
+                          for t in trials()), "a trial running on the first worker", timeout=600, poll=1)
         _sh("docker", "kill", victim)
         # PostgreSQL restarted mid-run: the workers wait for it and carry on.
-        _wait(lambda: sum(t.state == TrialState.COMPLETE for t in trials()) >= 8, "8 complete trials")
+        wait_until(lambda: sum(t.state == TrialState.COMPLETE for t in trials()) >= 8, "8 complete trials", timeout=600, poll=1)
         _sh("docker", "restart", container("postgres")[0])
 
         def finished() -> bool:
             states = [_sh("docker", "inspect", "-f", "{{.State.Status}} {{.State.ExitCode}}", c).strip()
                       for c in container("worker")]
             return all(s.startswith("exited") for s in states) and states
-        states = _wait(finished, "every worker to finish", timeout=900)
+        states = wait_until(finished, "every worker to finish", timeout=900, poll=1)
         seconds = time.monotonic() - start
         print(f"compose stack: up to a finished 20-trial study (with a kill and a restart) in {seconds:.0f} s")
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from tests.conftest import ROOT, run_hpo
+from tests.conftest import ROOT, run_hpo, wait_until
 
 SLOW_STUDY = """
 name = "{name}"
@@ -119,18 +119,6 @@ def running_trial_with_params_and_heartbeat(url: str) -> int | None:
                 "AND EXISTS (SELECT 1 FROM trial_heartbeats h WHERE h.trial_id = t.trial_id)")).scalar()
     finally:
         engine.dispose()
-
-
-def wait_until(condition, what: str, timeout: float = 120):
-    """Poll `condition()` until it returns something truthy (no fixed sleeps: under load a
-    step takes as long as it takes)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = condition()
-        if found:
-            return found
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def stop_mid_trial(proc: subprocess.Popen, url: str) -> int:
