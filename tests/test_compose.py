@@ -233,7 +233,7 @@ services:
         victim = workers[0]
         host = _sh("docker", "inspect", "-f", "{{.Config.Hostname}}", victim).strip()
         wait_until(lambda: any(t.state == TrialState.RUNNING and t.user_attrs.get("worker", "").startswith(f"{host}:")
-                          for t in trials()), "a trial running on the first worker", timeout=600, poll=1)
+                               for t in trials()), "a trial running on the first worker", timeout=600, poll=1)
         _sh("docker", "kill", victim)
         # PostgreSQL restarted mid-run: the workers wait for it and carry on.
         wait_until(lambda: sum(t.state == TrialState.COMPLETE for t in trials()) >= 8, "8 complete trials", timeout=600, poll=1)
