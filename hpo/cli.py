@@ -461,10 +461,9 @@ def export_command(study_name: str | None, storage: str, trial_number: int | Non
                            study_dir=study_dir)
     which = ("the winner, confirmed on fresh seeds" if result.confirmed else
              "the winner" if trial_number is None else "as asked")
-    click.echo(f"trial #{result.number} of {study_name} ({which}): "
-               + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.searched.items()))
+    click.echo(f"trial #{result.number} of {study_name} ({which}): {format_params(result.searched)}")
     refitted = len(result.seeds) + len(result.also_refitted)
-    click.echo(f"refitted {refitted} seed{'s' * (refitted != 1)} to their best epochs in {result.refit_seconds:.1f} s"
+    click.echo(f"refitted {plural(refitted, 'seed')} to their best epochs in {result.refit_seconds:.1f} s"
                + (f" (seeds {', '.join(map(str, result.also_refitted))} were trained with them, as in the search)"
                   if result.also_refitted else ""))
     click.echo(f"{'seed':>8} {'stored ' + result.metric:>18} {'saved model':>14} {'diff':>10}")

@@ -17,6 +17,7 @@ import numpy as np
 from hpo.errors import SpecError
 from hpo.spec import (CUSTOM, DATA_PARAMS, LOADER, resolve_data_path, RECURRENT_FAMILIES, SERIES_DATASETS, Choice, DataSpec, Fixed,
                       IntRange, StudySpec)
+from hpo.words import plural
 
 # The built-in series are the same in every study, whatever the study seed.
 _DATA_SEED = 20240611
@@ -216,8 +217,8 @@ def _refuse_empty_cells(frame: Any, column: str, path: str, field: str, fix: str
     if len(empty):
         # Line numbers of the file: the header is line 1.
         lines = ", ".join(str(i + 2) for i in empty[:5]) + (", ..." if len(empty) > 5 else "")
-        raise SpecError(path, field, f'column "{column}" of {path} has {len(empty)} empty cell'
-                                     f"{'s' * (len(empty) != 1)} (line {lines}); {fix} or drop those rows")
+        raise SpecError(path, field, f'column "{column}" of {path} has {plural(len(empty), "empty cell")} '
+                                     f"(line {lines}); {fix} or drop those rows")
 
 
 _user_cache: dict[tuple, Dataset] = {}
