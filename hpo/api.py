@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import inspect
+import shlex
 from pathlib import Path
 from typing import Any, Callable
 
@@ -70,8 +71,6 @@ def describe_start(spec: StudySpec, storage: str) -> str:
 
 def storage_arg(storage: str) -> str:
     """` --storage URL` for a printed command, unless it is the default (password masked)."""
-    import shlex
-
     # Quoted so the printed command runs as printed, whatever the path holds.
     return "" if storage == DEFAULT_STORAGE else f" --storage {shlex.quote(mask_url(storage))}"
 
@@ -79,17 +78,13 @@ def storage_arg(storage: str) -> str:
 def summary_lines(spec: StudySpec, summary: RunSummary, storage: str) -> list[str]:
     """The lines a run closes with: what it did, the best trial (mean ± std over its seeds,
     per-seed scores, params), where it is stored and how to replay and export it."""
-    import shlex
-
-    from hpo.storage import mask_url
-
     lines = ["", f"done in {summary.seconds:.1f} s: {summary.complete} complete, {summary.pruned} pruned, "
                  f"{summary.failed} failed in this run" + (f", {summary.lost} lost and retried" if summary.lost else "")]
     if summary.stopped_reason:
         lines.append(summary.stopped_reason)
     elif not (summary.complete or summary.pruned or summary.failed or summary.lost or summary.exit_code):
         # Nothing ran because nothing was left to run: say so, and how to go on.
-        lines.append(f"the study's budget of {spec.trials} trials was spent already; to add trials, run it again "
+        lines.append(f"the study's budget of {plural(spec.trials, 'trial')} was spent already; to add trials, run it again "
                      f"with --trials N (more than {spec.trials})")
     best = summary.best
     if best is None:
