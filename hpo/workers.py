@@ -468,10 +468,9 @@ def describe_threads(spec: StudySpec, workers: int) -> str:
     from hpo.backend import resolve_backend
 
     if spec.model.family == "analytic":
-        return f"{workers} workers (analytic study: nothing to train, no training threads)"
+        return f"{plural(workers, 'worker')} (analytic study: nothing to train, no training threads)"
     backend = {"jax": "JAX", "tensorflow": "TensorFlow"}[resolve_backend(spec.training.backend)]
-    threads = worker_threads(workers)
-    return f"{workers} workers, {threads} {backend} thread{'s' if threads > 1 else ''} each"
+    return f"{plural(workers, 'worker')}, {plural(worker_threads(workers), backend + ' thread')} each"
 
 
 # XLA's CPU client (JAX) reads its thread settings from XLA_FLAGS once, when JAX starts.
