@@ -357,8 +357,9 @@ def _dashboard_note_module():
     package = importlib.util.find_spec("optuna_dashboard")
     if package is None or not package.submodule_search_locations:
         return None
-    spec = importlib.util.spec_from_file_location(
-        _NOTE_MODULE, os.path.join(list(package.submodule_search_locations)[0], "_note.py"))
+    path = os.path.join(list(package.submodule_search_locations)[0], "_note.py")
+    # Another optuna-dashboard without that file: no notes, as when the package is missing.
+    spec = importlib.util.spec_from_file_location(_NOTE_MODULE, path) if os.path.isfile(path) else None
     if spec is None:
         return None
     module = importlib.util.module_from_spec(spec)
