@@ -52,6 +52,64 @@ def use_backend(requested: str | None = None) -> str:
     return name
 
 
+def import_tensorflow_quietly() -> None:
+    """Import TensorFlow (its backend, or a Keras text layer, needs it) without its native
+    start-up lines (oneDNN, CUDA stubs), which go to fd 2 before its own log settings
+    apply; a failing import still raises. A machine without TensorFlow (a GPU box with
+    only the JAX CUDA wheels) skips this."""
+    if "tensorflow" in sys.modules or os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "0":
+        return
+    if importlib.util.find_spec("tensorflow") is None:
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        import tensorflow  # noqa: F401
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+class _LoadedTensorFlow:
+    """Keras' lazy `tensorflow` module as two of Keras' own modules see it: available
+    only once something else has imported TensorFlow.
+
+    `keras.utils.set_random_seed` and Keras' serialisation (`get_config`, saving) ask
+    whether TensorFlow is available, and asking imports it: 3 s and ~450 MB in every JAX
+    process, for a library no JAX trial calls (a value cannot be a `tf.TensorShape`, nor a
+    TensorFlow generator need a seed, while TensorFlow is not loaded). Where the user's
+    code or a text layer imports it, both see it again and seed and serialise it as Keras does.
+    """
+
+    def __init__(self, lazy: object) -> None:
+        self._lazy = lazy
+
+    @property
+    def available(self) -> bool:
+        return "tensorflow" in sys.modules and self._lazy.available
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._lazy, name)
+
+
+def keep_tensorflow_unloaded() -> None:
+    """Stop Keras importing TensorFlow on another backend just to ask whether it is there
+    (see `_LoadedTensorFlow`); Keras is imported. A Keras without these modules is left as it is."""
+    import importlib
+
+    for name in ("keras.src.utils.rng_utils", "keras.src.saving.serialization_lib"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        lazy = getattr(module, "tf", None)
+        if lazy is not None and type(lazy).__name__ == "LazyModule":
+            module.tf = _LoadedTensorFlow(lazy)
+
+
 def check_devices(backend: str) -> None:
     """Start the backend's devices once, so that a device it was told to use but cannot
     find (`JAX_PLATFORMS=cuda` on a machine without CUDA) is named before any trial,

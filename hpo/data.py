@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from hpo.backend import import_tensorflow_quietly
 from hpo.errors import SpecError
 from hpo.spec import (CUSTOM, DATA_PARAMS, LOADER, resolve_data_path, RECURRENT_FAMILIES, SERIES_DATASETS, Choice, DataSpec, Fixed,
                       IntRange, StudySpec)
@@ -204,7 +205,9 @@ def _csv_text(spec: DataSpec, split_seed: int, maxlen: int, vocab_size: int) -> 
     n_val = max(1, int(round(n * spec.val_fraction)))
     order = np.random.default_rng(split_seed).permutation(n)
     train_idx, val_idx = order[n_val:], order[:n_val]
-    # The vocabulary is learnt from the training texts only, like any scaling.
+    # The vocabulary is learnt from the training texts only, like any scaling. Keras'
+    # text layers run on TensorFlow, whatever the backend.
+    import_tensorflow_quietly()
     vectorize = keras.layers.TextVectorization(max_tokens=vocab_size, output_sequence_length=maxlen)
     vectorize.adapt(list(texts[train_idx]))
     x = np.asarray(vectorize(list(texts))).astype(np.int32)

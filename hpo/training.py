@@ -17,7 +17,8 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 
-from hpo.backend import check_devices, use_backend, use_compilation_cache
+from hpo.backend import (check_devices, import_tensorflow_quietly, keep_tensorflow_unloaded, use_backend,
+                         use_compilation_cache)
 from hpo.errors import TrialDiverged, TrialFailed
 from hpo.spec import StudySpec
 
@@ -374,45 +375,24 @@ _determinism_configured = False
 
 
 def configure_determinism(backend: str) -> None:
-    """Import Keras quietly and, on TensorFlow, make its ops deterministic (once per
-    process), so a replay is exact; on JAX, use the persistent compilation cache."""
+    """Import Keras and, on TensorFlow, import it quietly and make its ops deterministic
+    (once per process), so a replay is exact; on JAX, use the persistent compilation cache
+    (and leave TensorFlow unimported: `keep_tensorflow_unloaded`)."""
     global _determinism_configured
     if _determinism_configured:
         return
-    _import_tensorflow_quietly()
-    import keras  # noqa: F401
     if backend != "tensorflow":
+        import keras  # noqa: F401
+
+        keep_tensorflow_unloaded()
         use_compilation_cache()
+        _determinism_configured = True
         return
+    import_tensorflow_quietly()
     import tensorflow as tf
 
     tf.config.experimental.enable_op_determinism()
     _determinism_configured = True
-
-
-def _import_tensorflow_quietly() -> None:
-    # TensorFlow's native start-up lines (oneDNN, CUDA stubs) go to fd 2 before its own
-    # log settings apply; hide just that import. A failing import still raises here.
-    # Keras on JAX needs no TensorFlow: a machine without it (a GPU box with only the
-    # JAX CUDA wheels) skips this.
-    import importlib.util
-    import os
-    import sys
-
-    if "tensorflow" in sys.modules or os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "0":
-        return
-    if importlib.util.find_spec("tensorflow") is None:
-        return
-    sys.stderr.flush()
-    saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
-        import tensorflow  # noqa: F401
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
 
 
 def release_memory() -> None:
