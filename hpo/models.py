@@ -14,7 +14,8 @@ from typing import Any, Callable
 import keras
 
 from hpo.errors import SpecError
-from hpo.spec import CUSTOM, StudySpec
+from hpo.spec import CUSTOM, DEFAULT_PARAMS, StudySpec
+from hpo.words import format_params
 
 # A model builder: (params, input_shape, n_outputs) -> an uncompiled keras.Model.
 Builder = Callable[[dict[str, Any], tuple[int, ...], int], keras.Model]
@@ -128,7 +129,9 @@ def _build_failed(spec: StudySpec, error: Exception, params: dict[str, Any]) -> 
             return SpecError(spec.source, field, f"{what} calls hp.{error.call}{error.detail}")
         return SpecError(spec.source, field, f"{what} calls hp.{error.call}, which hpo's hp does not implement "
                                              f"(it has {', '.join(SUPPORTED)}); rewrite that call with one of them")
-    point = f" ({_short(params)})" if params else " (each hp call's default)"
+    # The space's own parameters (or a build(hp)'s calls), not every default a build is handed.
+    declared = {k: v for k, v in sorted(params.items()) if k in spec.space or k not in DEFAULT_PARAMS}
+    point = f" ({format_params(declared)})" if declared else " (each hp call's default)" if not params else ""
     return SpecError(spec.source, field, f"{what} raised {type(error).__name__}: {error} when built with the first "
                                          f"point of the space{point}; fix it")
 
@@ -176,10 +179,6 @@ def _metric_name(metric: Any) -> str:
 
 def _input_dtype(input_shape: tuple[int, ...], model: keras.Model) -> str:
     return model.inputs[0].dtype if getattr(model, "inputs", None) else "float32"
-
-
-def _short(params: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={v}" for k, v in sorted(params.items()) if v is not None)[:300]
 
 
 def build_model(params: dict[str, Any], input_shape: tuple[int, ...], *, family: str, output: str,

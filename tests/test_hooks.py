@@ -140,7 +140,9 @@ BAD_HOOKS = {
     "loader exits": ({"loader": LOADER.replace("    rng =", "    raise SystemExit('no data')\n    rng =")},
                      "data.py:load called sys.exit('no data')"),
     "build raises": ({"build": BUILD.replace("    inputs =", "    raise RuntimeError('no GPU here')\n    inputs =")},
-                     "raised RuntimeError: no GPU here"),
+                     # The point named is the space's own, not every default a build is handed.
+                     "raised RuntimeError: no GPU here when built with the first point of the space "
+                     "(batch_size=32, dropout=0, filters=2, kernel_size=3); fix it"),
     "not a model": ({"build": BUILD.replace("return keras.Model(inputs, keras.layers.Dense(n_outputs)(x))",
                                             "return x")}, "not a keras.Model"),
     "wrong width": ({"build": BUILD.replace("Dense(n_outputs)", "Dense(3)")},
