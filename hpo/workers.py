@@ -31,8 +31,8 @@ from hpo.errors import HpoError, TrialFailed
 from hpo.objective import ATTR_FAIL_REASON, ATTR_INTERRUPTED, ATTR_PRUNED_AT, ATTR_UNDECIDED_AGAINST, Objective
 from hpo.spec import StudySpec
 from hpo.study import quiet_optuna
-from hpo.storage import (STOP_ATTR, TrialCounts, count_trials, fail_heartless_trials, rdb_storage, retry_storage_call,
-                         study_lock)
+from hpo.storage import (STOP_ATTR, TrialCounts, classify_storage_error, count_trials, fail_heartless_trials,
+                         rdb_storage, retry_storage_call, study_lock)
 from hpo.words import mean_std, plural
 
 # Trial user attribute: the host (in a container, its id) and process id of the worker that ran it.
@@ -125,6 +125,7 @@ def run_trials(study: optuna.Study, spec: StudySpec, *, budget: int, timeout: fl
     failures_in_a_row = 0
     storage = rdb_storage(study._storage)
     next_sweep = 0.0
+    orphans: list[optuna.Trial] = []
     restore = record_signals()
     if hasattr(storage, "check_stop"):
         storage.check_stop = check_stop
@@ -137,7 +138,7 @@ def run_trials(study: optuna.Study, spec: StudySpec, *, budget: int, timeout: fl
             sweep = time.monotonic() >= next_sweep
             if sweep:
                 next_sweep = time.monotonic() + (getattr(storage, "heartbeat_interval", None) or 0)
-            trial, counts = retry_storage_call(storage, lambda: _admit(study, budget, sweep))
+            trial, counts = retry_storage_call(storage, lambda: _admit(study, budget, sweep, orphans))
             if trial is None:
                 if counts.stop_reason:
                     if not summary.stopped_reason:
@@ -215,28 +216,48 @@ def rss_mb(pid: int | str = "self") -> float:
         return 0.0
 
 
-def _admit(study: optuna.Study, budget: int, sweep: bool) -> tuple[optuna.Trial | None, TrialCounts]:
+def _admit(study: optuna.Study, budget: int, sweep: bool,
+           orphans: list[optuna.Trial]) -> tuple[optuna.Trial | None, TrialCounts]:
+    """Under the study's lock: a new trial (with its first heartbeat and this worker's
+    name) if the budget has room, and the counts it was judged by.
+
+    `orphans` carries, from one attempt to the next, trials this worker created and lost
+    to a dropped connection before their first heartbeat; each is given back (failed,
+    its params queued again) as soon as the database answers, not left RUNNING for the
+    grace period while every other worker waits on the budget it holds.
+    """
     storage = rdb_storage(study._storage)
     # No signal may land between creating a trial and its first heartbeat: that trial
     # would stay RUNNING with nothing to show it is dead.
-    with _signals_held(), study_lock(storage, study._study_id):
-        if sweep:
-            # Dead workers are looked for once per heartbeat interval, not before every
-            # trial: a trial only goes stale after the grace period anyway.
-            optuna.storages.fail_stale_trials(study)
-            fail_heartless_trials(study)
-        counts = count_trials(storage, study._study_id)
-        if counts.stop_reason or counts.spent + counts.running >= budget:
-            return None, counts
-        # Pops a trial queued for retry first, else creates one.
-        trial = study.ask()
-        try:
+    trial = None
+    try:
+        with _signals_held(), study_lock(storage, study._study_id):
+            while orphans:
+                _give_back(study, orphans[0], "its worker lost the database connection while admitting it")
+                orphans.pop(0)
+            if sweep:
+                # Dead workers are looked for once per heartbeat interval, not before every
+                # trial: a trial only goes stale after the grace period anyway.
+                optuna.storages.fail_stale_trials(study)
+                fail_heartless_trials(study)
+            counts = count_trials(storage, study._study_id)
+            if counts.stop_reason or counts.spent + counts.running >= budget:
+                return None, counts
+            # Pops a trial queued for retry first, else creates one.
+            trial = study.ask()
             if getattr(storage, "heartbeat_interval", None):
                 storage.record_heartbeat(trial._trial_id)
             trial.set_user_attr(ATTR_WORKER, f"{socket.gethostname()}:{os.getpid()}")
-        except BaseException as e:
-            _give_back(study, trial, f"worker stopped by a storage fault: {e}", retry=False)
-            raise
+    except BaseException as e:
+        # Created, but its admission did not finish (down to releasing the lock, whose
+        # connection may have died with the others): not this worker's to run.
+        if trial is not None:
+            fault = classify_storage_error(e)
+            if fault is not None and fault[0] == "transient":
+                orphans.append(trial)  # given back on the next attempt, once the database answers
+            else:
+                _give_back(study, trial, f"worker stopped by a storage fault: {e}", retry=False)
+        raise
     return trial, counts
 
 

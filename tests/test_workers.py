@@ -218,6 +218,63 @@ CREATE TRIGGER full_value BEFORE INSERT OR UPDATE ON trial_values
 """
 
 
+# The server drops every connection to the study's database as the first heartbeat is
+# written (after the trial itself was created and committed), and again at the first
+# writes that would give that trial back: a database restarting, failing over, or an
+# administrator's pg_terminate_backend. Sequences count outside the transactions that
+# die with their connections.
+DROP_CONNECTIONS = """
+CREATE FUNCTION hpo_test_drop_once(counter regclass) RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    IF nextval(counter) = 1 THEN
+        PERFORM pg_terminate_backend(pid) FROM pg_stat_activity
+            WHERE datname = current_database() AND pid <> pg_backend_pid();
+        PERFORM pg_terminate_backend(pg_backend_pid());
+    END IF;
+END $$;
+CREATE SEQUENCE hpo_test_beat;
+CREATE SEQUENCE hpo_test_reason;
+CREATE SEQUENCE hpo_test_state;
+CREATE FUNCTION hpo_test_drop_beat() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN PERFORM hpo_test_drop_once('hpo_test_beat'); RETURN NEW; END $$;
+CREATE FUNCTION hpo_test_drop_reason() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN PERFORM hpo_test_drop_once('hpo_test_reason'); RETURN NEW; END $$;
+CREATE FUNCTION hpo_test_drop_state() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN PERFORM hpo_test_drop_once('hpo_test_state'); RETURN NEW; END $$;
+CREATE TRIGGER drop_beat BEFORE INSERT ON trial_heartbeats FOR EACH ROW EXECUTE FUNCTION hpo_test_drop_beat();
+CREATE TRIGGER drop_reason BEFORE INSERT ON trial_user_attributes FOR EACH ROW WHEN (NEW.key = 'interrupted')
+    EXECUTE FUNCTION hpo_test_drop_reason();
+CREATE TRIGGER drop_state BEFORE UPDATE ON trials FOR EACH ROW WHEN (NEW.state = 'FAIL')
+    EXECUTE FUNCTION hpo_test_drop_state();
+"""
+
+
+def test_a_trial_whose_admission_lost_the_connection_is_given_back_at_once(postgres, tmp_path):
+    """Not left RUNNING for the grace period, holding budget that every worker waits on."""
+    import sqlalchemy
+
+    url = postgres.create_database()
+    spec = write_study(tmp_path, "dropped", trials=3, epoch_seconds=0.0)
+    run_hpo("create", str(spec), "--storage", url)
+    engine = sqlalchemy.create_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(sqlalchemy.text(DROP_CONNECTIONS))
+    finally:
+        engine.dispose()
+    # A grace period longer than the run may take: only a trial given back at once lets it end.
+    result = run_hpo("run", str(spec), "--storage", url, "--heartbeat-interval", "1", "--grace-period", "3600",
+                     timeout=120)
+    assert "waiting for the database to come back" in result.stderr, result.stderr
+    trials = trials_of(url, "dropped")
+    assert len(by_state(trials, TrialState.COMPLETE)) == 3 and not by_state(trials, TrialState.RUNNING)
+    assert not by_state(trials, TrialState.WAITING)
+    # Given back, not failed on their own: they do not count, and each was retried.
+    lost = by_state(trials, TrialState.FAIL)
+    assert lost and all("lost the database connection" in t.user_attrs["interrupted"] for t in lost), lost
+    assert "fail_reason" not in lost[0].user_attrs
+
+
 def test_a_disk_that_fills_mid_trial_stops_with_one_line_and_leaves_no_trial_running(postgres, tmp_path):
     import sqlalchemy
 
