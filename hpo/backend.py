@@ -46,8 +46,8 @@ def use_backend(requested: str | None = None) -> str:
                                f"{name}; run it in a new process (hpo run does), or set HPO_BACKEND={loaded}")
         return name
     os.environ["KERAS_BACKEND"] = name
-    # Keras imports TensorFlow for its data utilities on any backend; its native start-up
-    # lines would otherwise reach the user's terminal.
+    # Where anything does import TensorFlow (its backend, a user's loader), its native
+    # start-up lines would otherwise reach the user's terminal.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     return name
 
@@ -78,7 +78,7 @@ class _LoadedTensorFlow:
     only once something else has imported TensorFlow.
 
     `keras.utils.set_random_seed` and Keras' serialisation (`get_config`, saving) ask
-    whether TensorFlow is available, and asking imports it: 3 s and ~450 MB in every JAX
+    whether TensorFlow is available, and asking imports it: 3 s and ~570 MB in every JAX
     process, for a library no JAX trial calls (a value cannot be a `tf.TensorShape`, nor a
     TensorFlow generator need a seed, while TensorFlow is not loaded). Where the user's
     code or a text layer imports it, both see it again and seed and serialise it as Keras does.
@@ -98,8 +98,6 @@ class _LoadedTensorFlow:
 def keep_tensorflow_unloaded() -> None:
     """Stop Keras importing TensorFlow on another backend just to ask whether it is there
     (see `_LoadedTensorFlow`); Keras is imported. A Keras without these modules is left as it is."""
-    import importlib
-
     for name in ("keras.src.utils.rng_utils", "keras.src.saving.serialization_lib"):
         try:
             module = importlib.import_module(name)

@@ -131,7 +131,10 @@ def _build_failed(spec: StudySpec, error: Exception, params: dict[str, Any]) -> 
                                              f"(it has {', '.join(SUPPORTED)}); rewrite that call with one of them")
     # The space's own parameters (or a build(hp)'s calls), not every default a build is handed.
     declared = {k: v for k, v in sorted(params.items()) if k in spec.space or k not in DEFAULT_PARAMS}
-    point = f" ({format_params(declared)})" if declared else " (each hp call's default)" if not params else ""
+    if declared:
+        point = f" ({format_params(declared)})"
+    else:
+        point = "" if params else " (each hp call's default)"
     return SpecError(spec.source, field, f"{what} raised {type(error).__name__}: {error} when built with the first "
                                          f"point of the space{point}; fix it")
 

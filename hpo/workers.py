@@ -222,7 +222,7 @@ def _admit(study: optuna.Study, budget: int, sweep: bool,
     name) if the budget has room, and the counts it was judged by.
 
     `orphans` carries, from one attempt to the next, trials this worker created and lost
-    to a dropped connection before their first heartbeat; each is given back (failed,
+    to a dropped connection before their admission finished; each is given back (failed,
     its params queued again) as soon as the database answers, not left RUNNING for the
     grace period while every other worker waits on the budget it holds.
     """
