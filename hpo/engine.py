@@ -299,6 +299,9 @@ def _compile_epoch(model: Any) -> Callable[..., Any]:
         for start in range(0, n_val, batch_size):
             idx, weights = _batch(np.arange(start, min(start + batch_size, n_val)), batch_size, padded)
             test_state, val_logs = test_batch(test_state, idx, xv, yv, weights)
+        # Validation moves the seed generators too (an RNN cell draws its dropout masks
+        # whether or not it trains), and fit trains on from where it left them.
+        non_trainable = test_state[1]
         logs = dict(train_logs)
         logs.update({f"val_{k}": v for k, v in val_logs.items()})
         return (trainable, non_trainable, optimizer_vars, fresh), logs

@@ -46,6 +46,9 @@ def builder(kind: str, dropout: float = 0.0):
                  "lstm": lambda: keras.layers.LSTM(5)(inputs),
                  "gru": lambda: keras.layers.GRU(5)(inputs),
                  "simple_rnn": lambda: keras.layers.SimpleRNN(5)(inputs),
+                 # The cells' own dropout: masks drawn in validation too, as fit draws them.
+                 "lstm_cell_dropout": lambda: keras.layers.LSTM(5, dropout=0.3, recurrent_dropout=0.2)(inputs),
+                 "gru_cell_dropout": lambda: keras.layers.GRU(5, dropout=0.3, recurrent_dropout=0.2)(inputs),
                  "conv1d": lambda: keras.layers.GlobalAveragePooling1D()(
                      keras.layers.Conv1D(4, 3, activation="relu")(inputs))}[kind]()
         if dropout:
@@ -77,7 +80,8 @@ def native_history(build, seed, x, y, xv, yv, epochs, batch_size=32):
 
 
 @pytest.mark.parametrize("kind, dropout", [("dense", 0.0), ("lstm", 0.0), ("gru", 0.0), ("simple_rnn", 0.0),
-                                           ("conv1d", 0.0), ("embedding", 0.0), ("dense", 0.4), ("lstm", 0.3)])
+                                           ("conv1d", 0.0), ("embedding", 0.0), ("dense", 0.4), ("lstm", 0.3),
+                                           ("lstm_cell_dropout", 0.0), ("gru_cell_dropout", 0.0)])
 def test_each_replica_is_the_native_fit_under_its_seed(kind, dropout, arrays):
     # The same batches in the same order, the short last batch included, and (with
     # dropout) the same masks: curves agree with plain model.fit to float precision.
