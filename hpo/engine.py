@@ -17,6 +17,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from hpo import knobs
+
 # One compiled epoch per model configuration: a later trial with the same configuration
 # (and batch shapes) reuses it, so it pays no tracing or compilation. Bounded, so a long
 # study whose configurations keep changing does not accumulate compiled programs.
@@ -28,6 +30,11 @@ _programs: dict[str, "_Program"] = {}
 _MAX_DRAWS = 4096
 # From this many seeds on, initial weights are drawn for all seeds in one batched call.
 _BATCHED_DRAWS_FROM = 128
+
+
+# Structures whose numbers could not be traced as inputs (`knobs.Escaped`): their
+# programs compile the numbers in, and their keys name them.
+_numbers_compiled_in: set[str] = set()
 
 
 @dataclass
@@ -66,6 +73,8 @@ class Replicas:
         program = _program_for(model, initializers, self.seeds[0])
         self.model = program.model
         self._epoch = program.epoch
+        # This trial's dropout rates, regularisation factors, ...: inputs of the program.
+        self._knob_values = tuple(k.value for k in knobs.find_knobs(model))
         self.state = _initial_state(model, build, self.seeds, program.draws, sample)
         self._shufflers = [fit_shuffler(s, len(x)) for s in self.seeds]
         self.x, self.y = jax.device_put(x), jax.device_put(y)
@@ -78,7 +87,7 @@ class Replicas:
         array of shape `(R,)`; entries of inactive replicas are meaningless."""
         orders = np.stack([rs.permutation(self.n) for rs in self._shufflers]).astype(np.int32)
         self.state, logs = self._epoch(self.state, np.asarray(active, bool), orders, self.x, self.y,
-                                       self.xv, self.yv, self.batch_size)
+                                       self.xv, self.yv, self.batch_size, self._knob_values)
         return {k: np.asarray(v, dtype=np.float64) for k, v in logs.items()}
 
     def weights(self, r: int) -> list[np.ndarray]:
@@ -159,14 +168,27 @@ def _disable_cudnn(model: Any) -> None:
 
 
 def _config_key(model: Any) -> str:
-    """What the compiled epoch depends on, names aside: two trials whose models differ
-    only in layer names (Keras numbers them per process) share one compiled program.
+    """What the compiled epoch depends on, names and knobs aside: two trials whose models
+    differ only in layer names (Keras numbers them per process) or in their dropout
+    rates, regularisation factors, clipping and the like (`knobs`: inputs of the program,
+    only their classes count) share one compiled program.
 
     Only Keras' own layers and model classes say all they compute in their config; a
     model with a custom layer or a Lambda gets a key of its own, never shared.
     """
     if not _keras_made(model):
         return f"unshared-{id(model)}"
+    found = knobs.find_knobs(model)
+    with knobs.standing_in(found):
+        structure = _structure_key(model)
+    if structure not in _numbers_compiled_in:
+        return structure
+    return json.dumps([structure, [(k.path, k.value) for k in found]])
+
+
+def _structure_key(model: Any) -> str:
+    """The model's config, optimizer and compile config (layer names numbered), and its
+    variables' shapes."""
     optimizer = dict(model.optimizer.get_config())
     optimizer.pop("name", None)
     if isinstance(optimizer.get("learning_rate"), float):
@@ -224,7 +246,15 @@ def _program_for(model: Any, initializers: list, seed: int) -> _Program:
             # JAX keeps traces and executables in process-wide caches that an evicted
             # program alone would not release; start afresh instead of growing.
             clear_cache()
-        program = _Program(model, _compile_epoch(model), _checked_draws(model, initializers, seed))
+
+        def compile_numbers_in() -> None:
+            # The model's numbers could not be traced: its structure's programs take them
+            # as constants from now on, so this one is kept under a key that names them.
+            _numbers_compiled_in.add(key)
+            _programs.pop(key, None)
+            _programs[_config_key(model)] = program
+
+        program = _Program(model, _compile_epoch(model, compile_numbers_in), _checked_draws(model, initializers, seed))
         _programs[key] = program
     return program
 
@@ -237,9 +267,12 @@ def clear_cache() -> None:
     jax.clear_caches()
 
 
-def _compile_epoch(model: Any) -> Callable[..., Any]:
+def _compile_epoch(model: Any, compile_numbers_in: Callable[[], None]) -> Callable[..., Any]:
     """An epoch of R replicas: a Python loop over batches, each batch one jitted, vmapped
-    train (or test) step of the model's own `train_step`/`test_step`.
+    train (or test) step of the model's own `train_step`/`test_step`, whose knobs
+    (`knobs.find_knobs`) are inputs: the epoch takes the values of a trial's model.
+    Where they cannot be (`knobs.Escaped`), the steps are traced again with the model's
+    own numbers compiled in, and `compile_numbers_in` is told.
 
     Not one `lax.scan` over the batches: XLA on a CPU runs convolutions inside a loop
     body several times slower than alone (Conv1D: 3.8 ms a batch against 0.5 ms), and
@@ -256,6 +289,10 @@ def _compile_epoch(model: Any) -> Callable[..., Any]:
 
     metrics_init = [jnp.zeros(v.shape, v.dtype) for v in model.metrics_variables]
     padded = _pads_short_batch(model)
+    found = knobs.find_knobs(model)
+    # Room for each knob and a few numbers made from them (`1.0 - rate`).
+    inputs = knobs.Inputs(slots=2 * len(found) + 2)
+    fixed: frozenset[int] = frozenset()
 
     def train_replica(state: Any, active: Any, xb: Any, yb: Any, weights: Any) -> tuple[Any, Any]:
         if weights is None:
@@ -272,33 +309,51 @@ def _compile_epoch(model: Any) -> Callable[..., Any]:
             logs, new = _weighted_test_step(model, state, xb, yb, *weights)
         return new, logs
 
-    @jax.jit
-    def train_batch(state: Any, active: Any, idx: Any, x: Any, y: Any, weights: Any) -> tuple[Any, Any]:
-        return jax.vmap(train_replica, in_axes=(0, 0, 0, 0, None))(state, active, x[idx], y[idx], weights)
+    def train_batch(state: Any, active: Any, idx: Any, x: Any, y: Any, weights: Any, leaves: Any) -> tuple[Any, Any]:
+        with inputs.tracing(found, fixed, leaves):
+            return jax.vmap(train_replica, in_axes=(0, 0, 0, 0, None))(state, active, x[idx], y[idx], weights)
 
-    @jax.jit
-    def test_batch(state: Any, idx: Any, xv: Any, yv: Any, weights: Any) -> tuple[Any, Any]:
-        return jax.vmap(test_replica, in_axes=(0, None, None, None))(state, xv[idx], yv[idx], weights)
+    def test_batch(state: Any, idx: Any, xv: Any, yv: Any, weights: Any, leaves: Any) -> tuple[Any, Any]:
+        with inputs.tracing(found, fixed, leaves):
+            return jax.vmap(test_replica, in_axes=(0, None, None, None))(state, xv[idx], yv[idx], weights)
+
+    steps = {"train": jax.jit(train_batch), "test": jax.jit(test_batch)}
+
+    def run(step: str, knob_values: tuple, *args: Any) -> tuple[Any, Any]:
+        nonlocal fixed
+        read = len(inputs.exprs)
+        try:
+            out = steps[step](*args, inputs.values(knob_values))
+        except knobs.Escaped:
+            fixed = frozenset(range(len(found)))
+            steps.update(train=jax.jit(train_batch), test=jax.jit(test_batch))
+            compile_numbers_in()
+            return steps[step](*args, inputs.values(knob_values))
+        if len(inputs.exprs) != read:
+            # This call traced the step and met numbers not read before, so it ran with
+            # 0 in their place: run it again with their values (its state came in unchanged).
+            out = steps[step](*args, inputs.values(knob_values))
+        return out
 
     @jax.jit
     def fresh_metrics(active: Any) -> list[Any]:
         return [jnp.broadcast_to(m, (active.shape[0], *m.shape)) for m in metrics_init]
 
     def epoch(state: Any, active: np.ndarray, orders: np.ndarray, x: Any, y: Any, xv: Any, yv: Any,
-              batch_size: int) -> tuple[Any, dict[str, Any]]:
+              batch_size: int, knob_values: tuple) -> tuple[Any, dict[str, Any]]:
         trainable, non_trainable, optimizer_vars, _ = state
         fresh = fresh_metrics(active)
         state = (trainable, non_trainable, optimizer_vars, fresh)
         # Batches as model.fit and evaluate cut them: the short remainder is a batch too.
         for start in range(0, orders.shape[1], batch_size):
             idx, weights = _batch(orders[:, start:start + batch_size], batch_size, padded)
-            state, train_logs = train_batch(state, active, idx, x, y, weights)
+            state, train_logs = run("train", knob_values, state, active, idx, x, y, weights)
         trainable, non_trainable, optimizer_vars, _ = state
         test_state = (trainable, non_trainable, fresh)
         n_val = xv.shape[0]
         for start in range(0, n_val, batch_size):
             idx, weights = _batch(np.arange(start, min(start + batch_size, n_val)), batch_size, padded)
-            test_state, val_logs = test_batch(test_state, idx, xv, yv, weights)
+            test_state, val_logs = run("test", knob_values, test_state, idx, xv, yv, weights)
         # Validation moves the seed generators too (an RNN cell draws its dropout masks
         # whether or not it trains), and fit trains on from where it left them.
         non_trainable = test_state[1]

@@ -344,3 +344,69 @@ def test_a_short_batch_padded_is_the_short_batch(arrays):
         assert float(logs[key]) == pytest.approx(float(native_logs[key]), rel=1e-6)
     for a, b in zip(native_state[0], padded_state[0]):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def knobbed_builder(dropout, noise, recurrent_dropout, l2, clipnorm, momentum, decay, gaussian_dropout=0.0):
+    """A model with every kind of number the engine takes as an input of its program:
+    dropout and noise rates, an RNN's dropouts, an L1L2 factor, clipping, momentum and a
+    learning-rate schedule's rates."""
+    def build():
+        inputs = keras.Input((STEPS, 2))
+        h = keras.layers.GaussianNoise(noise)(inputs)
+        h = keras.layers.SpatialDropout1D(dropout)(h)
+        h = keras.layers.LSTM(5, dropout=dropout, recurrent_dropout=recurrent_dropout,
+                              kernel_regularizer=keras.regularizers.L1L2(l1=l2 / 2, l2=l2))(h)
+        h = keras.layers.Dropout(dropout)(h)
+        if gaussian_dropout:
+            h = keras.layers.GaussianDropout(gaussian_dropout)(h)
+        schedule = keras.optimizers.schedules.ExponentialDecay(0.02, decay_steps=3, decay_rate=decay)
+        model = keras.Model(inputs, keras.layers.Dense(1)(h))
+        model.compile(keras.optimizers.SGD(schedule, momentum=momentum, clipnorm=clipnorm), "mse", metrics=["mae"])
+        return model
+    return build
+
+
+def fit_and_compare(build, arrays, seeds=(7, 8), epochs=2):
+    """Replicas of `build` for the seeds, checked against plain model.fit; the
+    compilations the replicas cost."""
+    clock = engine.CompileClock.now()
+    replicas = engine.Replicas(build, list(seeds), arrays["x"], arrays["y"], arrays["xv"], arrays["yv"], 32)
+    logs = [replicas.run_epoch(np.ones(len(seeds), bool)) for _ in range(epochs)]
+    cost = clock.since()
+    for r, seed in enumerate(seeds):
+        history = native_history(build, seed, arrays["x"], arrays["y"], arrays["xv"], arrays["yv"], epochs)
+        for key in ("loss", "val_loss", "val_mae"):
+            np.testing.assert_allclose([e[key][r] for e in logs], history[key], rtol=1e-5, atol=1e-7,
+                                       err_msg=f"seed {seed} {key}")
+    return cost
+
+
+def test_trials_that_differ_only_in_dropout_regularisation_and_clipping_share_one_program(arrays):
+    # The numbers are inputs of the compiled step, not constants: the second trial
+    # compiles nothing (nor reads a program from the persistent cache), and each of its
+    # replicas is still its own model.fit.
+    engine.clear_cache()
+    first = fit_and_compare(knobbed_builder(0.2, 0.1, 0.1, 1e-3, 0.7, 0.9, 0.9), arrays)
+    second = fit_and_compare(knobbed_builder(0.35, 0.05, 0.25, 3e-3, 0.4, 0.5, 0.6), arrays)
+    assert first.programs > 0
+    assert second.programs == 0 and second.compiles == 0
+    assert len(engine._programs) == 1
+    # A rate of 0 takes another path in Keras (no mask is drawn): another program.
+    third = fit_and_compare(knobbed_builder(0.0, 0.1, 0.1, 1e-3, 0.7, 0.9, 0.9), arrays, seeds=(7,))
+    assert third.programs > 0
+
+
+def test_a_number_keras_reads_as_a_plain_float_is_compiled_in(arrays, monkeypatch):
+    # GaussianDropout takes math.sqrt of its rate in Python, so its rate cannot be an
+    # input: offered as one anyway, it escapes, and the model compiles its numbers in,
+    # one program per value, each still the native fit.
+    from hpo import knobs
+
+    monkeypatch.setitem(knobs._LAYER_KNOBS, "GaussianDropout", ("rate",))
+    engine.clear_cache()
+    fit_and_compare(knobbed_builder(0.2, 0.1, 0.1, 1e-3, 0.7, 0.9, 0.9, gaussian_dropout=0.3), arrays, seeds=(7,))
+    other = fit_and_compare(knobbed_builder(0.2, 0.1, 0.1, 1e-3, 0.7, 0.9, 0.9, gaussian_dropout=0.1), arrays,
+                            seeds=(7,))
+    assert other.programs > 0
+    assert len(engine._programs) == 2 and engine._numbers_compiled_in
+    engine._numbers_compiled_in.clear()
