@@ -590,6 +590,34 @@ def bench(seed_counts: str, fmt: str, epochs: int, samples: int, units: int, mod
     click.echo(json.dumps(result.to_json()) if fmt == "json" else format_table(result))
 
 
+@cli.command("bench-study")
+@click.argument("study", default="sine_lstm")
+@_spec_options
+@click.option("--warm-cache", is_flag=True,
+              help="Use the compilation cache HPO_CACHE_DIR names (default: an empty one of its own).")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def bench_study(study: str, study_name: str | None, trials: int | None, seeds: int | None, max_epochs: int | None,
+                warm_cache: bool, fmt: str) -> None:
+    """Run STUDY once (one worker, a new SQLite file) and split its wall time into compiling,
+    epochs, the database and the rest, per trial and in total."""
+    import json
+    import tempfile
+
+    from hpo.backend import CACHE_DIR_ENV
+    from hpo.bench_study import format_study_time, time_study
+
+    with tempfile.TemporaryDirectory(prefix="hpo-bench-cache-") as cache:
+        if not warm_cache:
+            # Before anything configures JAX: the spec check below builds a model.
+            os.environ[CACHE_DIR_ENV] = cache
+        spec = _checked_spec(study, seeds=seeds, max_epochs=max_epochs, trials=trials, name=study_name)
+        progress = (lambda line: click.echo(line, err=True)) if fmt == "json" else click.echo
+        result = time_study(spec, echo=progress)
+    if not warm_cache:
+        result.cache = "empty at the start"
+    click.echo(json.dumps(result.to_json()) if fmt == "json" else format_study_time(result))
+
+
 def _storage_of(args: list[str]) -> str:
     """The storage URL a command line names (or the default), password masked."""
     from hpo.storage import mask_url, resolve_storage_url

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -68,3 +69,26 @@ def test_the_tables_columns_are_the_readmes():
     for table in tables:
         columns = [c.strip().strip("*") for c in table.strip("|").split("|")]
         assert set(columns) - {"model, seeds"} <= set(names), columns
+
+
+def test_bench_study_splits_a_real_runs_wall_time_into_its_parts(tmp_path):
+    # The real command on a tiny default study: every trial of the run is listed as the
+    # database stored it, and compiling, epochs, the database and the rest add up to the
+    # wall time; an empty cache of its own means the first trial compiles.
+    proc = subprocess.run(
+        [sys.executable, "-m", "hpo", "bench-study", "sine_lstm", "--trials", "2", "--seeds", "2", "--max-epochs", "2",
+         "--format", "json"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "HPO_CACHE_DIR": str(tmp_path / "user-cache")})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)
+    assert [t["number"] for t in result["trials"]] == [0, 1]
+    assert {t["state"] for t in result["trials"]} <= {"COMPLETE", "PRUNED"}
+    for t in result["trials"]:
+        assert 0 < t["compile_s"] <= t["fit_s"] <= t["seconds"]
+    assert result["compile_s"] == pytest.approx(sum(t["compile_s"] for t in result["trials"]))
+    parts = result["compile_s"] + result["epochs_s"] + result["database_s"] + result["rest_s"]
+    assert parts == pytest.approx(result["wall_s"])
+    assert result["database_s"] > 0 and result["rest_s"] > 0
+    assert result["cache"] == "empty at the start"
+    assert not (tmp_path / "user-cache").exists()  # the user's cache was left alone
+    assert "trial    1 complete" in proc.stderr or "trial    1 pruned" in proc.stderr
