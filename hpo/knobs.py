@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import operator
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -139,13 +140,13 @@ class Inputs:
     def tracing(self, knobs: list[Knob], fixed: frozenset[int], leaves: tuple[Any, ...]) -> Iterator[None]:
         """While a step is traced: the knobs (but those in `fixed`, by index) as `_Knob`s
         whose tensor uses read `leaves`, the traced inputs."""
-        global _active
-        previous, _active = _active, (self, leaves)
+        previous = getattr(_tracing, "active", None)
+        _tracing.active = (self, leaves)
         try:
             with _swapped(knobs, lambda i, k: k.value if i in fixed else _Knob(("knob", i), k.value)):
                 yield
         finally:
-            _active = previous
+            _tracing.active = previous
 
     def leaf(self, expr: Any, leaves: tuple[Any, ...]) -> Any:
         if expr not in self.exprs:
@@ -155,7 +156,8 @@ class Inputs:
         return leaves[self.exprs.index(expr)]
 
 
-_active: tuple[Inputs, tuple[Any, ...]] | None = None
+# The `Inputs` and traced leaves of the step this thread is tracing.
+_tracing = threading.local()
 
 _NUMBER = (int, float)
 
@@ -192,9 +194,10 @@ class _Knob:
         self._expr, self._value = expr, value
 
     def _tensor(self) -> Any:
-        if _active is None:
+        active = getattr(_tracing, "active", None)
+        if active is None:
             raise Escaped(_knobs_in(self._expr))
-        inputs, leaves = _active
+        inputs, leaves = active
         return inputs.leaf(self._expr, leaves)
 
     def __jax_array__(self) -> Any:
