@@ -356,7 +356,7 @@ def knobbed_builder(dropout, noise, recurrent_dropout, l2, clipnorm, momentum, d
         h = keras.layers.SpatialDropout1D(dropout)(h)
         h = keras.layers.LSTM(5, dropout=dropout, recurrent_dropout=recurrent_dropout,
                               kernel_regularizer=keras.regularizers.L1L2(l1=l2 / 2, l2=l2))(h)
-        h = keras.layers.Dropout(dropout)(h)
+        h = keras.layers.AlphaDropout(dropout / 2)(keras.layers.Dropout(dropout)(h))
         if gaussian_dropout:
             h = keras.layers.GaussianDropout(gaussian_dropout)(h)
         schedule = keras.optimizers.schedules.ExponentialDecay(0.02, decay_steps=3, decay_rate=decay)
