@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from hpo import knobs
+from hpo import flat_random, knobs
 
 # One compiled epoch per model configuration: a later trial with the same configuration
 # (and batch shapes) reuses it, so it pays no tracing or compilation. Bounded, so a long
@@ -69,13 +69,15 @@ class Replicas:
         self.seeds = list(seeds)
         self.batch_size = int(batch_size)
         sample = (x[: self.batch_size], y[: self.batch_size])
-        model, initializers = _build_native(build, self.seeds[0], sample)
-        program = _program_for(model, initializers, self.seeds[0])
+        # Initial weights drawn without a compilation per weight shape (`flat_random`).
+        with flat_random.drawing():
+            model, initializers = _build_native(build, self.seeds[0], sample)
+            program = _program_for(model, initializers, self.seeds[0])
+            self.state = _initial_state(model, build, self.seeds, program.draws, sample)
         self.model = program.model
         self._epoch = program.epoch
         # This trial's dropout rates, regularisation factors, ...: inputs of the program.
         self._knob_values = tuple(k.value for k in knobs.find_knobs(model))
-        self.state = _initial_state(model, build, self.seeds, program.draws, sample)
         self._shufflers = [fit_shuffler(s, len(x)) for s in self.seeds]
         self.x, self.y = jax.device_put(x), jax.device_put(y)
         self.xv, self.yv = jax.device_put(xv), jax.device_put(yv)

@@ -410,3 +410,32 @@ def test_a_number_keras_reads_as_a_plain_float_is_compiled_in(arrays, monkeypatc
     assert other.programs > 0
     assert len(engine._programs) == 2 and engine._numbers_compiled_in
     engine._numbers_compiled_in.clear()
+
+
+def test_a_new_width_draws_its_initial_weights_without_compiling_a_draw_of_its_own(arrays):
+    # JAX compiles a random draw per shape; the engine draws flat arrays of a few sizes,
+    # so a second width compiles no draw (and the weights are still the native ones:
+    # test_initial_weights_are_the_native_models).
+    from jax._src import dispatch
+
+    compiled = []
+
+    def on_duration(event, seconds, **kwargs):
+        if event == dispatch.BACKEND_COMPILE_EVENT:
+            compiled.append(kwargs.get("fun_name"))
+
+    jax.monitoring.register_event_duration_secs_listener(on_duration)
+    try:
+        for units in (9, 11):
+            compiled.clear()
+
+            def build(units=units):
+                inputs = keras.Input((STEPS, 2))
+                model = keras.Model(inputs, keras.layers.Dense(1)(keras.layers.LSTM(units)(inputs)))
+                model.compile(keras.optimizers.Adam(0.01), "mse")
+                return model
+
+            engine.Replicas(build, [1, 2], arrays["x"], arrays["y"], arrays["xv"], arrays["yv"], batch_size=32)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(on_duration)
+    assert not [name for name in compiled if "uniform" in name or "normal" in name], compiled
