@@ -184,3 +184,10 @@ def use_compilation_cache() -> Path | None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     _cache_dir = path
     return path
+
+
+def available_cores() -> int:
+    """Cores this process may run on (what `--workers auto` starts one worker per)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1

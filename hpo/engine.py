@@ -8,16 +8,20 @@ over a leading replica axis, one jitted step per batch.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import json
 import random
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from hpo import flat_random, knobs
+from hpo.backend import available_cores
 
 # One compiled epoch per model configuration: a later trial with the same configuration
 # (and batch shapes) reuses it, so it pays no tracing or compilation. Bounded, so a long
@@ -111,6 +115,8 @@ class CompileClock:
     _backend_compiles = 0
     _cache_hits = 0
     _listening = False
+    # Inside `together()`: programs compiled side by side count the block's wall time.
+    _together = False
 
     def __init__(self, seconds: float, compiles: int, programs: int) -> None:
         self.seconds, self.compiles, self.programs = seconds, compiles, programs
@@ -126,6 +132,18 @@ class CompileClock:
         return CompileClock(now.seconds - self.seconds, now.compiles - self.compiles, now.programs - self.programs)
 
     @classmethod
+    @contextlib.contextmanager
+    def together(cls) -> Iterator[None]:
+        """Programs compiled side by side in this block count its wall time, once."""
+        cls._listen()
+        start, cls._together = time.perf_counter(), True
+        try:
+            yield
+        finally:
+            cls._together = False
+            cls._seconds += time.perf_counter() - start
+
+    @classmethod
     def _listen(cls) -> None:
         if cls._listening:
             return
@@ -135,7 +153,7 @@ class CompileClock:
         phases = {dispatch.JAXPR_TRACE_EVENT, dispatch.JAXPR_TO_MLIR_MODULE_EVENT, dispatch.BACKEND_COMPILE_EVENT}
 
         def on_duration(event: str, seconds: float, **kwargs: Any) -> None:
-            if event in phases:
+            if event in phases and not cls._together:
                 cls._seconds += seconds
             if event == dispatch.BACKEND_COMPILE_EVENT:
                 # A persistent-cache hit passes here too, and is counted off below.
@@ -337,6 +355,23 @@ def _compile_epoch(model: Any, compile_numbers_in: Callable[[], None]) -> Callab
             out = steps[step](*args, inputs.values(knob_values))
         return out
 
+    compiled_ahead: list[bool] = []
+
+    def compile_ahead(calls: list[tuple[str, tuple]]) -> None:
+        # The train and test steps of a full batch, traced here one after the other, then
+        # compiled at once on two threads (XLA's compiler lets go of Python's lock; jit
+        # keeps both for the calls): a new shape's test step then costs no wall time of
+        # its own where there is a second core. A step whose numbers escape is left to
+        # its first call (`run`).
+        try:
+            lowered = [steps[step].trace(*args, (0.0,) * inputs.slots).lower() for step, args in calls]
+        except knobs.Escaped:
+            return
+        if available_cores() < 2:
+            return
+        with CompileClock.together(), ThreadPoolExecutor(len(lowered)) as pool:
+            list(pool.map(lambda program: program.compile(), lowered))
+
     @jax.jit
     def fresh_metrics(active: Any) -> list[Any]:
         return [jnp.broadcast_to(m, (active.shape[0], *m.shape)) for m in metrics_init]
@@ -346,6 +381,12 @@ def _compile_epoch(model: Any, compile_numbers_in: Callable[[], None]) -> Callab
         trainable, non_trainable, optimizer_vars, _ = state
         fresh = fresh_metrics(active)
         state = (trainable, non_trainable, optimizer_vars, fresh)
+        if not compiled_ahead:
+            compiled_ahead.append(True)
+            first = _batch(orders[:, :batch_size], batch_size, padded)
+            first_val = _batch(np.arange(min(batch_size, xv.shape[0])), batch_size, padded)
+            compile_ahead([("train", (state, active, first[0], x, y, first[1])),
+                           ("test", ((trainable, non_trainable, fresh), first_val[0], xv, yv, first_val[1]))])
         # Batches as model.fit and evaluate cut them: the short remainder is a batch too.
         for start in range(0, orders.shape[1], batch_size):
             idx, weights = _batch(orders[:, start:start + batch_size], batch_size, padded)

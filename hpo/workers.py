@@ -26,6 +26,7 @@ from typing import Callable, Iterator
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from hpo.backend import available_cores
 from hpo.confirm import add_incumbent_seeds
 from hpo.errors import HpoError, TrialFailed
 from hpo.objective import ATTR_FAIL_REASON, ATTR_INTERRUPTED, ATTR_PRUNED_AT, ATTR_UNDECIDED_AGAINST, Objective
@@ -475,13 +476,6 @@ def worker_threads(workers: int, cores: int | None = None) -> int:
     """Training threads (JAX's or TensorFlow's) per worker so that `workers` processes share the cores."""
     cores = cores or available_cores()
     return max(1, cores // max(1, workers))
-
-
-def available_cores() -> int:
-    """Cores this process may run on (what `--workers auto` starts one worker per)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 def describe_threads(spec: StudySpec, workers: int) -> str:

@@ -439,3 +439,37 @@ def test_a_new_width_draws_its_initial_weights_without_compiling_a_draw_of_its_o
     finally:
         jax.monitoring.unregister_event_duration_listener(on_duration)
     assert not [name for name in compiled if "uniform" in name or "normal" in name], compiled
+
+
+def test_a_new_shapes_train_and_test_steps_compile_side_by_side(arrays):
+    # Where there is a second core, the two programs of a new shape compile on two
+    # threads at once, and the clock counts their wall time once.
+    import threading
+    import time
+
+    from jax._src import dispatch
+
+    from hpo.backend import available_cores
+
+    threads = {}
+
+    def on_duration(event, seconds, **kwargs):
+        if event == dispatch.BACKEND_COMPILE_EVENT and kwargs.get("fun_name") in ("jit(train_batch)",
+                                                                                    "jit(test_batch)"):
+            threads[kwargs["fun_name"]] = threading.get_ident()
+
+    engine.clear_cache()
+    jax.monitoring.register_event_duration_secs_listener(on_duration)
+    try:
+        replicas = engine.Replicas(builder("gru", 0.2), [1, 2], arrays["x"], arrays["y"], arrays["xv"], arrays["yv"],
+                                   batch_size=32)
+        clock = engine.CompileClock.now()
+        start = time.perf_counter()
+        replicas.run_epoch(np.ones(2, bool))
+        wall = time.perf_counter() - start
+    finally:
+        jax.monitoring.unregister_event_duration_listener(on_duration)
+    assert set(threads) == {"jit(train_batch)", "jit(test_batch)"}
+    side_by_side = threads["jit(train_batch)"] != threads["jit(test_batch)"]
+    assert side_by_side == (available_cores() >= 2)
+    assert clock.since().seconds <= wall
