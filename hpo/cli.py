@@ -598,8 +598,9 @@ def bench(seed_counts: str, fmt: str, epochs: int, samples: int, units: int, mod
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
 def bench_study(study: str, study_name: str | None, trials: int | None, seeds: int | None, max_epochs: int | None,
                 warm_cache: bool, fmt: str) -> None:
-    """Run STUDY once (one worker, a new SQLite file) and split its wall time into compiling,
-    epochs, the database and the rest, per trial and in total."""
+    """Run STUDY (default: sine_lstm) once, with one worker in this process on a new SQLite
+    file, and split its wall time into compiling, epochs, the database and the rest, per
+    trial and in total."""
     import json
     import tempfile
 
