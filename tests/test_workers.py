@@ -249,19 +249,30 @@ CREATE TRIGGER drop_state BEFORE UPDATE ON trials FOR EACH ROW WHEN (NEW.state =
 """
 
 
-def test_a_trial_whose_admission_lost_the_connection_is_given_back_at_once(postgres, tmp_path):
-    """Not left RUNNING for the grace period, holding budget that every worker waits on."""
+def created_study(postgres, tmp_path, name):
+    """A new PostgreSQL database holding the study `name` (3 instant trials), created."""
+    url = postgres.create_database()
+    spec = write_study(tmp_path, name, trials=3, epoch_seconds=0.0)
+    run_hpo("create", str(spec), "--storage", url)
+    return url, spec
+
+
+def execute(url, sql):
+    """Run SQL on the database (the tests' triggers that play a failing server)."""
     import sqlalchemy
 
-    url = postgres.create_database()
-    spec = write_study(tmp_path, "dropped", trials=3, epoch_seconds=0.0)
-    run_hpo("create", str(spec), "--storage", url)
     engine = sqlalchemy.create_engine(url)
     try:
         with engine.begin() as conn:
-            conn.execute(sqlalchemy.text(DROP_CONNECTIONS))
+            conn.execute(sqlalchemy.text(sql))
     finally:
         engine.dispose()
+
+
+def test_a_trial_whose_admission_lost_the_connection_is_given_back_at_once(postgres, tmp_path):
+    """Not left RUNNING for the grace period, holding budget that every worker waits on."""
+    url, spec = created_study(postgres, tmp_path, "dropped")
+    execute(url, DROP_CONNECTIONS)
     # A grace period longer than the run may take: only a trial given back at once lets it end.
     result = run_hpo("run", str(spec), "--storage", url, "--heartbeat-interval", "1", "--grace-period", "3600",
                      timeout=120)
@@ -276,29 +287,19 @@ def test_a_trial_whose_admission_lost_the_connection_is_given_back_at_once(postg
 
 
 def test_a_disk_that_fills_mid_trial_stops_with_one_line_and_leaves_no_trial_running(postgres, tmp_path):
-    import sqlalchemy
-
-    url = postgres.create_database()
-    spec = write_study(tmp_path, "full", trials=3, epoch_seconds=0.0)
-    run_hpo("create", str(spec), "--storage", url)
-    engine = sqlalchemy.create_engine(url)
-    try:
-        with engine.begin() as conn:
-            conn.execute(sqlalchemy.text(DISK_FULL))
-        result = run_hpo("run", str(spec), "--storage", url, check=False, timeout=300)
-        assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stdout + result.stderr
-        assert result.stderr.startswith("error: storage ") and "No space left on device" in result.stderr
-        assert "disk is full; free space and run again" in result.stderr
-        trials = trials_of(url, "full")
-        assert not by_state(trials, TrialState.RUNNING), [(t.number, t.state) for t in trials]
-        lost = by_state(trials, TrialState.FAIL)
-        # Given back, not failed on its own: it does not count, and waits to be retried.
-        assert len(lost) == 1 and "fail_reason" not in lost[0].user_attrs
-        assert [t.params for t in by_state(trials, TrialState.WAITING)] == [lost[0].params]
-        with engine.begin() as conn:  # space is freed
-            conn.execute(sqlalchemy.text("DROP FUNCTION hpo_test_disk_full() CASCADE"))
-    finally:
-        engine.dispose()
+    url, spec = created_study(postgres, tmp_path, "full")
+    execute(url, DISK_FULL)
+    result = run_hpo("run", str(spec), "--storage", url, check=False, timeout=300)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stdout + result.stderr
+    assert result.stderr.startswith("error: storage ") and "No space left on device" in result.stderr
+    assert "disk is full; free space and run again" in result.stderr
+    trials = trials_of(url, "full")
+    assert not by_state(trials, TrialState.RUNNING), [(t.number, t.state) for t in trials]
+    lost = by_state(trials, TrialState.FAIL)
+    # Given back, not failed on its own: it does not count, and waits to be retried.
+    assert len(lost) == 1 and "fail_reason" not in lost[0].user_attrs
+    assert [t.params for t in by_state(trials, TrialState.WAITING)] == [lost[0].params]
+    execute(url, "DROP FUNCTION hpo_test_disk_full() CASCADE")  # space is freed
     run_hpo("run", str(spec), "--storage", url, timeout=300)
     trials = trials_of(url, "full")
     assert len(by_state(trials, TrialState.COMPLETE)) == 3
