@@ -309,10 +309,10 @@ def _compile_epoch(model: Any, compile_numbers_in: Callable[[], None]) -> Callab
 
     metrics_init = [jnp.zeros(v.shape, v.dtype) for v in model.metrics_variables]
     padded = _pads_short_batch(model)
-    found = knobs.find_knobs(model)
-    # Room for each knob and a few numbers made from them (`1.0 - rate`).
-    inputs = knobs.Inputs(slots=2 * len(found) + 2)
-    fixed: frozenset[int] = frozenset()
+    # The knobs traced as inputs (none, once they escaped), with room for each and a few
+    # numbers made from them (`1.0 - rate`).
+    traced = knobs.find_knobs(model)
+    inputs = knobs.Inputs(slots=2 * len(traced) + 2)
 
     def train_replica(state: Any, active: Any, xb: Any, yb: Any, weights: Any) -> tuple[Any, Any]:
         if weights is None:
@@ -330,22 +330,22 @@ def _compile_epoch(model: Any, compile_numbers_in: Callable[[], None]) -> Callab
         return new, logs
 
     def train_batch(state: Any, active: Any, idx: Any, x: Any, y: Any, weights: Any, leaves: Any) -> tuple[Any, Any]:
-        with inputs.tracing(found, fixed, leaves):
+        with inputs.tracing(traced, leaves):
             return jax.vmap(train_replica, in_axes=(0, 0, 0, 0, None))(state, active, x[idx], y[idx], weights)
 
     def test_batch(state: Any, idx: Any, xv: Any, yv: Any, weights: Any, leaves: Any) -> tuple[Any, Any]:
-        with inputs.tracing(found, fixed, leaves):
+        with inputs.tracing(traced, leaves):
             return jax.vmap(test_replica, in_axes=(0, None, None, None))(state, xv[idx], yv[idx], weights)
 
     steps = {"train": jax.jit(train_batch), "test": jax.jit(test_batch)}
 
     def run(step: str, knob_values: tuple, *args: Any) -> tuple[Any, Any]:
-        nonlocal fixed
+        nonlocal traced
         read = len(inputs.exprs)
         try:
             out = steps[step](*args, inputs.values(knob_values))
         except knobs.Escaped:
-            fixed = frozenset(range(len(found)))
+            traced = []
             steps.update(train=jax.jit(train_batch), test=jax.jit(test_batch))
             compile_numbers_in()
             return steps[step](*args, inputs.values(knob_values))
@@ -355,7 +355,7 @@ def _compile_epoch(model: Any, compile_numbers_in: Callable[[], None]) -> Callab
             out = steps[step](*args, inputs.values(knob_values))
         return out
 
-    compiled_ahead: list[bool] = []
+    compiled_ahead = False
 
     def compile_ahead(calls: list[tuple[str, tuple]]) -> None:
         # The train and test steps of a full batch, traced here one after the other, then
@@ -378,11 +378,12 @@ def _compile_epoch(model: Any, compile_numbers_in: Callable[[], None]) -> Callab
 
     def epoch(state: Any, active: np.ndarray, orders: np.ndarray, x: Any, y: Any, xv: Any, yv: Any,
               batch_size: int, knob_values: tuple) -> tuple[Any, dict[str, Any]]:
+        nonlocal compiled_ahead
         trainable, non_trainable, optimizer_vars, _ = state
         fresh = fresh_metrics(active)
         state = (trainable, non_trainable, optimizer_vars, fresh)
         if not compiled_ahead:
-            compiled_ahead.append(True)
+            compiled_ahead = True
             first = _batch(orders[:, :batch_size], batch_size, padded)
             first_val = _batch(np.arange(min(batch_size, xv.shape[0])), batch_size, padded)
             compile_ahead([("train", (state, active, first[0], x, y, first[1])),

@@ -59,10 +59,6 @@ class Escaped(BaseException):
     """A knob was used in a way its class cannot answer for every value (a BaseException,
     so no `except Exception` in Keras or JAX takes it for the layer's own error)."""
 
-    def __init__(self, knobs: frozenset[int]) -> None:
-        super().__init__(f"knobs {sorted(knobs)} were used as plain numbers")
-        self.knobs = knobs
-
 
 def find_knobs(model: Any) -> list[Knob]:
     """The model's knobs, in an order fixed by its structure: its layers' (and RNN cells')
@@ -137,13 +133,13 @@ class Inputs:
         return tuple(out) + (0.0,) * (self.slots - len(out))
 
     @contextlib.contextmanager
-    def tracing(self, knobs: list[Knob], fixed: frozenset[int], leaves: tuple[Any, ...]) -> Iterator[None]:
-        """While a step is traced: the knobs (but those in `fixed`, by index) as `_Knob`s
-        whose tensor uses read `leaves`, the traced inputs."""
+    def tracing(self, knobs: list[Knob], leaves: tuple[Any, ...]) -> Iterator[None]:
+        """While a step is traced: the knobs as `_Knob`s whose tensor uses read `leaves`,
+        the traced inputs."""
         previous = getattr(_tracing, "active", None)
         _tracing.active = (self, leaves)
         try:
-            with _swapped(knobs, lambda i, k: k.value if i in fixed else _Knob(("knob", i), k.value)):
+            with _swapped(knobs, lambda i, k: _Knob(("knob", i), k.value)):
                 yield
         finally:
             _tracing.active = previous
@@ -151,7 +147,7 @@ class Inputs:
     def leaf(self, expr: Any, leaves: tuple[Any, ...]) -> Any:
         if expr not in self.exprs:
             if len(self.exprs) == self.slots:
-                raise Escaped(_knobs_in(expr))
+                raise Escaped
             self.exprs.append(expr)
         return leaves[self.exprs.index(expr)]
 
@@ -171,14 +167,6 @@ def _evaluate(expr: Any, values: tuple[float, ...]) -> Any:
     return _OPS[op](*(_evaluate(a, values) for a in args))
 
 
-def _knobs_in(expr: Any) -> frozenset[int]:
-    if not isinstance(expr, tuple):
-        return frozenset()
-    if expr[0] == "knob":
-        return frozenset([expr[1]])
-    return frozenset().union(*(_knobs_in(a) for a in expr[1:]))
-
-
 _OPS: dict[str, Callable[..., Any]] = {
     "add": operator.add, "sub": operator.sub, "mul": operator.mul, "truediv": operator.truediv,
     "pow": operator.pow, "neg": operator.neg, "abs": abs,
@@ -196,7 +184,7 @@ class _Knob:
     def _tensor(self) -> Any:
         active = getattr(_tracing, "active", None)
         if active is None:
-            raise Escaped(_knobs_in(self._expr))
+            raise Escaped
         inputs, leaves = active
         return inputs.leaf(self._expr, leaves)
 
@@ -242,7 +230,7 @@ class _Knob:
     def _compare(self, op: Callable[[Any, Any], bool], other: Any) -> bool:
         # Answered from the class: only a knob itself against 0 or 1.
         if self._expr[0] != "knob" or type(other) not in _NUMBER or other not in (0, 1):
-            raise Escaped(_knobs_in(self._expr))
+            raise Escaped
         return op(self._value, other)
 
     def __eq__(self, o): return self._compare(operator.eq, o)  # noqa: E704
@@ -258,6 +246,6 @@ class _Knob:
     __hash__ = object.__hash__
 
     def _escape(self, *args: Any) -> Any:
-        raise Escaped(_knobs_in(self._expr))
+        raise Escaped
 
     __float__ = __int__ = __index__ = __round__ = __floor__ = __ceil__ = __trunc__ = _escape
