@@ -109,10 +109,11 @@ class _DatabaseClock:
             self.seconds += time.perf_counter() - self._started.pop()
 
 
-def time_study(spec: StudySpec, *, echo: Callable[[str], None] = print) -> StudyTime:
+def time_study(spec: StudySpec, *, cache: str, echo: Callable[[str], None] = print) -> StudyTime:
     """Run the study's budget with one worker in this process on a new SQLite file and
     split the run's wall time. The compilation cache is whatever `HPO_CACHE_DIR` says
-    when JAX is first configured (the command gives it an empty one unless told)."""
+    when JAX is first configured (the command gives it an empty one unless told);
+    `cache` says which, in words."""
     from hpo.storage import get_storage
     from hpo.study import create_study
     from hpo.workers import run_trials
@@ -127,8 +128,7 @@ def time_study(spec: StudySpec, *, echo: Callable[[str], None] = print) -> Study
         wall = time.perf_counter() - start
         trials = [_trial_time(t) for t in study.get_trials(deepcopy=False)]
         storage.engine.dispose()
-    return StudyTime(spec.name, wall, clock.seconds, trials, (load_before, os.getloadavg()[0]),
-                     os.environ.get("HPO_CACHE_DIR", "the user's"))
+    return StudyTime(spec.name, wall, clock.seconds, trials, (load_before, os.getloadavg()[0]), cache)
 
 
 def _trial_time(trial: Any) -> TrialTime:

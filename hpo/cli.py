@@ -613,9 +613,8 @@ def bench_study(study: str, study_name: str | None, trials: int | None, seeds: i
             os.environ[CACHE_DIR_ENV] = cache
         spec = _checked_spec(study, seeds=seeds, max_epochs=max_epochs, trials=trials, name=study_name)
         progress = (lambda line: click.echo(line, err=True)) if fmt == "json" else click.echo
-        result = time_study(spec, echo=progress)
-    if not warm_cache:
-        result.cache = "empty at the start"
+        result = time_study(spec, cache=os.environ.get(CACHE_DIR_ENV, "the user's") if warm_cache
+                            else "empty at the start", echo=progress)
     click.echo(json.dumps(result.to_json()) if fmt == "json" else format_study_time(result))
 
 
