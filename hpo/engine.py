@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from hpo import flat_random, knobs
+from hpo import buckets, flat_random, knobs
 from hpo.backend import available_cores
 
 # One compiled epoch per model configuration: a later trial with the same configuration
@@ -67,7 +67,7 @@ class Replicas:
     """
 
     def __init__(self, build: Callable[[], Any], seeds: list[int], x: np.ndarray, y: np.ndarray,
-                 xv: np.ndarray, yv: np.ndarray, batch_size: int) -> None:
+                 xv: np.ndarray, yv: np.ndarray, batch_size: int, bucket: buckets.Bucket | None = None) -> None:
         import jax
 
         self.seeds = list(seeds)
@@ -76,12 +76,21 @@ class Replicas:
         # Initial weights drawn without a compilation per weight shape (`flat_random`).
         with flat_random.drawing():
             model, initializers = _build_native(build, self.seeds[0], sample)
-            program = _program_for(model, initializers, self.seeds[0])
-            self.state = _initial_state(model, build, self.seeds, program.draws, sample)
+            program, self._padding = _bucket_program(model, bucket, self.seeds[0], sample)
+            if program is None:
+                program = _program_for(model, initializers, self.seeds[0])
+                draws = program.draws
+            else:
+                draws = _checked_draws(model, initializers, self.seeds[0])
+            self.state = _initial_state(model, build, self.seeds, draws, sample)
+        if self._padding is not None:
+            self.state = self._padding.pad(self.state)
         self.model = program.model
         self._epoch = program.epoch
-        # This trial's dropout rates, regularisation factors, ...: inputs of the program.
+        # This trial's dropout rates, regularisation factors, ...: inputs of the program,
+        # and its width, where it runs in a wider program.
         self._knob_values = tuple(k.value for k in knobs.find_knobs(model))
+        self._width = self._padding.width if self._padding is not None else 0
         self._shufflers = [fit_shuffler(s, len(x)) for s in self.seeds]
         self.x, self.y = jax.device_put(x), jax.device_put(y)
         self.xv, self.yv = jax.device_put(xv), jax.device_put(yv)
@@ -93,15 +102,18 @@ class Replicas:
         array of shape `(R,)`; entries of inactive replicas are meaningless."""
         orders = np.stack([rs.permutation(self.n) for rs in self._shufflers]).astype(np.int32)
         self.state, logs = self._epoch(self.state, np.asarray(active, bool), orders, self.x, self.y,
-                                       self.xv, self.yv, self.batch_size, self._knob_values)
+                                       self.xv, self.yv, self.batch_size, self._knob_values, self._width)
         return {k: np.asarray(v, dtype=np.float64) for k, v in logs.items()}
 
     def weights(self, r: int) -> list[np.ndarray]:
-        """Replica r's current weights in `model.get_weights()` order."""
-        trainable, non_trainable = self.state[0], self.state[1]
-        by_id = {id(v): np.asarray(t[r]) for v, t in zip(self.model.trainable_variables, trainable)}
-        by_id.update({id(v): np.asarray(t[r]) for v, t in zip(self.model.non_trainable_variables, non_trainable)})
-        return [by_id[id(v)] for v in self.model.weights]
+        """Replica r's current weights in `model.get_weights()` order (at its own width)."""
+        values = {}
+        for kind, (variables, arrays) in enumerate(((self.model.trainable_variables, self.state[0]),
+                                                    (self.model.non_trainable_variables, self.state[1]))):
+            for i, (v, t) in enumerate(zip(variables, arrays)):
+                value = np.asarray(t[r])
+                values[id(v)] = value if self._padding is None else self._padding.unpad(kind, i, value)
+        return [values[id(v)] for v in self.model.weights]
 
 
 class CompileClock:
@@ -258,8 +270,11 @@ def _canonical(config: Any, names: dict[str, str]) -> Any:
     return config
 
 
-def _program_for(model: Any, initializers: list, seed: int) -> _Program:
-    key = _config_key(model)
+def _program_for(model: Any, initializers: list | None, seed: int, masks: buckets.Masks | None = None) -> _Program:
+    """The cached program of the model's structure, compiled on first use; a width
+    bucket's (`masks`) is cached apart from the plain program of the same width."""
+    prefix = "bucket:" if masks is not None else ""
+    key = prefix + _config_key(model)
     program = _programs.get(key)
     if program is None:
         if len(_programs) >= _CACHE_SIZE:
@@ -270,13 +285,32 @@ def _program_for(model: Any, initializers: list, seed: int) -> _Program:
         def compile_numbers_in() -> None:
             # The model's numbers could not be traced: its structure's programs take them
             # as constants from now on, so this one is kept under a key that names them.
-            _numbers_compiled_in.add(key)
+            _numbers_compiled_in.add(key.removeprefix(prefix))
             _programs.pop(key, None)
-            _programs[_config_key(model)] = program
+            _programs[prefix + _config_key(model)] = program
 
-        program = _Program(model, _compile_epoch(model, compile_numbers_in), _checked_draws(model, initializers, seed))
+        draws = _checked_draws(model, initializers, seed) if initializers is not None else None
+        program = _Program(model, _compile_epoch(model, compile_numbers_in, masks), draws)
         _programs[key] = program
     return program
+
+
+def _bucket_program(model: Any, bucket: buckets.Bucket | None, seed: int,
+                    sample: tuple) -> tuple[_Program | None, buckets.Padding | None]:
+    """The program of the model's width bucket and how the model's state pads into it, or
+    (None, None) where the model runs in its own program: no bucket, a padding that cannot
+    be proven exact, or a model as wide as its bucket before the bucket has a program."""
+    if bucket is None:
+        return None, None
+    if bucket.units == bucket.padded:
+        program = _programs.get("bucket:" + _config_key(model))
+        return (program, buckets.Padding.between(model, model, bucket.units, bucket.units)) if program else (None, None)
+    twin, _ = _build_native(lambda: bucket.build(bucket.padded), seed, sample)
+    padding = buckets.Padding.between(model, twin, bucket.units, bucket.padded)
+    masks = buckets.Masks.between(model, twin) if padding is not None else None
+    if masks is None:
+        return None, None
+    return _program_for(twin, None, seed, masks), padding
 
 
 def clear_cache() -> None:
@@ -287,7 +321,8 @@ def clear_cache() -> None:
     jax.clear_caches()
 
 
-def _compile_epoch(model: Any, compile_numbers_in: Callable[[], None]) -> Callable[..., Any]:
+def _compile_epoch(model: Any, compile_numbers_in: Callable[[], None],
+                   masks: buckets.Masks | None = None) -> Callable[..., Any]:
     """An epoch of R replicas: a Python loop over batches, each batch one jitted, vmapped
     train (or test) step of the model's own `train_step`/`test_step`, whose knobs
     (`knobs.find_knobs`) are inputs: the epoch takes the values of a trial's model.
@@ -329,30 +364,32 @@ def _compile_epoch(model: Any, compile_numbers_in: Callable[[], None]) -> Callab
             logs, new = _weighted_test_step(model, state, xb, yb, *weights)
         return new, logs
 
-    def train_batch(state: Any, active: Any, idx: Any, x: Any, y: Any, weights: Any, leaves: Any) -> tuple[Any, Any]:
-        with inputs.tracing(traced, leaves):
+    def train_batch(state: Any, active: Any, idx: Any, x: Any, y: Any, weights: Any, leaves: Any,
+                    width: Any) -> tuple[Any, Any]:
+        with inputs.tracing(traced, leaves), buckets.tracing(masks, width):
             return jax.vmap(train_replica, in_axes=(0, 0, 0, 0, None))(state, active, x[idx], y[idx], weights)
 
-    def test_batch(state: Any, idx: Any, xv: Any, yv: Any, weights: Any, leaves: Any) -> tuple[Any, Any]:
-        with inputs.tracing(traced, leaves):
+    def test_batch(state: Any, idx: Any, xv: Any, yv: Any, weights: Any, leaves: Any,
+                   width: Any) -> tuple[Any, Any]:
+        with inputs.tracing(traced, leaves), buckets.tracing(masks, width):
             return jax.vmap(test_replica, in_axes=(0, None, None, None))(state, xv[idx], yv[idx], weights)
 
     steps = {"train": jax.jit(train_batch), "test": jax.jit(test_batch)}
 
-    def run(step: str, knob_values: tuple, *args: Any) -> tuple[Any, Any]:
+    def run(step: str, knob_values: tuple, width: int, *args: Any) -> tuple[Any, Any]:
         nonlocal traced
         read = len(inputs.exprs)
         try:
-            out = steps[step](*args, inputs.values(knob_values))
+            out = steps[step](*args, inputs.values(knob_values), width)
         except knobs.Escaped:
             traced = []
             steps.update(train=jax.jit(train_batch), test=jax.jit(test_batch))
             compile_numbers_in()
-            return steps[step](*args, inputs.values(knob_values))
+            return steps[step](*args, inputs.values(knob_values), width)
         if len(inputs.exprs) != read:
             # This call traced the step and met numbers not read before, so it ran with
             # 0 in their place: run it again with their values (its state came in unchanged).
-            out = steps[step](*args, inputs.values(knob_values))
+            out = steps[step](*args, inputs.values(knob_values), width)
         return out
 
     compiled_ahead = False
@@ -364,7 +401,7 @@ def _compile_epoch(model: Any, compile_numbers_in: Callable[[], None]) -> Callab
         # its own where there is a second core. A step whose numbers escape is left to
         # its first call (`run`).
         try:
-            lowered = [steps[step].trace(*args, (0.0,) * inputs.slots).lower() for step, args in calls]
+            lowered = [steps[step].trace(*args, (0.0,) * inputs.slots, 0).lower() for step, args in calls]
         except knobs.Escaped:
             return
         if available_cores() < 2:
@@ -377,7 +414,7 @@ def _compile_epoch(model: Any, compile_numbers_in: Callable[[], None]) -> Callab
         return [jnp.broadcast_to(m, (active.shape[0], *m.shape)) for m in metrics_init]
 
     def epoch(state: Any, active: np.ndarray, orders: np.ndarray, x: Any, y: Any, xv: Any, yv: Any,
-              batch_size: int, knob_values: tuple) -> tuple[Any, dict[str, Any]]:
+              batch_size: int, knob_values: tuple, width: int) -> tuple[Any, dict[str, Any]]:
         nonlocal compiled_ahead
         trainable, non_trainable, optimizer_vars, _ = state
         fresh = fresh_metrics(active)
@@ -391,13 +428,13 @@ def _compile_epoch(model: Any, compile_numbers_in: Callable[[], None]) -> Callab
         # Batches as model.fit and evaluate cut them: the short remainder is a batch too.
         for start in range(0, orders.shape[1], batch_size):
             idx, weights = _batch(orders[:, start:start + batch_size], batch_size, padded)
-            state, train_logs = run("train", knob_values, state, active, idx, x, y, weights)
+            state, train_logs = run("train", knob_values, width, state, active, idx, x, y, weights)
         trainable, non_trainable, optimizer_vars, _ = state
         test_state = (trainable, non_trainable, fresh)
         n_val = xv.shape[0]
         for start in range(0, n_val, batch_size):
             idx, weights = _batch(np.arange(start, min(start + batch_size, n_val)), batch_size, padded)
-            test_state, val_logs = run("test", knob_values, test_state, idx, xv, yv, weights)
+            test_state, val_logs = run("test", knob_values, width, test_state, idx, xv, yv, weights)
         # Validation moves the seed generators too (an RNN cell draws its dropout masks
         # whether or not it trains), and fit trains on from where it left them.
         non_trainable = test_state[1]

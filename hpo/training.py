@@ -10,6 +10,7 @@ Keras model per seed) or `analytic` (a pseudo learning curve, no Keras).
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -317,7 +318,28 @@ def _vectorized_trainer(spec: StudySpec, params: dict[str, Any], seeds: list[int
 
     data = _load_data(spec, params, spec.seed)
     build = _compiled_builder(spec, params, data, len(data.x_train))
-    return Replicas(build, seeds, data.x_train, data.y_train, data.x_val, data.y_val, params["batch_size"])
+    return Replicas(build, seeds, data.x_train, data.y_train, data.x_val, data.y_val, params["batch_size"],
+                    bucket=_width_bucket(spec, params, data))
+
+
+def _width_bucket(spec: StudySpec, params: dict[str, Any], data: Any) -> Any:
+    """The width bucket a built-in family's trial runs in (`hpo.buckets`): where `units` is
+    searched, its activation keeps a zero unit at zero, and `HPO_WIDTH_BUCKETS` is not 0."""
+    from hpo.buckets import Bucket, bucket, keeps_zero
+    from hpo.models import RECURRENT_LAYERS
+    from hpo.spec import Choice, IntRange
+
+    searched = spec.space.get("units")
+    if (spec.model.family not in (*RECURRENT_LAYERS, "mlp") or os.environ.get("HPO_WIDTH_BUCKETS", "1") == "0"
+            or not isinstance(searched, (IntRange, Choice)) or not keeps_zero(params["activation"])):
+        return None
+    high = searched.high if isinstance(searched, IntRange) else max(searched.choices)
+    units = int(params["units"])
+
+    def build(width: int) -> Any:
+        return _compiled_builder(spec, dict(params, units=width), data, len(data.x_train))()
+
+    return Bucket(units, bucket(units, int(high)), build)
 
 
 class _SequentialTrainer:

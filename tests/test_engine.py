@@ -473,3 +473,70 @@ def test_a_new_shapes_train_and_test_steps_compile_side_by_side(arrays):
     side_by_side = threads["jit(train_batch)"] != threads["jit(test_batch)"]
     assert side_by_side == (available_cores() >= 2)
     assert clock.since().seconds <= wall
+
+
+def _family_builder(family, units, **params):
+    from hpo.models import build_model, compile_model
+    from hpo.spec import DEFAULT_PARAMS
+
+    params = dict(DEFAULT_PARAMS, layers=2, units=units, **params)
+
+    def build():
+        model = build_model(params, (STEPS, 2), family=family, output="regression", n_outputs=1)
+        compile_model(model, params, output="regression", steps_per_epoch=3)
+        return model
+    return build
+
+
+@pytest.mark.parametrize("family, params", [("lstm", dict(dropout=0.3, recurrent_dropout=0.2)),
+                                            ("gru", dict(dropout=0.3, recurrent_dropout=0.2, l2=1e-3)),
+                                            ("mlp", dict(dropout=0.3, activation="relu"))])
+def test_widths_in_one_bucket_share_its_program_and_each_replica_is_its_native_fit(family, params, arrays):
+    # 5 and 7 units both run in the program of 8 (their extra units zero, their dropout
+    # masks gathered from the native positions): the second width compiles no step, and
+    # each replica's curves and final weights are its own width's model.fit.
+    from jax._src import dispatch
+
+    from hpo import buckets
+
+    steps = []
+
+    def on_duration(event, seconds, **kwargs):
+        if event == dispatch.BACKEND_COMPILE_EVENT and kwargs.get("fun_name") in ("jit(train_batch)",
+                                                                                    "jit(test_batch)"):
+            steps.append(kwargs["fun_name"])
+
+    engine.clear_cache()
+    seeds, epochs = [7, 8], 3
+    jax.monitoring.register_event_duration_secs_listener(on_duration)
+    try:
+        for units in (5, 7):
+            steps.clear()
+            build = _family_builder(family, units, **params)
+            bucket = buckets.Bucket(units, 8, lambda width: _family_builder(family, width, **params)())
+            replicas = engine.Replicas(build, seeds, arrays["x"], arrays["y"], arrays["xv"], arrays["yv"], 32,
+                                       bucket=bucket)
+            assert replicas._padding is not None, "the trial ran in its own program, not its bucket's"
+            logs = [replicas.run_epoch(np.ones(len(seeds), bool)) for _ in range(epochs)]
+            assert bool(steps) == (units == 5), steps
+            for r, seed in enumerate(seeds):
+                keras.utils.set_random_seed(seed)
+                model = native(build)
+                history = model.fit(arrays["x"], arrays["y"], epochs=epochs, batch_size=32, shuffle=True,
+                                    validation_data=(arrays["xv"], arrays["yv"]), verbose=0).history
+                for key in ("loss", "val_loss", "val_mae"):
+                    np.testing.assert_allclose([e[key][r] for e in logs], history[key], rtol=1e-5, atol=1e-7,
+                                               err_msg=f"{family} {units} units, seed {seed} {key}")
+                for mine, theirs in zip(replicas.weights(r), model.get_weights()):
+                    np.testing.assert_allclose(mine, theirs, rtol=1e-5, atol=1e-6)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(on_duration)
+
+
+def test_a_width_bucket_is_only_taken_where_a_zero_unit_stays_zero():
+    from hpo import buckets
+
+    assert [buckets.bucket(u, 32) for u in (1, 3, 4, 5, 9, 17, 32)] == [1, 4, 4, 8, 16, 32, 32]
+    assert buckets.bucket(20, 24) == 24  # never wider than the space's top
+    assert buckets.keeps_zero("tanh") and buckets.keeps_zero("relu")
+    assert not buckets.keeps_zero("sigmoid")  # sigmoid(0) = 0.5: a padded unit would feed its neighbours
