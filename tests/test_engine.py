@@ -540,3 +540,35 @@ def test_a_width_bucket_is_only_taken_where_a_zero_unit_stays_zero():
     assert buckets.bucket(20, 24) == 24  # never wider than the space's top
     assert buckets.keeps_zero("tanh") and buckets.keeps_zero("relu")
     assert not buckets.keeps_zero("sigmoid")  # sigmoid(0) = 0.5: a padded unit would feed its neighbours
+
+
+def test_a_new_width_makes_its_zero_and_constant_variables_without_compiling(arrays):
+    # Biases, Adam's slots and constant initialisers are made in NumPy (the same values):
+    # on JAX each new shape of `zeros` would cost a compilation of its own.
+    from jax._src import dispatch
+
+    compiled = []
+
+    def on_duration(event, seconds, **kwargs):
+        if event == dispatch.BACKEND_COMPILE_EVENT:
+            compiled.append(kwargs.get("fun_name"))
+
+    def build(units):
+        inputs = keras.Input((STEPS, 2))
+        h = keras.layers.Dense(units, bias_initializer=keras.initializers.Constant(0.1))(keras.layers.Flatten()(inputs))
+        model = keras.Model(inputs, keras.layers.Dense(1)(h))
+        model.compile(keras.optimizers.Adam(0.01), "mse")
+        return model
+
+    jax.monitoring.register_event_duration_secs_listener(on_duration)
+    try:
+        for units in (13, 19):
+            compiled.clear()
+            replicas = engine.Replicas(lambda units=units: build(units), [1, 2], arrays["x"], arrays["y"],
+                                       arrays["xv"], arrays["yv"], batch_size=32)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(on_duration)
+    assert not [name for name in compiled if "broadcast_in_dim" in name], compiled
+    keras.utils.set_random_seed(1)
+    for mine, theirs in zip(replicas.weights(0), build(19).get_weights()):
+        np.testing.assert_array_equal(mine, theirs)
