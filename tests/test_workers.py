@@ -106,8 +106,10 @@ def test_four_workers_on_one_sqlite_file(tmp_path):
     assert len({t.user_attrs["worker"] for t in trials}) == 4
 
 
-def running_trial_with_params_and_heartbeat(url: str) -> int | None:
-    """A RUNNING trial whose params are stored and whose heartbeat was recorded, or None."""
+def running_trial_with_params_and_heartbeat(url: str, n_params: int = 2) -> int | None:
+    """A RUNNING trial whose params (all `n_params` of the beale space, x and y: a trial
+    stopped between its two suggestions is retried with x alone) are stored and whose
+    heartbeat was recorded, or None."""
     import sqlalchemy
 
     engine = sqlalchemy.create_engine(url)
@@ -115,8 +117,8 @@ def running_trial_with_params_and_heartbeat(url: str) -> int | None:
         with engine.connect() as conn:
             return conn.execute(sqlalchemy.text(
                 "SELECT t.number FROM trials t WHERE t.state = 'RUNNING' "
-                "AND EXISTS (SELECT 1 FROM trial_params p WHERE p.trial_id = t.trial_id) "
-                "AND EXISTS (SELECT 1 FROM trial_heartbeats h WHERE h.trial_id = t.trial_id)")).scalar()
+                "AND (SELECT count(*) FROM trial_params p WHERE p.trial_id = t.trial_id) >= :n "
+                "AND EXISTS (SELECT 1 FROM trial_heartbeats h WHERE h.trial_id = t.trial_id)"), {"n": n_params}).scalar()
     finally:
         engine.dispose()
 
@@ -475,10 +477,14 @@ window = 10
 family = "lstm"
 [training]
 max_epochs = 1
+[sampler]
+kind = "grid"
 [pruner]
 kind = "none"
 [space]
-units = { low = 2, high = 8 }
+# A grid of three widths in three buckets: every trial compiles a program of its own, so
+# memory grows past the 1 MB limit after the first.
+units = { choices = [2, 5, 9] }
 """
 
 
