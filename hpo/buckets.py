@@ -187,18 +187,19 @@ def tracing(masks: Masks | None, width: Any) -> Iterator[None]:
         _tracing.active = previous
 
 
-_installed: list[Any] = []
+_installed = False
 
 
 def _install() -> None:
-    """Route Keras' dropout (on the JAX backend) through `_dropout`, once: it is Keras'
-    own unless this thread is tracing a padded draw."""
+    """Route Keras' dropout (on the JAX backend) through `_padded_dropout`, once, for the
+    draws this thread traces over a padded axis; every other draw is Keras' own."""
+    global _installed
     if _installed:
         return
     from keras.src import backend
 
     original = backend.random.dropout
-    _installed.append(original)
+    _installed = True
 
     def dropout(inputs: Any, rate: Any, noise_shape: Any = None, seed: Any = None) -> Any:
         active = getattr(_tracing, "active", None)
