@@ -618,6 +618,41 @@ def bench_study(study: str, study_name: str | None, trials: int | None, seeds: i
     click.echo(json.dumps(result.to_json()) if fmt == "json" else format_study_time(result))
 
 
+
+@cli.command("bench-peers")
+@click.argument("study", default="csv_lstm")
+@click.option("--tools", default=None, metavar="LIST",
+              help="Comma-separated, from hpo, optuna-jax, optuna-tensorflow, keras-tuner "
+                   "(default: every one this machine has; keras-tuner needs `pip install keras-tuner`).")
+@click.option("--trials", type=click.IntRange(1, MAX_TRIALS), default=None, help="Override the study's trials.")
+@click.option("--seeds", type=click.IntRange(1, MAX_SEEDS), default=None, help="Override the seeds per trial.")
+@click.option("--max-epochs", type=click.IntRange(1, MAX_EPOCHS), default=None, help="Override max_epochs.")
+@click.option("--refit-seeds", type=click.IntRange(2, MAX_SEEDS), default=10, show_default=True,
+              help="Fresh seeds each tool's pick is refitted on.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def bench_peers(study: str, tools: str | None, trials: int | None, seeds: int | None, max_epochs: int | None,
+                refit_seeds: int, fmt: str) -> None:
+    """Run STUDY (default: csv_lstm) by hpo, by a hand-written Optuna loop of native
+    `model.fit` calls (JAX, TensorFlow) and by KerasTuner's RandomSearch, with the same
+    space, seeds and budget; print each tool's wall time, its ratio to hpo, and each pick
+    refitted on fresh seeds."""
+    import json
+
+    from hpo.bench_peers import TOOLS, available_tools, format_peers, run_peers
+
+    chosen = available_tools() if tools is None else [t.strip() for t in tools.split(",") if t.strip()]
+    unknown = [t for t in chosen if t not in TOOLS]
+    if unknown or not chosen:
+        raise click.BadParameter(f"unknown tool {', '.join(unknown) or '(none given)'}; choose from {', '.join(TOOLS)}",
+                                 param_hint="--tools")
+    if "keras-tuner" in chosen and "keras-tuner" not in available_tools():
+        raise click.BadParameter("keras-tuner is not installed; pip install keras-tuner, or leave it out",
+                                 param_hint="--tools")
+    progress = (lambda line: click.echo(line, err=True)) if fmt == "json" else click.echo
+    result = run_peers(study, chosen, trials=trials, seeds=seeds, max_epochs=max_epochs,
+                       refit_seeds=refit_seeds, echo=progress)
+    click.echo(json.dumps(result.to_json()) if fmt == "json" else format_peers(result))
+
 def _storage_of(args: list[str]) -> str:
     """The storage URL a command line names (or the default), password masked."""
     from hpo.storage import mask_url, resolve_storage_url

@@ -92,3 +92,38 @@ def test_bench_study_splits_a_real_runs_wall_time_into_its_parts(tmp_path):
     assert result["cache"] == "empty at the start"
     assert not (tmp_path / "user-cache").exists()  # the user's cache was left alone
     assert "trial    1 complete" in proc.stderr or "trial    1 pruned" in proc.stderr
+
+
+def test_bench_peers_runs_every_tool_on_one_budget_and_hpo_picks_what_the_native_loop_picks(tmp_path):
+    # The real command, every tool, a tiny budget. hpo's replicas are each seed's own
+    # model.fit, so the hand-written Optuna loop on JAX (same sampler, same seeds) scores
+    # the same trials the same and picks hpo's pick; every pick is refitted on fresh seeds.
+    proc = subprocess.run(
+        [sys.executable, "-m", "hpo", "bench-peers", "csv_lstm", "--trials", "2", "--seeds", "2", "--max-epochs", "2",
+         "--refit-seeds", "2", "--format", "json"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)
+    runs = {r["tool"]: r for r in result["runs"]}
+    assert list(runs) == ["hpo", "optuna-jax", "optuna-tensorflow", "keras-tuner"]
+    for run in runs.values():
+        assert run["trials"] == 2 and run["fits"] == 4 and run["seconds"] > 0
+        assert set(run["params"]) == {"units", "dropout", "learning_rate", "batch_size"}
+        assert len(run["refit"]) == 2 and all(v > 0 for v in run["refit"])
+    hpo, loop = runs["hpo"], runs["optuna-jax"]
+    assert loop["params"] == hpo["params"]
+    assert loop["value"] == pytest.approx(hpo["value"], rel=1e-5)
+    assert loop["refit"] == hpo["refit"] and loop["p_vs_hpo"] is None
+    assert result["refit_seeds"] and not set(result["refit_seeds"]) & {7000, 7001}  # no training seed
+    assert list(tmp_path.iterdir()) == []  # nothing left behind in the folder it ran in
+
+
+@pytest.mark.parametrize("args, says", [
+    (["beale"], "bench-peers: an analytic study trains no Keras model"),
+    (["--tools", "hpo,sklearn"], "unknown tool sklearn"),
+])
+def test_bench_peers_refuses_what_it_cannot_compare_in_one_line(tmp_path, args, says):
+    proc = subprocess.run([sys.executable, "-m", "hpo", "bench-peers", *args], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2
+    assert says in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert list(tmp_path.iterdir()) == []
