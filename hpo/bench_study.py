@@ -20,8 +20,9 @@ from hpo.words import plural
 
 @dataclass
 class TrialTime:
-    """One trial: its wall time (started to finished, as Optuna stored it), its fit's
-    seconds and the part of them JAX spent tracing and compiling."""
+    """One trial: its wall time (from its start, or from the trial before it ending where
+    that was later, to its end), its fit's seconds and the part of them JAX spent tracing
+    and compiling."""
 
     number: int
     state: str
@@ -29,6 +30,9 @@ class TrialTime:
     fit_s: float
     compile_s: float
     pruned_at: int | None = None
+    # Seconds another thread spent building and compiling it while the trial before it
+    # trained (ask-ahead): not part of its wall time or fit.
+    prepared_s: float | None = None
 
 
 @dataclass
@@ -126,26 +130,36 @@ def time_study(spec: StudySpec, *, cache: str, echo: Callable[[str], None] = pri
         start = time.perf_counter()
         run_trials(study, spec, budget=spec.trials, echo=echo)
         wall = time.perf_counter() - start
-        trials = [_trial_time(t) for t in study.get_trials(deepcopy=False)]
+        finished = study.get_trials(deepcopy=False)
+        trials = [_trial_time(t, finished[i - 1] if i else None) for i, t in enumerate(finished)]
         storage.engine.dispose()
     return StudyTime(spec.name, wall, clock.seconds, trials, (load_before, os.getloadavg()[0]), cache)
 
 
-def _trial_time(trial: Any) -> TrialTime:
-    from hpo.objective import ATTR_COMPILE_SECONDS, ATTR_FIT_SECONDS, ATTR_PRUNED_AT
+def _trial_time(trial: Any, before: Any | None) -> TrialTime:
+    """A trial's time as the worker spent it: from its start, or from the end of the trial
+    before it if that was later (with ask-ahead a trial starts while the one before it
+    trains, and what it costs the study is from there to its end)."""
+    from hpo.objective import ATTR_COMPILE_SECONDS, ATTR_FIT_SECONDS, ATTR_PRUNED_AT, ATTR_PREPARED_SECONDS
 
     attrs = trial.user_attrs
-    seconds = (trial.datetime_complete - trial.datetime_start).total_seconds() if trial.datetime_complete else 0.0
+    start = trial.datetime_start
+    if before is not None and before.datetime_complete is not None:
+        start = max(start, before.datetime_complete)
+    seconds = (trial.datetime_complete - start).total_seconds() if trial.datetime_complete else 0.0
     return TrialTime(trial.number, trial.state.name, seconds, float(attrs.get(ATTR_FIT_SECONDS, 0.0)),
-                     float(attrs.get(ATTR_COMPILE_SECONDS, 0.0)), attrs.get(ATTR_PRUNED_AT))
+                     float(attrs.get(ATTR_COMPILE_SECONDS, 0.0)), attrs.get(ATTR_PRUNED_AT),
+                     attrs.get(ATTR_PREPARED_SECONDS))
 
 
 def format_study_time(result: StudyTime) -> str:
     """Per trial, then the split in seconds and shares of the wall time, in words."""
-    lines = ["trial  state     wall s   fit s  compile s  pruned at"]
+    lines = ["trial  state     wall s   fit s  compile s  ahead s  pruned at"]
     for t in result.trials:
         pruned = "" if t.pruned_at is None else f"epoch {t.pruned_at}"
-        lines.append(f"{t.number:5d}  {t.state.lower():<8} {t.seconds:7.2f} {t.fit_s:7.2f} {t.compile_s:10.2f}  {pruned}")
+        ahead = "" if t.prepared_s is None else f"{t.prepared_s:.2f}"
+        lines.append(f"{t.number:5d}  {t.state.lower():<8} {t.seconds:7.2f} {t.fit_s:7.2f} {t.compile_s:10.2f} "
+                     f"{ahead:>8}  {pruned}")
     states = [t.state for t in result.trials]
     lines.append(f"{result.study}: {plural(len(states), 'trial')} ({states.count('COMPLETE')} complete, "
                  f"{states.count('PRUNED')} pruned, {states.count('FAIL')} failed) in {result.wall_s:.1f} s, one "
@@ -158,6 +172,10 @@ def format_study_time(result: StudyTime) -> str:
     for name, seconds, what in parts:
         share = 100 * seconds / result.wall_s if result.wall_s else 0.0
         lines.append(f"  {name:<22} {seconds:7.1f} s {share:4.0f}%  ({what})")
+    ahead = [t.prepared_s for t in result.trials if t.prepared_s is not None]
+    if ahead:
+        lines.append(f"  and, beside these, {sum(ahead):.1f} s building and compiling {plural(len(ahead), 'trial')} "
+                     "ahead on a second thread (ask-ahead; HPO_ASK_AHEAD=0 turns it off)")
     complete, pruned = result.median_s("COMPLETE"), result.median_s("PRUNED")
     if complete and pruned is not None:
         lines.append(f"a pruned trial took {pruned:.2f} s (median) against {complete:.2f} s for a complete one "

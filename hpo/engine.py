@@ -13,6 +13,7 @@ import copy
 import functools
 import json
 import random
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -105,6 +106,14 @@ class Replicas:
                                        self.xv, self.yv, self.batch_size, self._knob_values, self._width)
         return {k: np.asarray(v, dtype=np.float64) for k, v in logs.items()}
 
+    def compile(self) -> None:
+        """Compile the first epoch's train and test steps now (as that epoch would, and
+        nothing more): a trial built ahead on another thread is ready when it runs."""
+        # Only the shapes of a first batch matter to a compilation, not which rows it holds.
+        orders = np.zeros((len(self.seeds), self.n), np.int32)
+        self._epoch(self.state, np.ones(len(self.seeds), bool), orders, self.x, self.y, self.xv, self.yv,
+                    self.batch_size, self._knob_values, self._width, compile_only=True)
+
     def weights(self, r: int) -> list[np.ndarray]:
         """Replica r's current weights in `model.get_weights()` order (at its own width)."""
         values = {}
@@ -118,17 +127,18 @@ class Replicas:
 
 class CompileClock:
     """What JAX has compiled in this process so far: `seconds` spent tracing, lowering and
-    compiling (a program read from the persistent cache counts its reading time), and
+    compiling on the calling thread (a program read from the persistent cache counts its
+    reading time; a program compiled ahead on another thread counts there, not here),
     `compiles`, the programs XLA really compiled (not read from the persistent cache),
-    and `programs`, those compiled or read from that cache. Take two readings and
-    subtract: `CompileClock.now()` is a snapshot."""
+    and `programs`, those compiled or read from that cache, in the whole process. Take
+    two readings and subtract: `CompileClock.now()` is a snapshot."""
 
-    _seconds = 0.0
     _backend_compiles = 0
     _cache_hits = 0
     _listening = False
-    # Inside `together()`: programs compiled side by side count the block's wall time.
-    _together = False
+    # Per thread: `seconds`, and `together` while in `together()`, whose programs
+    # compiled side by side (on pool threads) count the block's wall time instead.
+    _local = threading.local()
 
     def __init__(self, seconds: float, compiles: int, programs: int) -> None:
         self.seconds, self.compiles, self.programs = seconds, compiles, programs
@@ -136,7 +146,7 @@ class CompileClock:
     @classmethod
     def now(cls) -> "CompileClock":
         cls._listen()
-        return cls(cls._seconds, cls._backend_compiles - cls._cache_hits, cls._backend_compiles)
+        return cls(getattr(cls._local, "seconds", 0.0), cls._backend_compiles - cls._cache_hits, cls._backend_compiles)
 
     def since(self) -> "CompileClock":
         """The seconds, compilations and programs from this snapshot until now."""
@@ -148,12 +158,15 @@ class CompileClock:
     def together(cls) -> Iterator[None]:
         """Programs compiled side by side in this block count its wall time, once."""
         cls._listen()
-        start, cls._together = time.perf_counter(), True
+        start = time.perf_counter()
         try:
             yield
         finally:
-            cls._together = False
-            cls._seconds += time.perf_counter() - start
+            cls._add(time.perf_counter() - start)
+
+    @classmethod
+    def _add(cls, seconds: float) -> None:
+        cls._local.seconds = getattr(cls._local, "seconds", 0.0) + seconds
 
     @classmethod
     def _listen(cls) -> None:
@@ -165,8 +178,9 @@ class CompileClock:
         phases = {dispatch.JAXPR_TRACE_EVENT, dispatch.JAXPR_TO_MLIR_MODULE_EVENT, dispatch.BACKEND_COMPILE_EVENT}
 
         def on_duration(event: str, seconds: float, **kwargs: Any) -> None:
-            if event in phases and not cls._together:
-                cls._seconds += seconds
+            # Called on the thread that traced or compiled.
+            if event in phases:
+                cls._add(seconds)
             if event == dispatch.BACKEND_COMPILE_EVENT:
                 # A persistent-cache hit passes here too, and is counted off below.
                 cls._backend_compiles += 1
@@ -314,11 +328,40 @@ def _bucket_program(model: Any, bucket: buckets.Bucket | None, seed: int,
 
 
 def clear_cache() -> None:
-    """Forget every compiled epoch (and the models they hold), and JAX's own caches."""
+    """Forget every compiled epoch (and the models they hold), and JAX's own caches.
+
+    While a trial is built ahead (`building_ahead`) JAX's caches are left for the
+    thread that runs trials to clear between them (`clear_cache_if_due`): clearing them
+    now would make the trial running beside it trace and compile its steps again."""
+    global _jax_clear_due
+    _programs.clear()
+    if getattr(_ahead, "building", False):
+        _jax_clear_due = True
+        return
     import jax
 
-    _programs.clear()
+    _jax_clear_due = False
     jax.clear_caches()
+
+
+_jax_clear_due = False
+_ahead = threading.local()
+
+
+@contextlib.contextmanager
+def building_ahead() -> Iterator[None]:
+    """Mark this thread as building a trial ahead while another thread trains one."""
+    _ahead.building = True
+    try:
+        yield
+    finally:
+        _ahead.building = False
+
+
+def clear_cache_if_due() -> None:
+    """Between trials: clear JAX's caches if a trial built ahead left them to be cleared."""
+    if _jax_clear_due and not getattr(_ahead, "building", False):
+        clear_cache()
 
 
 def _compile_epoch(model: Any, compile_numbers_in: Callable[[], None],
@@ -392,39 +435,64 @@ def _compile_epoch(model: Any, compile_numbers_in: Callable[[], None],
             out = steps[step](*args, inputs.values(knob_values), width)
         return out
 
-    compiled_ahead = False
+    # Per (replicas, batch size, training and validation rows): compile-ahead tried; every
+    # batch's steps compiled (ahead, where all batches are padded to one shape, or by a
+    # whole epoch run). Until then an epoch of those shapes may trace, and holds `tracing`
+    # while it does: a trial built ahead on another thread may share this program (the
+    # same model at another batch size) and trace it at the same time.
+    compiled_for: set[tuple] = set()
+    ready_for: set[tuple] = set()
+    tracing = threading.Lock()
 
-    def compile_ahead(calls: list[tuple[str, tuple]]) -> None:
+    def compile_ahead(calls: list[tuple[str, tuple]]) -> bool:
         # The train and test steps of a full batch, traced here one after the other, then
         # compiled at once on two threads (XLA's compiler lets go of Python's lock; jit
         # keeps both for the calls): a new shape's test step then costs no wall time of
         # its own where there is a second core. A step whose numbers escape is left to
         # its first call (`run`).
+        # True once both are compiled.
         try:
             lowered = [steps[step].trace(*args, (0.0,) * inputs.slots, 0).lower() for step, args in calls]
         except knobs.Escaped:
-            return
+            return False
         if available_cores() < 2:
-            return
+            return False
         with CompileClock.together(), ThreadPoolExecutor(len(lowered)) as pool:
             list(pool.map(lambda program: program.compile(), lowered))
+        return True
 
     @jax.jit
     def fresh_metrics(active: Any) -> list[Any]:
         return [jnp.broadcast_to(m, (active.shape[0], *m.shape)) for m in metrics_init]
 
     def epoch(state: Any, active: np.ndarray, orders: np.ndarray, x: Any, y: Any, xv: Any, yv: Any,
-              batch_size: int, knob_values: tuple, width: int) -> tuple[Any, dict[str, Any]]:
-        nonlocal compiled_ahead
+              batch_size: int, knob_values: tuple, width: int,
+              compile_only: bool = False) -> tuple[Any, dict[str, Any]]:
+        shapes = (len(active), batch_size, x.shape[0], xv.shape[0])
+        if shapes in ready_for and not compile_only:
+            return batches(state, active, orders, x, y, xv, yv, batch_size, knob_values, width)
+        with tracing:
+            if shapes not in compiled_for:
+                compiled_for.add(shapes)
+                trainable, non_trainable, _, _ = state
+                fresh = fresh_metrics(active)
+                first = _batch(orders[:, :batch_size], batch_size, padded)
+                first_val = _batch(np.arange(min(batch_size, xv.shape[0])), batch_size, padded)
+                if compile_ahead([("train", ((*state[:3], fresh), active, first[0], x, y, first[1])),
+                                  ("test", ((trainable, non_trainable, fresh), first_val[0], xv, yv, first_val[1]))]):
+                    if padded:
+                        ready_for.add(shapes)
+            if compile_only:
+                return state, {}
+            out = batches(state, active, orders, x, y, xv, yv, batch_size, knob_values, width)
+            ready_for.add(shapes)
+            return out
+
+    def batches(state: Any, active: np.ndarray, orders: np.ndarray, x: Any, y: Any, xv: Any, yv: Any,
+                batch_size: int, knob_values: tuple, width: int) -> tuple[Any, dict[str, Any]]:
         trainable, non_trainable, optimizer_vars, _ = state
         fresh = fresh_metrics(active)
         state = (trainable, non_trainable, optimizer_vars, fresh)
-        if not compiled_ahead:
-            compiled_ahead = True
-            first = _batch(orders[:, :batch_size], batch_size, padded)
-            first_val = _batch(np.arange(min(batch_size, xv.shape[0])), batch_size, padded)
-            compile_ahead([("train", (state, active, first[0], x, y, first[1])),
-                           ("test", ((trainable, non_trainable, fresh), first_val[0], xv, yv, first_val[1]))])
         # Batches as model.fit and evaluate cut them: the short remainder is a batch too.
         for start in range(0, orders.shape[1], batch_size):
             idx, weights = _batch(orders[:, start:start + batch_size], batch_size, padded)

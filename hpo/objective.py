@@ -32,6 +32,9 @@ ATTR_BEST_EPOCHS = "best_epochs"
 ATTR_EPOCHS_RUN = "epochs_run"
 ATTR_FIT_SECONDS = "fit_seconds"
 ATTR_COMPILE_SECONDS = "compile_seconds"
+# Seconds a thread spent building and compiling the trial while the one before it trained
+# (the worker's ask-ahead; absent where the trial built itself).
+ATTR_PREPARED_SECONDS = "prepared_seconds"
 ATTR_CURVES = "curves"
 ATTR_PATH = "training_path"
 ATTR_BACKEND = "backend"
@@ -146,7 +149,7 @@ class Objective:
             more = fit_repeats(spec, params, batch, lambda epoch, scores: self.check_stop() or False)
             compiled = None if fit.compile_seconds is None else fit.compile_seconds + (more.compile_seconds or 0.0)
             fit = RepeatFit(fit.fits + more.fits, fit.fit_seconds + more.fit_seconds, fit.path, backend=fit.backend,
-                            compile_seconds=compiled)
+                            compile_seconds=compiled, prepared_seconds=fit.prepared_seconds)
         trial.set_user_attr(ATTR_SEED_STOP, reason)
         return fit
 
@@ -303,6 +306,8 @@ def record_fit(trial: optuna.Trial, fit: RepeatFit) -> None:
         attrs[ATTR_BACKEND] = fit.backend
     if fit.compile_seconds is not None:
         attrs[ATTR_COMPILE_SECONDS] = round(fit.compile_seconds, 4)
+    if fit.prepared_seconds is not None:
+        attrs[ATTR_PREPARED_SECONDS] = round(fit.prepared_seconds, 4)
     if fit.pruned_at_epoch is not None:
         attrs[ATTR_PRUNED_AT] = fit.pruned_at_epoch
     for key, value in attrs.items():

@@ -9,9 +9,11 @@ Keras model per seed) or `analytic` (a pseudo learning curve, no Keras).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import statistics
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
@@ -59,6 +61,9 @@ class RepeatFit:
     # Seconds JAX spent tracing and compiling during the fit (None off JAX): part of
     # fit_seconds, what a trial pays for a program no process had compiled before.
     compile_seconds: float | None = None
+    # Seconds another thread spent building and compiling this fit while the trial before
+    # it trained (`prepare`): not part of fit_seconds. None: built by the fit itself.
+    prepared_seconds: float | None = None
 
     @property
     def fixed_seconds(self) -> float:
@@ -168,15 +173,92 @@ def fit_repeats(spec: StudySpec, params: dict[str, Any], seeds: list[int],
     chosen = "sequential" if path == "sequential" or unsupported else "vectorized"
     clock = _compile_clock(backend)
     start = time.perf_counter()
-    if chosen == "vectorized":
-        trainer = _vectorized_trainer(spec, params, seeds)
+    prepared = _take_prepared(params, seeds) if chosen == "vectorized" else None
+    if prepared is not None:
+        trainer, ahead_seconds = prepared
     else:
-        trainer = _SequentialTrainer(spec, params, seeds)
+        with _keras_lock:
+            trainer = (_vectorized_trainer if chosen == "vectorized" else _SequentialTrainer)(spec, params, seeds)
     fit = _lock_step(spec, seeds, trainer, on_epoch, chosen, backend, setup=time.perf_counter() - start,
                      keep_best=keep_best)
     if clock is not None:
         fit.compile_seconds = clock.since().seconds
+    if prepared is not None:
+        fit.prepared_seconds = ahead_seconds
     return fit
+
+
+# The trainers `prepare` built for trials that run next, by what each was built for: the
+# trainer, and the seconds its thread spent building it and compiling.
+_prepared: dict[str, tuple[EpochTrainer, float]] = {}
+# Held while models are built and while Keras' state is cleared: Keras keeps its state
+# per thread, but `clear_session` replaces every thread's at once (a build on another
+# thread lost its stateless scope mid-trace and stored a tracer in a variable), and our
+# watchers of a build (`engine._build_native`, `flat_random`) patch Keras process-wide.
+_keras_lock = threading.RLock()
+# Keras' own per-thread settings a user may set once (`keras.config.set_dtype_policy`,
+# a distribution, ...), carried to the thread that builds ahead.
+_KERAS_SETTINGS = ("dtype_policy", "distribution", "nnx_enabled", "flash_attention", "traceback_filtering")
+
+
+def keras_settings() -> dict[str, Any]:
+    """This thread's Keras settings (`_KERAS_SETTINGS`) that are set, for `prepare`."""
+    from keras.src.backend.common import global_state
+
+    return {name: value for name in _KERAS_SETTINGS
+            if (value := global_state.get_global_attribute(name)) is not None}
+
+
+def can_prepare(spec: StudySpec) -> bool:
+    """Whether `prepare` builds anything for the spec: a Keras study on the JAX engine,
+    without adaptive seeds (whose later seed batches compile while the trial runs, beside
+    a build ahead that may share their program)."""
+    from hpo.backend import resolve_backend
+
+    return (spec.model.family != "analytic" and spec.seeds_max is None
+            and not _unsupported_reason(spec, resolve_backend(spec.training.backend)))
+
+
+def prepare(spec: StudySpec, params: dict[str, Any], seeds: list[int], settings: dict[str, Any]) -> None:
+    """Build the vectorised trainer of a trial that runs next and compile its first
+    epoch, so that `fit_repeats` of these params and seeds starts training at once. Run
+    on another thread while a trial trains (the worker's ask-ahead), with the Keras
+    `settings` of the thread that runs trials (`keras_settings`). Raises nothing: a
+    fault here is met again, and reported, when the trial runs."""
+    from keras.src.backend.common import global_state
+
+    try:
+        if not can_prepare(spec):
+            return
+        for name, value in settings.items():
+            global_state.set_global_attribute(name, value)
+        from hpo.engine import building_ahead
+
+        start = time.perf_counter()
+        with _keras_lock, building_ahead():
+            trainer = _vectorized_trainer(spec, params, seeds)
+            trainer.compile()
+    except Exception:  # noqa: BLE001 - the trial meets it again when it runs
+        return
+    _prepared[_prepared_key(params, seeds)] = (trainer, time.perf_counter() - start)
+
+
+def discard_prepared() -> None:
+    """Forget every trainer built ahead (their trials will not run in this process)."""
+    _prepared.clear()
+
+
+def _take_prepared(params: dict[str, Any], seeds: list[int]) -> tuple[EpochTrainer, float] | None:
+    """The trainer `prepare` built for these params and seeds, with the seconds it took."""
+    from hpo.engine import clear_cache_if_due
+
+    with _keras_lock:  # nothing is being built ahead meanwhile
+        clear_cache_if_due()
+        return _prepared.pop(_prepared_key(params, seeds), None)
+
+
+def _prepared_key(params: dict[str, Any], seeds: list[int]) -> str:
+    return json.dumps([params, seeds], sort_keys=True, default=repr)
 
 
 def _compile_clock(backend: str) -> Any:
@@ -440,6 +522,7 @@ def release_memory() -> None:
         return
     import keras
 
-    # One collection, not two (clear_session collects too unless told not to).
-    keras.backend.clear_session(free_memory=False)
-    gc.collect()
+    with _keras_lock:
+        # One collection, not two (clear_session collects too unless told not to).
+        keras.backend.clear_session(free_memory=False)
+        gc.collect()
