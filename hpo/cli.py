@@ -623,7 +623,8 @@ def bench_study(study: str, study_name: str | None, trials: int | None, seeds: i
 @click.argument("study", default="csv_lstm")
 @click.option("--tools", default=None, metavar="LIST",
               help="Comma-separated, from hpo, optuna-jax, optuna-tensorflow, keras-tuner "
-                   "(default: every one this machine has; keras-tuner needs `pip install keras-tuner`).")
+                   "(default: every one this machine has; keras-tuner needs `pip install -e \".[peers]\"` "
+                   "or `pip install keras-tuner`).")
 @click.option("--trials", type=click.IntRange(1, MAX_TRIALS), default=None, help="Override the study's trials.")
 @click.option("--seeds", type=click.IntRange(1, MAX_SEEDS), default=None, help="Override the seeds per trial.")
 @click.option("--max-epochs", type=click.IntRange(1, MAX_EPOCHS), default=None, help="Override max_epochs.")
@@ -646,7 +647,8 @@ def bench_peers(study: str, tools: str | None, trials: int | None, seeds: int | 
         raise click.BadParameter(f"unknown tool {', '.join(unknown) or '(none given)'}; choose from {', '.join(TOOLS)}",
                                  param_hint="--tools")
     if "keras-tuner" in chosen and "keras-tuner" not in available_tools():
-        raise click.BadParameter("keras-tuner is not installed; pip install keras-tuner, or leave it out",
+        raise click.BadParameter('keras-tuner is not installed; pip install -e ".[peers]" (or keras-tuner), '
+                                 "or leave it out",
                                  param_hint="--tools")
     progress = (lambda line: click.echo(line, err=True)) if fmt == "json" else click.echo
     result = run_peers(study, chosen, trials=trials, seeds=seeds, max_epochs=max_epochs,

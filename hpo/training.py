@@ -238,9 +238,9 @@ def prepare(spec: StudySpec, params: dict[str, Any], seeds: list[int], settings:
         with _keras_lock, building_ahead():
             trainer = _vectorized_trainer(spec, params, seeds)
             trainer.compile()
+            _prepared[_prepared_key(params, seeds)] = (trainer, time.perf_counter() - start)
     except Exception:  # noqa: BLE001 - the trial meets it again when it runs
         return
-    _prepared[_prepared_key(params, seeds)] = (trainer, time.perf_counter() - start)
 
 
 def discard_prepared() -> None:

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import optuna
-import pytest
 from optuna.trial import TrialState
 
 from tests.conftest import ROOT, run_hpo, wait_until
@@ -586,58 +585,3 @@ def test_workers_do_not_each_take_most_of_a_gpu(monkeypatch):
     monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.3")
     share_gpu()
     assert "XLA_PYTHON_CLIENT_PREALLOCATE" not in os.environ
-
-
-AHEAD_LSTM = """
-name = "ahead"
-seeds = 2
-seed = 3
-trials = 4
-[data]
-name = "noisy_sine"
-n_samples = 200
-window = 10
-[model]
-family = "lstm"
-[training]
-max_epochs = 4
-[sampler]
-kind = "tpe"
-n_startup_trials = 3
-[pruner]
-kind = "none"
-[space]
-units = { low = 3, high = 12 }
-layers = { low = 1, high = 2 }
-dropout = { low = 0.0, high = 0.3 }
-batch_size = { choices = [32, 64] }
-"""
-
-
-def test_ask_ahead_builds_the_next_trial_while_one_trains_exactly_as_it_would_build_itself(tmp_path):
-    """With ask-ahead a worker admits trial n+1 after trial n's first epoch and builds and
-    compiles it on a thread: each such trial starts with its program compiled, fits each
-    seed exactly as a worker without ask-ahead fits the same params, the budget is exact
-    with nothing left running, and a fixed seed proposes the same trials run after run."""
-    (tmp_path / "ahead.toml").write_text(AHEAD_LSTM)
-
-    def run(name: str, ask_ahead: str) -> list[optuna.trial.FrozenTrial]:
-        url = f"sqlite:///{tmp_path / name}.db"
-        run_hpo("run", str(tmp_path / "ahead.toml"), "--storage", url, timeout=300,
-                env={"HPO_ASK_AHEAD": ask_ahead, "HPO_CACHE_DIR": str(tmp_path / f"{name}-cache")})
-        trials = trials_of(url, "ahead")
-        assert [t.state for t in trials] == [TrialState.COMPLETE] * 4
-        return trials
-
-    ahead, again, alone = run("ahead", "1"), run("again", "1"), run("alone", "0")
-    assert [t.params for t in again] == [t.params for t in ahead]
-    assert [t.user_attrs["seed_scores"] for t in again] == [t.user_attrs["seed_scores"] for t in ahead]
-    for t in ahead[1:]:
-        # Built and compiled on the thread, so the trial itself compiled next to nothing.
-        assert t.user_attrs["prepared_seconds"] > 0, t.user_attrs
-        assert t.user_attrs["compile_seconds"] < 0.2 * t.user_attrs["prepared_seconds"], t.user_attrs
-    assert not any("prepared_seconds" in t.user_attrs for t in alone)
-    # The start-up trials are sampled at random, so both runs drew the same params there.
-    for mine, theirs in zip(ahead[:3], alone[:3]):
-        assert mine.params == theirs.params
-        assert mine.user_attrs["seed_scores"] == pytest.approx(theirs.user_attrs["seed_scores"], rel=1e-6)
