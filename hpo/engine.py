@@ -136,8 +136,8 @@ class CompileClock:
     _backend_compiles = 0
     _cache_hits = 0
     _listening = False
-    # Per thread: `seconds`, and `together` while in `together()`, whose programs
-    # compiled side by side (on pool threads) count the block's wall time instead.
+    # Per thread: `seconds`. Programs compiled side by side in `together()` count on its
+    # pool threads, which nobody reads; the calling thread counts the block's wall time.
     _local = threading.local()
 
     def __init__(self, seconds: float, compiles: int, programs: int) -> None:
