@@ -173,9 +173,11 @@ def _hpo_pick(storage: str, spec: StudySpec, seconds: float) -> PeerRun:
     """hpo's pick, read from its database (Optuna alone: this process loads no Keras)."""
     import optuna
 
+    from hpo.objective import ATTR_SEED_SCORES
+
     study = optuna.load_study(study_name=spec.name, storage=storage)
     best = study.best_trial
-    fits = sum(len(t.user_attrs.get("seed_scores") or []) for t in study.trials)
+    fits = sum(len(t.user_attrs.get(ATTR_SEED_SCORES) or []) for t in study.trials)
     return PeerRun("hpo", seconds, len(study.trials), fits, _searched(spec, best.params), float(best.value))
 
 

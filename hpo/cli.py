@@ -618,7 +618,6 @@ def bench_study(study: str, study_name: str | None, trials: int | None, seeds: i
     click.echo(json.dumps(result.to_json()) if fmt == "json" else format_study_time(result))
 
 
-
 @cli.command("bench-peers")
 @click.argument("study", default="csv_lstm")
 @click.option("--tools", default=None, metavar="LIST",
@@ -641,12 +640,13 @@ def bench_peers(study: str, tools: str | None, trials: int | None, seeds: int | 
 
     from hpo.bench_peers import TOOLS, available_tools, format_peers, run_peers
 
-    chosen = available_tools() if tools is None else [t.strip() for t in tools.split(",") if t.strip()]
+    available = available_tools()
+    chosen = available if tools is None else [t.strip() for t in tools.split(",") if t.strip()]
     unknown = [t for t in chosen if t not in TOOLS]
     if unknown or not chosen:
         raise click.BadParameter(f"unknown tool {', '.join(unknown) or '(none given)'}; choose from {', '.join(TOOLS)}",
                                  param_hint="--tools")
-    if "keras-tuner" in chosen and "keras-tuner" not in available_tools():
+    if "keras-tuner" in chosen and "keras-tuner" not in available:
         raise click.BadParameter('keras-tuner is not installed; pip install -e ".[peers]" (or keras-tuner), '
                                  "or leave it out",
                                  param_hint="--tools")
@@ -654,6 +654,7 @@ def bench_peers(study: str, tools: str | None, trials: int | None, seeds: int | 
     result = run_peers(study, chosen, trials=trials, seeds=seeds, max_epochs=max_epochs,
                        refit_seeds=refit_seeds, echo=progress)
     click.echo(json.dumps(result.to_json()) if fmt == "json" else format_peers(result))
+
 
 def _storage_of(args: list[str]) -> str:
     """The storage URL a command line names (or the default), password masked."""

@@ -220,16 +220,15 @@ def can_prepare(spec: StudySpec) -> bool:
 
 
 def prepare(spec: StudySpec, params: dict[str, Any], seeds: list[int], settings: dict[str, Any]) -> None:
-    """Build the vectorised trainer of a trial that runs next and compile its first
-    epoch, so that `fit_repeats` of these params and seeds starts training at once. Run
-    on another thread while a trial trains (the worker's ask-ahead), with the Keras
-    `settings` of the thread that runs trials (`keras_settings`). Raises nothing: a
-    fault here is met again, and reported, when the trial runs."""
+    """Build the vectorised trainer of a trial that runs next (of a spec that
+    `can_prepare`) and compile its first epoch, so that `fit_repeats` of these params and
+    seeds starts training at once. Run on another thread while a trial trains (the
+    worker's ask-ahead), with the Keras `settings` of the thread that runs trials
+    (`keras_settings`). Raises nothing: a fault here is met again, and reported, when the
+    trial runs."""
     from keras.src.backend.common import global_state
 
     try:
-        if not can_prepare(spec):
-            return
         for name, value in settings.items():
             global_state.set_global_attribute(name, value)
         from hpo.engine import building_ahead
