@@ -525,3 +525,35 @@ def release_memory() -> None:
         # One collection, not two (clear_session collects too unless told not to).
         keras.backend.clear_session(free_memory=False)
         gc.collect()
+        _return_free_memory()
+
+
+def _return_free_memory() -> None:
+    """Hand the C heap's free pages back to the system (glibc's `malloc_trim`; nothing
+    elsewhere). What a trial's models and XLA's compilations freed stays in the process's
+    resident size otherwise, spread over the arenas of the threads that compiled: with
+    it a 100-trial worker held 957 MB against 1436 MB without. The trim (70-110 ms after
+    a trial) runs on a thread of its own, beside the next trial (ctypes lets go of
+    Python's lock for it)."""
+    global _trimmer
+    if _trimmer is None:
+        import ctypes
+
+        try:
+            trim = ctypes.CDLL(None).malloc_trim
+        except (AttributeError, OSError):
+            _trimmer = False
+            return
+        _trimmer = threading.Event()
+
+        def run(due: threading.Event) -> None:
+            while due.wait():
+                due.clear()
+                trim(0)
+
+        threading.Thread(target=run, args=(_trimmer,), name="hpo-malloc-trim", daemon=True).start()
+    if _trimmer:
+        _trimmer.set()
+
+
+_trimmer: threading.Event | bool | None = None
