@@ -6,6 +6,8 @@ Figures for the documentation, run by `hpo bench-workers ...`; nothing here is t
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import os
 import subprocess
 import sys
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 
 import optuna
 
-from hpo.errors import TrialFailed
+from hpo.errors import HpoError, TrialFailed
 from hpo.objective import Objective
 from hpo.spec import load_spec
 from hpo.storage import STORAGE_ENV, count_trials, get_storage, mask_url
@@ -153,31 +155,37 @@ def measure_scale(url: str, workers: int, trials: int, study: str = "beale") -> 
     procs = [subprocess.Popen([sys.executable, "-m", "hpo.bench_workers", spec.name], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                               cwd=_package_root()) for _ in range(workers)]
-    for p in procs:
-        p.stdout.readline()  # "ready": imported, storage open, study loaded
+    # "ready": imported, storage open, study loaded; a worker that could not get there
+    # (a server refusing more clients) says why and has exited.
+    early = [p.stdout.readline() for p in procs]
     peak = [0]
     done = threading.Event()
     sampler = threading.Thread(target=_sample_connections, args=(storage, peak, done), daemon=True)
     if storage.engine.dialect.name == "postgresql":
         sampler.start()
-    for p in procs:
-        p.stdin.write("go\n")
-        p.stdin.close()
+    for p, first in zip(procs, early):
+        with contextlib.suppress(BrokenPipeError):
+            if first.strip() == "ready":
+                p.stdin.write("go\n")
+            p.stdin.close()
     lock_wait, errors, peak_rss, heavy = 0.0, 0, 0.0, set()
-    for p in procs:
-        out = p.stdout.read()
+    said: collections.Counter[str] = collections.Counter()
+    for p, first in zip(procs, early):
+        out = ("" if first.strip() == "ready" else first) + p.stdout.read()
         p.wait()
         lines = [line for line in out.splitlines() if line.startswith("{")]
         if p.returncode or not lines:
             errors += 1
-            print(f"worker exit {p.returncode}: {out.strip().splitlines()[-1:]}", file=sys.stderr)
+            said[f"worker exit {p.returncode}: {(out.strip().splitlines() or [''])[-1]}"] += 1
         elif "waiting for the database" in out:
-            print(f"worker: {out.strip().splitlines()[0]}", file=sys.stderr)
+            said[f"worker: {out.strip().splitlines()[0]}"] += 1
         else:
             report = json.loads(lines[-1])
             lock_wait += report["lock_wait_seconds"]
             peak_rss = max(peak_rss, report["rss_mb"])
             heavy.update(report["heavy_imports"])
+    for line, n in said.items():
+        print(f"{n} x {line}", file=sys.stderr)
     done.set()
     if sampler.is_alive():
         sampler.join()
@@ -209,7 +217,11 @@ def _scale_worker(study_name: str) -> None:
     from hpo import storage as hpo_storage
     from hpo.study import load_study
 
-    study, spec = load_study(get_storage(), study_name)
+    try:
+        study, spec = load_study(get_storage(), study_name)
+    except HpoError as e:
+        print(f"error: {e}", flush=True)
+        sys.exit(e.exit_code)
     print("ready", flush=True)
     sys.stdin.readline()
     summary = run_trials(study, spec, budget=spec.trials, max_consecutive_failures=spec.trials,

@@ -11,6 +11,7 @@ import fcntl
 import functools
 import json
 import os
+import random
 import socket
 import sqlite3
 import sys
@@ -46,6 +47,10 @@ MAX_RETRY = 3
 # Study user attribute: why a worker stopped the study (too many failures in a row).
 STOP_ATTR = "hpo_stop_reason"
 _LOCK_NAMESPACE = 0x68706F  # "hpo": first key of the PostgreSQL advisory lock
+# A worker that finds the admission lock taken asks again after a random pause of up to
+# this long, doubled at each try (a holder keeps it for a few milliseconds).
+_LOCK_FIRST_PAUSE = 0.005
+_LOCK_MAX_PAUSE = 0.1
 
 
 def resolve_storage_url(url: str | None = None) -> str:
@@ -61,8 +66,9 @@ def mask_url(url: str) -> str:
         return url
 
 
-def engine_kwargs(url: str) -> dict:
-    """SQLAlchemy engine settings for the backend the URL names."""
+def engine_kwargs(url: str, *, pooled: bool = True) -> dict:
+    """SQLAlchemy engine settings for the backend the URL names (`pooled=False`: only
+    those of the connections, for an engine with a pool of its own)."""
     if url.startswith("sqlite"):
         # Several local workers write one file: wait for the lock instead of failing.
         return {"connect_args": {"timeout": 60}}
@@ -70,7 +76,14 @@ def engine_kwargs(url: str) -> dict:
     # A worker keeps one connection between calls and opens at most two more at once (the
     # trial it starts while holding the admission lock's; its heartbeat thread's), closed
     # again after use: N workers hold about N of the server's max_connections, not 2-6 N.
-    return {"pool_pre_ping": True, "pool_size": 1, "max_overflow": 2, "pool_recycle": 300}
+    kwargs: dict[str, Any] = ({"pool_pre_ping": True, "pool_size": 1, "max_overflow": 2, "pool_recycle": 300}
+                              if pooled else {})
+    if sqlalchemy.engine.make_url(url).get_driver_name() == "psycopg":
+        # No server-side prepared statements (psycopg makes them for a query run five
+        # times): a pooler in transaction mode (PgBouncer) hands each transaction to
+        # any server connection, where a statement prepared on another is unknown.
+        kwargs["connect_args"] = {"prepare_threshold": None}
+    return kwargs
 
 
 def get_storage(url: str | None = None, *, heartbeat_interval: int | None = HEARTBEAT_INTERVAL,
@@ -134,7 +147,20 @@ class ResilientRDBStorage(optuna.storages.RDBStorage):
         # Called between retries; a worker sets it to raise once it was asked to stop, so
         # a SIGTERM during a long outage is not held up by the wait.
         self.check_stop: Callable[[], None] = lambda: None
-        super().__init__(url, **kwargs)
+        super().__init__(url, skip_compatibility_check=True, **kwargs)
+        self._check_schema()
+
+    def _check_schema(self) -> None:
+        """Optuna's check that the tables are of this Optuna's schema, one connection at a
+        time: Optuna's own keeps a transaction open while it opens a second connection,
+        and workers starting together through a small pooler (PgBouncer, two server
+        connections) each held one and waited for another until the pooler gave up."""
+        versions = self._version_manager
+        current, head = versions.get_current_version(), versions.get_head_version()
+        if current != head:
+            raise StorageError(f"storage {mask_url(self.url)}: its tables have Optuna schema {current}, this Optuna "
+                               f"({optuna.__version__}) needs {head}; upgrade them with: optuna storage upgrade "
+                               f"--storage URL")
 
 
 def _retried(name: str) -> Callable:
@@ -326,20 +352,28 @@ def study_lock(storage: optuna.storages.RDBStorage, study_id: int) -> Iterator[N
     """Hold the study's admission lock: one worker at a time counts the trials and starts one.
 
     PostgreSQL: a transaction-level advisory lock (released on commit, or by the server if
-    the connection drops). SQLite: an exclusive `flock` on `<file>.hpo-lock` beside the
-    database (SQLite is one machine only). Other backends: a lock within this process only.
+    the connection drops), asked for again after a random pause while another worker
+    holds it, so a waiting worker holds no transaction: the holder's own queries need a
+    second connection, which 100 workers blocked in the lock on a 100-connection server
+    (or on a PgBouncer pool) would leave it without. SQLite: an exclusive `flock` on
+    `<file>.hpo-lock` beside the database (SQLite is one machine only). Other backends: a
+    lock within this process only.
     """
     global _lock_wait
     url = storage.url
     backend = sqlalchemy.engine.make_url(url).get_backend_name()
     asked = time.perf_counter()
     if backend == "postgresql":
-        with storage.engine.begin() as conn:
-            conn.execute(sqlalchemy.text("SELECT pg_advisory_xact_lock(:ns, :sid)"),
-                         {"ns": _LOCK_NAMESPACE, "sid": study_id})
-            _lock_wait += time.perf_counter() - asked
-            yield
-        return
+        pause = _LOCK_FIRST_PAUSE
+        while True:
+            with storage.engine.begin() as conn:
+                if conn.execute(sqlalchemy.text("SELECT pg_try_advisory_xact_lock(:ns, :sid)"),
+                                {"ns": _LOCK_NAMESPACE, "sid": study_id}).scalar():
+                    _lock_wait += time.perf_counter() - asked
+                    yield
+                    return
+            time.sleep(random.uniform(0, pause))
+            pause = min(2 * pause, _LOCK_MAX_PAUSE)
     path = sqlite_path(url)
     if path is not None:
         with open(f"{path}.hpo-lock", "a+") as f:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from hpo.backend import use_backend
-from tests.postgres import PostgresServer, find_pg_bin
+from tests.postgres import PgBouncer, PostgresServer, find_pg_bin, find_pgbouncer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -35,6 +35,19 @@ def postgres():
     server = PostgresServer(bin_dir)
     yield server
     server.close()
+
+
+@pytest.fixture(scope="session")
+def pgbouncer(postgres):
+    """PgBouncer in transaction mode with two server connections a database, in front of
+    the session's PostgreSQL (skipped outside CI where it is not installed)."""
+    if find_pgbouncer() is None:
+        if os.environ.get("CI"):
+            pytest.fail("pgbouncer not found in CI; .ci/run should have installed it")
+        pytest.skip("PgBouncer not installed (apt-get install -y pgbouncer); these tests run in CI")
+    bouncer = PgBouncer(postgres)
+    yield bouncer
+    bouncer.close()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import time
 import uuid
 
 
@@ -82,3 +83,53 @@ class PostgresServer:
         except subprocess.CalledProcessError:
             pass
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class PgBouncer:
+    """PgBouncer in transaction mode in front of a `PostgresServer`, with `pool` server
+    connections for each database: every client transaction may run on another server
+    connection, and clients past the pool wait for one."""
+
+    def __init__(self, server: PostgresServer, pool: int = 2) -> None:
+        self.server = server
+        self.dir = tempfile.mkdtemp(prefix="hpo-pgbouncer-")
+        self.port = _free_port()
+        with open(os.path.join(self.dir, "users.txt"), "w") as f:
+            f.write('"hpo" ""\n')
+        with open(os.path.join(self.dir, "pgbouncer.ini"), "w") as f:
+            f.write(f"[databases]\n* = host=127.0.0.1 port={server.port}\n"
+                    f"[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {self.port}\nunix_socket_dir =\n"
+                    f"auth_type = trust\nauth_file = {self.dir}/users.txt\npool_mode = transaction\n"
+                    f"default_pool_size = {pool}\nmax_client_conn = 500\n"
+                    # A client starved of a server connection fails in seconds, not minutes.
+                    f"query_wait_timeout = 30\nlogfile = {self.dir}/log\npidfile = {self.dir}/pid\n")
+        if server.user:
+            pw = pwd.getpwnam(server.user)
+            for name in ("", "users.txt", "pgbouncer.ini"):
+                os.chown(os.path.join(self.dir, name), pw.pw_uid, pw.pw_gid)
+        cmd = [shutil.which("pgbouncer") or "/usr/sbin/pgbouncer", "-d", os.path.join(self.dir, "pgbouncer.ini")]
+        if server.user:  # PgBouncer will not run as root
+            cmd = ["runuser", "-u", server.user, "--", *cmd]
+        subprocess.run(cmd, check=True, capture_output=True, cwd=self.dir)
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+
+    def url(self, database_url: str) -> str:
+        """The same database (a `PostgresServer` URL), reached through PgBouncer."""
+        return database_url.replace(f":{self.server.port}/", f":{self.port}/")
+
+    def close(self) -> None:
+        try:
+            with open(os.path.join(self.dir, "pid")) as f:
+                os.kill(int(f.read()), 15)
+        except (OSError, ValueError):
+            pass
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def find_pgbouncer() -> str | None:
+    return shutil.which("pgbouncer") or next(iter(glob.glob("/usr/sbin/pgbouncer")), None)

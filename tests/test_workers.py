@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import optuna
+import pytest
 from optuna.trial import TrialState
 
 from tests.conftest import ROOT, run_hpo, wait_until
@@ -89,6 +90,25 @@ def test_budget_race_never_more_than_budget(storage_url):
     finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     assert len(finished) == 6, result.stdout
     assert len(trials) == 6, [(t.number, t.state) for t in trials]  # no trial started and given back
+
+
+def test_workers_share_a_study_through_pgbouncer_with_two_server_connections(postgres, pgbouncer):
+    """Six workers through PgBouncer in transaction mode, two server connections: a
+    worker waiting for the admission lock holds none (the holder needs one for its own
+    queries), no statement is prepared on a connection another transaction may not get,
+    and `hpo sql` stays read-only though its transactions hop between connections."""
+    from hpo.results import ReadOnlyRefused, run_sql
+
+    url = pgbouncer.url(postgres.create_database())
+    result = run_hpo("run", "beale", "--storage", url, "--trials", "30", "--workers", "6", timeout=300)
+    trials = trials_of(url, "beale")
+    assert len(by_state(trials, TrialState.COMPLETE)) + len(by_state(trials, TrialState.PRUNED)) == 30, result.stdout
+    assert len(trials) == 30, [(t.number, t.state) for t in trials]
+    assert len({t.user_attrs["worker"] for t in trials}) > 1
+    for _ in range(3):
+        with pytest.raises(ReadOnlyRefused):
+            run_sql("INSERT INTO studies (study_name) VALUES ('x')", url)
+    assert run_sql("SELECT count(*) AS n FROM studies", url)["n"].tolist() == [1]
 
 
 def test_four_workers_on_one_sqlite_file(tmp_path):
