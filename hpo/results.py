@@ -21,7 +21,7 @@ import sqlalchemy
 from hpo.diagnosis import diagnose_curves
 from hpo.errors import StorageError, StudyNotFound
 from hpo.stats import bootstrap_ci, expected_best, p_improvement, p_improvement_words, welch
-from hpo.storage import engine_kwargs, existing_sqlite_path, resolve_storage_url
+from hpo.storage import existing_sqlite_path, resolve_storage_url
 from hpo.views import create_views, sqlite_views_current
 from hpo.words import mean_std, plural
 
@@ -75,7 +75,9 @@ def connect_readonly(url: str | None = None) -> sqlalchemy.engine.Engine:
 
         return sqlalchemy.create_engine("sqlite://", creator=connect, poolclass=sqlalchemy.pool.NullPool)
     _create_views_if_allowed(url)
-    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool, **engine_kwargs(url, pooled=False))
+    # psycopg's default prepare threshold is kept: it sends each query as one statement
+    # of the extended protocol, which refuses "COMMIT; SET ... READ WRITE; INSERT ...".
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
 
     @sqlalchemy.event.listens_for(engine, "connect")
     def _read_only(dbapi_conn, _record) -> None:

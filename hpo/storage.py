@@ -50,7 +50,7 @@ _LOCK_NAMESPACE = 0x68706F  # "hpo": first key of the PostgreSQL advisory lock
 # A worker that finds the admission lock taken asks again after a random pause of up to
 # this long, doubled at each try (a holder keeps it for a few milliseconds).
 _LOCK_FIRST_PAUSE = 0.005
-_LOCK_MAX_PAUSE = 0.1
+_LOCK_MAX_PAUSE = 1.0
 
 
 def resolve_storage_url(url: str | None = None) -> str:
@@ -66,9 +66,8 @@ def mask_url(url: str) -> str:
         return url
 
 
-def engine_kwargs(url: str, *, pooled: bool = True) -> dict:
-    """SQLAlchemy engine settings for the backend the URL names (`pooled=False`: only
-    those of the connections, for an engine with a pool of its own)."""
+def engine_kwargs(url: str) -> dict:
+    """SQLAlchemy engine settings for the backend the URL names."""
     if url.startswith("sqlite"):
         # Several local workers write one file: wait for the lock instead of failing.
         return {"connect_args": {"timeout": 60}}
@@ -76,8 +75,7 @@ def engine_kwargs(url: str, *, pooled: bool = True) -> dict:
     # A worker keeps one connection between calls and opens at most two more at once (the
     # trial it starts while holding the admission lock's; its heartbeat thread's), closed
     # again after use: N workers hold about N of the server's max_connections, not 2-6 N.
-    kwargs: dict[str, Any] = ({"pool_pre_ping": True, "pool_size": 1, "max_overflow": 2, "pool_recycle": 300}
-                              if pooled else {})
+    kwargs: dict[str, Any] = {"pool_pre_ping": True, "pool_size": 1, "max_overflow": 2, "pool_recycle": 300}
     if sqlalchemy.engine.make_url(url).get_driver_name() == "psycopg":
         # No server-side prepared statements (psycopg makes them for a query run five
         # times): a pooler in transaction mode (PgBouncer) hands each transaction to
@@ -114,7 +112,8 @@ def get_storage(url: str | None = None, *, heartbeat_interval: int | None = HEAR
             return _retry(lambda: ResilientRDBStorage(
                 url, engine_kwargs=engine_kwargs(url), heartbeat_interval=heartbeat_interval or None,
                 grace_period=grace_period if heartbeat_interval else None, heartbeat_stale_trial_callback=callback,
-                retry_seconds=retry_seconds), url, min(retry_seconds, CONNECT_RETRY_SECONDS), command, quiet=True)
+                retry_seconds=retry_seconds), url, min(retry_seconds, CONNECT_RETRY_SECONDS), command, quiet=True,
+                full_seconds=retry_seconds)
     except (sqlalchemy.exc.SQLAlchemyError, sqlite3.Error, ImportError, ValueError, OSError) as e:
         fault = classify_storage_error(e)
         cause = fault[1] if fault else first_line(e)
@@ -244,6 +243,10 @@ def classify_storage_error(e: BaseException) -> tuple[str, str] | None:
     if any(isinstance(c, (sqlite3.IntegrityError, sqlalchemy.exc.IntegrityError)) for c in chain) \
             or sqlstate.startswith("23"):
         return "permanent", f"{cause}: a constraint was violated; the database holds something hpo did not write"
+    if _server_full(root):
+        return "transient", (f"{cause} (each worker holds about one of the server's max_connections: raise it, or "
+                             "put PgBouncer in transaction mode in front; README, 'How many workers a PostgreSQL "
+                             "carries')")
     if (sqlstate.startswith(_TRANSIENT_SQLSTATES) or any(t in text for t in _TRANSIENT_TEXT)
             or any(isinstance(c, sqlalchemy.exc.DBAPIError) and c.connection_invalidated for c in chain)):
         return "transient", cause
@@ -252,6 +255,13 @@ def classify_storage_error(e: BaseException) -> tuple[str, str] | None:
         # A server-side operational fault we do not know: most are a server going away.
         return "transient", cause
     return "permanent", cause
+
+
+def _server_full(e: BaseException) -> bool:
+    """Whether the fault is a PostgreSQL server refusing a connection because it has as
+    many clients as `max_connections` allows."""
+    return any(str(getattr(c, "sqlstate", "") or "") == "53300" or "too many clients" in first_line(c).lower()
+               for c in _error_chain(e))
 
 
 def database_fault(e: BaseException) -> tuple[str, str] | None:
@@ -285,10 +295,14 @@ _outage_lock = threading.Lock()
 
 
 def _retry(call: Callable[[], Any], url: str, retry_seconds: float, command: str = "worker",
-           check_stop: Callable[[], None] = lambda: None, quiet: bool = False) -> Any:
+           check_stop: Callable[[], None] = lambda: None, quiet: bool = False,
+           full_seconds: float | None = None) -> Any:
     """`call()`, again after each transient database fault until `retry_seconds` have
-    passed; a permanent fault raises at once, naming its cause."""
-    deadline = time.monotonic() + retry_seconds
+    passed (`full_seconds`, and saying so, for a server that has no free connection: it
+    answers, and a slot frees when another client leaves); a permanent fault raises at
+    once, naming its cause."""
+    started = time.monotonic()
+    deadline = started + retry_seconds
     delay = 0.2
     warned = False
     while True:
@@ -301,12 +315,15 @@ def _retry(call: Callable[[], Any], url: str, retry_seconds: float, command: str
             kind, cause = fault
             if kind == "permanent":
                 raise StorageError(f"storage {mask_url(url)}: {cause}") from e
+            if full_seconds is not None and _server_full(e):
+                retry_seconds, deadline, quiet = full_seconds, started + full_seconds, False
             if time.monotonic() + delay > deadline:
                 raise StorageError(f"storage {mask_url(url)} unreachable for {retry_seconds:.0f} s: "
                                    f"{cause}; check the database and run hpo {command} again") from e
             if not warned and not quiet:
                 with _outage_lock:
-                    print(f"storage {mask_url(url)}: {cause}; waiting for the database to come back "
+                    waiting = "a free connection" if _server_full(e) else "the database to come back"
+                    print(f"storage {mask_url(url)}: {cause}; waiting for {waiting} "
                           f"(up to {retry_seconds:.0f} s)", file=sys.stderr, flush=True)
             warned = True
             time.sleep(delay)

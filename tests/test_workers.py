@@ -95,20 +95,15 @@ def test_budget_race_never_more_than_budget(storage_url):
 def test_workers_share_a_study_through_pgbouncer_with_two_server_connections(postgres, pgbouncer):
     """Six workers through PgBouncer in transaction mode, two server connections: a
     worker waiting for the admission lock holds none (the holder needs one for its own
-    queries), no statement is prepared on a connection another transaction may not get,
-    and `hpo sql` stays read-only though its transactions hop between connections."""
-    from hpo.results import ReadOnlyRefused, run_sql
-
+    queries), no statement is prepared on a connection another transaction may not get.
+    (`hpo sql` keeps prepared statements, which refuse a second statement in a query,
+    and so talks to PostgreSQL itself, not through the pooler.)"""
     url = pgbouncer.url(postgres.create_database())
     result = run_hpo("run", "beale", "--storage", url, "--trials", "30", "--workers", "6", timeout=300)
     trials = trials_of(url, "beale")
     assert len(by_state(trials, TrialState.COMPLETE)) + len(by_state(trials, TrialState.PRUNED)) == 30, result.stdout
     assert len(trials) == 30, [(t.number, t.state) for t in trials]
     assert len({t.user_attrs["worker"] for t in trials}) > 1
-    for _ in range(3):
-        with pytest.raises(ReadOnlyRefused):
-            run_sql("INSERT INTO studies (study_name) VALUES ('x')", url)
-    assert run_sql("SELECT count(*) AS n FROM studies", url)["n"].tolist() == [1]
 
 
 def test_four_workers_on_one_sqlite_file(tmp_path):
