@@ -28,10 +28,7 @@ def postgres():
     """A real PostgreSQL server for the session. Outside CI a machine without PostgreSQL
     skips these tests (and says so); in CI (`CI` set) that is a failure."""
     bin_dir = find_pg_bin()
-    if bin_dir is None:
-        if os.environ.get("CI"):
-            pytest.fail("PostgreSQL (initdb, pg_ctl) not found in CI; .ci/run should have installed it")
-        pytest.skip("PostgreSQL not installed (apt-get install -y postgresql); these tests run in CI")
+    _require(bin_dir, "PostgreSQL (initdb, pg_ctl)", "postgresql")
     server = PostgresServer(bin_dir)
     yield server
     server.close()
@@ -41,13 +38,18 @@ def postgres():
 def pgbouncer(postgres):
     """PgBouncer in transaction mode with two server connections a database, in front of
     the session's PostgreSQL (skipped outside CI where it is not installed)."""
-    if find_pgbouncer() is None:
-        if os.environ.get("CI"):
-            pytest.fail("pgbouncer not found in CI; .ci/run should have installed it")
-        pytest.skip("PgBouncer not installed (apt-get install -y pgbouncer); these tests run in CI")
+    _require(find_pgbouncer(), "PgBouncer", "pgbouncer")
     bouncer = PgBouncer(postgres)
     yield bouncer
     bouncer.close()
+
+
+def _require(found, what: str, package: str) -> None:
+    """Fail in CI (`CI` set), where .ci/run installs `package`; skip, saying so, elsewhere."""
+    if found is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{what} not found in CI; .ci/run should have installed it")
+        pytest.skip(f"{what} not installed (apt-get install -y {package}); these tests run in CI")
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
