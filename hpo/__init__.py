@@ -12,7 +12,7 @@ def _default_keras_backend() -> None:
     # keras trains on hpo's backend ($HPO_BACKEND, else the default), not on Keras' own.
     import sys
 
-    from hpo.backend import DEFAULT_BACKEND
+    from hpo.train.backend import DEFAULT_BACKEND
     from hpo.spec import BACKENDS
 
     wanted = os.environ.get("HPO_BACKEND") or DEFAULT_BACKEND
@@ -25,6 +25,11 @@ _default_keras_backend()
 __version__ = "0.1.0"
 
 
+# The documented modules under their short names: `hpo.results.trials_frame(...)`,
+# `hpo.plots.seed_scores_figure(...)`, `hpo.export.validation_split(...)`.
+_MODULES = {"results": "hpo.reports.results", "plots": "hpo.reports.plots", "export": "hpo.study.export"}
+
+
 def __getattr__(name: str):
     # hpo.tune / hpo.run / hpo.load_spec / hpo.best_models / hpo.report, imported on first
     # use: `import hpo` (and `hpo --help`) stays free of Optuna's and Keras' start-up cost.
@@ -32,4 +37,8 @@ def __getattr__(name: str):
         from hpo import api
 
         return getattr(api, name)
+    if name in _MODULES:
+        import importlib
+
+        return importlib.import_module(_MODULES[name])
     raise AttributeError(f"module 'hpo' has no attribute {name!r}")

@@ -15,11 +15,11 @@ from typing import Any, Callable
 import numpy as np
 import optuna
 
-from hpo import hooks
 from hpo.errors import SpecError
+from hpo.spec import hooks
 from hpo.spec import StudySpec, load_spec, parse_spec
-from hpo.storage import DEFAULT_STORAGE, get_storage, mask_url
-from hpo.workers import RunSummary
+from hpo.store.storage import DEFAULT_STORAGE, get_storage, mask_url
+from hpo.study.workers import RunSummary
 from hpo.words import format_params, mean_std, noun_for, plural
 
 __all__ = ["best_models", "describe_start", "load_spec", "report", "run", "start", "storage_arg", "summary_lines", "tune"]
@@ -38,10 +38,10 @@ def start(spec: StudySpec, storage: str = DEFAULT_STORAGE, *, timeout: float | N
     Raises:
         SpecError: The spec's data or model cannot be built; nothing was written.
     """
-    from hpo.storage import GRACE_PERIOD, HEARTBEAT_INTERVAL
-    from hpo.study import create_study, quiet_optuna
-    from hpo.training import check_spec_runs
-    from hpo.workers import clear_stop, memory_growth_limit, run_trials
+    from hpo.store.storage import GRACE_PERIOD, HEARTBEAT_INTERVAL
+    from hpo.study.study import create_study, quiet_optuna
+    from hpo.train.fit import check_spec_runs
+    from hpo.study.workers import clear_stop, memory_growth_limit, run_trials
 
     # Our lines say what happened, as in `hpo run`; the caller's Optuna verbosity comes back after.
     verbosity = optuna.logging.get_verbosity()
@@ -208,7 +208,7 @@ def best_models(storage: str, study_name: str, *, trial: int | None = None, seed
         OptionError: No complete trial, a pruned or failed trial, a seed it did not use.
         SpecError: The build or loader code changed since the study ran.
     """
-    from hpo.export import plan_export, rebuild_models
+    from hpo.study.export import plan_export, rebuild_models
 
     result = rebuild_models(plan_export(storage, study_name, number=trial, seed=seed, ensemble=ensemble))
     return [result.ensemble] if ensemble else [m.model for m in result.seeds]
@@ -289,14 +289,14 @@ class StudyReport:
     plots inline (PNG data URIs) where the notebook renders HTML."""
 
     def __init__(self, storage: str, study_name: str, top: int = 5) -> None:
-        from hpo.results import build_report
+        from hpo.reports.results import build_report
 
         self.storage, self.study_name = storage, study_name
         self.report = build_report(storage, study_name, top)
         self._html: str | None = None
 
     def __repr__(self) -> str:
-        from hpo.results import format_report
+        from hpo.reports.results import format_report
 
         return format_report(self.report)
 
@@ -308,7 +308,7 @@ class StudyReport:
     def _render_html(self) -> str:
         import html
 
-        from hpo.results import _narrow, format_report
+        from hpo.reports.results import _narrow, format_report
 
         r = self.report
         text = format_report(r, wide=True).split("\n")
@@ -324,7 +324,7 @@ class StudyReport:
         import base64
         import tempfile
 
-        from hpo.plots import PlotError, plot_expected_best, plot_learning_curves, plot_seed_scores
+        from hpo.reports.plots import PlotError, plot_expected_best, plot_learning_curves, plot_seed_scores
 
         top = self.report.top
         plots = [("per-seed scores of the top trials",
@@ -361,7 +361,7 @@ def report(study: optuna.Study | str, storage: str | None = None, *, top: int = 
     Raises:
         StudyNotFound: No such study.
     """
-    from hpo.storage import rdb_storage, resolve_storage_url
+    from hpo.store.storage import rdb_storage, resolve_storage_url
 
     if isinstance(study, optuna.Study):
         return StudyReport(rdb_storage(study._storage).url, study.study_name, top)

@@ -17,7 +17,7 @@ import click
 
 from hpo.errors import HpoError
 from hpo.spec import MAX_EPOCHS, MAX_SEEDS, MAX_TRIALS
-from hpo.storage import DEFAULT_STORAGE, STORAGE_ENV
+from hpo.store.storage import DEFAULT_STORAGE, STORAGE_ENV
 from hpo.words import format_params, plural
 
 storage_option = click.option(
@@ -35,13 +35,13 @@ def cli(ctx: click.Context, debug: bool) -> None:
     every per-seed score and learning curve is stored in the study database.
     """
     ctx.obj = {"debug": debug}
-    from hpo.study import quiet_optuna
+    from hpo.study.study import quiet_optuna
 
     quiet_optuna()
 
 
 def _workers_type(value: str) -> int:
-    from hpo.workers import available_cores
+    from hpo.study.workers import available_cores
 
     if value == "auto":
         return available_cores()
@@ -87,7 +87,7 @@ def _open_storage(storage: str, heartbeat_interval: int | None, grace_period: in
                   create: bool = True):
     """The study database; `create=False` (commands that only join or read a study) first
     checks that a SQLite file exists, so a mistyped path creates no empty database."""
-    from hpo.storage import GRACE_PERIOD, HEARTBEAT_INTERVAL, existing_sqlite_path, get_storage
+    from hpo.store.storage import GRACE_PERIOD, HEARTBEAT_INTERVAL, existing_sqlite_path, get_storage
 
     interval, grace = heartbeat_interval or HEARTBEAT_INTERVAL, grace_period or GRACE_PERIOD
     if grace <= interval:
@@ -151,9 +151,9 @@ def run(study: str, storage: str, study_name: str | None, trials: int | None, ti
     import json
     import time
 
-    from hpo.storage import count_trials, rdb_storage
-    from hpo.study import create_study
-    from hpo.workers import clear_stop, memory_growth_limit, run_trials, run_workers
+    from hpo.store.storage import count_trials, rdb_storage
+    from hpo.study.study import create_study
+    from hpo.study.workers import clear_stop, memory_growth_limit, run_trials, run_workers
 
     spec = _checked_spec(study, seeds=seeds, max_epochs=max_epochs, trials=trials, name=study_name)
     optuna_study = create_study(spec, _open_storage(storage, heartbeat_interval, grace_period, "run"))
@@ -189,7 +189,7 @@ def run(study: str, storage: str, study_name: str | None, trials: int | None, ti
 
 def _print_header(spec, storage: str, workers: int) -> None:
     from hpo.api import describe_start
-    from hpo.workers import describe_threads
+    from hpo.study.workers import describe_threads
 
     click.echo(describe_start(spec, storage))
     if workers > 1:
@@ -200,7 +200,7 @@ def _checked_spec(study: str, **overrides):
     """The study file with the command line's overrides, its data and model built once to
     check them."""
     from hpo.spec import load_spec
-    from hpo.training import check_spec_runs
+    from hpo.train.fit import check_spec_runs
 
     spec = load_spec(study).with_overrides(**overrides)
     check_spec_runs(spec)
@@ -215,9 +215,9 @@ def create(study: str, storage: str, study_name: str | None, trials: int | None,
            max_epochs: int | None) -> None:
     """Create the study STUDY in the database without running trials (start workers with
     `hpo worker`)."""
-    from hpo.storage import mask_url
-    from hpo.study import create_study
-    from hpo.workers import clear_stop
+    from hpo.store.storage import mask_url
+    from hpo.study.study import create_study
+    from hpo.study.workers import clear_stop
 
     spec = _checked_spec(study, seeds=seeds, max_epochs=max_epochs, trials=trials, name=study_name)
     clear_stop(create_study(spec, _open_storage(storage, None, None, "create")))
@@ -246,10 +246,10 @@ def worker(storage: str, study_name: str, trials: int | None, timeout: float | N
            max_memory_growth: float | None, worker_index: int | None, study_dir: Path | None) -> None:
     """Join the study STUDY_NAME from any machine and run trials until its budget is spent;
     the spec is rebuilt from the database."""
-    from hpo.storage import mask_url
-    from hpo.study import load_study
-    from hpo.training import check_spec_runs
-    from hpo.workers import die_with_parent, limit_threads, memory_growth_limit, run_trials, share_gpu
+    from hpo.store.storage import mask_url
+    from hpo.study.study import load_study
+    from hpo.train.fit import check_spec_runs
+    from hpo.study.workers import die_with_parent, limit_threads, memory_growth_limit, run_trials, share_gpu
 
     die_with_parent()
     if threads is not None:
@@ -286,7 +286,7 @@ def _auto_confirm(optuna_study, spec, summary) -> None:
     cut_short = (summary.stopped_reason or "").startswith("stopped starting trials")
     if spec.confirm.top and summary.best is not None and not summary.exit_code and not summary.restart \
             and not cut_short:
-        from hpo.confirm import confirm_study
+        from hpo.study.confirm import confirm_study
 
         confirm_study(optuna_study, spec, spec.confirm.top, spec.confirm.seeds, echo=click.echo)
 
@@ -300,9 +300,9 @@ def _auto_confirm(optuna_study, spec, summary) -> None:
 def confirm(study_name: str | None, storage: str, top: int, seeds: int) -> None:
     """Refit the top trials on fresh seeds and store confirm_seeds/scores/mean/std on each;
     several of these on one study share the work (each trial is refitted once)."""
-    from hpo.confirm import confirm_study
-    from hpo.study import load_study
-    from hpo.workers import share_gpu
+    from hpo.study.confirm import confirm_study
+    from hpo.study.study import load_study
+    from hpo.study.workers import share_gpu
 
     # Several of these (and workers) may share one GPU.
     share_gpu()
@@ -330,7 +330,7 @@ def bench_workers() -> None:
 @click.option("--trials", type=int, default=100, show_default=True)
 def bench_storage(storage: str, trials: int) -> None:
     """Seconds per beale trial: hpo's worker loop versus plain Optuna optimize, same database."""
-    from hpo.bench_workers import measure_storage_overhead
+    from hpo.bench.workers import measure_storage_overhead
 
     r = measure_storage_overhead(storage, trials)
     click.echo(f"{r.url}: {trials} beale trials: plain optuna {1000 * r.plain_seconds / trials:.1f} ms/trial, "
@@ -348,7 +348,7 @@ def bench_storage(storage: str, trials: int) -> None:
 def bench_memory(study: str, storage: str, trials: int, seeds: int, max_epochs: int,
                  max_memory_growth: float | None) -> None:
     """Resident memory of one `hpo worker` after 10, 50, 100, ... trials of STUDY."""
-    from hpo.bench_workers import measure_memory
+    from hpo.bench.workers import measure_memory
 
     checkpoints = tuple(sorted({1, 10, *range(50, trials + 1, 50), trials}))
     seen, restarts = measure_memory(storage, study, trials, checkpoints, seeds=seeds, max_epochs=max_epochs,
@@ -367,7 +367,7 @@ def bench_memory(study: str, storage: str, trials: int, seeds: int, max_epochs: 
 @click.option("--max-epochs", type=int, default=5, show_default=True)
 def bench_throughput(study: str, storage: str, trials: int, worker_counts: str, seeds: int, max_epochs: int) -> None:
     """Trials per minute of `hpo run STUDY --workers N`, each N on a new study."""
-    from hpo.bench_workers import measure_throughput
+    from hpo.bench.workers import measure_throughput
 
     rates = {}
     for n in (int(x) for x in worker_counts.split(",")):
@@ -389,7 +389,7 @@ def bench_throughput(study: str, storage: str, trials: int, worker_counts: str, 
 def bench_scale(urls: tuple[str, ...], worker_counts: str, trials_per_worker: int) -> None:
     """N worker processes on one analytic (beale) study per database: trials per second,
     peak server connections, admission-lock wait, and whether the budget came out exact."""
-    from hpo.bench_workers import measure_scale
+    from hpo.bench.workers import measure_scale
 
     for url in urls:
         for n in (int(x) for x in worker_counts.split(",")):
@@ -419,7 +419,7 @@ def studies() -> None:
 @storage_option
 def replay(trial_number: int, study_name: str | None, storage: str) -> None:
     """Re-run TRIAL_NUMBER with its stored params and seeds; print stored vs replayed scores."""
-    from hpo.replay import replay_trial
+    from hpo.study.replay import replay_trial
 
     study_name = _study_name_or_only(study_name, storage)
     result = replay_trial(storage, study_name, trial_number)
@@ -452,7 +452,7 @@ def export_command(study_name: str | None, storage: str, trial_number: int | Non
     import statistics
 
     from hpo.errors import OptionError
-    from hpo.export import custom_classes, export
+    from hpo.study.export import custom_classes, export
 
     if seed is not None and all_seeds:
         raise OptionError("--seed", "give --seed K or --all-seeds, not both")
@@ -493,7 +493,7 @@ def sql(query: str, storage: str, fmt: str) -> None:
     The views hpo_trials, hpo_trial_params, hpo_seed_scores and hpo_learning_curves
     read like results tables; the database itself refuses any write.
     """
-    from hpo.results import format_frame, run_sql
+    from hpo.reports.results import format_frame, run_sql
 
     click.echo(format_frame(run_sql(query, storage), fmt))
 
@@ -510,7 +510,7 @@ def report(study_name: str | None, storage: str, top: int, fmt: str, wide: bool)
     """The top trials with mean ± std, bootstrap 95% CI, seeds, the mean confirmed on fresh
     seeds and a learning-curve diagnosis; whether the best beats the runner-up; and the
     expected best score vs number of trials."""
-    from hpo.results import build_report, format_report
+    from hpo.reports.results import build_report, format_report
 
     study_name = _study_name_or_only(study_name, storage)
     click.echo(format_report(build_report(storage, study_name, top), fmt, wide=wide))
@@ -529,7 +529,7 @@ def plot(study_name: str | None, storage: str, top: int, by_param: str | None, t
          expected_best: bool, output: str | None) -> None:
     """Box plot of per-seed scores (top trials, or --by PARAM), --trial N's learning curves,
     or --expected-best (expected best score vs trials), as PNG."""
-    from hpo.plots import plot_expected_best, plot_learning_curves, plot_seed_scores
+    from hpo.reports.plots import plot_expected_best, plot_learning_curves, plot_seed_scores
 
     study_name = _study_name_or_only(study_name, storage)
     if expected_best:
@@ -553,7 +553,7 @@ def plot(study_name: str | None, storage: str, top: int, by_param: str | None, t
 def dashboard(storage: str, host: str, port: int, allow_writes: bool, access_log: bool) -> None:
     """Serve optuna-dashboard on the study database, read-only unless --allow-writes; trials
     lacking a note get one first."""
-    from hpo.dashboard import serve_dashboard
+    from hpo.reports.dashboard import serve_dashboard
 
     serve_dashboard(storage, host, port, echo=click.echo, allow_writes=allow_writes, access_log=access_log)
 
@@ -576,7 +576,7 @@ def bench(seed_counts: str, fmt: str, epochs: int, samples: int, units: int, mod
     for a repeated shape), on the device JAX uses."""
     import json
 
-    from hpo.bench import format_table, run_bench
+    from hpo.bench.seeds import format_table, run_bench
 
     try:
         counts = [int(c) for c in seed_counts.split(",") if c.strip()]
@@ -604,8 +604,8 @@ def bench_study(study: str, study_name: str | None, trials: int | None, seeds: i
     import json
     import tempfile
 
-    from hpo.backend import CACHE_DIR_ENV
-    from hpo.bench_study import format_study_time, time_study
+    from hpo.train.backend import CACHE_DIR_ENV
+    from hpo.bench.study import format_study_time, time_study
 
     with tempfile.TemporaryDirectory(prefix="hpo-bench-cache-") as cache:
         if not warm_cache:
@@ -638,7 +638,7 @@ def bench_peers(study: str, tools: str | None, trials: int | None, seeds: int | 
     refitted on fresh seeds."""
     import json
 
-    from hpo.bench_peers import TOOLS, available_tools, format_peers, run_peers
+    from hpo.bench.peers import TOOLS, available_tools, format_peers, run_peers
 
     available = available_tools()
     chosen = available if tools is None else [t.strip() for t in tools.split(",") if t.strip()]
@@ -658,7 +658,7 @@ def bench_peers(study: str, tools: str | None, trials: int | None, seeds: int | 
 
 def _storage_of(args: list[str]) -> str:
     """The storage URL a command line names (or the default), password masked."""
-    from hpo.storage import mask_url, resolve_storage_url
+    from hpo.store.storage import mask_url, resolve_storage_url
 
     url = None
     for i, arg in enumerate(args):
@@ -673,7 +673,7 @@ def _study_name_or_only(study_name: str | None, storage: str) -> str:
     """`--study-name`, or the storage's only study when it was not given."""
     if study_name:
         return study_name
-    from hpo.results import study_names
+    from hpo.reports.results import study_names
 
     names = study_names(storage)
     if len(names) == 1:
@@ -710,7 +710,7 @@ def main(argv: list[str] | None = None) -> None:
         click.echo("error: interrupted", err=True)
         sys.exit(130)
     except Exception as e:  # noqa: BLE001 - a database fault met outside the storage layer's checks
-        from hpo.storage import database_fault
+        from hpo.store.storage import database_fault
 
         fault = database_fault(e)
         if fault is None:

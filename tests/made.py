@@ -8,8 +8,8 @@ import statistics
 
 import optuna
 
-from hpo.stats import bootstrap_ci
-from hpo.storage import get_storage
+from hpo.reports.stats import bootstrap_ci
+from hpo.store.storage import get_storage
 
 
 def curve_record(scores: list[float], val_loss: list[list[float]] | None = None) -> list[dict]:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from hpo.bench import BenchResult, BenchRow, format_table
+from hpo.bench.seeds import BenchResult, BenchRow, format_table
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -11,15 +11,15 @@ import pytest
 import sqlalchemy
 from optuna_dashboard._note import get_note_from_system_attrs
 
-from hpo.confirm import INCUMBENT_CLAIM_PREFIX, add_incumbent_seeds
 from hpo.errors import TrialDiverged, TrialFailed
-from hpo.results import build_report, confirmations_frame, format_report, run_sql
+from hpo.reports.results import build_report, confirmations_frame, format_report, run_sql
+from hpo.reports.stats import bootstrap_ci
 from hpo.spec import parse_spec
-from hpo.stats import bootstrap_ci
-from hpo.storage import claim_work, get_storage, rdb_storage, release_claim
-from hpo.study import create_study
-from hpo.training import fit_repeats
-from hpo.workers import run_trials
+from hpo.store.storage import claim_work, get_storage, rdb_storage, release_claim
+from hpo.study.confirm import INCUMBENT_CLAIM_PREFIX, add_incumbent_seeds
+from hpo.study.study import create_study
+from hpo.study.workers import run_trials
+from hpo.train.fit import fit_repeats
 from tests.conftest import ROOT, run_hpo
 
 GRID_STUDY = """
@@ -275,7 +275,7 @@ def test_one_worker_at_a_time_adds_seeds_to_an_incumbent_and_a_diverged_seed_end
     def diverge(*args, **kwargs):
         raise TrialDiverged("seed 1004: loss is nan at epoch 2")
 
-    monkeypatch.setattr("hpo.training.fit_repeats", diverge)
+    monkeypatch.setattr("hpo.train.fit.fit_repeats", diverge)
     with pytest.raises(TrialFailed, match="seed 1004"):
         add_incumbent_seeds(study, spec, 0)
     assert storage.get_trial_user_attrs(trial_id)["incumbent_fail_reason"] == "seed 1004: loss is nan at epoch 2"

@@ -12,9 +12,9 @@ import optuna
 import pytest
 from optuna_dashboard import get_note
 
-from hpo.dashboard import serve_dashboard, write_missing_notes
 from hpo.errors import StorageError
-from hpo.study import SPEC_ATTR
+from hpo.record import SPEC_ATTR
+from hpo.reports.dashboard import serve_dashboard, write_missing_notes
 from tests.conftest import ROOT, run_hpo
 from tests.made import add_trial, close, make_study
 

@@ -3,8 +3,8 @@ import dataclasses
 import numpy as np
 import pytest
 
-from hpo.data import load_dataset
 from hpo.spec import DataSpec
+from hpo.train.data import load_dataset
 
 
 def test_noisy_sine_windows_predict_the_clean_value_chronologically():
@@ -83,7 +83,7 @@ def test_empty_text_or_label_cells_name_the_column_the_lines_and_the_fix(tmp_pat
 
 
 def test_loader_class_labels_must_run_from_zero():
-    from hpo.data import check_arrays
+    from hpo.train.data import check_arrays
     from hpo.errors import SpecError
 
     x = np.zeros((20, 3), dtype="float32")

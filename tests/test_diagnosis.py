@@ -1,4 +1,4 @@
-from hpo.diagnosis import GOOD_FIT, OVERFIT, UNDERFIT, UNKNOWN, diagnose_seed
+from hpo.reports.diagnosis import GOOD_FIT, OVERFIT, UNDERFIT, UNKNOWN, diagnose_seed
 
 
 def test_best_epoch_is_the_last_with_validation_still_falling_is_underfit_never_good_fit():
@@ -27,7 +27,7 @@ def test_unknown_with_fewer_than_two_finite_epochs():
 
 
 def test_a_trial_s_reason_speaks_of_every_seed_that_shares_its_verdict():
-    from hpo.diagnosis import diagnose_curves
+    from hpo.reports.diagnosis import diagnose_curves
 
     # Seen: "validation loss settled at epoch 16" beside best epochs 16, 12, 13, 15, 6.
     def settled_at(best, epochs=20):
@@ -42,7 +42,7 @@ def test_a_trial_s_reason_speaks_of_every_seed_that_shares_its_verdict():
 
 
 def test_an_analytic_function_is_not_diagnosed_as_a_fit():
-    from hpo.diagnosis import NO_FIT, diagnose_curves, trial_note
+    from hpo.reports.diagnosis import NO_FIT, diagnose_curves, trial_note
 
     curves = [{"loss": [3.0, 1.0, 0.5, 0.5], "val_loss": [3.0, 1.0, 0.5, 0.55]}]
     assert diagnose_curves(curves).verdict == GOOD_FIT

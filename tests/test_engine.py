@@ -5,11 +5,11 @@ import keras
 import numpy as np
 import pytest
 
-from hpo import engine
 from hpo.errors import TrialDiverged
-from hpo.space import default_params
 from hpo.spec import parse_spec
-from hpo.training import _lock_step, fit_repeats
+from hpo.spec.space import default_params
+from hpo.train import engine
+from hpo.train.fit import _lock_step, fit_repeats
 
 pytestmark = pytest.mark.skipif(keras.backend.backend() != "jax", reason="the vectorised engine runs on JAX; "
                                                                           "this suite runs on HPO_BACKEND=tensorflow")
@@ -224,8 +224,8 @@ def test_scores_agree_with_plain_keras_fit_and_early_stopping():
                        "space": {"units": 8, "batch_size": 16, "dropout": 0.2}})
     params = default_params(spec) | {"units": 8, "batch_size": 16, "dropout": 0.2}
     fit = fit_repeats(spec, params, spec.seed_values)
-    from hpo.data import load_dataset
-    from hpo.training import _compiled_builder
+    from hpo.train.data import load_dataset
+    from hpo.train.fit import _compiled_builder
 
     data = load_dataset(spec.data, window=4, sequence=False, split_seed=spec.seed)
     build = _compiled_builder(spec, params, data, len(data.x_train))
@@ -281,11 +281,11 @@ def _built(make):
 
 _ONE_EPOCH = """
 import numpy as np
-from hpo.backend import use_backend
+from hpo.train.backend import use_backend
 use_backend()
-from hpo.training import configure_determinism
+from hpo.train.backend import configure_determinism
 configure_determinism("jax")
-from hpo import engine
+from hpo.train import engine
 from tests.test_engine import builder
 rng = np.random.default_rng(0)
 x = rng.normal(size=(83, 6, 2)).astype("float32")
@@ -400,7 +400,7 @@ def test_a_number_keras_reads_as_a_plain_float_is_compiled_in(arrays, monkeypatc
     # GaussianDropout takes math.sqrt of its rate in Python, so its rate cannot be an
     # input: offered as one anyway, it escapes, and the model compiles its numbers in,
     # one program per value, each still the native fit.
-    from hpo import knobs
+    from hpo.train import knobs
 
     monkeypatch.setitem(knobs._LAYER_KNOBS, "GaussianDropout", ("rate",))
     engine.clear_cache()
@@ -449,7 +449,7 @@ def test_a_new_shapes_train_and_test_steps_compile_side_by_side(arrays):
 
     from jax._src import dispatch
 
-    from hpo.backend import available_cores
+    from hpo.train.backend import available_cores
 
     threads = {}
 
@@ -476,7 +476,7 @@ def test_a_new_shapes_train_and_test_steps_compile_side_by_side(arrays):
 
 
 def _family_builder(family, units, **params):
-    from hpo.models import build_model, compile_model
+    from hpo.train.models import build_model, compile_model
     from hpo.spec import DEFAULT_PARAMS
 
     params = dict(DEFAULT_PARAMS, layers=2, units=units, **params)
@@ -497,7 +497,7 @@ def test_widths_in_one_bucket_share_its_program_and_each_replica_is_its_native_f
     # each replica's curves and final weights are its own width's model.fit.
     from jax._src import dispatch
 
-    from hpo import buckets
+    from hpo.train import buckets
 
     steps = []
 
@@ -534,7 +534,7 @@ def test_widths_in_one_bucket_share_its_program_and_each_replica_is_its_native_f
 
 
 def test_a_width_bucket_is_only_taken_where_a_zero_unit_stays_zero():
-    from hpo import buckets
+    from hpo.train import buckets
 
     assert [buckets.bucket(u, 32) for u in (1, 3, 4, 5, 9, 17, 32)] == [1, 4, 4, 8, 16, 32, 32]
     assert buckets.bucket(20, 24) == 24  # never wider than the space's top

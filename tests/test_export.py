@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 import keras
-from hpo.export import validation_split
+from hpo.study.export import validation_split
 
 storage, number, folder = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
 x, y, batch_size = validation_split(storage, "conv1d_csv", number)
@@ -99,7 +99,7 @@ def test_exported_models_score_in_a_fresh_process_what_the_study_stored(study_ru
 
 def test_best_models_returns_the_chosen_seeds_model_at_its_best_epoch(study_run):
     import hpo
-    from hpo.export import validation_split
+    from hpo.study.export import validation_split
 
     folder, url = study_run
     stored = stored_scores(url, 1)
@@ -205,7 +205,7 @@ def test_tune_prints_its_summary_without_optunas_log_and_its_models_and_report_f
 
 
 def test_the_default_trial_is_the_confirmed_winner_once_hpo_confirm_ran(study_run):
-    from hpo.export import plan_export
+    from hpo.study.export import plan_export
 
     folder, url = study_run
     run_hpo("confirm", "--study-name", STUDY, "--storage", url, "--top", "2", "--seeds", "2")

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from hpo.models import build_model, compile_model
 from hpo.spec import DEFAULT_PARAMS
+from hpo.train.models import build_model, compile_model
 
 
 def params(**overrides):
@@ -41,7 +41,7 @@ def test_stateful_lstm_fixes_the_batch_and_resets():
 
 @pytest.mark.parametrize("schedule", ["constant", "time", "exponential"])
 def test_learning_rate_schedules(schedule):
-    from hpo.models import make_optimizer
+    from hpo.train.models import make_optimizer
 
     opt = make_optimizer(params(learning_rate=0.1, lr_schedule=schedule, lr_decay=1.0), steps_per_epoch=10)
     lr = opt.learning_rate if schedule == "constant" else opt._learning_rate(20)

@@ -2,9 +2,9 @@ import optuna
 import pytest
 
 from hpo.spec import parse_spec
-from hpo.storage import get_storage
-from hpo.study import create_study, load_study
-from hpo.workers import run_trials
+from hpo.store.storage import get_storage
+from hpo.study.study import create_study, load_study
+from hpo.study.workers import run_trials
 
 BEALE = {"name": "b", "seeds": 3, "model": {"family": "analytic", "function": "beale", "noise": 0.2},
          "training": {"max_epochs": 6, "patience": 1},
@@ -103,7 +103,7 @@ def test_a_live_progress_line_shows_on_a_terminal_and_not_in_a_pipe(tmp_path):
 
 
 def test_the_live_line_times_start_up_apart_from_later_epochs():
-    from hpo.objective import progress_timing
+    from hpo.study.objective import progress_timing
 
     # Seen: "6.81s/epoch" for a 7 s trial whose first epoch was almost all compiling.
     assert progress_timing(6.8, 0.0, 0) == "start-up, compiling and epoch 1 6.8s"
@@ -156,7 +156,7 @@ def test_the_pruner_sees_the_score_the_trial_would_get_if_it_stopped_now(tmp_pat
 
 
 def test_a_trial_the_old_rule_would_prune_is_kept(tmp_path):
-    from hpo import analytic
+    from hpo.train import analytic
 
     spec = parse_spec({**NOISY, "pruner": {"n_startup_trials": 1, "n_warmup_steps": 0}})
     study = create_study(spec, get_storage(f"sqlite:///{tmp_path / 'o.db'}"))
@@ -188,7 +188,7 @@ def test_a_trial_the_old_rule_would_prune_is_kept(tmp_path):
 
 
 def test_a_pruned_trial_replays_up_to_the_epoch_it_was_pruned_at(tmp_path):
-    from hpo.replay import replay_trial
+    from hpo.study.replay import replay_trial
 
     # Little noise: each seed's best epoch is its last, so replaying one epoch short differs.
     # Two warm-up epochs: no trial is pruned before epoch 3.

@@ -1,7 +1,7 @@
 import pytest
 from PIL import Image
 
-from hpo.plots import DPI, FIGSIZE, PlotError, plot_learning_curves, plot_seed_scores
+from hpo.reports.plots import DPI, FIGSIZE, PlotError, plot_learning_curves, plot_seed_scores
 from tests.conftest import run_hpo
 from tests.made import add_trial, curve_record, make_study
 
@@ -60,7 +60,7 @@ def test_expected_best_plot_through_the_command(study_url, tmp_path):
 
 
 def test_learning_curves_tick_whole_epochs_and_a_pruned_trial_says_so(tmp_path):
-    from hpo.plots import learning_curves_figure
+    from hpo.reports.plots import learning_curves_figure
 
     url = f"sqlite:///{tmp_path / 'p.db'}"
     study = make_study(url)
@@ -81,7 +81,7 @@ def test_learning_curves_tick_whole_epochs_and_a_pruned_trial_says_so(tmp_path):
 
 
 def test_a_box_plot_by_parameter_squashed_by_one_wide_box_goes_log(tmp_path):
-    from hpo.plots import seed_scores_figure
+    from hpo.reports.plots import seed_scores_figure
 
     url = f"sqlite:///{tmp_path / 'w.db'}"
     study = make_study(url)

@@ -211,7 +211,7 @@ def test_a_relative_data_path_is_read_from_the_study_folder_and_stored_the_same_
 
 
 def test_a_horizon_too_long_for_the_data_names_the_horizon(tmp_path):
-    from hpo.data import check_data
+    from hpo.train.data import check_data
 
     csv = write(tmp_path, "v\n" + "\n".join(str(i) for i in range(30)), "short.csv")
     path = write(tmp_path, GOOD.replace('name = "noisy_sine"', f'name = "csv_series"\npath = "{csv}"\ncolumn = "v"\n'

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from hpo.stats import bootstrap_ci, expected_best, p_improvement, p_improvement_words
+from hpo.reports.stats import bootstrap_ci, expected_best, p_improvement, p_improvement_words
 
 
 def test_bootstrap_interval_never_goes_below_zero_for_a_non_negative_metric():

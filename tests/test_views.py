@@ -6,9 +6,9 @@ import optuna
 import pytest
 import sqlalchemy
 
-from hpo.stats import bootstrap_ci
-from hpo.storage import write_trial_user_attrs
-from hpo.views import VIEW_NAMES, create_views
+from hpo.reports.stats import bootstrap_ci
+from hpo.store.storage import write_trial_user_attrs
+from hpo.store.views import VIEW_NAMES, create_views
 from tests.conftest import ROOT
 from tests.made import add_trial, curve_record, make_study
 
@@ -39,7 +39,7 @@ def run_while_replacing_views(storage_url: str, monkeypatch) -> int:
     replaced = 0
     try:
         while worker.poll() is None and replaced < 3:
-            monkeypatch.setattr("hpo.views.VIEWS_VERSION", f"hpo views test {replaced}")
+            monkeypatch.setattr("hpo.store.views.VIEWS_VERSION", f"hpo views test {replaced}")
             if create_views(storage_url):
                 replaced += 1
                 query(storage_url, "SELECT count(*) AS n FROM hpo_seed_scores")
@@ -157,7 +157,7 @@ def test_create_views_is_idempotent_and_upgrades_old_markers(storage_url, monkey
     hand_made_study(storage_url)
     assert create_views(storage_url) is True
     assert create_views(storage_url) is False
-    monkeypatch.setattr("hpo.views.VIEWS_VERSION", "hpo views v0-test")
+    monkeypatch.setattr("hpo.store.views.VIEWS_VERSION", "hpo views v0-test")
     assert create_views(storage_url) is True
     assert create_views(storage_url) is False
     for name in VIEW_NAMES:

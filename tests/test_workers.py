@@ -374,7 +374,7 @@ def test_consecutive_failures_stop_the_study(tmp_path):
 
 def test_workers_share_the_cores():
     from hpo.cli import _workers_type
-    from hpo.workers import available_cores, limit_threads, worker_threads
+    from hpo.study.workers import available_cores, limit_threads, worker_threads
 
     assert worker_threads(4, cores=8) == 2 and worker_threads(3, cores=2) == 1
     assert _workers_type("auto") == available_cores()
@@ -400,7 +400,7 @@ def test_a_trial_whose_worker_died_before_it_had_params_is_retried_cleanly(stora
     """A worker killed between starting a trial (its heartbeat recorded) and storing its
     params: the trial is failed once its heartbeat is stale, not counted, and its retry
     draws params of its own; nothing is left RUNNING or WAITING."""
-    from hpo.storage import get_storage
+    from hpo.store.storage import get_storage
 
     spec = write_study(tmp_path, "paramless", trials=3, epoch_seconds=0.0)
     run_hpo("create", str(spec), "--storage", storage_url)
@@ -422,7 +422,7 @@ def test_keras_workers_start_without_forking_a_process_that_runs_jax(tmp_path):
     """`hpo run --workers 2` on a Keras study has built its model (JAX threads running)
     before it starts the workers: they start as new processes, with no fork and so no
     JAX warning about one, each with its share of the cores named by backend."""
-    from hpo.workers import worker_threads
+    from hpo.study.workers import worker_threads
 
     url = f"sqlite:///{tmp_path / 'study.db'}"
     result = run_hpo("run", "sequence_toy", "--storage", url, "--trials", "2", "--seeds", "1", "--max-epochs", "1",
@@ -528,7 +528,7 @@ def test_a_signal_that_lands_in_a_del_is_not_lost():
     discards it ("Exception ignored in ..."): the worker ran on. It must be kept."""
     import pytest
 
-    from hpo.workers import Interrupted, check_stop, record_signals, stop_requested
+    from hpo.study.workers import Interrupted, check_stop, record_signals, stop_requested
 
     class SignalsInDel:
         def __del__(self):
@@ -571,7 +571,7 @@ def test_memory_restarts_and_top_ups_propose_the_same_trials_as_a_straight_run(t
 def test_only_the_tensorflow_backend_restarts_for_memory_by_default(monkeypatch):
     # TensorFlow keeps memory per fitted model; the JAX engine's caches are bounded.
     from hpo.spec import parse_spec
-    from hpo.workers import MAX_MEMORY_GROWTH_MB, memory_growth_limit
+    from hpo.study.workers import MAX_MEMORY_GROWTH_MB, memory_growth_limit
 
     monkeypatch.delenv("HPO_BACKEND", raising=False)
 
@@ -589,7 +589,7 @@ def test_only_the_tensorflow_backend_restarts_for_memory_by_default(monkeypatch)
 def test_workers_do_not_each_take_most_of_a_gpu(monkeypatch):
     # Each `hpo worker` process (those hpo run starts, and those started by hand) allocates
     # GPU memory as needed, unless the user said otherwise.
-    from hpo.workers import share_gpu
+    from hpo.study.workers import share_gpu
 
     for name in ("XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_PYTHON_CLIENT_MEM_FRACTION"):
         monkeypatch.setenv(name, "")  # so that teardown restores what was there before

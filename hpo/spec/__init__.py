@@ -19,7 +19,7 @@ from typing import Any, Union
 from hpo.errors import OptionError, SpecError
 from hpo.errors import did_you_mean as _did_you_mean
 
-STUDIES_DIR = Path(__file__).resolve().parent.parent / "studies"
+STUDIES_DIR = Path(__file__).resolve().parents[2] / "studies"
 
 FAMILIES = ("lstm", "gru", "simple_rnn", "mlp", "analytic")
 # The family of a study whose [model] names the user's own `build` function.
@@ -611,7 +611,7 @@ def _portable_path(t: "_Table", path: str, base_dir: Path | None) -> str:
 def _hook_sha256(t: "_Table", key: str, ref: str, base_dir: Path | None) -> str | None:
     # A spec read back from a study carries the hash it was created with (checked when a
     # worker loads the code); a study file gets the hash of the code found now.
-    from hpo.hooks import code_hash
+    from hpo.spec.hooks import code_hash
 
     sha = t.str(f"{key}_sha256", default=None)
     return code_hash(ref, base_dir, t.source, f"{t.prefix}{key}") if sha is None else sha

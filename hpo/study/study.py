@@ -14,11 +14,11 @@ import optuna
 from optuna.samplers._lazy_random_state import LazyRandomState
 
 from hpo.errors import SpecError, StudyNotFound
-from hpo.storage import mask_url
+from hpo.record import SPEC_ATTR
 from hpo.spec import StudySpec, parse_spec, spec_to_dict
-from hpo.views import create_views
+from hpo.store.storage import mask_url
+from hpo.store.views import create_views
 
-SPEC_ATTR = "hpo_spec"
 # Keys of the stored spec that may change between runs of one study.
 _MUTABLE_KEYS = ("trials", "description", "base_dir")
 
@@ -44,7 +44,7 @@ def make_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
     if kind == "random":
         sampler = optuna.samplers.RandomSampler(seed=seed)
     elif kind == "grid":
-        from hpo.space import grid_search_space
+        from hpo.spec.space import grid_search_space
 
         sampler = optuna.samplers.GridSampler(grid_search_space(spec), seed=seed)
     elif kind == "cmaes":

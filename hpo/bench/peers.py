@@ -97,7 +97,7 @@ def run_peers(study: str, tools: list[str], *, trials: int | None = None, seeds:
                          json.dumps(fresh)], "jax", Path(work), cache=str(Path(work) / "hpo-cache"))
     for run, refit in zip(runs, scores):
         run.refit = refit
-    from hpo.stats import welch
+    from hpo.reports.stats import welch
 
     for run in runs[1:]:
         if run.params != runs[0].params and len(fresh) > 1:
@@ -134,7 +134,7 @@ def _check_peerable(spec: StudySpec) -> None:
     user's `build(params, ...)`, data the params do not reshape, one objective."""
     from hpo.errors import SpecError
     from hpo.spec import DATA_PARAMS
-    from hpo.tuner_hp import hp_build
+    from hpo.spec.tuner_hp import hp_build
 
     problem = None
     if spec.model.family == "analytic":
@@ -173,7 +173,7 @@ def _hpo_pick(storage: str, spec: StudySpec, seconds: float) -> PeerRun:
     """hpo's pick, read from its database (Optuna alone: this process loads no Keras)."""
     import optuna
 
-    from hpo.objective import ATTR_SEED_SCORES
+    from hpo.record import ATTR_SEED_SCORES
 
     study = optuna.load_study(study_name=spec.name, storage=storage)
     best = study.best_trial
@@ -186,14 +186,14 @@ def _searched(spec: StudySpec, params: dict[str, Any]) -> dict[str, Any]:
 
 
 def _child(args: list[str], backend: str, work: Path, cache: str) -> Any:
-    """Run `python -m hpo.bench_peers ARGS` on `backend`; its last stdout line, as JSON."""
-    out = _call([sys.executable, "-m", "hpo.bench_peers", *args], backend, work, cache)
+    """Run `python -m hpo.bench.peers ARGS` on `backend`; its last stdout line, as JSON."""
+    out = _call([sys.executable, "-m", "hpo.bench.peers", *args], backend, work, cache)
     return json.loads(out.strip().splitlines()[-1])
 
 
 def _call(cmd: list[str], backend: str, work: Path, cache: str) -> str:
     """Run a tool's process in `work` on `backend` with `cache` as `HPO_CACHE_DIR`."""
-    from hpo.backend import CACHE_DIR_ENV
+    from hpo.train.backend import CACHE_DIR_ENV
 
     env = dict(os.environ, KERAS_BACKEND=backend, HPO_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2",
                **{CACHE_DIR_ENV: cache})
@@ -210,13 +210,13 @@ def _load_average() -> str:
     return f"{os.getloadavg()[0]:.2f}"
 
 
-# The peers, each in its own process (`python -m hpo.bench_peers LOOP STUDY OVERRIDES`).
+# The peers, each in its own process (`python -m hpo.bench.peers LOOP STUDY OVERRIDES`).
 
 def _native_fit(spec: StudySpec, params: dict[str, Any], data: Any, seed: int, callbacks: list[Any]) -> float:
     """One seed's fit as a user writes it: seed, build, compile, `model.fit`; its best epoch."""
     import keras
 
-    from hpo.training import build_trial_model
+    from hpo.train.fit import build_trial_model
 
     keras.utils.set_random_seed(seed)
     model = build_trial_model(spec, params, data)
@@ -240,9 +240,9 @@ def _optuna_loop(spec: StudySpec) -> dict[str, Any]:
     native fit per seed, the mean as the objective."""
     import optuna
 
-    from hpo.data import load_trial_data
-    from hpo.space import suggest_params
-    from hpo.study import make_sampler
+    from hpo.train.data import load_trial_data
+    from hpo.spec.space import suggest_params
+    from hpo.study.study import make_sampler
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -263,8 +263,8 @@ def _keras_tuner_loop(spec: StudySpec) -> dict[str, Any]:
     """KerasTuner's `RandomSearch` over the same space, `executions_per_trial` = seeds."""
     import keras_tuner
 
-    from hpo.data import load_trial_data
-    from hpo.space import default_params
+    from hpo.train.data import load_trial_data
+    from hpo.spec.space import default_params
 
     base = default_params(spec)
 
@@ -286,7 +286,7 @@ def _keras_tuner_loop(spec: StudySpec) -> dict[str, Any]:
 
     class Model(keras_tuner.HyperModel):
         def build(self, hp: Any) -> Any:
-            from hpo.training import build_trial_model
+            from hpo.train.fit import build_trial_model
 
             return build_trial_model(spec, values(hp), data)
 
@@ -313,8 +313,8 @@ def _refit(spec: StudySpec, picks: list[dict[str, Any]], seeds: list[int]) -> li
     `model.fit`); a pick met before is not fitted again."""
     import optuna
 
-    from hpo.space import suggest_params
-    from hpo.training import fit_repeats
+    from hpo.spec.space import suggest_params
+    from hpo.train.fit import fit_repeats
 
     done: dict[str, list[float]] = {}
     for pick in picks:

@@ -81,7 +81,7 @@ class BenchResult:
 
 def reference_data(model: str, samples: int = 1000) -> tuple[np.ndarray, ...]:
     """(x, y, x_val, y_val) for a bench model: windows of 20 of the built-in noisy sine."""
-    from hpo.data import load_dataset
+    from hpo.train.data import load_dataset
     from hpo.spec import DataSpec
 
     data = load_dataset(DataSpec(name="noisy_sine", window=20, n_samples=samples), window=20, sequence=True,
@@ -128,8 +128,9 @@ def run_bench(seed_counts: list[int], *, model: str = "lstm", epochs: int = 20, 
         sequential: Also time R native fits one after another (the slowest part).
         echo: Called with a progress line per measurement, if given.
     """
-    from hpo.backend import use_backend
-    from hpo.training import configure_determinism, release_memory
+    from hpo.train.backend import use_backend
+    from hpo.train.backend import configure_determinism
+    from hpo.train.fit import release_memory
 
     backend = use_backend()
     if backend != "jax":
@@ -215,7 +216,7 @@ def _time_native_fit(build: Callable[[], Any], data: tuple, epochs: int, seed: i
 def _time_replicas(build: Callable[[], Any], data: tuple, epochs: int, seeds: list[int],
                    clear: bool) -> tuple[float, float, float]:
     """(wall seconds, fixed seconds, median epoch seconds) of R replicas for `epochs`."""
-    from hpo import engine
+    from hpo.train import engine
 
     if clear:
         engine.clear_cache()

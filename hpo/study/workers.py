@@ -26,14 +26,16 @@ from typing import Callable, Iterator
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from hpo.backend import available_cores
-from hpo.confirm import add_incumbent_seeds
 from hpo.errors import HpoError, TrialFailed
-from hpo.objective import ATTR_FAIL_REASON, ATTR_INTERRUPTED, ATTR_PRUNED_AT, ATTR_UNDECIDED_AGAINST, Objective
+from hpo.record import ATTR_FAIL_REASON, ATTR_INTERRUPTED, ATTR_PRUNED_AT, ATTR_UNDECIDED_AGAINST
+from hpo.record import ATTR_WORKER
 from hpo.spec import StudySpec
-from hpo.study import quiet_optuna
-from hpo.storage import (STOP_ATTR, TrialCounts, classify_storage_error, count_trials, fail_heartless_trials,
-                         rdb_storage, retry_storage_call, study_lock)
+from hpo.store.storage import (STOP_ATTR, TrialCounts, classify_storage_error, count_trials, fail_heartless_trials,
+                               rdb_storage, retry_storage_call, study_lock)
+from hpo.study.confirm import add_incumbent_seeds
+from hpo.study.objective import Objective
+from hpo.study.study import quiet_optuna
+from hpo.train.backend import available_cores
 from hpo.words import mean_std, plural
 
 # The training threads `limit_threads` capped this process to (None: not capped).
@@ -42,7 +44,6 @@ _threads: int | None = None
 ASK_AHEAD_ENV = "HPO_ASK_AHEAD"
 
 # Trial user attribute: the host (in a container, its id) and process id of the worker that ran it.
-ATTR_WORKER = "worker"
 # How often an idle worker looks again whether a running trial of another worker died.
 POLL_SECONDS = 1.0
 # How long `run_workers` waits for a stopped child before it kills it.
@@ -58,7 +59,7 @@ def memory_growth_limit(spec: StudySpec, requested: float | None) -> float | Non
     """The resident-memory growth after which a process restarts itself between trials:
     `requested` (0: never), else `MAX_MEMORY_GROWTH_MB` where TensorFlow trains (it keeps
     what it holds per model), else None (JAX's caches are bounded; nothing to restart for)."""
-    from hpo.backend import resolve_backend
+    from hpo.train.backend import resolve_backend
 
     if requested is not None:
         return requested or None
@@ -110,10 +111,10 @@ def run_trials(study: optuna.Study, spec: StudySpec, *, budget: int, timeout: fl
 
     A complete trial whose adaptive-seed race ended undecided against the incumbent
     (`undecided_against`) is followed by a batch of new seeds for that incumbent
-    (`hpo.confirm.add_incumbent_seeds`), unless another worker is adding some already.
+    (`hpo.study.confirm.add_incumbent_seeds`), unless another worker is adding some already.
 
     Args:
-        study: The study, with the spec's sampler and pruner, on an `hpo.storage` storage.
+        study: The study, with the spec's sampler and pruner, on an `hpo.store.storage` storage.
         spec: Its spec.
         budget: Spent trials the whole study should end with.
         timeout: Stop starting trials after this many seconds.
@@ -229,8 +230,8 @@ class _Ahead:
         """Admit, sample and start building the next trial, unless one waits already or
         the budget is full. A storage fault here only skips the look ahead (a trial it
         created is given back on the next admission, as `_admit` does)."""
-        from hpo.space import suggest_params
-        from hpo.training import keras_settings, prepare
+        from hpo.spec.space import suggest_params
+        from hpo.train.fit import keras_settings, prepare
 
         if self.trial is not None:
             return
@@ -266,7 +267,7 @@ class _Ahead:
         again, for `reason`): 1 if there was one, else 0. Its build is waited for (nothing
         may build beside it once the worker has returned), unless a signal is stopping
         the process."""
-        from hpo.training import discard_prepared
+        from hpo.train.fit import discard_prepared
 
         trial = self.take(wait=not stop_requested())
         discard_prepared()
@@ -282,7 +283,7 @@ class _Ahead:
 def asks_ahead(spec: StudySpec) -> bool:
     """Whether a worker builds its next trial while one trains: a Keras study on the JAX
     engine, and two cores or more for this process (`HPO_ASK_AHEAD`: 0 never, 1 always)."""
-    from hpo.training import can_prepare
+    from hpo.train.fit import can_prepare
 
     setting = os.environ.get(ASK_AHEAD_ENV, "").strip()
     if setting == "0" or not can_prepare(spec):
@@ -585,7 +586,7 @@ def worker_threads(workers: int, cores: int | None = None) -> int:
 
 def describe_threads(spec: StudySpec, workers: int) -> str:
     """The start line of `hpo run --workers N`: how many threads of which backend each worker trains with."""
-    from hpo.backend import resolve_backend
+    from hpo.train.backend import resolve_backend
 
     if spec.model.family == "analytic":
         return f"{plural(workers, 'worker')} (analytic study: nothing to train, no training threads)"
@@ -626,7 +627,7 @@ def run_workers(storage_url: str, spec: StudySpec, workers: int, *, budget: int,
     (not counted, queued again) and exits; one that does not within `STOP_SECONDS` is
     killed, and its trial is retried after the grace period by the next run.
     """
-    from hpo.storage import STORAGE_ENV, count_trials as _count, get_storage
+    from hpo.store.storage import STORAGE_ENV, count_trials as _count, get_storage
 
     echo_err = echo_err or (lambda line: print(line, file=sys.stderr, flush=True))
     threads = worker_threads(workers)
@@ -695,7 +696,7 @@ def run_workers(storage_url: str, spec: StudySpec, workers: int, *, budget: int,
 
 
 def _package_root() -> str:
-    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _relay(stream, prefix: str, echo: Callable[[str], None], lock: threading.Lock) -> None:

@@ -1,4 +1,4 @@
-"""Plots: a study database (read through `hpo.results`) in, PNG files out: box plots of
+"""Plots: a study database (read through `hpo.reports.results`) in, PNG files out: box plots of
 per-seed scores (top trials, or grouped by one parameter), a trial's learning curves, and
 the expected best score vs number of trials.
 """
@@ -11,9 +11,9 @@ import numpy as np
 import pandas as pd
 
 from hpo.errors import HpoError, StorageError
-from hpo.results import (_trial_attr, connect_readonly, curves_frame, params_frame, rank_trials, seed_scores_frame,
-                         stored_spec, study_direction, trials_frame)
-from hpo.stats import expected_best
+from hpo.reports.results import (_trial_attr, connect_readonly, curves_frame, params_frame, rank_trials,
+                                 seed_scores_frame, stored_spec, study_direction, trials_frame)
+from hpo.reports.stats import expected_best
 from hpo.words import plural
 
 # Inches at DPI: 1000 x 600 pixels, readable on a laptop screen and in a README.

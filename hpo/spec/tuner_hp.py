@@ -187,7 +187,7 @@ class HyperParameters:
         if isinstance(param, Fixed):
             value = param.value
         elif self._trial is not None:
-            from hpo.space import suggest_param
+            from hpo.spec.space import suggest_param
 
             value = suggest_param(self._trial, name, param)
         else:
@@ -247,7 +247,7 @@ def is_hp_build(fn: Callable[..., Any]) -> bool:
 
 def load_build(spec: StudySpec) -> Callable[..., Any]:
     """The spec's `[model] build` function, its code checked against the recorded hash."""
-    from hpo import hooks
+    from hpo.spec import hooks
 
     return hooks.load_hook(spec.model.build, None if spec.base_dir is None else Path(spec.base_dir), spec.source,
                            "model.build", sha256=spec.model.build_sha256, parameters=(3, 1))
@@ -257,8 +257,7 @@ def hp_build(spec: StudySpec) -> Callable[..., Any] | None:
     """The spec's build when it is a KerasTuner-style `build(hp)`, else None."""
     if spec.model.family != CUSTOM:
         return None
-    from hpo.backend import use_backend
-    from hpo.training import configure_determinism
+    from hpo.train.backend import configure_determinism, use_backend
 
     # The build's module imports Keras: the backend is chosen before it is loaded.
     configure_determinism(use_backend(spec.training.backend))

@@ -1,23 +1,27 @@
 """Dashboard: a study database URL in, optuna-dashboard serving it out, after every
 finished trial of every hpo study got its markdown note (per-seed scores, diagnosis).
 
-Notes are written where a trial is recorded (the objective, while the trial still runs);
-`hpo dashboard` only fills in the trials that lack one: those recorded before notes
+Notes are written where a trial is recorded (the objective, while the trial still runs,
+through `write_trial_note`); `hpo dashboard` only fills in the trials that lack one: those recorded before notes
 existed, or by a worker that could not import optuna-dashboard.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import sys
 from typing import Callable
 
+import optuna
 import sqlalchemy
 
-from hpo.diagnosis import trial_note
-from hpo.objective import write_trial_note
-from hpo.storage import existing_sqlite_path, get_storage, mask_url, resolve_storage_url
-from hpo.study import SPEC_ATTR
-from hpo.views import create_views
+from hpo.record import SPEC_ATTR
+from hpo.reports.diagnosis import trial_note
+from hpo.store.storage import existing_sqlite_path, get_storage, mask_url, resolve_storage_url
+from hpo.store.views import create_views
 from hpo.words import plural
+
 
 def write_missing_notes(storage: str | None = None, echo: Callable[[str], None] = lambda _: None) -> int:
     """Give every finished trial with a per-seed record, in every study created by hpo,
@@ -121,3 +125,57 @@ def read_only(app: Callable) -> Callable:
         return body
 
     return guarded
+
+
+def write_trial_note(storage: optuna.storages.BaseStorage, study_id: int, trial_id: int, body: str,
+                     replace: bool = False) -> bool:
+    """Store `body` as the dashboard note of a trial that has none yet (with `replace`: in
+    place of the one it has); False when optuna-dashboard is not installed.
+
+    optuna-dashboard keeps a note as study system attributes: the body in chunks and a
+    version. Its `save_note` reads every attribute of the study to find the version, a
+    cost that grows with the study (5,000 notes took minutes); a first note is version 1,
+    so it is written directly, body first so no reader sees a version without a body.
+    Replacing one (rare: an incumbent that gained seeds) reads them once, as `save_note`
+    would, to bump the version and blank the chunks a shorter body no longer fills.
+    """
+    note = _dashboard_note_module()
+    if note is None:
+        return False
+    note_str_key_prefix, note_ver_key = note.note_str_key_prefix, note.note_ver_key
+    chunks = note.split_body(body, trial_id)
+    version = 1
+    if replace:
+        old = storage.get_study_system_attrs(study_id)
+        version = int(old.get(note_ver_key(trial_id)) or 0) + 1
+        # The dashboard joins chunks 0..n-1 for the n it finds, so a stale one must stay, empty.
+        chunks.update({k: "" for k in old if k.startswith(note_str_key_prefix(trial_id)) and k not in chunks})
+    for key, value in chunks.items():
+        storage.set_study_system_attr(study_id, key, value)
+    storage.set_study_system_attr(study_id, note_ver_key(trial_id), version)
+    return True
+
+
+def _dashboard_note_module():
+    # optuna-dashboard's note helpers (`_note.py`: math, typing, optuna) without the package
+    # around them: its __init__ loads the whole web app, pandas and scikit-learn with it,
+    # 120 MB and 2 s in every worker (128 analytic workers did not fit in 24 GB).
+    if "optuna_dashboard._note" in sys.modules:
+        return sys.modules["optuna_dashboard._note"]
+    if _NOTE_MODULE in sys.modules:
+        return sys.modules[_NOTE_MODULE]
+    package = importlib.util.find_spec("optuna_dashboard")
+    if package is None or not package.submodule_search_locations:
+        return None
+    path = os.path.join(list(package.submodule_search_locations)[0], "_note.py")
+    # Another optuna-dashboard without that file: no notes, as when the package is missing.
+    spec = importlib.util.spec_from_file_location(_NOTE_MODULE, path) if os.path.isfile(path) else None
+    if spec is None:
+        return None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules[_NOTE_MODULE] = module
+    return module
+
+
+_NOTE_MODULE = "hpo._dashboard_note"

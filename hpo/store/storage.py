@@ -26,7 +26,7 @@ import optuna
 import sqlalchemy
 
 from hpo.errors import StorageError
-from hpo.objective import ATTR_FAIL_REASON, ATTR_INTERRUPTED
+from hpo.record import ATTR_FAIL_REASON, ATTR_INTERRUPTED
 
 DEFAULT_STORAGE = "sqlite:///hpo.db"
 STORAGE_ENV = "HPO_STORAGE"

@@ -18,11 +18,11 @@ from urllib.parse import quote
 import pandas as pd
 import sqlalchemy
 
-from hpo.diagnosis import diagnose_curves
 from hpo.errors import StorageError, StudyNotFound
-from hpo.stats import bootstrap_ci, expected_best, p_improvement, p_improvement_words, welch
-from hpo.storage import existing_sqlite_path, resolve_storage_url
-from hpo.views import create_views, sqlite_views_current
+from hpo.reports.diagnosis import diagnose_curves
+from hpo.reports.stats import bootstrap_ci, expected_best, p_improvement, p_improvement_words, welch
+from hpo.store.storage import existing_sqlite_path, resolve_storage_url
+from hpo.store.views import create_views, sqlite_views_current
 from hpo.words import mean_std, plural
 
 FORMATS = ("table", "csv", "json", "markdown")

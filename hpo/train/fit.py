@@ -20,10 +20,9 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 
-from hpo.backend import (check_devices, import_tensorflow_quietly, keep_tensorflow_unloaded, use_backend,
-                         use_compilation_cache)
 from hpo.errors import TrialDiverged, TrialFailed
 from hpo.spec import StudySpec
+from hpo.train.backend import check_devices, configure_determinism, use_backend
 
 # Called after every epoch with (the epoch, counted from 1 as Keras prints it; each seed's
 # score if the trial stopped now: `EarlyStopper.best`); returning True stops the trial
@@ -213,7 +212,7 @@ def can_prepare(spec: StudySpec) -> bool:
     """Whether `prepare` builds anything for the spec: a Keras study on the JAX engine,
     without adaptive seeds (whose later seed batches compile while the trial runs, beside
     a build ahead that may share their program)."""
-    from hpo.backend import resolve_backend
+    from hpo.train.backend import resolve_backend
 
     return (spec.model.family != "analytic" and spec.seeds_max is None
             and not _unsupported_reason(spec, resolve_backend(spec.training.backend)))
@@ -231,7 +230,7 @@ def prepare(spec: StudySpec, params: dict[str, Any], seeds: list[int], settings:
     try:
         for name, value in settings.items():
             global_state.set_global_attribute(name, value)
-        from hpo.engine import building_ahead
+        from hpo.train.engine import building_ahead
 
         start = time.perf_counter()
         with _keras_lock, building_ahead():
@@ -249,7 +248,7 @@ def discard_prepared() -> None:
 
 def _take_prepared(params: dict[str, Any], seeds: list[int]) -> tuple[EpochTrainer, float] | None:
     """The trainer `prepare` built for these params and seeds, with the seconds it took."""
-    from hpo.engine import clear_cache_if_due
+    from hpo.train.engine import clear_cache_if_due
 
     with _keras_lock:  # nothing is being built ahead meanwhile
         clear_cache_if_due()
@@ -263,7 +262,7 @@ def _prepared_key(params: dict[str, Any], seeds: list[int]) -> str:
 def _compile_clock(backend: str) -> Any:
     if backend != "jax":
         return None
-    from hpo.engine import CompileClock
+    from hpo.train.engine import CompileClock
 
     return CompileClock.now()
 
@@ -277,7 +276,7 @@ def check_spec_runs(spec: StudySpec) -> None:
         SpecError: Naming the study file, the field and the fix.
         BackendError: Keras is loaded with another backend than the spec asks for.
     """
-    from hpo.data import check_data
+    from hpo.train.data import check_data
 
     if spec.model.family != "analytic":
         # Before any data code imports Keras (a csv_text dataset tokenises with it).
@@ -287,7 +286,7 @@ def check_spec_runs(spec: StudySpec) -> None:
     check_data(spec)
     if spec.model.family == "analytic":
         return
-    from hpo.models import check_first_params, check_model
+    from hpo.train.models import check_first_params, check_model
 
     params = check_first_params(spec)
     data = _load_data(spec, params, spec.seed)
@@ -348,7 +347,7 @@ def _stopper(spec: StudySpec) -> EarlyStopper:
 
 class _AnalyticTrainer:
     def __init__(self, spec: StudySpec, params: dict[str, Any], seeds: list[int]) -> None:
-        from hpo import analytic
+        from hpo.train import analytic
 
         self.spec = spec
         self.values = np.array([analytic.curve(spec.model.function, params, seed=s, epochs=spec.training.max_epochs,
@@ -364,7 +363,7 @@ class _AnalyticTrainer:
 
 
 def _load_data(spec: StudySpec, params: dict[str, Any], split_seed: int) -> Any:
-    from hpo.data import load_trial_data
+    from hpo.train.data import load_trial_data
 
     return load_trial_data(spec, params, split_seed)
 
@@ -373,7 +372,7 @@ def _compiled_builder(spec: StudySpec, params: dict[str, Any], data: Any, n_trai
     """A function that builds and compiles the trial's Keras model (uncalled: each seed
     builds it under its own `set_random_seed`); the built-in family's or the user's (a
     KerasTuner-style `build(hp)` compiles its own)."""
-    from hpo.models import compile_model, compiles_itself, model_factory
+    from hpo.train.models import compile_model, compiles_itself, model_factory
 
     steps = max(1, math.ceil(n_train / params["batch_size"]))
     factory = model_factory(spec)
@@ -395,7 +394,7 @@ def build_trial_model(spec: StudySpec, params: dict[str, Any], data: Any) -> Any
 
 
 def _vectorized_trainer(spec: StudySpec, params: dict[str, Any], seeds: list[int]) -> EpochTrainer:
-    from hpo.engine import Replicas
+    from hpo.train.engine import Replicas
 
     data = _load_data(spec, params, spec.seed)
     build = _compiled_builder(spec, params, data, len(data.x_train))
@@ -404,10 +403,10 @@ def _vectorized_trainer(spec: StudySpec, params: dict[str, Any], seeds: list[int
 
 
 def _width_bucket(spec: StudySpec, params: dict[str, Any], data: Any) -> Any:
-    """The width bucket a built-in family's trial runs in (`hpo.buckets`): where `units` is
+    """The width bucket a built-in family's trial runs in (`hpo.train.buckets`): where `units` is
     searched, its activation keeps a zero unit at zero, and `HPO_WIDTH_BUCKETS` is not 0."""
-    from hpo.buckets import Bucket, bucket, keeps_zero
-    from hpo.models import RECURRENT_LAYERS
+    from hpo.train.buckets import Bucket, bucket, keeps_zero
+    from hpo.train.models import RECURRENT_LAYERS
     from hpo.spec import Choice, IntRange
 
     searched = spec.space.get("units")
@@ -430,7 +429,7 @@ class _SequentialTrainer:
     def __init__(self, spec: StudySpec, params: dict[str, Any], seeds: list[int]) -> None:
         import keras
 
-        from hpo.engine import fit_shuffler
+        from hpo.train.engine import fit_shuffler
 
         self.spec = spec
         self.batch_size = params["batch_size"]
@@ -472,42 +471,6 @@ class _SequentialTrainer:
 
     def weights(self, i: int) -> list[np.ndarray]:
         return self.runs[i][0].get_weights()
-
-
-_determinism_configured = False
-
-
-def configure_determinism(backend: str) -> None:
-    """Import Keras and, on TensorFlow, import it quietly and make its ops deterministic
-    (once per process), so a replay is exact; on JAX, use the persistent compilation cache
-    (and leave TensorFlow unimported: `keep_tensorflow_unloaded`). Then `_freeze_imports`."""
-    global _determinism_configured
-    if _determinism_configured:
-        return
-    if backend != "tensorflow":
-        import keras  # noqa: F401
-
-        keep_tensorflow_unloaded()
-        use_compilation_cache()
-    else:
-        import_tensorflow_quietly()
-        import tensorflow as tf
-
-        tf.config.experimental.enable_op_determinism()
-    _freeze_imports()
-    _determinism_configured = True
-
-
-def _freeze_imports() -> None:
-    """Move what the process holds now (the modules of JAX, Keras, TensorFlow, Optuna:
-    some 300,000 objects) out of the garbage collector's sight, so each full collection
-    (Python's own, and the one after every trial) scans what trials make, not them: one
-    took 0.15 s, 0.01 s frozen. Garbage is collected first; a frozen object is still freed
-    when its last reference goes, only a reference cycle among frozen objects is not."""
-    import gc
-
-    gc.collect()
-    gc.freeze()
 
 
 def release_memory() -> None:

@@ -21,8 +21,8 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from hpo import buckets, flat_random, knobs
-from hpo.backend import available_cores
+from hpo.train import buckets, flat_random, knobs
+from hpo.train.backend import available_cores
 
 # One compiled epoch per model configuration: a later trial with the same configuration
 # (and batch shapes) reuses it, so it pays no tracing or compilation. Bounded, so a long

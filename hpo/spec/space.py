@@ -70,7 +70,7 @@ def suggest_param(trial: optuna.trial.BaseTrial, name: str, p: Param) -> Any:
 def _suggest_hp_params(spec: StudySpec, trial: optuna.trial.BaseTrial | None) -> dict[str, Any] | None:
     # A KerasTuner-style build(hp) declares its space as it runs: it is run once here
     # (None for a trial: each call's default); [space] holds only how it is fed.
-    from hpo.tuner_hp import FIT_PARAMS, hp_build, suggest_hp_params
+    from hpo.spec.tuner_hp import FIT_PARAMS, hp_build, suggest_hp_params
 
     build = hp_build(spec)
     if build is None:

@@ -4,9 +4,7 @@ reports and the per-seed record out, with the mean (or mean and std) as its valu
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
 import statistics
 import sys
 import time
@@ -15,50 +13,19 @@ from typing import Any, Callable
 
 import optuna
 
-from hpo.diagnosis import trial_note
 from hpo.errors import StorageError, TrialFailed
-from hpo.space import suggest_params
+from hpo.record import (ATTR_ADDED_FAIL_REASON, ATTR_ADDED_SCORES, ATTR_ADDED_SEEDS, ATTR_BACKEND, ATTR_BEST_EPOCHS,
+                        ATTR_CI_HIGH, ATTR_CI_LOW, ATTR_COMPILE_SECONDS, ATTR_CURVES, ATTR_EPOCHS_RUN, ATTR_FAIL_REASON,
+                        ATTR_FIT_SECONDS, ATTR_MEAN, ATTR_PATH, ATTR_PREPARED_SECONDS, ATTR_PRUNED_AT, ATTR_SEEDS,
+                        ATTR_SEED_SCORES, ATTR_SEED_STOP, ATTR_STD, ATTR_UNDECIDED_AGAINST)
+from hpo.reports.dashboard import write_trial_note
+from hpo.reports.diagnosis import trial_note
+from hpo.reports.stats import bootstrap_ci, welch
 from hpo.spec import StudySpec
-from hpo.stats import bootstrap_ci, welch
-from hpo.training import RepeatFit, fit_repeats, release_memory
+from hpo.spec.space import suggest_params
+from hpo.train.fit import RepeatFit, fit_repeats, release_memory
 from hpo.words import plural
 
-# User attribute names people and our SQL views rely on.
-ATTR_MEAN = "mean"
-ATTR_STD = "std"
-ATTR_SEED_SCORES = "seed_scores"
-ATTR_SEEDS = "seeds"
-ATTR_BEST_EPOCHS = "best_epochs"
-ATTR_EPOCHS_RUN = "epochs_run"
-ATTR_FIT_SECONDS = "fit_seconds"
-ATTR_COMPILE_SECONDS = "compile_seconds"
-# Seconds a thread spent building and compiling the trial while the one before it trained
-# (the worker's ask-ahead; absent where the trial built itself).
-ATTR_PREPARED_SECONDS = "prepared_seconds"
-ATTR_CURVES = "curves"
-ATTR_PATH = "training_path"
-ATTR_BACKEND = "backend"
-ATTR_FAIL_REASON = "fail_reason"
-ATTR_PRUNED_AT = "pruned_at_epoch"
-ATTR_SEED_STOP = "seed_stop_reason"
-# Set on a trial given back because its worker was stopped (it does not count).
-ATTR_INTERRUPTED = "interrupted"
-# Percentile-bootstrap 95% interval of the mean over every seed the trial was fitted on.
-ATTR_CI_LOW = "ci_low"
-ATTR_CI_HIGH = "ci_high"
-# Seeds fitted for a trial after it finished, while it was the incumbent and a challenger
-# came close; the selection record above (and Optuna's value) stays as it was.
-ATTR_ADDED_SEEDS = "incumbent_seeds"
-ATTR_ADDED_SCORES = "incumbent_scores"
-ATTR_ADDED_BEST_EPOCHS = "incumbent_best_epochs"
-ATTR_ADDED_EPOCHS_RUN = "incumbent_epochs_run"
-ATTR_ADDED_CURVES = "incumbent_curves"
-ATTR_ADDED_FAIL_REASON = "incumbent_fail_reason"
-# Mean and std over the selection seeds and the added ones together.
-ATTR_ALL_MEAN = "all_seeds_mean"
-ATTR_ALL_STD = "all_seeds_std"
-# On a challenger whose race ended at `seeds_max` undecided: the incumbent's number.
-ATTR_UNDECIDED_AGAINST = "undecided_against"
 # Adaptive seeds: a challenger stops adding seeds once Welch's test at this level tells it
 # from the incumbent (either way).
 RACE_ALPHA = 0.05
@@ -320,57 +287,3 @@ def record_note(trial: optuna.Trial, metric: str) -> None:
     fills in any trial that lacks one (e.g. recorded before notes existed)."""
     write_trial_note(trial.storage, trial.study._study_id, trial._trial_id,
                      trial_note(trial.number, trial.user_attrs, metric))
-
-
-def write_trial_note(storage: optuna.storages.BaseStorage, study_id: int, trial_id: int, body: str,
-                     replace: bool = False) -> bool:
-    """Store `body` as the dashboard note of a trial that has none yet (with `replace`: in
-    place of the one it has); False when optuna-dashboard is not installed.
-
-    optuna-dashboard keeps a note as study system attributes: the body in chunks and a
-    version. Its `save_note` reads every attribute of the study to find the version, a
-    cost that grows with the study (5,000 notes took minutes); a first note is version 1,
-    so it is written directly, body first so no reader sees a version without a body.
-    Replacing one (rare: an incumbent that gained seeds) reads them once, as `save_note`
-    would, to bump the version and blank the chunks a shorter body no longer fills.
-    """
-    note = _dashboard_note_module()
-    if note is None:
-        return False
-    note_str_key_prefix, note_ver_key = note.note_str_key_prefix, note.note_ver_key
-    chunks = note.split_body(body, trial_id)
-    version = 1
-    if replace:
-        old = storage.get_study_system_attrs(study_id)
-        version = int(old.get(note_ver_key(trial_id)) or 0) + 1
-        # The dashboard joins chunks 0..n-1 for the n it finds, so a stale one must stay, empty.
-        chunks.update({k: "" for k in old if k.startswith(note_str_key_prefix(trial_id)) and k not in chunks})
-    for key, value in chunks.items():
-        storage.set_study_system_attr(study_id, key, value)
-    storage.set_study_system_attr(study_id, note_ver_key(trial_id), version)
-    return True
-
-
-def _dashboard_note_module():
-    # optuna-dashboard's note helpers (`_note.py`: math, typing, optuna) without the package
-    # around them: its __init__ loads the whole web app, pandas and scikit-learn with it,
-    # 120 MB and 2 s in every worker (128 analytic workers did not fit in 24 GB).
-    if "optuna_dashboard._note" in sys.modules:
-        return sys.modules["optuna_dashboard._note"]
-    if _NOTE_MODULE in sys.modules:
-        return sys.modules[_NOTE_MODULE]
-    package = importlib.util.find_spec("optuna_dashboard")
-    if package is None or not package.submodule_search_locations:
-        return None
-    path = os.path.join(list(package.submodule_search_locations)[0], "_note.py")
-    # Another optuna-dashboard without that file: no notes, as when the package is missing.
-    spec = importlib.util.spec_from_file_location(_NOTE_MODULE, path) if os.path.isfile(path) else None
-    if spec is None:
-        return None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    sys.modules[_NOTE_MODULE] = module
-    return module
-
-
-_NOTE_MODULE = "hpo._dashboard_note"

@@ -118,9 +118,9 @@ def time_study(spec: StudySpec, *, cache: str, echo: Callable[[str], None] = pri
     split the run's wall time. The compilation cache is whatever `HPO_CACHE_DIR` says
     when JAX is first configured (the command gives it an empty one unless told);
     `cache` says which, in words."""
-    from hpo.storage import get_storage
-    from hpo.study import create_study
-    from hpo.workers import run_trials
+    from hpo.store.storage import get_storage
+    from hpo.study.study import create_study
+    from hpo.study.workers import run_trials
 
     with tempfile.TemporaryDirectory(prefix="hpo-bench-study-") as folder:
         storage = get_storage(f"sqlite:///{os.path.join(folder, 'bench.db')}")
@@ -140,7 +140,7 @@ def _trial_time(trial: Any, before: Any | None) -> TrialTime:
     """A trial's time as the worker spent it: from its start, or from the end of the trial
     before it if that was later (with ask-ahead a trial starts while the one before it
     trains, and what it costs the study is from there to its end)."""
-    from hpo.objective import ATTR_COMPILE_SECONDS, ATTR_FIT_SECONDS, ATTR_PRUNED_AT, ATTR_PREPARED_SECONDS
+    from hpo.record import ATTR_COMPILE_SECONDS, ATTR_FIT_SECONDS, ATTR_PRUNED_AT, ATTR_PREPARED_SECONDS
 
     attrs = trial.user_attrs
     start = trial.datetime_start

@@ -10,11 +10,11 @@ from typing import Any
 import optuna
 
 from hpo.errors import StudyNotFound
-from hpo.objective import ATTR_BACKEND, ATTR_PRUNED_AT, ATTR_SEED_SCORES, ATTR_SEEDS
-from hpo.space import suggest_params
-from hpo.storage import existing_sqlite_path, get_storage, resolve_storage_url
-from hpo.study import load_study
-from hpo.training import fit_repeats, release_memory
+from hpo.record import ATTR_BACKEND, ATTR_PRUNED_AT, ATTR_SEED_SCORES, ATTR_SEEDS
+from hpo.spec.space import suggest_params
+from hpo.store.storage import existing_sqlite_path, get_storage, resolve_storage_url
+from hpo.study.study import load_study
+from hpo.train.fit import fit_repeats, release_memory
 
 
 @dataclass

@@ -23,21 +23,20 @@ from typing import Callable
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from hpo.diagnosis import trial_note
 from hpo.errors import HpoError, TrialFailed
-from hpo.objective import (ATTR_ADDED_BEST_EPOCHS, ATTR_ADDED_CURVES, ATTR_ADDED_EPOCHS_RUN, ATTR_ADDED_FAIL_REASON,
-                           ATTR_ADDED_SCORES, ATTR_ADDED_SEEDS, ATTR_ALL_MEAN, ATTR_ALL_STD, ATTR_CI_HIGH, ATTR_CI_LOW,
-                           ATTR_SEEDS, ATTR_SEED_SCORES, read_seed_record, write_trial_note)
-from hpo.space import suggest_params
+from hpo.record import (ATTR_ADDED_BEST_EPOCHS, ATTR_ADDED_CURVES, ATTR_ADDED_EPOCHS_RUN, ATTR_ADDED_FAIL_REASON,
+                        ATTR_ADDED_SCORES, ATTR_ADDED_SEEDS, ATTR_ALL_MEAN, ATTR_ALL_STD, ATTR_CI_HIGH, ATTR_CI_LOW,
+                        ATTR_SEEDS, ATTR_SEED_SCORES)
+from hpo.record import ATTR_CONFIRM_MEAN, ATTR_CONFIRM_SCORES, ATTR_CONFIRM_SEEDS, ATTR_CONFIRM_STD
+from hpo.reports.dashboard import write_trial_note
+from hpo.reports.diagnosis import trial_note
+from hpo.reports.stats import bootstrap_ci
 from hpo.spec import StudySpec
-from hpo.stats import bootstrap_ci
-from hpo.storage import claim_work, count_trials, rdb_storage, release_claim, write_trial_user_attrs
+from hpo.spec.space import suggest_params
+from hpo.store.storage import claim_work, count_trials, rdb_storage, release_claim, write_trial_user_attrs
+from hpo.study.objective import read_seed_record
 from hpo.words import mean_std, plural
 
-ATTR_CONFIRM_SEEDS = "confirm_seeds"
-ATTR_CONFIRM_SCORES = "confirm_scores"
-ATTR_CONFIRM_MEAN = "confirm_mean"
-ATTR_CONFIRM_STD = "confirm_std"
 CLAIM_PREFIX = "hpo:confirm:"
 INCUMBENT_CLAIM_PREFIX = "hpo:incumbent:"
 POLL_SECONDS = 1.0
@@ -75,7 +74,7 @@ def confirm_study(study: optuna.Study, spec: StudySpec, top: int, seeds: int,
     Trials confirmed already (or claimed by a live worker) are left alone. With `wait`,
     it first waits for running trials to finish, so every worker ranks the same trials.
     """
-    from hpo.training import fit_repeats, release_memory
+    from hpo.train.fit import fit_repeats, release_memory
 
     storage = rdb_storage(study._storage)
     while wait and count_trials(storage, study._study_id).running:
@@ -140,7 +139,7 @@ def add_incumbent_seeds(study: optuna.Study, spec: StudySpec, number: int,
         TrialFailed: A new seed diverged or its fit raised; the reason is stored on the
             trial (`incumbent_fail_reason`) and no worker tries again.
     """
-    from hpo.training import fit_repeats, release_memory
+    from hpo.train.fit import fit_repeats, release_memory
 
     if spec.seeds_max is None:
         return None

@@ -19,12 +19,12 @@ from dataclasses import dataclass
 import optuna
 
 from hpo.errors import HpoError, TrialFailed
-from hpo.objective import Objective
 from hpo.spec import load_spec
-from hpo.storage import STORAGE_ENV, count_trials, get_storage, mask_url
-from hpo.study import create_study, make_pruner, make_sampler
-from hpo.study import quiet_optuna
-from hpo.workers import _package_root, rss_mb, run_trials
+from hpo.store.storage import STORAGE_ENV, count_trials, get_storage, mask_url
+from hpo.study.objective import Objective
+from hpo.study.study import create_study, make_pruner, make_sampler
+from hpo.study.study import quiet_optuna
+from hpo.study.workers import _package_root, rss_mb, run_trials
 
 
 @dataclass
@@ -152,7 +152,7 @@ def measure_scale(url: str, workers: int, trials: int, study: str = "beale") -> 
     hpo_study = create_study(spec, storage)
     env = {**os.environ, STORAGE_ENV: url, "PYTHONPATH": os.pathsep.join(
         filter(None, [_package_root(), os.environ.get("PYTHONPATH")]))}
-    procs = [subprocess.Popen([sys.executable, "-m", "hpo.bench_workers", spec.name], stdin=subprocess.PIPE,
+    procs = [subprocess.Popen([sys.executable, "-m", "hpo.bench.workers", spec.name], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                               cwd=_package_root()) for _ in range(workers)]
     # "ready": imported, storage open, study loaded; a worker that could not get there
@@ -214,8 +214,8 @@ def _scale_worker(study_name: str) -> None:
     on stdin; prints its lock wait as JSON."""
     import json
 
-    from hpo import storage as hpo_storage
-    from hpo.study import load_study
+    from hpo.store import storage as hpo_storage
+    from hpo.study.study import load_study
 
     try:
         study, spec = load_study(get_storage(), study_name)

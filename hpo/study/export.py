@@ -21,12 +21,12 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from hpo.errors import OptionError, StudyNotFound
-from hpo.objective import (ATTR_ADDED_SCORES, ATTR_ADDED_SEEDS, ATTR_BACKEND, ATTR_FAIL_REASON, ATTR_PATH,
-                           ATTR_PRUNED_AT, ATTR_SEED_SCORES, ATTR_SEEDS)
-from hpo.space import suggest_params
+from hpo.record import (ATTR_ADDED_SCORES, ATTR_ADDED_SEEDS, ATTR_BACKEND, ATTR_FAIL_REASON, ATTR_PATH, ATTR_PRUNED_AT,
+                        ATTR_SEED_SCORES, ATTR_SEEDS)
 from hpo.spec import StudySpec
-from hpo.storage import existing_sqlite_path, get_storage, resolve_storage_url
-from hpo.study import load_study
+from hpo.spec.space import suggest_params
+from hpo.store.storage import existing_sqlite_path, get_storage, resolve_storage_url
+from hpo.study.study import load_study
 
 SUFFIX = ".keras"
 
@@ -92,7 +92,7 @@ def plan_export(storage_url: str, study_name: str, *, number: int | None = None,
     """
     import dataclasses
 
-    from hpo.training import check_spec_runs
+    from hpo.train.fit import check_spec_runs
 
     storage_url = resolve_storage_url(storage_url)
     existing_sqlite_path(storage_url)  # a read creates no empty database
@@ -126,7 +126,7 @@ def rebuild_models(plan: ExportPlan) -> TrialModels:
 
     Only the batches of seeds that hold a wanted seed are refitted, each as it was trained.
     """
-    from hpo.training import fit_repeats
+    from hpo.train.fit import fit_repeats
 
     spec, trial, wanted = plan.spec, plan.trial, plan.wanted
     params = suggest_params(spec, optuna.trial.FixedTrial(trial.params, number=trial.number))
@@ -161,7 +161,7 @@ def rebuild_models(plan: ExportPlan) -> TrialModels:
 def _pick_trial(storage_url: str, study: optuna.Study, spec: StudySpec, number: int | None
                 ) -> tuple[FrozenTrial, bool]:
     if number is None:
-        from hpo.results import build_report
+        from hpo.reports.results import build_report
 
         # One ranking of trials everywhere: hpo report's (confirmed mean first).
         report = build_report(storage_url, study.study_name, top=1)
@@ -214,7 +214,7 @@ def _seed_groups(spec: StudySpec, trial: FrozenTrial) -> tuple[list[list[int]], 
 
 
 def _trial_data(spec: StudySpec, params: dict[str, Any], seed: int) -> Any:
-    from hpo.data import load_trial_data
+    from hpo.train.data import load_trial_data
 
     return load_trial_data(spec, params, seed if spec.data.resample_split else spec.seed)
 
@@ -222,7 +222,7 @@ def _trial_data(spec: StudySpec, params: dict[str, Any], seed: int) -> Any:
 def _seed_model(spec: StudySpec, params: dict[str, Any], seed: int, weights: list) -> tuple[Any, Any]:
     import keras
 
-    from hpo.training import build_trial_model
+    from hpo.train.fit import build_trial_model
 
     data = _trial_data(spec, params, seed)
     keras.utils.set_random_seed(seed)
