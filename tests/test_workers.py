@@ -526,8 +526,6 @@ def test_a_signal_that_lands_in_a_del_is_not_lost():
     """A SIGTERM delivered while Python runs a `__del__` (as TensorFlow's garbage collector
     of concrete functions does) used to raise from the handler there, where Python
     discards it ("Exception ignored in ..."): the worker ran on. It must be kept."""
-    import pytest
-
     from hpo.study.workers import Interrupted, check_stop, record_signals, stop_requested
 
     class SignalsInDel:

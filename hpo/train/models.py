@@ -8,7 +8,6 @@ rebuilt, replayed or replicated from the params a trial stored.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any, Callable
 
 import keras
