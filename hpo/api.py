@@ -18,11 +18,11 @@ import optuna
 from hpo.errors import SpecError
 from hpo.spec import hooks
 from hpo.spec import StudySpec, load_spec, parse_spec
-from hpo.store.storage import DEFAULT_STORAGE, get_storage, mask_url
+from hpo.store.storage import DEFAULT_STORAGE, mask_url
 from hpo.study.workers import RunSummary
 from hpo.words import format_params, mean_std, noun_for, plural
 
-__all__ = ["best_models", "describe_start", "load_spec", "report", "run", "start", "storage_arg", "summary_lines", "tune"]
+__all__ = ["best_models", "load_spec", "report", "run", "start", "storage_arg", "summary_lines", "tune"]
 
 
 def start(spec: StudySpec, storage: str = DEFAULT_STORAGE, *, timeout: float | None = None,
@@ -38,35 +38,18 @@ def start(spec: StudySpec, storage: str = DEFAULT_STORAGE, *, timeout: float | N
     Raises:
         SpecError: The spec's data or model cannot be built; nothing was written.
     """
-    from hpo.store.storage import GRACE_PERIOD, HEARTBEAT_INTERVAL
-    from hpo.study.study import create_study, quiet_optuna
-    from hpo.train.fit import check_spec_runs
-    from hpo.study.workers import clear_stop, memory_growth_limit, run_trials
+    from hpo.study.run import run_study
+    from hpo.study.study import quiet_optuna
 
     # Our lines say what happened, as in `hpo run`; the caller's Optuna verbosity comes back after.
     verbosity = optuna.logging.get_verbosity()
     quiet_optuna()
     try:
-        check_spec_runs(spec)
-        study = create_study(spec, get_storage(storage, heartbeat_interval=heartbeat_interval or HEARTBEAT_INTERVAL,
-                                               grace_period=grace_period or GRACE_PERIOD))
-        clear_stop(study)
-        echo(describe_start(spec, storage))
-        summary = run_trials(study, spec, budget=spec.trials, timeout=timeout,
-                             max_consecutive_failures=max_failures, echo=echo,
-                             max_memory_growth_mb=memory_growth_limit(spec, max_memory_growth))
+        return run_study(spec, storage, timeout=timeout, max_failures=max_failures,
+                         heartbeat_interval=heartbeat_interval, grace_period=grace_period,
+                         max_memory_growth=max_memory_growth, echo=echo)
     finally:
         optuna.logging.set_verbosity(verbosity)
-    return study, summary
-
-
-def describe_start(spec: StudySpec, storage: str) -> str:
-    """The line a run opens with: the study, where it is stored, its budget and objective."""
-    seeds = (f"{spec.seeds}-{spec.seeds_max} seeds each (adaptive)" if spec.seeds_max
-             else f"{plural(spec.seeds, 'seed')} each")
-    return (f"study {spec.name} ({spec.source}) on {mask_url(storage)}: budget {plural(spec.trials, 'trial')}, "
-            f"{seeds}, up to {plural(spec.training.max_epochs, 'epoch')}, {spec.metric} "
-            f"({spec.direction}), objective {spec.objective.mode}")
 
 
 def storage_arg(storage: str) -> str:

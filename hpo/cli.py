@@ -89,11 +89,6 @@ def _open_storage(storage: str, heartbeat_interval: int | None, grace_period: in
     checks that a SQLite file exists, so a mistyped path creates no empty database."""
     from hpo.store.storage import GRACE_PERIOD, HEARTBEAT_INTERVAL, existing_sqlite_path, get_storage
 
-    interval, grace = heartbeat_interval or HEARTBEAT_INTERVAL, grace_period or GRACE_PERIOD
-    if grace <= interval:
-        # Every live trial would be taken for dead between two of its heartbeats.
-        raise click.BadParameter(f"{grace} s must be longer than the heartbeat interval ({interval} s)",
-                                 param_hint="--grace-period")
     if not create:
         existing_sqlite_path(storage)
     return get_storage(storage, heartbeat_interval=heartbeat_interval or HEARTBEAT_INTERVAL,
@@ -151,27 +146,25 @@ def run(study: str, storage: str, study_name: str | None, trials: int | None, ti
     import json
     import time
 
+    from hpo.spec import load_spec
     from hpo.store.storage import count_trials, rdb_storage
-    from hpo.study.study import create_study
-    from hpo.study.workers import clear_stop, memory_growth_limit, run_trials, run_workers
+    from hpo.study.run import run_study
 
-    spec = _checked_spec(study, seeds=seeds, max_epochs=max_epochs, trials=trials, name=study_name)
-    optuna_study = create_study(spec, _open_storage(storage, heartbeat_interval, grace_period, "run"))
-    clear_stop(optuna_study)
+    spec = load_spec(study).with_overrides(seeds=seeds, max_epochs=max_epochs, trials=trials, name=study_name)
     resumed = json.loads(os.environ.pop(RESUMED_ENV, "") or "null")
-    if resumed is None:
-        before = count_trials(rdb_storage(optuna_study._storage), optuna_study._study_id)
-        resumed = {"started": time.time(), "before": dataclasses.asdict(before)}
-        _print_header(spec, storage, workers)
-    if workers > 1:
-        summary = run_workers(storage, spec, workers, budget=spec.trials, timeout=timeout,
-                              max_consecutive_failures=max_failures, heartbeat_interval=heartbeat_interval,
-                              grace_period=grace_period, max_memory_growth=max_memory_growth, echo=click.echo,
-                              echo_err=lambda line: click.echo(line, err=True))
-    else:
-        summary = run_trials(optuna_study, spec, budget=spec.trials, timeout=timeout,
-                             max_consecutive_failures=max_failures, echo=click.echo,
-                             max_memory_growth_mb=memory_growth_limit(spec, max_memory_growth))
+
+    def created(optuna_study) -> None:
+        nonlocal resumed
+        if resumed is None:
+            before = count_trials(rdb_storage(optuna_study._storage), optuna_study._study_id)
+            resumed = {"started": time.time(), "before": dataclasses.asdict(before)}
+
+    # A process that re-executed itself to give memory back prints no second header.
+    optuna_study, summary = run_study(
+        spec, storage, workers=workers, timeout=timeout, max_failures=max_failures,
+        heartbeat_interval=heartbeat_interval, grace_period=grace_period, max_memory_growth=max_memory_growth,
+        header=resumed is None, created=created, echo=click.echo, echo_err=lambda line: click.echo(line, err=True))
+    if workers == 1:
         _restart_if_memory_grew(summary, "hpo run", resumed)
         # The summary covers the whole run, across any restarts: counted in the database.
         after = count_trials(rdb_storage(optuna_study._storage), optuna_study._study_id)
@@ -185,15 +178,6 @@ def run(study: str, storage: str, study_name: str | None, trials: int | None, ti
     _print_summary(spec, summary, storage)
     if summary.exit_code:
         sys.exit(summary.exit_code)
-
-
-def _print_header(spec, storage: str, workers: int) -> None:
-    from hpo.api import describe_start
-    from hpo.study.workers import describe_threads
-
-    click.echo(describe_start(spec, storage))
-    if workers > 1:
-        click.echo(describe_threads(spec, workers))
 
 
 def _checked_spec(study: str, **overrides):

@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator
 import optuna
 import sqlalchemy
 
-from hpo.errors import StorageError
+from hpo.errors import OptionError, StorageError
 from hpo.record import ATTR_FAIL_REASON, ATTR_INTERRUPTED
 
 DEFAULT_STORAGE = "sqlite:///hpo.db"
@@ -96,8 +96,13 @@ def get_storage(url: str | None = None, *, heartbeat_interval: int | None = HEAR
     once. `command` names what to run again in the message of a database that stays away.
 
     Raises:
+        OptionError: The grace period is not longer than the heartbeat interval.
         StorageError: The database cannot be reached or opened.
     """
+    if heartbeat_interval and grace_period and grace_period <= heartbeat_interval:
+        # Every live trial would be taken for dead between two of its heartbeats.
+        raise OptionError("--grace-period", f"{grace_period} s must be longer than the heartbeat interval "
+                                            f"({heartbeat_interval} s); raise it or lower --heartbeat-interval")
     url = resolve_storage_url(url)
     if retry_seconds is None:
         retry_seconds = float(os.environ.get(RETRY_ENV, DEFAULT_RETRY_SECONDS))
