@@ -16,7 +16,7 @@ from hpo.reports.results import build_report, confirmations_frame, format_report
 from hpo.reports.stats import bootstrap_ci
 from hpo.spec import parse_spec
 from hpo.store.storage import claim_work, get_storage, rdb_storage, release_claim
-from hpo.study.confirm import INCUMBENT_CLAIM_PREFIX, add_incumbent_seeds
+from hpo.study.race import INCUMBENT_CLAIM_PREFIX, fit_incumbent_seeds
 from hpo.study.study import create_study
 from hpo.study.workers import run_trials
 from hpo.train.fit import fit_repeats
@@ -252,7 +252,7 @@ def test_an_incumbent_a_challenger_came_close_to_gains_new_seeds_that_later_race
     note = get_note_from_system_attrs(study._storage.get_study_system_attrs(study._study_id), study.trials[0]._trial_id)
     assert note["version"] == 3 and "over 6 seeds" in note["body"] and "| 1005 (added) |" in note["body"]
     # At seeds max the incumbent gains no more.
-    assert add_incumbent_seeds(study, spec, 0) is None
+    assert fit_incumbent_seeds(study, spec, 0) is None
 
 
 def test_one_worker_at_a_time_adds_seeds_to_an_incumbent_and_a_diverged_seed_ends_it(storage_url, monkeypatch):
@@ -264,12 +264,12 @@ def test_one_worker_at_a_time_adds_seeds_to_an_incumbent_and_a_diverged_seed_end
     key = f"{INCUMBENT_CLAIM_PREFIX}{trial_id}"
     # Another live worker (here: this process) holds the claim: this one skips.
     assert claim_work(storage, study._study_id, key)
-    assert add_incumbent_seeds(study, spec, 0) is None
+    assert fit_incumbent_seeds(study, spec, 0) is None
     assert "incumbent_seeds" not in storage.get_trial_user_attrs(trial_id)
     release_claim(storage, study._study_id, key)
     # A claim left by a worker that died is taken over.
     storage.set_study_system_attr(study._study_id, key, {"by": "no-such-host:1", "at": 0.0})
-    assert add_incumbent_seeds(study, spec, 0).seeds == [1002, 1003]
+    assert fit_incumbent_seeds(study, spec, 0).seeds == [1002, 1003]
     assert storage.get_study_system_attrs(study._study_id)[key] is None  # given back when done
     # A new seed that diverges is recorded on the trial, and no worker tries again.
     def diverge(*args, **kwargs):
@@ -277,6 +277,6 @@ def test_one_worker_at_a_time_adds_seeds_to_an_incumbent_and_a_diverged_seed_end
 
     monkeypatch.setattr("hpo.train.fit.fit_repeats", diverge)
     with pytest.raises(TrialFailed, match="seed 1004"):
-        add_incumbent_seeds(study, spec, 0)
+        fit_incumbent_seeds(study, spec, 0)
     assert storage.get_trial_user_attrs(trial_id)["incumbent_fail_reason"] == "seed 1004: loss is nan at epoch 2"
-    assert add_incumbent_seeds(study, spec, 0) is None
+    assert fit_incumbent_seeds(study, spec, 0) is None

@@ -1,13 +1,10 @@
 """Confirmation: finished trials in; the same trials refitted on seeds they were not
 selected on out, stored on each trial.
 
-- `confirm_study`: at the end of a study (or `hpo confirm`), its top trials on fresh
+`confirm_study`: at the end of a study (or `hpo confirm`), its top trials on fresh
   seeds (`confirm_seeds`, `confirm_scores`, `confirm_mean`, `confirm_std`). The winner is
   the maximum of many noisy means, so its selection-time mean is biased in its favour;
   the confirmed mean is not.
-- `add_incumbent_seeds`: during the search, when a challenger's race ends undecided, the
-  incumbent gains a batch of seeds continuing its own sequence (`incumbent_seeds`,
-  `incumbent_scores`, ...), so later races test against a sharper incumbent.
 
 Workers share the work like trials: each piece is claimed (a study system attribute set
 under the study's admission lock) before it is fitted, so none is fitted twice.
@@ -23,22 +20,17 @@ from typing import Callable
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from hpo.errors import HpoError, TrialFailed
-from hpo.record import (ATTR_ADDED_BEST_EPOCHS, ATTR_ADDED_CURVES, ATTR_ADDED_EPOCHS_RUN, ATTR_ADDED_FAIL_REASON,
-                        ATTR_ADDED_SCORES, ATTR_ADDED_SEEDS, ATTR_ALL_MEAN, ATTR_ALL_STD, ATTR_CI_HIGH, ATTR_CI_LOW,
-                        ATTR_SEEDS, ATTR_SEED_SCORES)
+from hpo.errors import HpoError
+from hpo.record import ATTR_ADDED_SEEDS, ATTR_SEEDS, ATTR_SEED_SCORES
 from hpo.record import ATTR_CONFIRM_MEAN, ATTR_CONFIRM_SCORES, ATTR_CONFIRM_SEEDS, ATTR_CONFIRM_STD
 from hpo.reports.dashboard import write_trial_note
 from hpo.reports.diagnosis import trial_note
-from hpo.reports.stats import bootstrap_ci
 from hpo.spec import StudySpec
 from hpo.spec.space import suggest_params
-from hpo.store.storage import claim_work, count_trials, rdb_storage, release_claim, write_trial_user_attrs
-from hpo.study.objective import read_seed_record
+from hpo.store.storage import claim_work, count_trials, rdb_storage, write_trial_user_attrs
 from hpo.words import mean_std, plural
 
 CLAIM_PREFIX = "hpo:confirm:"
-INCUMBENT_CLAIM_PREFIX = "hpo:incumbent:"
 POLL_SECONDS = 1.0
 
 
@@ -110,74 +102,3 @@ def confirm_study(study: optuna.Study, spec: StudySpec, top: int, seeds: int,
              f"{plural(len(new_seeds), 'fresh seed')} (selected at {trial.user_attrs.get('mean', float('nan')):.5g})")
         done.append(result)
     return done
-
-
-@dataclass
-class AddedSeeds:
-    """Seeds an incumbent gained, and its figures over every seed it has now."""
-
-    number: int
-    seeds: list[int]
-    scores: list[float]
-    n_seeds: int
-    mean: float
-    std: float
-
-
-def add_incumbent_seeds(study: optuna.Study, spec: StudySpec, number: int,
-                        check_stop: Callable[[], None] = lambda: None) -> AddedSeeds | None:
-    """Fit trial `number` (an incumbent a challenger came close to) a batch of `seeds` new
-    seeds and add them to its record; None when another worker is adding some now, the
-    trial has `seeds_max` seeds already, or adding failed before.
-
-    The seeds continue the trial's own sequence (`seed*1000 + i`), so they stay below the
-    seeds confirmation takes. Optuna's value, `mean`, `std` and `seed_scores` stay what the
-    trial was selected on; `incumbent_*` hold the added seeds, `all_seeds_mean` and
-    `all_seeds_std` the figures over both, and `ci_low`/`ci_high` are recomputed over both.
-
-    Raises:
-        TrialFailed: A new seed diverged or its fit raised; the reason is stored on the
-            trial (`incumbent_fail_reason`) and no worker tries again.
-    """
-    from hpo.train.fit import fit_repeats, release_memory
-
-    if spec.seeds_max is None:
-        return None
-    storage = rdb_storage(study._storage)
-    trial_id = storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
-    key = f"{INCUMBENT_CLAIM_PREFIX}{trial_id}"
-
-    def done() -> bool:
-        record = read_seed_record(storage, trial_id)
-        return record.added_fail_reason is not None or len(record.all_scores) >= spec.seeds_max
-
-    if not claim_work(storage, study._study_id, key, done=done):
-        return None
-    try:
-        record = read_seed_record(storage, trial_id)
-        start = max(record.all_seeds) + 1
-        batch = [start + i for i in range(min(spec.seeds, spec.seeds_max - len(record.all_scores)))]
-        params = suggest_params(spec, optuna.trial.FixedTrial(storage.get_trial(trial_id).params, number=number))
-        try:
-            fit = fit_repeats(spec, params, batch, lambda epoch, scores: check_stop() or False)
-        except Exception as e:  # noqa: BLE001 - as in a trial: a fault in user-shaped code fails this fit only
-            reason = str(e) if isinstance(e, TrialFailed) else f"{type(e).__name__}: {e}"[:2000]
-            write_trial_user_attrs(storage, trial_id, {ATTR_ADDED_FAIL_REASON: reason})
-            raise TrialFailed(reason) from e
-        finally:
-            release_memory()
-        attrs = storage.get_trial_user_attrs(trial_id)
-        added = {k: list(attrs.get(k) or []) + new for k, new in (
-            (ATTR_ADDED_SEEDS, [f.seed for f in fit.fits]), (ATTR_ADDED_SCORES, fit.scores),
-            (ATTR_ADDED_BEST_EPOCHS, [f.best_epoch for f in fit.fits]),
-            (ATTR_ADDED_EPOCHS_RUN, [f.epochs_run for f in fit.fits]), (ATTR_ADDED_CURVES, [f.curves for f in fit.fits]))}
-        scores = record.scores + added[ATTR_ADDED_SCORES]
-        ci_low, ci_high = bootstrap_ci(scores)
-        added.update({ATTR_ALL_MEAN: statistics.fmean(scores), ATTR_ALL_STD: statistics.stdev(scores),
-                      ATTR_CI_LOW: ci_low, ATTR_CI_HIGH: ci_high})
-        write_trial_user_attrs(storage, trial_id, added)
-        write_trial_note(storage, study._study_id, trial_id, trial_note(number, {**attrs, **added}, spec.metric),
-                         replace=True)
-    finally:
-        release_claim(storage, study._study_id, key)
-    return AddedSeeds(number, batch, fit.scores, len(scores), added[ATTR_ALL_MEAN], added[ATTR_ALL_STD])

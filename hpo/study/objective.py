@@ -8,27 +8,21 @@ import math
 import statistics
 import sys
 import time
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import optuna
 
 from hpo.errors import StorageError, TrialFailed
-from hpo.record import (ATTR_ADDED_FAIL_REASON, ATTR_ADDED_SCORES, ATTR_ADDED_SEEDS, ATTR_BACKEND, ATTR_BEST_EPOCHS,
-                        ATTR_CI_HIGH, ATTR_CI_LOW, ATTR_COMPILE_SECONDS, ATTR_CURVES, ATTR_EPOCHS_RUN, ATTR_FAIL_REASON,
-                        ATTR_FIT_SECONDS, ATTR_MEAN, ATTR_PATH, ATTR_PREPARED_SECONDS, ATTR_PRUNED_AT, ATTR_SEEDS,
-                        ATTR_SEED_SCORES, ATTR_SEED_STOP, ATTR_STD, ATTR_UNDECIDED_AGAINST)
+from hpo.record import (ATTR_BACKEND, ATTR_BEST_EPOCHS, ATTR_CI_HIGH, ATTR_CI_LOW, ATTR_COMPILE_SECONDS, ATTR_CURVES,
+                        ATTR_EPOCHS_RUN, ATTR_FAIL_REASON, ATTR_FIT_SECONDS, ATTR_MEAN, ATTR_PATH,
+                        ATTR_PREPARED_SECONDS, ATTR_PRUNED_AT, ATTR_SEEDS, ATTR_SEED_SCORES, ATTR_STD)
 from hpo.reports.dashboard import write_trial_note
 from hpo.reports.diagnosis import trial_note
-from hpo.reports.stats import bootstrap_ci, welch
+from hpo.reports.stats import bootstrap_ci
 from hpo.spec import StudySpec
 from hpo.spec.space import suggest_params
+from hpo.study.race import race
 from hpo.train.fit import RepeatFit, fit_repeats, release_memory
-from hpo.words import plural
-
-# Adaptive seeds: a challenger stops adding seeds once Welch's test at this level tells it
-# from the incumbent (either way).
-RACE_ALPHA = 0.05
 
 
 class Objective:
@@ -58,7 +52,7 @@ class Objective:
             params = suggest_params(spec, trial)
             fit = fit_repeats(spec, params, seeds, on_epoch)
             if spec.seeds_max is not None and fit.pruned_at_epoch is None:
-                fit = self._race(trial, params, fit)
+                fit = race(spec, trial, params, fit, self.check_stop)
         except TrialFailed as e:
             trial.set_user_attr(ATTR_FAIL_REASON, str(e))
             raise
@@ -78,91 +72,6 @@ class Objective:
         if fit.pruned_at_epoch is not None:
             raise optuna.TrialPruned(f"pruned after epoch {fit.pruned_at_epoch}")
         return objective_value(spec, fit)
-
-
-    def _race(self, trial: optuna.Trial, params: dict[str, Any], fit: RepeatFit) -> RepeatFit:
-        """Adaptive seeds: add batches of `seeds` new seeds (trained together, continuing the
-        trial's sequence) while Welch's test cannot tell the trial from the incumbent, up
-        to `seeds_max`. Only the first batch reports to the pruner: later batches would
-        report epochs Optuna has already seen. Stores why it stopped in `seed_stop_reason`,
-        and the incumbent's number in `undecided_against` when it came close: undecided
-        at `seeds_max`, so the worker gives the incumbent more seeds next."""
-        spec = self.spec
-        while True:
-            incumbent = _incumbent(trial)
-            if incumbent is None:
-                reason = "no complete trial to race yet"
-                break
-            number, best = incumbent
-            against = f"incumbent #{number} on {plural(len(best), 'seed')}"
-            if len(best) < 2 or len(fit.fits) < 2:
-                reason = f"{against}: too few seeds to test against"
-                break
-            if len(set(best)) == 1 and len(set(fit.scores)) == 1:
-                reason = f"constant scores, told apart from {against} exactly"
-                break
-            _, p = welch(fit.scores, best)
-            if p < RACE_ALPHA:
-                better = (fit.mean < statistics.fmean(best)) == (spec.direction == "minimize")
-                reason = f"{'better' if better else 'worse'} than {against} (Welch p = {p:.2g})"
-                break
-            if len(fit.fits) >= spec.seeds_max:
-                reason = f"reached seeds max = {spec.seeds_max}, undecided against {against} (Welch p = {p:.2g})"
-                trial.set_user_attr(ATTR_UNDECIDED_AGAINST, number)
-                break
-            start = spec.seed * 1000 + len(fit.fits)
-            batch = [start + i for i in range(min(spec.seeds, spec.seeds_max - len(fit.fits)))]
-            # Later batches stop at a signal like the first, but do not report to the pruner.
-            more = fit_repeats(spec, params, batch, lambda epoch, scores: self.check_stop() or False)
-            compiled = None if fit.compile_seconds is None else fit.compile_seconds + (more.compile_seconds or 0.0)
-            fit = RepeatFit(fit.fits + more.fits, fit.fit_seconds + more.fit_seconds, fit.path, backend=fit.backend,
-                            compile_seconds=compiled, prepared_seconds=fit.prepared_seconds)
-        trial.set_user_attr(ATTR_SEED_STOP, reason)
-        return fit
-
-
-def _incumbent(trial: optuna.Trial) -> tuple[int, list[float]] | None:
-    """The study's best complete trial so far and the finite scores of every seed it has
-    now (those it was selected on and any added since), or None."""
-    try:
-        best = trial.study.best_trial
-    except ValueError:
-        return None
-    record = read_seed_record(trial.storage, best._trial_id)
-    return best.number, [s for s in record.all_scores if s is not None and math.isfinite(s)]
-
-
-@dataclass
-class SeedRecord:
-    """The seeds a finished trial was fitted on, as the database holds them now: those it
-    was selected on, then those added while it was the incumbent."""
-
-    seeds: list[int]
-    scores: list[float]
-    added_seeds: list[int]
-    added_scores: list[float]
-    added_fail_reason: str | None = None
-
-    @property
-    def all_seeds(self) -> list[int]:
-        return self.seeds + self.added_seeds
-
-    @property
-    def all_scores(self) -> list[float]:
-        return self.scores + self.added_scores
-
-
-def read_seed_record(storage: optuna.storages.BaseStorage, trial_id: int) -> SeedRecord:
-    """A trial's seeds and scores read from the database itself.
-
-    Optuna's cache (`_CachedStorage`, under every study) keeps a finished trial as it first
-    saw it, and seeds are added to an incumbent after it finished, by this worker or
-    another: so the read goes to the `RDBStorage` under the cache.
-    """
-    attrs = getattr(storage, "_backend", storage).get_trial_user_attrs(trial_id)
-    return SeedRecord(list(attrs.get(ATTR_SEEDS) or []), list(attrs.get(ATTR_SEED_SCORES) or []),
-                      list(attrs.get(ATTR_ADDED_SEEDS) or []), list(attrs.get(ATTR_ADDED_SCORES) or []),
-                      attrs.get(ATTR_ADDED_FAIL_REASON))
 
 
 class _Reporter:

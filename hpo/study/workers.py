@@ -32,8 +32,8 @@ from hpo.record import ATTR_WORKER
 from hpo.spec import StudySpec
 from hpo.store.storage import (STOP_ATTR, TrialCounts, classify_storage_error, count_trials, fail_heartless_trials,
                                rdb_storage, retry_storage_call, study_lock)
-from hpo.study.confirm import add_incumbent_seeds
 from hpo.study.objective import Objective
+from hpo.study.race import add_incumbent_seeds
 from hpo.study.study import quiet_optuna
 from hpo.train.backend import available_cores
 from hpo.words import mean_std, plural
@@ -111,7 +111,7 @@ def run_trials(study: optuna.Study, spec: StudySpec, *, budget: int, timeout: fl
 
     A complete trial whose adaptive-seed race ended undecided against the incumbent
     (`undecided_against`) is followed by a batch of new seeds for that incumbent
-    (`hpo.study.confirm.add_incumbent_seeds`), unless another worker is adding some already.
+    (`hpo.study.race.add_incumbent_seeds`), unless another worker is adding some already.
 
     Args:
         study: The study, with the spec's sampler and pruner, on an `hpo.store.storage` storage.
@@ -177,7 +177,7 @@ def run_trials(study: optuna.Study, spec: StudySpec, *, budget: int, timeout: fl
             echo(describe_trial(spec, frozen, study, budget=budget))
             if frozen.state == TrialState.COMPLETE and ATTR_UNDECIDED_AGAINST in frozen.user_attrs:
                 # After the challenger is told, so nothing that happens here can cost it its result.
-                _add_incumbent_seeds(study, spec, frozen.user_attrs[ATTR_UNDECIDED_AGAINST], echo)
+                add_incumbent_seeds(study, spec, frozen.user_attrs[ATTR_UNDECIDED_AGAINST], check_stop, echo)
             if max_memory_growth_mb is not None:
                 if baseline_mb is None:
                     baseline_mb = rss_mb()
@@ -289,17 +289,6 @@ def asks_ahead(spec: StudySpec) -> bool:
     if setting == "0" or not can_prepare(spec):
         return False
     return setting == "1" or min(available_cores(), _threads or available_cores()) >= 2
-
-
-def _add_incumbent_seeds(study: optuna.Study, spec: StudySpec, number: int, echo: Callable[[str], None]) -> None:
-    try:
-        added = add_incumbent_seeds(study, spec, number, check_stop)
-    except TrialFailed as e:
-        echo(f"a challenger came close to incumbent #{number}, but adding it seeds failed: {e}")
-        return
-    if added is not None:
-        echo(f"a challenger came close to incumbent #{number}: it gained seeds {added.seeds}; {spec.metric} "
-             f"{mean_std(added.mean, added.std, added.n_seeds)} over its {plural(added.n_seeds, 'seed')}")
 
 
 def share_gpu() -> None:
