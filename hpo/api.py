@@ -272,14 +272,14 @@ class StudyReport:
     plots inline (PNG data URIs) where the notebook renders HTML."""
 
     def __init__(self, storage: str, study_name: str, top: int = 5) -> None:
-        from hpo.reports.results import build_report
+        from hpo.reports.report import build_report
 
         self.storage, self.study_name = storage, study_name
         self.report = build_report(storage, study_name, top)
         self._html: str | None = None
 
     def __repr__(self) -> str:
-        from hpo.reports.results import format_report
+        from hpo.reports.report import format_report
 
         return format_report(self.report)
 
@@ -291,7 +291,7 @@ class StudyReport:
     def _render_html(self) -> str:
         import html
 
-        from hpo.reports.results import _narrow, format_report
+        from hpo.reports.report import _narrow, format_report
 
         r = self.report
         text = format_report(r, wide=True).split("\n")

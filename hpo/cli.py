@@ -494,7 +494,7 @@ def report(study_name: str | None, storage: str, top: int, fmt: str, wide: bool)
     """The top trials with mean ± std, bootstrap 95% CI, seeds, the mean confirmed on fresh
     seeds and a learning-curve diagnosis; whether the best beats the runner-up; and the
     expected best score vs number of trials."""
-    from hpo.reports.results import build_report, format_report
+    from hpo.reports.report import build_report, format_report
 
     study_name = _study_name_or_only(study_name, storage)
     click.echo(format_report(build_report(storage, study_name, top), fmt, wide=wide))

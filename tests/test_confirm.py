@@ -12,7 +12,8 @@ import sqlalchemy
 from optuna_dashboard._note import get_note_from_system_attrs
 
 from hpo.errors import TrialDiverged, TrialFailed
-from hpo.reports.results import build_report, confirmations_frame, format_report, run_sql
+from hpo.reports.report import build_report, format_report
+from hpo.reports.results import confirmations_frame, run_sql
 from hpo.reports.stats import bootstrap_ci
 from hpo.spec import parse_spec
 from hpo.store.storage import claim_work, get_storage, rdb_storage, release_claim

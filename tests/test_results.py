@@ -12,8 +12,8 @@ from scipy import stats
 
 from hpo.errors import StudyNotFound
 from hpo.reports.diagnosis import GOOD_FIT, OVERFIT, UNDERFIT, diagnose_curves, diagnose_seed, trial_note
-from hpo.reports.results import (ReadOnlyRefused, build_report, compare_scores, format_report, run_sql,
-                                 seed_scores_frame, trials_frame)
+from hpo.reports.report import build_report, compare_scores, format_report
+from hpo.reports.results import ReadOnlyRefused, run_sql, seed_scores_frame, trials_frame
 from hpo.reports.stats import bootstrap_ci
 from tests.conftest import run_hpo
 from tests.made import add_trial, close, curve_record, make_study

@@ -5,7 +5,8 @@ Published: means 0.196 / 0.077 / 0.029, std 0.069 / 0.024 / 0.026."""
 
 import pytest
 
-from hpo.reports.results import build_report, format_report, seed_scores_frame
+from hpo.reports.report import build_report, format_report
+from hpo.reports.results import seed_scores_frame
 from tests.conftest import run_hpo
 
 PUBLISHED = {1: (0.196, 0.069), 5: (0.077, 0.024), 10: (0.029, 0.026)}

@@ -1,6 +1,6 @@
-"""Plots: a study database (read through `hpo.reports.results`) in, PNG files out: box plots of
-per-seed scores (top trials, or grouped by one parameter), a trial's learning curves, and
-the expected best score vs number of trials.
+"""Plots: a study database (read through `hpo.reports.results`, ranked as the report ranks)
+in, PNG files out: box plots of per-seed scores (top trials, or grouped by one parameter),
+a trial's learning curves, and the expected best score vs number of trials.
 """
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ import numpy as np
 import pandas as pd
 
 from hpo.errors import HpoError, StorageError
-from hpo.reports.results import (_trial_attr, connect_readonly, curves_frame, params_frame, rank_trials,
-                                 seed_scores_frame, stored_spec, study_direction, trials_frame)
+from hpo.reports.report import rank_trials
+from hpo.reports.results import (connect_readonly, curves_frame, params_frame, seed_scores_frame, stored_spec,
+                                 study_direction, trial_attr, trials_frame)
 from hpo.reports.stats import expected_best
 from hpo.words import plural
 
@@ -169,7 +170,7 @@ def learning_curves_figure(storage: str | None, study_name: str, trial_number: i
         curves = curves_frame(study_name=study_name, numbers=[trial_number], engine=engine)
         seeds = seed_scores_frame(study_name=study_name, numbers=[trial_number], engine=engine)
         metric, curve_name = _study_metric(engine, study_name)
-        pruned_at = _trial_attr(engine, study_name, "pruned_at_epoch").get(trial_number)
+        pruned_at = trial_attr(engine, study_name, "pruned_at_epoch").get(trial_number)
     finally:
         engine.dispose()
     if curves.empty:

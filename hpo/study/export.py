@@ -161,7 +161,7 @@ def rebuild_models(plan: ExportPlan) -> TrialModels:
 def _pick_trial(storage_url: str, study: optuna.Study, spec: StudySpec, number: int | None
                 ) -> tuple[FrozenTrial, bool]:
     if number is None:
-        from hpo.reports.results import build_report
+        from hpo.reports.report import build_report
 
         # One ranking of trials everywhere: hpo report's (confirmed mean first).
         report = build_report(storage_url, study.study_name, top=1)
