@@ -16,8 +16,7 @@ import numpy as np
 import optuna
 
 from hpo.errors import SpecError
-from hpo.spec import hooks
-from hpo.spec import StudySpec, load_spec, parse_spec
+from hpo.spec import StudySpec, hooks, load_spec, parse_spec
 from hpo.store.storage import DEFAULT_STORAGE, mask_url
 from hpo.study.workers import RunSummary
 from hpo.words import format_params, mean_std, noun_for, plural

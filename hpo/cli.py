@@ -41,7 +41,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 
 def _workers_type(value: str) -> int:
-    from hpo.study.workers import available_cores
+    from hpo.train.backend import available_cores
 
     if value == "auto":
         return available_cores()
@@ -233,7 +233,9 @@ def worker(storage: str, study_name: str, trials: int | None, timeout: float | N
     from hpo.store.storage import mask_url
     from hpo.study.study import load_study
     from hpo.train.fit import check_spec_runs
-    from hpo.study.workers import die_with_parent, limit_threads, memory_growth_limit, run_trials, share_gpu
+    from hpo.study.workers import memory_growth_limit, run_trials
+    from hpo.study.local import die_with_parent
+    from hpo.train.backend import limit_threads, share_gpu
 
     die_with_parent()
     if threads is not None:
@@ -286,7 +288,7 @@ def confirm(study_name: str | None, storage: str, top: int, seeds: int) -> None:
     several of these on one study share the work (each trial is refitted once)."""
     from hpo.study.confirm import confirm_study
     from hpo.study.study import load_study
-    from hpo.study.workers import share_gpu
+    from hpo.train.backend import share_gpu
 
     # Several of these (and workers) may share one GPU.
     share_gpu()

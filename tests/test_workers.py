@@ -374,7 +374,9 @@ def test_consecutive_failures_stop_the_study(tmp_path):
 
 def test_workers_share_the_cores():
     from hpo.cli import _workers_type
-    from hpo.study.workers import available_cores, limit_threads, worker_threads
+    from hpo.study.workers import available_cores
+    from hpo.study.local import worker_threads
+    from hpo.train.backend import limit_threads
 
     assert worker_threads(4, cores=8) == 2 and worker_threads(3, cores=2) == 1
     assert _workers_type("auto") == available_cores()
@@ -422,7 +424,7 @@ def test_keras_workers_start_without_forking_a_process_that_runs_jax(tmp_path):
     """`hpo run --workers 2` on a Keras study has built its model (JAX threads running)
     before it starts the workers: they start as new processes, with no fork and so no
     JAX warning about one, each with its share of the cores named by backend."""
-    from hpo.study.workers import worker_threads
+    from hpo.study.local import worker_threads
 
     url = f"sqlite:///{tmp_path / 'study.db'}"
     result = run_hpo("run", "sequence_toy", "--storage", url, "--trials", "2", "--seeds", "1", "--max-epochs", "1",
@@ -526,7 +528,7 @@ def test_a_signal_that_lands_in_a_del_is_not_lost():
     """A SIGTERM delivered while Python runs a `__del__` (as TensorFlow's garbage collector
     of concrete functions does) used to raise from the handler there, where Python
     discards it ("Exception ignored in ..."): the worker ran on. It must be kept."""
-    from hpo.study.workers import Interrupted, check_stop, record_signals, stop_requested
+    from hpo.study.signals import Interrupted, check_stop, record_signals, stop_requested
 
     class SignalsInDel:
         def __del__(self):
@@ -587,7 +589,7 @@ def test_only_the_tensorflow_backend_restarts_for_memory_by_default(monkeypatch)
 def test_workers_do_not_each_take_most_of_a_gpu(monkeypatch):
     # Each `hpo worker` process (those hpo run starts, and those started by hand) allocates
     # GPU memory as needed, unless the user said otherwise.
-    from hpo.study.workers import share_gpu
+    from hpo.train.backend import share_gpu
 
     for name in ("XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_PYTHON_CLIENT_MEM_FRACTION"):
         monkeypatch.setenv(name, "")  # so that teardown restores what was there before

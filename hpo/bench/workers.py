@@ -21,10 +21,10 @@ import optuna
 from hpo.errors import HpoError, TrialFailed
 from hpo.spec import load_spec
 from hpo.store.storage import STORAGE_ENV, count_trials, get_storage, mask_url
+from hpo.study.local import package_root
 from hpo.study.objective import Objective
-from hpo.study.study import create_study, make_pruner, make_sampler
-from hpo.study.study import quiet_optuna
-from hpo.study.workers import _package_root, rss_mb, run_trials
+from hpo.study.study import create_study, make_pruner, make_sampler, quiet_optuna
+from hpo.study.workers import rss_mb, run_trials
 
 
 @dataclass
@@ -85,7 +85,7 @@ def measure_memory(url: str, study: str, trials: int, checkpoints: tuple[int, ..
     seen: list[tuple[int, float]] = []
     pending = sorted(checkpoints)
     with tempfile.TemporaryFile("w+") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.DEVNULL, cwd=_package_root(),
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.DEVNULL, cwd=package_root(),
                                 env={**os.environ, STORAGE_ENV: url})
         while proc.poll() is None:
             done = count_trials(storage, hpo_study._study_id).spent
@@ -108,7 +108,7 @@ def measure_throughput(url: str, study: str, trials: int, workers: int, *, seeds
     if max_epochs is not None:
         cmd += ["--max-epochs", str(max_epochs)]
     start = time.perf_counter()
-    subprocess.run(cmd, check=True, capture_output=True, cwd=_package_root())
+    subprocess.run(cmd, check=True, capture_output=True, cwd=package_root())
     return trials / ((time.perf_counter() - start) / 60)
 
 
@@ -151,10 +151,10 @@ def measure_scale(url: str, workers: int, trials: int, study: str = "beale") -> 
     storage = get_storage(url)
     hpo_study = create_study(spec, storage)
     env = {**os.environ, STORAGE_ENV: url, "PYTHONPATH": os.pathsep.join(
-        filter(None, [_package_root(), os.environ.get("PYTHONPATH")]))}
+        filter(None, [package_root(), os.environ.get("PYTHONPATH")]))}
     procs = [subprocess.Popen([sys.executable, "-m", "hpo.bench.workers", spec.name], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                              cwd=_package_root()) for _ in range(workers)]
+                              cwd=package_root()) for _ in range(workers)]
     # "ready": imported, storage open, study loaded; a worker that could not get there
     # (a server refusing more clients) says why and has exited.
     early = [p.stdout.readline() for p in procs]

@@ -11,7 +11,7 @@ from typing import Any
 
 import optuna
 
-from hpo.spec import DEFAULT_PARAMS, RECURRENT_FAMILIES, Choice, FloatRange, Fixed, IntRange, Param, StudySpec
+from hpo.spec import DEFAULT_PARAMS, RECURRENT_FAMILIES, Choice, Fixed, FloatRange, IntRange, Param, StudySpec
 
 # Parameters that are suggested only when another parameter makes them matter.
 _CONDITIONS = {

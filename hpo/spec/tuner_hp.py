@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator
 
 import optuna
 
-from hpo.spec import CUSTOM, DATA_PARAMS, Choice, FloatRange, Fixed, IntRange, Param, StudySpec, param_to_raw
+from hpo.spec import CUSTOM, DATA_PARAMS, Choice, Fixed, FloatRange, IntRange, Param, StudySpec, param_to_raw
 
 # The trial user attribute holding the space a trial's `hp` calls declared (active ones,
 # `hp.Fixed` included), in a study file's `[space]` form.

@@ -21,8 +21,8 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from hpo.errors import HpoError
-from hpo.record import ATTR_ADDED_SEEDS, ATTR_SEEDS, ATTR_SEED_SCORES
-from hpo.record import ATTR_CONFIRM_MEAN, ATTR_CONFIRM_SCORES, ATTR_CONFIRM_SEEDS, ATTR_CONFIRM_STD
+from hpo.record import (ATTR_ADDED_SEEDS, ATTR_CONFIRM_MEAN, ATTR_CONFIRM_SCORES, ATTR_CONFIRM_SEEDS, ATTR_CONFIRM_STD,
+                        ATTR_SEEDS, ATTR_SEED_SCORES)
 from hpo.reports.dashboard import write_trial_note
 from hpo.reports.diagnosis import trial_note
 from hpo.spec import StudySpec

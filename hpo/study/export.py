@@ -22,7 +22,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from hpo.errors import OptionError, StudyNotFound
 from hpo.record import (ATTR_ADDED_SCORES, ATTR_ADDED_SEEDS, ATTR_BACKEND, ATTR_FAIL_REASON, ATTR_PATH, ATTR_PRUNED_AT,
-                        ATTR_SEED_SCORES, ATTR_SEEDS)
+                        ATTR_SEEDS, ATTR_SEED_SCORES)
 from hpo.spec import StudySpec
 from hpo.spec.space import suggest_params
 from hpo.store.storage import existing_sqlite_path, get_storage, resolve_storage_url

@@ -21,7 +21,7 @@ import optuna
 from hpo.errors import TrialFailed
 from hpo.record import (ATTR_ADDED_BEST_EPOCHS, ATTR_ADDED_CURVES, ATTR_ADDED_EPOCHS_RUN, ATTR_ADDED_FAIL_REASON,
                         ATTR_ADDED_SCORES, ATTR_ADDED_SEEDS, ATTR_ALL_MEAN, ATTR_ALL_STD, ATTR_CI_HIGH, ATTR_CI_LOW,
-                        ATTR_SEED_SCORES, ATTR_SEED_STOP, ATTR_SEEDS, ATTR_UNDECIDED_AGAINST)
+                        ATTR_SEEDS, ATTR_SEED_SCORES, ATTR_SEED_STOP, ATTR_UNDECIDED_AGAINST)
 from hpo.reports.dashboard import write_trial_note
 from hpo.reports.diagnosis import trial_note
 from hpo.reports.stats import bootstrap_ci, welch

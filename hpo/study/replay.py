@@ -10,7 +10,7 @@ from typing import Any
 import optuna
 
 from hpo.errors import StudyNotFound
-from hpo.record import ATTR_BACKEND, ATTR_PRUNED_AT, ATTR_SEED_SCORES, ATTR_SEEDS
+from hpo.record import ATTR_BACKEND, ATTR_PRUNED_AT, ATTR_SEEDS, ATTR_SEED_SCORES
 from hpo.spec.space import suggest_params
 from hpo.store.storage import existing_sqlite_path, get_storage, resolve_storage_url
 from hpo.study.study import load_study

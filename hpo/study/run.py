@@ -12,8 +12,9 @@ import optuna
 
 from hpo.spec import StudySpec
 from hpo.store.storage import GRACE_PERIOD, HEARTBEAT_INTERVAL, get_storage, mask_url
+from hpo.study.local import describe_threads, run_workers
 from hpo.study.study import create_study
-from hpo.study.workers import RunSummary, clear_stop, describe_threads, memory_growth_limit, run_trials, run_workers
+from hpo.study.workers import RunSummary, clear_stop, memory_growth_limit, run_trials
 from hpo.words import plural
 
 

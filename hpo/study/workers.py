@@ -1,5 +1,6 @@
-"""Workers: a study and a budget in, trials run until the study holds exactly that many
-spent trials out; one process or N local processes, with a line of progress per trial.
+"""Workers: a study and a budget in, trials run in this process until the study holds
+exactly that many spent trials out, with a line of progress per trial (N local processes
+of this: `hpo.study.local`).
 
 Budget: a worker starts a trial only while holding the study's admission lock and only
 if spent (complete, pruned, failed on its own) plus running trials leave room, so however
@@ -11,43 +12,34 @@ case one of those trials has to be retried.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from hpo.errors import HpoError, TrialFailed
-from hpo.record import ATTR_FAIL_REASON, ATTR_INTERRUPTED, ATTR_PRUNED_AT, ATTR_UNDECIDED_AGAINST
-from hpo.record import ATTR_WORKER
+from hpo.record import ATTR_FAIL_REASON, ATTR_INTERRUPTED, ATTR_PRUNED_AT, ATTR_UNDECIDED_AGAINST, ATTR_WORKER
 from hpo.spec import StudySpec
 from hpo.store.storage import (STOP_ATTR, TrialCounts, classify_storage_error, count_trials, fail_heartless_trials,
                                rdb_storage, retry_storage_call, study_lock)
 from hpo.study.objective import Objective
 from hpo.study.race import add_incumbent_seeds
+from hpo.study.signals import Interrupted, check_stop, record_signals, signals_held, stop_requested
 from hpo.study.study import quiet_optuna
-from hpo.train.backend import available_cores
+from hpo.train.backend import available_cores, thread_cap
 from hpo.words import mean_std, plural
 
-# The training threads `limit_threads` capped this process to (None: not capped).
-_threads: int | None = None
 # 0 turns ask-ahead off, 1 on even with one core (`asks_ahead`).
 ASK_AHEAD_ENV = "HPO_ASK_AHEAD"
 
-# Trial user attribute: the host (in a container, its id) and process id of the worker that ran it.
 # How often an idle worker looks again whether a running trial of another worker died.
 POLL_SECONDS = 1.0
-# How long `run_workers` waits for a stopped child before it kills it.
-STOP_SECONDS = 20.0
 # TensorFlow 2.21 / Keras 3.15 keep about 10 MB per model built and fitted, whatever
 # clear_session and gc do (tensorflow/tensorflow#61791): a worker whose resident memory
 # has grown this much since its first trial ends its loop and starts afresh (`hpo worker`
@@ -66,19 +58,6 @@ def memory_growth_limit(spec: StudySpec, requested: float | None) -> float | Non
     if spec.model.family == "analytic" or resolve_backend(spec.training.backend) != "tensorflow":
         return None
     return MAX_MEMORY_GROWTH_MB
-
-
-class Interrupted(BaseException):
-    """SIGTERM or SIGINT arrived: finish the current trial as failed (not counted) and stop.
-
-    Raised by `check_stop` at a safe point (between trials, after an epoch), never by the
-    signal handler itself. A `BaseException`, so the objective's `except Exception` does
-    not swallow it.
-    """
-
-    def __init__(self, signum: int) -> None:
-        self.signal_name = signal.Signals(signum).name
-        super().__init__(self.signal_name)
 
 
 @dataclass
@@ -288,19 +267,7 @@ def asks_ahead(spec: StudySpec) -> bool:
     setting = os.environ.get(ASK_AHEAD_ENV, "").strip()
     if setting == "0" or not can_prepare(spec):
         return False
-    return setting == "1" or min(available_cores(), _threads or available_cores()) >= 2
-
-
-def share_gpu() -> None:
-    """Let this worker share its GPU with others (call before JAX starts).
-
-    JAX takes 75% of a GPU's memory as a process starts, so a second worker on the same
-    GPU failed every trial (cuSolver found no memory; seen on an H100 with `hpo run
-    --workers 2`). A worker allocates as needed instead, unless the user set how; on a
-    CPU this changes nothing.
-    """
-    if not {"XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_PYTHON_CLIENT_MEM_FRACTION"} & set(os.environ):
-        os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+    return setting == "1" or min(available_cores(), thread_cap() or available_cores()) >= 2
 
 
 def rss_mb(pid: int | str = "self") -> float:
@@ -327,7 +294,7 @@ def _admit(study: optuna.Study, budget: int, sweep: bool,
     # would stay RUNNING with nothing to show it is dead.
     trial = None
     try:
-        with _signals_held(), study_lock(storage, study._study_id):
+        with signals_held(), study_lock(storage, study._study_id):
             while orphans:
                 _give_back(study, orphans[0], "its worker lost the database connection while admitting it")
                 orphans.pop(0)
@@ -425,7 +392,7 @@ def _give_back(study: optuna.Study, trial: optuna.Trial, reason: str, retry: boo
     storage = rdb_storage(study._storage)
     call = (lambda name, *args: getattr(storage, name)(*args)) if retry else (
         lambda name, *args: getattr(optuna.storages.RDBStorage, name)(storage, *args))
-    with _signals_held():
+    with signals_held():
         try:
             call("set_trial_user_attr", trial._trial_id, ATTR_INTERRUPTED, reason)
         except Exception:  # noqa: BLE001 - the reason is a courtesy; the state below matters
@@ -440,17 +407,6 @@ def _give_back(study: optuna.Study, trial: optuna.Trial, reason: str, retry: boo
         except Exception:  # noqa: BLE001 - one try only, after a fault: the sweep recovers it
             if retry:
                 raise
-
-
-@contextlib.contextmanager
-def _signals_held() -> Iterator[None]:
-    # Blocked, not ignored: a SIGTERM that arrives meanwhile is handled right after.
-    held = {signal.SIGINT, signal.SIGTERM}
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _as_list(values: float | tuple | list) -> list[float]:
@@ -485,42 +441,6 @@ class _Heartbeat:
         self.stop.set()
         if self.thread is not None:
             self.thread.join()
-
-
-# The first SIGTERM or SIGINT received while `record_signals` is in force (0: none).
-_stop_signal = 0
-
-
-def record_signals() -> Callable[[], None]:
-    """Install SIGTERM and SIGINT handlers that only record the signal; `check_stop`
-    acts on it. Returns a function that puts the old handlers back.
-
-    A handler that raised would lose the signal whenever it lands in code that discards
-    exceptions (a `__del__`, such as TensorFlow's garbage collector of concrete functions:
-    "Exception ignored in ..."), and the worker would run on.
-    """
-    global _stop_signal
-    _stop_signal = 0
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
-
-    def handler(signum: int, frame: object) -> None:
-        global _stop_signal
-        _stop_signal = _stop_signal or signum
-
-    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    return lambda: [signal.signal(s, h) for s, h in old.items()] and None
-
-
-def stop_requested() -> bool:
-    """True once a signal recorded by `record_signals` asks this process to stop."""
-    return bool(_stop_signal)
-
-
-def check_stop() -> None:
-    """A safe point: raise `Interrupted` if a SIGTERM or SIGINT has been recorded."""
-    if _stop_signal:
-        raise Interrupted(_stop_signal)
 
 
 def best_trial(study: optuna.Study, spec: StudySpec) -> FrozenTrial | None:
@@ -565,171 +485,3 @@ def describe_trial(spec: StudySpec, trial: FrozenTrial, study: optuna.Study | No
         if c.lost:
             head += f", {c.lost} lost and retried"
     return head
-
-
-def worker_threads(workers: int, cores: int | None = None) -> int:
-    """Training threads (JAX's or TensorFlow's) per worker so that `workers` processes share the cores."""
-    cores = cores or available_cores()
-    return max(1, cores // max(1, workers))
-
-
-def describe_threads(spec: StudySpec, workers: int) -> str:
-    """The start line of `hpo run --workers N`: how many threads of which backend each worker trains with."""
-    from hpo.train.backend import resolve_backend
-
-    if spec.model.family == "analytic":
-        return f"{plural(workers, 'worker')} (analytic study: nothing to train, no training threads)"
-    backend = {"jax": "JAX", "tensorflow": "TensorFlow"}[resolve_backend(spec.training.backend)]
-    return f"{plural(workers, 'worker')}, {plural(worker_threads(workers), backend + ' thread')} each"
-
-
-# XLA's CPU client (JAX) reads its thread settings from XLA_FLAGS once, when JAX starts.
-_XLA_THREAD_FLAGS = ("--xla_cpu_multi_thread_eigen", "intra_op_parallelism_threads")
-
-
-def limit_threads(threads: int) -> None:
-    """Cap this process's training threads, JAX's (XLA_FLAGS) and TensorFlow's (and
-    OpenMP's); call before either loads. XLA flags the user set already are kept."""
-    global _threads
-    _threads = threads
-    for name in ("TF_NUM_INTRAOP_THREADS", "OMP_NUM_THREADS"):
-        os.environ[name] = str(threads)
-    os.environ["TF_NUM_INTEROP_THREADS"] = "1"
-    flags = os.environ.get("XLA_FLAGS", "")
-    if not any(f in flags for f in _XLA_THREAD_FLAGS):
-        # One thread: Eigen's own pool off too, or it takes a thread per core anyway.
-        ours = f"intra_op_parallelism_threads={threads}"
-        if threads == 1:
-            ours = f"--xla_cpu_multi_thread_eigen=false {ours}"
-        os.environ["XLA_FLAGS"] = f"{flags} {ours}".strip()
-
-
-def run_workers(storage_url: str, spec: StudySpec, workers: int, *, budget: int, timeout: float | None = None,
-                max_consecutive_failures: int = 5, heartbeat_interval: int | None = None,
-                grace_period: int | None = None, max_memory_growth: float | None = None,
-                echo: Callable[[str], None] = print,
-                echo_err: Callable[[str], None] | None = None) -> RunSummary:
-    """Run `workers` local `hpo worker` processes on the study (created already) and relay
-    their progress lines, each prefixed with its worker number.
-
-    SIGINT or SIGTERM to this process stops every worker: each fails its running trial
-    (not counted, queued again) and exits; one that does not within `STOP_SECONDS` is
-    killed, and its trial is retried after the grace period by the next run.
-    """
-    from hpo.store.storage import STORAGE_ENV, count_trials as _count, get_storage
-
-    echo_err = echo_err or (lambda line: print(line, file=sys.stderr, flush=True))
-    threads = worker_threads(workers)
-    storage = get_storage(storage_url, heartbeat_interval=None)
-    study = optuna.load_study(study_name=spec.name, storage=storage)
-    before = _count(storage, study._study_id)
-    start = time.perf_counter()
-    cmd_tail = ["--study-name", spec.name, "--trials", str(budget), "--threads", str(threads),
-                "--max-failures", str(max_consecutive_failures)]
-    if timeout is not None:
-        cmd_tail += ["--timeout", str(timeout)]
-    if heartbeat_interval is not None:
-        cmd_tail += ["--heartbeat-interval", str(heartbeat_interval)]
-    if grace_period is not None:
-        cmd_tail += ["--grace-period", str(grace_period)]
-    if max_memory_growth is not None:
-        cmd_tail += ["--max-memory-growth", str(max_memory_growth)]
-    # The URL travels in the environment, not on the command line, where `ps` would show
-    # its password.
-    env = {**os.environ, STORAGE_ENV: storage_url, "PYTHONUNBUFFERED": "1", PARENT_ENV: str(os.getpid()),
-           # The workers run this very package, wherever the command was started from.
-           "PYTHONPATH": os.pathsep.join(filter(None, [_package_root(), os.environ.get("PYTHONPATH")]))}
-    lock = threading.Lock()
-    procs: list[subprocess.Popen] = []
-    for i in range(workers):
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "hpo", "worker", "--worker-index", str(i), *cmd_tail],
-            # No preexec_fn: with one, Python forks (and runs JAX's fork warning) in a process
-            # whose JAX or TensorFlow threads are running; without, the child is spawned afresh.
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True))
-    relays = [threading.Thread(target=_relay, args=(p.stdout, f"w{i}", echo, lock), daemon=True)
-              for i, p in enumerate(procs)]
-    relays += [threading.Thread(target=_relay, args=(p.stderr, f"w{i}", echo_err, lock), daemon=True)
-               for i, p in enumerate(procs)]
-    for t in relays:
-        t.start()
-    summary = RunSummary(spec.name)
-    restore = record_signals()
-    try:
-        while any(p.poll() is None for p in procs):
-            if stop_requested():
-                summary.stopped_reason = (f"interrupted by {signal.Signals(_stop_signal).name}; "
-                                          f"stopped {workers} workers")
-                summary.exit_code = 130
-                _stop_all(procs, echo_err)
-                break
-            time.sleep(0.1)
-    finally:
-        restore()
-    for t in relays:
-        t.join(timeout=5)
-    after = _count(storage, study._study_id)
-    summary.complete = after.complete - before.complete
-    summary.pruned = after.pruned - before.pruned
-    summary.failed = after.failed - before.failed
-    summary.lost = after.lost - before.lost
-    summary.seconds = time.perf_counter() - start
-    if not summary.stopped_reason and after.stop_reason:
-        summary.stopped_reason = f"study stopped: {after.stop_reason}"
-    codes = [p.returncode for p in procs]
-    if summary.exit_code == 0 and any(codes):
-        summary.exit_code = 1
-        summary.stopped_reason = summary.stopped_reason or f"worker exit codes {codes}"
-    summary.best = best_trial(study, spec)
-    return summary
-
-
-def _package_root() -> str:
-    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def _relay(stream, prefix: str, echo: Callable[[str], None], lock: threading.Lock) -> None:
-    for line in stream:
-        with lock:
-            echo(f"{prefix} {line.rstrip()}")
-
-
-def _stop_all(procs: list[subprocess.Popen], echo_err: Callable[[str], None]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + STOP_SECONDS
-    for i, p in enumerate(procs):
-        try:
-            p.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-            echo_err(f"w{i} did not stop within {STOP_SECONDS:g} s and was killed; "
-                     "its trial is retried once the grace period has passed")
-
-
-# Set by `run_workers` for its children: the process id of the `hpo run` that started them.
-PARENT_ENV = "HPO_WORKER_PARENT"
-
-
-def die_with_parent() -> None:
-    """In a worker started by `run_workers`: get SIGTERM when that `hpo run` dies, even
-    by SIGKILL, so no worker is left behind (Linux; elsewhere nothing happens).
-
-    The worker asks for it itself, first thing: asked by the parent between fork and exec,
-    it would take a fork of a process whose JAX threads run.
-    """
-    parent = os.environ.pop(PARENT_ENV, None)
-    if parent is None:
-        return
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return
-    if os.getppid() != int(parent):
-        # The parent died before the request was made: nobody would send the signal.
-        os.kill(os.getpid(), signal.SIGTERM)
-

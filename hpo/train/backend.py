@@ -227,3 +227,45 @@ def _freeze_imports() -> None:
 
     gc.collect()
     gc.freeze()
+
+
+# The training threads `limit_threads` capped this process to (None: not capped).
+_thread_cap: int | None = None
+
+
+def thread_cap() -> int | None:
+    """The training threads `limit_threads` capped this process to (None: not capped)."""
+    return _thread_cap
+
+
+# XLA's CPU client (JAX) reads its thread settings from XLA_FLAGS once, when JAX starts.
+_XLA_THREAD_FLAGS = ("--xla_cpu_multi_thread_eigen", "intra_op_parallelism_threads")
+
+
+def limit_threads(threads: int) -> None:
+    """Cap this process's training threads, JAX's (XLA_FLAGS) and TensorFlow's (and
+    OpenMP's); call before either loads. XLA flags the user set already are kept."""
+    global _thread_cap
+    _thread_cap = threads
+    for name in ("TF_NUM_INTRAOP_THREADS", "OMP_NUM_THREADS"):
+        os.environ[name] = str(threads)
+    os.environ["TF_NUM_INTEROP_THREADS"] = "1"
+    flags = os.environ.get("XLA_FLAGS", "")
+    if not any(f in flags for f in _XLA_THREAD_FLAGS):
+        # One thread: Eigen's own pool off too, or it takes a thread per core anyway.
+        ours = f"intra_op_parallelism_threads={threads}"
+        if threads == 1:
+            ours = f"--xla_cpu_multi_thread_eigen=false {ours}"
+        os.environ["XLA_FLAGS"] = f"{flags} {ours}".strip()
+
+
+def share_gpu() -> None:
+    """Let this worker share its GPU with others (call before JAX starts).
+
+    JAX takes 75% of a GPU's memory as a process starts, so a second worker on the same
+    GPU failed every trial (cuSolver found no memory; seen on an H100 with `hpo run
+    --workers 2`). A worker allocates as needed instead, unless the user set how; on a
+    CPU this changes nothing.
+    """
+    if not {"XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_PYTHON_CLIENT_MEM_FRACTION"} & set(os.environ):
+        os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"

@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 
 from hpo.errors import SpecError
-from hpo.spec import (CUSTOM, DATA_PARAMS, LOADER, resolve_data_path, RECURRENT_FAMILIES, SERIES_DATASETS, Choice,
-                      DataSpec, Fixed, IntRange, StudySpec)
+from hpo.spec import (CUSTOM, DATA_PARAMS, LOADER, RECURRENT_FAMILIES, SERIES_DATASETS, Choice, DataSpec, Fixed,
+                      IntRange, StudySpec, resolve_data_path)
 from hpo.train.backend import import_tensorflow_quietly
 from hpo.words import plural
 
