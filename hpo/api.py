@@ -17,7 +17,7 @@ import optuna
 
 from hpo.errors import SpecError
 from hpo.spec import StudySpec, hooks, load_spec, parse_spec
-from hpo.store.storage import DEFAULT_STORAGE, mask_url
+from hpo.store.urls import DEFAULT_STORAGE, mask_url
 from hpo.study.workers import RunSummary
 from hpo.words import format_params, mean_std, noun_for, plural
 
@@ -343,7 +343,8 @@ def report(study: optuna.Study | str, storage: str | None = None, *, top: int = 
     Raises:
         StudyNotFound: No such study.
     """
-    from hpo.store.storage import rdb_storage, resolve_storage_url
+    from hpo.store.storage import rdb_storage
+    from hpo.store.urls import resolve_storage_url
 
     if isinstance(study, optuna.Study):
         return StudyReport(rdb_storage(study._storage).url, study.study_name, top)

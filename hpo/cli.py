@@ -17,7 +17,7 @@ import click
 
 from hpo.errors import HpoError
 from hpo.spec import MAX_EPOCHS, MAX_SEEDS, MAX_TRIALS
-from hpo.store.storage import DEFAULT_STORAGE, STORAGE_ENV
+from hpo.store.urls import DEFAULT_STORAGE, STORAGE_ENV
 from hpo.words import format_params, plural
 
 storage_option = click.option(
@@ -87,7 +87,8 @@ def _open_storage(storage: str, heartbeat_interval: int | None, grace_period: in
                   create: bool = True):
     """The study database; `create=False` (commands that only join or read a study) first
     checks that a SQLite file exists, so a mistyped path creates no empty database."""
-    from hpo.store.storage import GRACE_PERIOD, HEARTBEAT_INTERVAL, existing_sqlite_path, get_storage
+    from hpo.store.storage import GRACE_PERIOD, HEARTBEAT_INTERVAL, get_storage
+    from hpo.store.urls import existing_sqlite_path
 
     if not create:
         existing_sqlite_path(storage)
@@ -199,7 +200,7 @@ def create(study: str, storage: str, study_name: str | None, trials: int | None,
            max_epochs: int | None) -> None:
     """Create the study STUDY in the database without running trials (start workers with
     `hpo worker`)."""
-    from hpo.store.storage import mask_url
+    from hpo.store.urls import mask_url
     from hpo.study.study import create_study
     from hpo.study.workers import clear_stop
 
@@ -230,7 +231,7 @@ def worker(storage: str, study_name: str, trials: int | None, timeout: float | N
            max_memory_growth: float | None, worker_index: int | None, study_dir: Path | None) -> None:
     """Join the study STUDY_NAME from any machine and run trials until its budget is spent;
     the spec is rebuilt from the database."""
-    from hpo.store.storage import mask_url
+    from hpo.store.urls import mask_url
     from hpo.study.study import load_study
     from hpo.train.fit import check_spec_runs
     from hpo.study.workers import memory_growth_limit, run_trials
@@ -644,7 +645,7 @@ def bench_peers(study: str, tools: str | None, trials: int | None, seeds: int | 
 
 def _storage_of(args: list[str]) -> str:
     """The storage URL a command line names (or the default), password masked."""
-    from hpo.store.storage import mask_url, resolve_storage_url
+    from hpo.store.urls import mask_url, resolve_storage_url
 
     url = None
     for i, arg in enumerate(args):
@@ -696,7 +697,7 @@ def main(argv: list[str] | None = None) -> None:
         click.echo("error: interrupted", err=True)
         sys.exit(130)
     except Exception as e:  # noqa: BLE001 - a database fault met outside the storage layer's checks
-        from hpo.store.storage import database_fault
+        from hpo.store.faults import database_fault
 
         fault = database_fault(e)
         if fault is None:

@@ -66,7 +66,7 @@ def test_a_read_only_database_is_permanent_and_a_refused_connection_transient(tm
 
     import sqlalchemy
 
-    from hpo.store.storage import classify_storage_error
+    from hpo.store.faults import classify_storage_error
 
     db = tmp_path / "ro.db"
     sqlite3.connect(db).execute("CREATE TABLE t (x)").connection.commit()

@@ -20,7 +20,8 @@ import optuna
 
 from hpo.errors import HpoError, TrialFailed
 from hpo.spec import load_spec
-from hpo.store.storage import STORAGE_ENV, count_trials, get_storage, mask_url
+from hpo.store.storage import count_trials, get_storage
+from hpo.store.urls import STORAGE_ENV, mask_url
 from hpo.study.local import package_root
 from hpo.study.objective import Objective
 from hpo.study.study import create_study, make_pruner, make_sampler, quiet_optuna

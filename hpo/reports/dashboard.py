@@ -18,7 +18,8 @@ import sqlalchemy
 
 from hpo.record import SPEC_ATTR
 from hpo.reports.diagnosis import trial_note
-from hpo.store.storage import existing_sqlite_path, get_storage, mask_url, resolve_storage_url
+from hpo.store.storage import get_storage
+from hpo.store.urls import existing_sqlite_path, mask_url, resolve_storage_url
 from hpo.store.views import create_views
 from hpo.words import plural
 

@@ -16,7 +16,7 @@ import pandas as pd
 import sqlalchemy
 
 from hpo.errors import StorageError, StudyNotFound
-from hpo.store.storage import existing_sqlite_path, resolve_storage_url
+from hpo.store.urls import existing_sqlite_path, resolve_storage_url
 from hpo.store.views import create_views, sqlite_views_current
 
 FORMATS = ("table", "csv", "json", "markdown")

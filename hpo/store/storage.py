@@ -1,5 +1,6 @@
-"""Storage: a URL (flag, `HPO_STORAGE`, or the default SQLite file) in, an Optuna
-`RDBStorage` out, with settings that suit many workers on SQLite or PostgreSQL.
+"""Storage: a URL in, an Optuna `RDBStorage` out, with settings that suit many workers on
+SQLite or PostgreSQL: heartbeats, retries through faults (`faults`), the study's admission
+lock, claims on shared work, and trial counts against the budget.
 """
 
 from __future__ import annotations
@@ -14,11 +15,9 @@ import os
 import random
 import socket
 import sqlite3
-import sys
 import threading
 import time
 import warnings
-from urllib.parse import quote
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -27,12 +26,10 @@ import sqlalchemy
 
 from hpo.errors import OptionError, StorageError
 from hpo.record import ATTR_FAIL_REASON, ATTR_INTERRUPTED
+from hpo.store.faults import (DEFAULT_RETRY_SECONDS, RETRY_ENV, classify_storage_error, first_line, retry,
+                              retry_storage_call)
+from hpo.store.urls import check_sqlite_file, engine_kwargs, mask_url, resolve_storage_url, sqlite_path
 
-DEFAULT_STORAGE = "sqlite:///hpo.db"
-STORAGE_ENV = "HPO_STORAGE"
-# How long a worker keeps retrying an unreachable database before it gives up.
-RETRY_ENV = "HPO_DB_RETRY_SECONDS"
-DEFAULT_RETRY_SECONDS = 600.0
 # Opening the storage gives up sooner, and without a "waiting" line: a mistyped URL or a
 # server that is down should cost a user a few seconds and one line.
 CONNECT_RETRY_SECONDS = 5.0
@@ -51,37 +48,6 @@ _LOCK_NAMESPACE = 0x68706F  # "hpo": first key of the PostgreSQL advisory lock
 # this long, doubled at each try (a holder keeps it for a few milliseconds).
 _LOCK_FIRST_PAUSE = 0.005
 _LOCK_MAX_PAUSE = 1.0
-
-
-def resolve_storage_url(url: str | None = None) -> str:
-    """The storage URL to use: the given one, else `HPO_STORAGE`, else `sqlite:///hpo.db`."""
-    return url or os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE
-
-
-def mask_url(url: str) -> str:
-    """The URL with any password replaced by `***`, safe to print or log."""
-    try:
-        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
-    except sqlalchemy.exc.ArgumentError:
-        return url
-
-
-def engine_kwargs(url: str) -> dict:
-    """SQLAlchemy engine settings for the backend the URL names."""
-    if url.startswith("sqlite"):
-        # Several local workers write one file: wait for the lock instead of failing.
-        return {"connect_args": {"timeout": 60}}
-    # pool_pre_ping replaces connections a database restart has cut before they are used.
-    # A worker keeps one connection between calls and opens at most two more at once (the
-    # trial it starts while holding the admission lock's; its heartbeat thread's), closed
-    # again after use: N workers hold about N of the server's max_connections, not 2-6 N.
-    kwargs: dict[str, Any] = {"pool_pre_ping": True, "pool_size": 1, "max_overflow": 2, "pool_recycle": 300}
-    if sqlalchemy.engine.make_url(url).get_driver_name() == "psycopg":
-        # No server-side prepared statements (psycopg makes them for a query run five
-        # times): a pooler in transaction mode (PgBouncer) hands each transaction to
-        # any server connection, where a statement prepared on another is unknown.
-        kwargs["connect_args"] = {"prepare_threshold": None}
-    return kwargs
 
 
 def get_storage(url: str | None = None, *, heartbeat_interval: int | None = HEARTBEAT_INTERVAL,
@@ -114,7 +80,7 @@ def get_storage(url: str | None = None, *, heartbeat_interval: int | None = HEAR
             callback = None
             if heartbeat_interval:
                 callback = RetryLostTrial(max_retry=MAX_RETRY)
-            return _retry(lambda: ResilientRDBStorage(
+            return retry(lambda: ResilientRDBStorage(
                 url, engine_kwargs=engine_kwargs(url), heartbeat_interval=heartbeat_interval or None,
                 grace_period=grace_period if heartbeat_interval else None, heartbeat_stale_trial_callback=callback,
                 retry_seconds=retry_seconds), url, min(retry_seconds, CONNECT_RETRY_SECONDS), command, quiet=True,
@@ -172,7 +138,7 @@ def _retried(name: str) -> Callable:
 
     @functools.wraps(base)
     def method(self: ResilientRDBStorage, *args: Any, **kwargs: Any) -> Any:
-        return _retry(lambda: base(self, *args, **kwargs), self.url, self.retry_seconds, check_stop=self.check_stop)
+        return retry(lambda: base(self, *args, **kwargs), self.url, self.retry_seconds, check_stop=self.check_stop)
 
     return method
 
@@ -192,161 +158,6 @@ def rdb_storage(storage: optuna.storages.BaseStorage) -> optuna.storages.RDBStor
     return getattr(storage, "_backend", storage)
 
 
-# Faults that go away by themselves (PostgreSQL SQLSTATE class 08 "connection exception",
-# 57P0x "server shutting down or starting", 40001/40P01 serialization failure or deadlock,
-# 53300 too many connections) and SQLite's busy lock; matched on the DBAPI error.
-_TRANSIENT_SQLSTATES = ("08", "57P01", "57P02", "57P03", "40001", "40P01", "53300")
-_TRANSIENT_TEXT = ("database is locked", "connection refused", "server closed the connection",
-                   "terminating connection", "the database system is", "connection reset", "could not connect",
-                   "connection timed out", "timeout expired", "no connection to the server",
-                   "connection is closed", "connection already closed", "consuming input failed",
-                   "ssl syscall error", "could not receive data", "could not send data")
-# Faults that waiting does not mend: (text in the DBAPI message or SQLSTATE prefix, what to do).
-_PERMANENT = (
-    ("database or disk is full", "the disk is full; free space and run again"),
-    ("no space left on device", "the disk is full; free space and run again"),
-    ("53100", "the database server's disk is full; free space and run again"),
-    ("could not extend file", "the database server's disk is full; free space and run again"),
-    ("readonly database", "the database file or its folder is read-only; make both writable"),
-    ("read-only", "the database is read-only; use a writable one"),
-    ("file is not a database", "the file is not a SQLite database; pass --storage with a study database"),
-    ("database disk image is malformed", "the SQLite file is corrupt; restore it from a copy"),
-    ("disk i/o error", "the disk failed to read or write; check the disk and run again"),
-    ("unable to open database file", "check the path and its folder's permissions"),
-    ("permission denied", "give this user access to the database"),
-    ("42501", "give this user access to the database"),
-    ("password authentication failed", "check the user and password in the URL"),
-    ("does not exist", "check the database name in the URL, or create it"),
-)
-
-
-def classify_storage_error(e: BaseException) -> tuple[str, str] | None:
-    """Tell a database fault that goes away by itself from one that does not.
-
-    Returns:
-        ("transient", cause) for a dropped or refused connection, a database restarting,
-        SQLite's busy lock (worth waiting for); ("permanent", cause and fix) for a full
-        disk, a read-only, corrupt or inaccessible database, a constraint violation
-        (stop at once); None when `e` is not a database fault at all.
-    """
-    if not isinstance(e, (sqlalchemy.exc.SQLAlchemyError, sqlite3.Error, optuna.exceptions.StorageInternalError)) \
-            and type(e).__module__.split(".")[0] not in ("psycopg", "psycopg2"):
-        return None  # e.g. Optuna's DuplicatedStudyError, raised from an IntegrityError on purpose
-    chain = _error_chain(e)
-    dbapi = [c for c in chain if isinstance(c, (sqlite3.Error, sqlalchemy.exc.DBAPIError))
-             or type(c).__module__.split(".")[0] in ("psycopg", "psycopg2")]
-    if not dbapi:
-        return None
-    root = next((c for c in chain if isinstance(c, sqlite3.Error) or type(c).__module__.split(".")[0]
-                 in ("psycopg", "psycopg2")), dbapi[-1])
-    cause = first_line(root)
-    sqlstate = str(getattr(root, "sqlstate", None) or getattr(root, "pgcode", None) or "")
-    text = f"{cause} {sqlstate}".lower()
-    for needle, fix in _PERMANENT:
-        if needle in text or (needle[0].isdigit() and sqlstate.startswith(needle)):
-            return "permanent", f"{cause}: {fix}"
-    if any(isinstance(c, (sqlite3.IntegrityError, sqlalchemy.exc.IntegrityError)) for c in chain) \
-            or sqlstate.startswith("23"):
-        return "permanent", f"{cause}: a constraint was violated; the database holds something hpo did not write"
-    if _server_full(root):
-        return "transient", (f"{cause} (each worker holds about one of the server's max_connections: raise it, or "
-                             "put PgBouncer in transaction mode in front; README, 'How many workers a PostgreSQL "
-                             "carries')")
-    if (sqlstate.startswith(_TRANSIENT_SQLSTATES) or any(t in text for t in _TRANSIENT_TEXT)
-            or any(isinstance(c, sqlalchemy.exc.DBAPIError) and c.connection_invalidated for c in chain)):
-        return "transient", cause
-    if any(isinstance(c, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)) for c in chain) \
-            and not any(isinstance(c, sqlite3.Error) for c in chain):
-        # A server-side operational fault we do not know: most are a server going away.
-        return "transient", cause
-    return "permanent", cause
-
-
-def _server_full(e: BaseException) -> bool:
-    """Whether the fault is a PostgreSQL server refusing a connection because it has as
-    many clients as `max_connections` allows."""
-    return any(str(getattr(c, "sqlstate", "") or "") == "53300" or "too many clients" in first_line(c).lower()
-               for c in _error_chain(e))
-
-
-def database_fault(e: BaseException) -> tuple[str, str] | None:
-    """`classify_storage_error` of the first database error in `e`'s chain of causes,
-    whatever wraps it (pandas, Optuna): for the command line's last line of defence."""
-    for c in _error_chain(e):
-        fault = classify_storage_error(c)
-        if fault is not None:
-            return fault
-    return None
-
-
-def is_connection_error(e: BaseException) -> bool:
-    """True for faults that go away by themselves (see `classify_storage_error`)."""
-    kind = classify_storage_error(e)
-    return kind is not None and kind[0] == "transient"
-
-
-def _error_chain(e: BaseException) -> list[BaseException]:
-    chain: list[BaseException] = []
-    cur: BaseException | None = e
-    while cur is not None and all(cur is not c for c in chain):
-        chain.append(cur)
-        orig = getattr(cur, "orig", None)
-        cur = orig if isinstance(orig, BaseException) and all(orig is not c for c in chain) else (
-            cur.__cause__ or cur.__context__)
-    return chain
-
-
-_outage_lock = threading.Lock()
-
-
-def _retry(call: Callable[[], Any], url: str, retry_seconds: float, command: str = "worker",
-           check_stop: Callable[[], None] = lambda: None, quiet: bool = False,
-           full_seconds: float | None = None) -> Any:
-    """`call()`, again after each transient database fault until `retry_seconds` have
-    passed (`full_seconds`, and saying so, for a server that has no free connection: it
-    answers, and a slot frees when another client leaves); a permanent fault raises at
-    once, naming its cause."""
-    started = time.monotonic()
-    deadline = started + retry_seconds
-    delay = 0.2
-    warned = False
-    while True:
-        try:
-            result = call()
-        except Exception as e:  # noqa: BLE001 - re-raised unless it is a transient database fault
-            fault = classify_storage_error(e)
-            if fault is None:
-                raise
-            kind, cause = fault
-            if kind == "permanent":
-                raise StorageError(f"storage {mask_url(url)}: {cause}") from e
-            if full_seconds is not None and _server_full(e):
-                retry_seconds, deadline, quiet = full_seconds, started + full_seconds, False
-            if time.monotonic() + delay > deadline:
-                raise StorageError(f"storage {mask_url(url)} unreachable for {retry_seconds:.0f} s: "
-                                   f"{cause}; check the database and run hpo {command} again") from e
-            if not warned and not quiet:
-                with _outage_lock:
-                    waiting = "a free connection" if _server_full(e) else "the database to come back"
-                    print(f"storage {mask_url(url)}: {cause}; waiting for {waiting} "
-                          f"(up to {retry_seconds:.0f} s)", file=sys.stderr, flush=True)
-            warned = True
-            time.sleep(delay)
-            check_stop()
-            delay = min(delay * 2, 5.0)
-            continue
-        if warned and not quiet:
-            print(f"storage {mask_url(url)}: reachable again", file=sys.stderr, flush=True)
-        return result
-
-
-def retry_storage_call(storage: optuna.storages.BaseStorage, call: Callable[[], Any]) -> Any:
-    """Run `call` (several storage round trips) again from the start after a connection fault."""
-    url = getattr(storage, "url", "")
-    return _retry(call, url, getattr(storage, "retry_seconds", DEFAULT_RETRY_SECONDS),
-                  check_stop=getattr(storage, "check_stop", lambda: None))
-
-
 def _use_wal(url: str) -> None:
     # WAL lets readers go on while one worker writes, so local workers wait on each other
     # far less; the setting stays with the file. It needs a local disk, as SQLite does anyway.
@@ -359,14 +170,6 @@ def _use_wal(url: str) -> None:
     with contextlib.closing(sqlite3.connect(path, timeout=60)) as conn:
         if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
             conn.execute("PRAGMA journal_mode=WAL")
-
-
-def sqlite_path(url: str) -> str | None:
-    """The file a SQLite URL names, or None (another backend, or in memory)."""
-    u = sqlalchemy.engine.make_url(url)
-    if u.get_backend_name() != "sqlite" or not u.database or u.database == ":memory:":
-        return None
-    return u.database
 
 
 @contextlib.contextmanager
@@ -581,52 +384,4 @@ def count_trials(storage: optuna.storages.RDBStorage, study_id: int) -> TrialCou
                        stop_reason=json.loads(stop_json) if stop_json else None)
 
 
-def existing_sqlite_path(url: str) -> str | None:
-    """The file of a SQLite URL, which must exist (a read must not create an empty
-    database); None for other backends.
-
-    Raises:
-        StorageError: The URL is malformed, or names a SQLite file that does not exist.
-    """
-    try:
-        parsed = sqlalchemy.engine.make_url(url)
-    except sqlalchemy.exc.ArgumentError as e:
-        raise StorageError(f"not a storage URL: {url!r}; expected e.g. sqlite:///hpo.db") from e
-    if parsed.get_backend_name() != "sqlite":
-        return None
-    path = parsed.database or ""
-    if not path or path == ":memory:" or not os.path.isfile(path):
-        raise StorageError(f"no study database at {path or url!r}; run a study first (hpo run ...) or pass --storage")
-    check_sqlite_file(path)
-    return path
-
-
-def check_sqlite_file(path: str) -> None:
-    """Refuse a file that exists but is not a SQLite database (SQLite itself only says so
-    on the first query, deep inside whichever command runs it).
-
-    SQLite reads the header, not we: closing any descriptor of a database file this
-    process has open through SQLite drops SQLite's POSIX locks on it, which corrupts the
-    database when other processes write it. Read-only, so nothing is created or checkpointed.
-
-    Raises:
-        StorageError: Naming the file.
-    """
-    try:
-        with contextlib.closing(sqlite3.connect(f"file:{quote(os.path.abspath(path))}?mode=ro", uri=True)) as conn:
-            conn.execute("PRAGMA schema_version").fetchone()
-    except sqlite3.DatabaseError as e:
-        if "file is not a database" in str(e):
-            raise StorageError(f"{path} is not a SQLite database (file is not a database); "
-                               "pass --storage with a study database") from e
         # Anything else (a WAL file we may not open read-only, ...) is met, and named, later.
-
-
-def first_line(e: BaseException) -> str:
-    """The first line of an error's message: the database's own, not that of a wrapper
-    (SQLAlchemy's, or Optuna's "invalid data in the commit" around any failed commit)."""
-    chain = _error_chain(e)
-    root = next((c for c in chain if isinstance(c, sqlite3.Error)
-                 or type(c).__module__.split(".")[0] in ("psycopg", "psycopg2")), chain[-1])
-    text = str(root).strip()
-    return (text.splitlines() or [type(e).__name__])[0]

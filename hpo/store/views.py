@@ -17,7 +17,8 @@ from functools import lru_cache
 import sqlalchemy
 
 from hpo.errors import StorageError
-from hpo.store.storage import engine_kwargs, first_line
+from hpo.store.faults import first_line
+from hpo.store.urls import engine_kwargs
 
 VIEW_NAMES = ("hpo_trials", "hpo_trial_params", "hpo_seed_scores", "hpo_learning_curves", "hpo_confirmations")
 # Bump when the SQL of any view changes: databases carrying an older marker get the views

@@ -25,7 +25,8 @@ from hpo.record import (ATTR_ADDED_SCORES, ATTR_ADDED_SEEDS, ATTR_BACKEND, ATTR_
                         ATTR_SEEDS, ATTR_SEED_SCORES)
 from hpo.spec import StudySpec
 from hpo.spec.space import suggest_params
-from hpo.store.storage import existing_sqlite_path, get_storage, resolve_storage_url
+from hpo.store.storage import get_storage
+from hpo.store.urls import existing_sqlite_path, resolve_storage_url
 from hpo.study.study import load_study
 
 SUFFIX = ".keras"

@@ -54,7 +54,8 @@ def run_workers(storage_url: str, spec: StudySpec, workers: int, *, budget: int,
     (not counted, queued again) and exits; one that does not within `STOP_SECONDS` is
     killed, and its trial is retried after the grace period by the next run.
     """
-    from hpo.store.storage import STORAGE_ENV, count_trials as _count, get_storage
+    from hpo.store.storage import count_trials as _count, get_storage
+    from hpo.store.urls import STORAGE_ENV
 
     echo_err = echo_err or (lambda line: print(line, file=sys.stderr, flush=True))
     threads = worker_threads(workers)

@@ -11,7 +11,8 @@ from typing import Callable
 import optuna
 
 from hpo.spec import StudySpec
-from hpo.store.storage import GRACE_PERIOD, HEARTBEAT_INTERVAL, get_storage, mask_url
+from hpo.store.storage import GRACE_PERIOD, HEARTBEAT_INTERVAL, get_storage
+from hpo.store.urls import mask_url
 from hpo.study.local import describe_threads, run_workers
 from hpo.study.study import create_study
 from hpo.study.workers import RunSummary, clear_stop, memory_growth_limit, run_trials

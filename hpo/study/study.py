@@ -16,7 +16,7 @@ from optuna.samplers._lazy_random_state import LazyRandomState
 from hpo.errors import SpecError, StudyNotFound
 from hpo.record import SPEC_ATTR
 from hpo.spec import StudySpec, parse_spec, spec_to_dict
-from hpo.store.storage import mask_url
+from hpo.store.urls import mask_url
 from hpo.store.views import create_views
 
 # Keys of the stored spec that may change between runs of one study.

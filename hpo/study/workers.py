@@ -26,8 +26,8 @@ from optuna.trial import FrozenTrial, TrialState
 from hpo.errors import HpoError, TrialFailed
 from hpo.record import ATTR_FAIL_REASON, ATTR_INTERRUPTED, ATTR_PRUNED_AT, ATTR_UNDECIDED_AGAINST, ATTR_WORKER
 from hpo.spec import StudySpec
-from hpo.store.storage import (STOP_ATTR, TrialCounts, classify_storage_error, count_trials, fail_heartless_trials,
-                               rdb_storage, retry_storage_call, study_lock)
+from hpo.store.faults import classify_storage_error, retry_storage_call
+from hpo.store.storage import STOP_ATTR, TrialCounts, count_trials, fail_heartless_trials, rdb_storage, study_lock
 from hpo.study.objective import Objective
 from hpo.study.race import add_incumbent_seeds
 from hpo.study.signals import Interrupted, check_stop, record_signals, signals_held, stop_requested
