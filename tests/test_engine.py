@@ -8,7 +8,7 @@ import pytest
 from hpo.errors import TrialDiverged
 from hpo.spec import parse_spec
 from hpo.spec.space import default_params
-from hpo.train import engine
+from hpo.train import engine, initial
 from hpo.train.fit import _lock_step, fit_repeats
 
 pytestmark = pytest.mark.skipif(keras.backend.backend() != "jax", reason="the vectorised engine runs on JAX; "
@@ -69,7 +69,7 @@ def native(build):
     """`build()` as plain Keras fits it, but for cuDNN's fused RNN kernel on a GPU: the
     replicas take Keras' generic RNN (vmap cannot batch cuDNN), which rounds differently."""
     model = build()
-    engine._disable_cudnn(model)
+    initial.disable_cudnn(model)
     return model
 
 
@@ -110,7 +110,7 @@ def test_initial_weights_are_the_native_models(arrays):
 
 
 def test_many_seeds_draw_the_native_weights_in_one_batched_call(arrays, monkeypatch):
-    monkeypatch.setattr(engine, "_BATCHED_DRAWS_FROM", 2)
+    monkeypatch.setattr(initial, "_BATCHED_DRAWS_FROM", 2)
     build, seeds = builder("gru", 0.2), [8, 77, 123456]
     engine.clear_cache()
     replicas = engine.Replicas(build, seeds, arrays["x"], arrays["y"], arrays["xv"], arrays["yv"], batch_size=32)
@@ -336,7 +336,7 @@ def test_a_short_batch_padded_is_the_short_batch(arrays):
     x, y = arrays["x"][:19], arrays["y"][:19]
     model._symbolic_build(data_batch=(x, y))
     assert engine._pads_short_batch(model)
-    state = engine._variable_values(model)
+    state = initial.variable_values(model)
     native_logs, native_state = model.train_step(state, (x, y))
     idx, weights = engine._batch(np.arange(19), 32, padded=True)
     logs, padded_state = engine._weighted_train_step(model, state, arrays["x"][idx], arrays["y"][idx], *weights)

@@ -193,7 +193,7 @@ _prepared: dict[str, tuple[EpochTrainer, float]] = {}
 # Held while models are built and while Keras' state is cleared: Keras keeps its state
 # per thread, but `clear_session` replaces every thread's at once (a build on another
 # thread lost its stateless scope mid-trace and stored a tracer in a variable), and our
-# watchers of a build (`engine._build_native`, `flat_random`) patch Keras process-wide.
+# watchers of a build (`initial.build_native`, `flat_random`) patch Keras process-wide.
 _keras_lock = threading.RLock()
 # Keras' own per-thread settings a user may set once (`keras.config.set_dtype_policy`,
 # a distribution, ...), carried to the thread that builds ahead.
