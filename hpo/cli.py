@@ -1,7 +1,8 @@
 """Command line: parse, call one library function, print.
 
 Heavy modules (TensorFlow, Keras) are imported inside the commands that train, so
-`hpo --help`, `hpo studies` and the SQL commands answer at once.
+`hpo --help`, `hpo studies` and the SQL commands answer at once. Long because hpo has
+many commands (about twenty, with their options and help); each stays parse, call, print.
 """
 
 from __future__ import annotations

@@ -3,7 +3,10 @@ trained as one `jax.vmap` program, one epoch per call, with per-replica logs out
 
 Works for any Keras model on the JAX backend: the compiled model's own pure `train_step`
 and `test_step` (built on `stateless_call` and `optimizer.stateless_apply`) are batched
-over a leading replica axis, one jitted step per batch.
+over a leading replica axis, one jitted step per batch. Each replica's initial weights
+come from `initial`. Longer than most modules because the program is one piece: tracing
+with hyperparameters as inputs, the cache of compiled epochs and the weighted steps that
+give a short last batch no compilation of its own share the program's state.
 """
 
 from __future__ import annotations
