@@ -8,7 +8,7 @@ import pytest
 from optuna.trial import TrialState
 
 from tests.conftest import run_hpo
-from tests.test_workers import trials_of
+from tests.study.test_workers import trials_of
 
 AHEAD_LSTM = """
 name = "ahead"

@@ -286,7 +286,7 @@ use_backend()
 from hpo.train.backend import configure_determinism
 configure_determinism("jax")
 from hpo.train import engine
-from tests.test_engine import builder
+from tests.train.test_engine import builder
 rng = np.random.default_rng(0)
 x = rng.normal(size=(83, 6, 2)).astype("float32")
 y = x[:, :, :1].sum(axis=1)

@@ -12,7 +12,7 @@ import pytest
 
 from hpo.bench.seeds import BenchResult, BenchRow, format_table
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("model", ["lstm", "conv1d"])
