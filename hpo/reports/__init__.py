@@ -1,0 +1,3 @@
+"""Reports: a study database in; read-only SQL and DataFrames, statistics over seeds, learning-curve
+diagnosis, the report, plots and optuna-dashboard out.
+"""
