@@ -12,8 +12,7 @@ def _default_keras_backend() -> None:
     # keras trains on hpo's backend ($HPO_BACKEND, else the default), not on Keras' own.
     import sys
 
-    from hpo.train.backend import DEFAULT_BACKEND
-    from hpo.spec import BACKENDS
+    from hpo.backend import BACKENDS, DEFAULT_BACKEND
 
     wanted = os.environ.get("HPO_BACKEND") or DEFAULT_BACKEND
     if "keras" not in sys.modules and wanted in BACKENDS:

@@ -16,7 +16,7 @@ import numpy as np
 import optuna
 
 from hpo.errors import SpecError
-from hpo.spec import StudySpec, hooks, load_spec, parse_spec
+from hpo.specs import StudySpec, hooks, load_spec, parse_spec
 from hpo.store.urls import DEFAULT_STORAGE, mask_url
 from hpo.study.workers import RunSummary
 from hpo.words import format_params, mean_std, noun_for, plural

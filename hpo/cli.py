@@ -17,7 +17,7 @@ from pathlib import Path
 import click
 
 from hpo.errors import HpoError
-from hpo.spec import MAX_EPOCHS, MAX_SEEDS, MAX_TRIALS
+from hpo.specs import MAX_EPOCHS, MAX_SEEDS, MAX_TRIALS
 from hpo.store.urls import DEFAULT_STORAGE, STORAGE_ENV
 from hpo.words import format_params, plural
 
@@ -42,7 +42,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 
 def _workers_type(value: str) -> int:
-    from hpo.train.backend import available_cores
+    from hpo.backend import available_cores
 
     if value == "auto":
         return available_cores()
@@ -148,7 +148,7 @@ def run(study: str, storage: str, study_name: str | None, trials: int | None, ti
     import json
     import time
 
-    from hpo.spec import load_spec
+    from hpo.specs import load_spec
     from hpo.store.storage import count_trials, rdb_storage
     from hpo.study.run import run_study
 
@@ -185,7 +185,7 @@ def run(study: str, storage: str, study_name: str | None, trials: int | None, ti
 def _checked_spec(study: str, **overrides):
     """The study file with the command line's overrides, its data and model built once to
     check them."""
-    from hpo.spec import load_spec
+    from hpo.specs import load_spec
     from hpo.train.fit import check_spec_runs
 
     spec = load_spec(study).with_overrides(**overrides)
@@ -237,7 +237,7 @@ def worker(storage: str, study_name: str, trials: int | None, timeout: float | N
     from hpo.train.fit import check_spec_runs
     from hpo.study.workers import memory_growth_limit, run_trials
     from hpo.study.local import die_with_parent
-    from hpo.train.backend import limit_threads, share_gpu
+    from hpo.backend import limit_threads, share_gpu
 
     die_with_parent()
     if threads is not None:
@@ -290,7 +290,7 @@ def confirm(study_name: str | None, storage: str, top: int, seeds: int) -> None:
     several of these on one study share the work (each trial is refitted once)."""
     from hpo.study.confirm import confirm_study
     from hpo.study.study import load_study
-    from hpo.train.backend import share_gpu
+    from hpo.backend import share_gpu
 
     # Several of these (and workers) may share one GPU.
     share_gpu()
@@ -393,7 +393,7 @@ def bench_scale(urls: tuple[str, ...], worker_counts: str, trials_per_worker: in
 @cli.command()
 def studies() -> None:
     """List the study files shipped in studies/."""
-    from hpo.spec import list_specs
+    from hpo.specs import list_specs
 
     rows = list_specs()
     width = max((len(name) for name, _ in rows), default=0)
@@ -592,7 +592,7 @@ def bench_study(study: str, study_name: str | None, trials: int | None, seeds: i
     import json
     import tempfile
 
-    from hpo.train.backend import CACHE_DIR_ENV
+    from hpo.backend import CACHE_DIR_ENV
     from hpo.bench.study import format_study_time, time_study
 
     with tempfile.TemporaryDirectory(prefix="hpo-bench-cache-") as cache:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from hpo.train.backend import use_backend
+from hpo.backend import use_backend
 from tests.postgres import PgBouncer, PostgresServer, find_pg_bin, find_pgbouncer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -18,7 +18,7 @@ os.environ.setdefault("HPO_CACHE_DIR", str(ROOT / ".pytest_cache" / "hpo-jax"))
 # Keras fixes its backend at first import: choose it (hpo's default, or HPO_BACKEND)
 # before any test module imports Keras.
 if use_backend() == "jax":
-    from hpo.train.backend import use_compilation_cache
+    from hpo.backend import use_compilation_cache
 
     use_compilation_cache()
 

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from hpo.spec import Choice, FloatRange, IntRange, StudySpec, load_spec
+from hpo.specs import Choice, FloatRange, IntRange, StudySpec, load_spec
 
 TOOLS = ("hpo", "optuna-jax", "optuna-tensorflow", "keras-tuner")
 # How each peer loop is run: (Keras backend, the loop). KerasTuner runs on JAX, hpo's
@@ -79,7 +79,7 @@ def run_peers(study: str, tools: list[str], *, trials: int | None = None, seeds:
     """Run each tool on the study (hpo first, on a new SQLite file and an empty compilation
     cache), then refit every tool's pick on `refit_seeds` seeds no tool trained on, and
     test each against hpo's pick (Welch)."""
-    from hpo.spec import find_spec_file
+    from hpo.specs import find_spec_file
 
     study = str(find_spec_file(study).resolve())
     spec = load_spec(study).with_overrides(trials=trials, seeds=seeds, max_epochs=max_epochs)
@@ -133,8 +133,8 @@ def _check_peerable(spec: StudySpec) -> None:
     """The peers build the same models on the same arrays: a built-in family or the
     user's `build(params, ...)`, data the params do not reshape, one objective."""
     from hpo.errors import SpecError
-    from hpo.spec import DATA_PARAMS
-    from hpo.spec.tuner_hp import hp_build
+    from hpo.specs import DATA_PARAMS
+    from hpo.specs.tuner_hp import hp_build
 
     problem = None
     if spec.model.family == "analytic":
@@ -193,7 +193,7 @@ def _child(args: list[str], backend: str, work: Path, cache: str) -> Any:
 
 def _call(cmd: list[str], backend: str, work: Path, cache: str) -> str:
     """Run a tool's process in `work` on `backend` with `cache` as `HPO_CACHE_DIR`."""
-    from hpo.train.backend import CACHE_DIR_ENV
+    from hpo.backend import CACHE_DIR_ENV
 
     env = dict(os.environ, KERAS_BACKEND=backend, HPO_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2",
                **{CACHE_DIR_ENV: cache})
@@ -241,7 +241,7 @@ def _optuna_loop(spec: StudySpec) -> dict[str, Any]:
     import optuna
 
     from hpo.train.data import load_trial_data
-    from hpo.spec.space import suggest_params
+    from hpo.specs.space import suggest_params
     from hpo.study.study import make_sampler
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -264,7 +264,7 @@ def _keras_tuner_loop(spec: StudySpec) -> dict[str, Any]:
     import keras_tuner
 
     from hpo.train.data import load_trial_data
-    from hpo.spec.space import default_params
+    from hpo.specs.space import default_params
 
     base = default_params(spec)
 
@@ -313,7 +313,7 @@ def _refit(spec: StudySpec, picks: list[dict[str, Any]], seeds: list[int]) -> li
     `model.fit`); a pick met before is not fitted again."""
     import optuna
 
-    from hpo.spec.space import suggest_params
+    from hpo.specs.space import suggest_params
     from hpo.train.fit import fit_repeats
 
     done: dict[str, list[float]] = {}

@@ -82,7 +82,7 @@ class BenchResult:
 def reference_data(model: str, samples: int = 1000) -> tuple[np.ndarray, ...]:
     """(x, y, x_val, y_val) for a bench model: windows of 20 of the built-in noisy sine."""
     from hpo.train.data import load_dataset
-    from hpo.spec import DataSpec
+    from hpo.specs import DataSpec
 
     data = load_dataset(DataSpec(name="noisy_sine", window=20, n_samples=samples), window=20, sequence=True,
                         split_seed=0)
@@ -128,8 +128,8 @@ def run_bench(seed_counts: list[int], *, model: str = "lstm", epochs: int = 20, 
         sequential: Also time R native fits one after another (the slowest part).
         echo: Called with a progress line per measurement, if given.
     """
-    from hpo.train.backend import use_backend
-    from hpo.train.backend import configure_determinism
+    from hpo.backend import use_backend
+    from hpo.backend import configure_determinism
     from hpo.train.fit import release_memory
 
     backend = use_backend()

@@ -14,7 +14,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
-from hpo.spec import StudySpec
+from hpo.specs import StudySpec
 from hpo.words import plural
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import optuna
 
 from hpo.errors import HpoError, TrialFailed
-from hpo.spec import load_spec
+from hpo.specs import load_spec
 from hpo.store.storage import count_trials, get_storage
 from hpo.store.urls import STORAGE_ENV, mask_url
 from hpo.study.local import package_root

@@ -25,8 +25,8 @@ from hpo.record import (ATTR_ADDED_SEEDS, ATTR_CONFIRM_MEAN, ATTR_CONFIRM_SCORES
                         ATTR_SEEDS, ATTR_SEED_SCORES)
 from hpo.reports.dashboard import write_trial_note
 from hpo.reports.diagnosis import trial_note
-from hpo.spec import StudySpec
-from hpo.spec.space import suggest_params
+from hpo.specs import StudySpec
+from hpo.specs.space import suggest_params
 from hpo.store.storage import claim_work, count_trials, rdb_storage, write_trial_user_attrs
 from hpo.words import mean_std, plural
 

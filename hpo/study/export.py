@@ -23,8 +23,8 @@ from optuna.trial import FrozenTrial, TrialState
 from hpo.errors import OptionError, StudyNotFound
 from hpo.record import (ATTR_ADDED_SCORES, ATTR_ADDED_SEEDS, ATTR_BACKEND, ATTR_FAIL_REASON, ATTR_PATH, ATTR_PRUNED_AT,
                         ATTR_SEEDS, ATTR_SEED_SCORES)
-from hpo.spec import StudySpec
-from hpo.spec.space import suggest_params
+from hpo.specs import StudySpec
+from hpo.specs.space import suggest_params
 from hpo.store.storage import get_storage
 from hpo.store.urls import existing_sqlite_path, resolve_storage_url
 from hpo.study.study import load_study

@@ -15,10 +15,10 @@ from typing import Callable
 
 import optuna
 
-from hpo.spec import StudySpec
+from hpo.backend import available_cores
+from hpo.specs import StudySpec
 from hpo.study.signals import record_signals, stop_requested, stop_signal
 from hpo.study.workers import RunSummary, best_trial
-from hpo.train.backend import available_cores
 from hpo.words import plural
 
 
@@ -34,7 +34,7 @@ def worker_threads(workers: int, cores: int | None = None) -> int:
 
 def describe_threads(spec: StudySpec, workers: int) -> str:
     """The start line of `hpo run --workers N`: how many threads of which backend each worker trains with."""
-    from hpo.train.backend import resolve_backend
+    from hpo.backend import resolve_backend
 
     if spec.model.family == "analytic":
         return f"{plural(workers, 'worker')} (analytic study: nothing to train, no training threads)"

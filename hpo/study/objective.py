@@ -19,8 +19,8 @@ from hpo.record import (ATTR_BACKEND, ATTR_BEST_EPOCHS, ATTR_CI_HIGH, ATTR_CI_LO
 from hpo.reports.dashboard import write_trial_note
 from hpo.reports.diagnosis import trial_note
 from hpo.reports.stats import bootstrap_ci
-from hpo.spec import StudySpec
-from hpo.spec.space import suggest_params
+from hpo.specs import StudySpec
+from hpo.specs.space import suggest_params
 from hpo.study.race import race
 from hpo.train.fit import RepeatFit, fit_repeats, release_memory
 

@@ -25,8 +25,8 @@ from hpo.record import (ATTR_ADDED_BEST_EPOCHS, ATTR_ADDED_CURVES, ATTR_ADDED_EP
 from hpo.reports.dashboard import write_trial_note
 from hpo.reports.diagnosis import trial_note
 from hpo.reports.stats import bootstrap_ci, welch
-from hpo.spec import StudySpec
-from hpo.spec.space import suggest_params
+from hpo.specs import StudySpec
+from hpo.specs.space import suggest_params
 from hpo.store.storage import claim_work, rdb_storage, release_claim, write_trial_user_attrs
 from hpo.train.fit import RepeatFit
 from hpo.words import mean_std, plural

@@ -11,7 +11,7 @@ import optuna
 
 from hpo.errors import StudyNotFound
 from hpo.record import ATTR_BACKEND, ATTR_PRUNED_AT, ATTR_SEEDS, ATTR_SEED_SCORES
-from hpo.spec.space import suggest_params
+from hpo.specs.space import suggest_params
 from hpo.store.storage import get_storage
 from hpo.store.urls import existing_sqlite_path, resolve_storage_url
 from hpo.study.study import load_study

@@ -10,7 +10,7 @@ from typing import Callable
 
 import optuna
 
-from hpo.spec import StudySpec
+from hpo.specs import StudySpec
 from hpo.store.storage import GRACE_PERIOD, HEARTBEAT_INTERVAL, get_storage
 from hpo.store.urls import mask_url
 from hpo.study.local import describe_threads, run_workers

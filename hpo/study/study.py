@@ -15,7 +15,7 @@ from optuna.samplers._lazy_random_state import LazyRandomState
 
 from hpo.errors import SpecError, StudyNotFound
 from hpo.record import SPEC_ATTR
-from hpo.spec import StudySpec, parse_spec, spec_to_dict
+from hpo.specs import StudySpec, parse_spec, spec_to_dict
 from hpo.store.urls import mask_url
 from hpo.store.views import create_views
 
@@ -44,7 +44,7 @@ def make_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
     if kind == "random":
         sampler = optuna.samplers.RandomSampler(seed=seed)
     elif kind == "grid":
-        from hpo.spec.space import grid_search_space
+        from hpo.specs.space import grid_search_space
 
         sampler = optuna.samplers.GridSampler(grid_search_space(spec), seed=seed)
     elif kind == "cmaes":

@@ -23,16 +23,16 @@ from typing import Callable
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from hpo.backend import available_cores, thread_cap
 from hpo.errors import HpoError, TrialFailed
 from hpo.record import ATTR_FAIL_REASON, ATTR_INTERRUPTED, ATTR_PRUNED_AT, ATTR_UNDECIDED_AGAINST, ATTR_WORKER
-from hpo.spec import StudySpec
+from hpo.specs import StudySpec
 from hpo.store.faults import classify_storage_error, retry_storage_call
 from hpo.store.storage import STOP_ATTR, TrialCounts, count_trials, fail_heartless_trials, rdb_storage, study_lock
 from hpo.study.objective import Objective
 from hpo.study.race import add_incumbent_seeds
 from hpo.study.signals import Interrupted, check_stop, record_signals, signals_held, stop_requested
 from hpo.study.study import quiet_optuna
-from hpo.train.backend import available_cores, thread_cap
 from hpo.words import mean_std, plural
 
 # 0 turns ask-ahead off, 1 on even with one core (`asks_ahead`).
@@ -51,7 +51,7 @@ def memory_growth_limit(spec: StudySpec, requested: float | None) -> float | Non
     """The resident-memory growth after which a process restarts itself between trials:
     `requested` (0: never), else `MAX_MEMORY_GROWTH_MB` where TensorFlow trains (it keeps
     what it holds per model), else None (JAX's caches are bounded; nothing to restart for)."""
-    from hpo.train.backend import resolve_backend
+    from hpo.backend import resolve_backend
 
     if requested is not None:
         return requested or None
@@ -209,7 +209,7 @@ class _Ahead:
         """Admit, sample and start building the next trial, unless one waits already or
         the budget is full. A storage fault here only skips the look ahead (a trial it
         created is given back on the next admission, as `_admit` does)."""
-        from hpo.spec.space import suggest_params
+        from hpo.specs.space import suggest_params
         from hpo.train.fit import keras_settings, prepare
 
         if self.trial is not None:

@@ -14,10 +14,10 @@ from typing import Any
 
 import numpy as np
 
+from hpo.backend import import_tensorflow_quietly
 from hpo.errors import SpecError
-from hpo.spec import (CUSTOM, DATA_PARAMS, LOADER, RECURRENT_FAMILIES, SERIES_DATASETS, Choice, DataSpec, Fixed,
-                      IntRange, StudySpec, resolve_data_path)
-from hpo.train.backend import import_tensorflow_quietly
+from hpo.specs import (CUSTOM, DATA_PARAMS, LOADER, RECURRENT_FAMILIES, SERIES_DATASETS, Choice, DataSpec, Fixed,
+                       IntRange, StudySpec, resolve_data_path)
 from hpo.words import plural
 
 # The built-in series are the same in every study, whatever the study seed.
@@ -229,7 +229,7 @@ _user_cache: dict[tuple, Dataset] = {}
 
 def _user_arrays(spec: StudySpec) -> Dataset:
     """The user's loader called once per process (per code version), its arrays checked."""
-    from hpo.spec import hooks
+    from hpo.specs import hooks
 
     data = spec.data
     key = (data.loader, data.loader_sha256)

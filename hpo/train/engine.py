@@ -21,8 +21,8 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from hpo.backend import available_cores
 from hpo.train import buckets, flat_random, knobs
-from hpo.train.backend import available_cores
 from hpo.train.initial import Draws, build_native, checked_draws, initial_state
 
 # One compiled epoch per model configuration: a later trial with the same configuration

@@ -20,9 +20,9 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 
+from hpo.backend import check_devices, configure_determinism, use_backend
 from hpo.errors import TrialDiverged, TrialFailed
-from hpo.spec import StudySpec
-from hpo.train.backend import check_devices, configure_determinism, use_backend
+from hpo.specs import StudySpec
 
 # Called after every epoch with (the epoch, counted from 1 as Keras prints it; each seed's
 # score if the trial stopped now: `EarlyStopper.best`); returning True stops the trial
@@ -212,7 +212,7 @@ def can_prepare(spec: StudySpec) -> bool:
     """Whether `prepare` builds anything for the spec: a Keras study on the JAX engine,
     without adaptive seeds (whose later seed batches compile while the trial runs, beside
     a build ahead that may share their program)."""
-    from hpo.train.backend import resolve_backend
+    from hpo.backend import resolve_backend
 
     return (spec.model.family != "analytic" and spec.seeds_max is None
             and not _unsupported_reason(spec, resolve_backend(spec.training.backend)))
@@ -407,7 +407,7 @@ def _width_bucket(spec: StudySpec, params: dict[str, Any], data: Any) -> Any:
     searched, its activation keeps a zero unit at zero, and `HPO_WIDTH_BUCKETS` is not 0."""
     from hpo.train.buckets import Bucket, bucket, keeps_zero
     from hpo.train.models import RECURRENT_LAYERS
-    from hpo.spec import Choice, IntRange
+    from hpo.specs import Choice, IntRange
 
     searched = spec.space.get("units")
     if (spec.model.family not in (*RECURRENT_LAYERS, "mlp") or os.environ.get("HPO_WIDTH_BUCKETS", "1") == "0"

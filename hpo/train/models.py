@@ -13,7 +13,7 @@ from typing import Any, Callable
 import keras
 
 from hpo.errors import SpecError
-from hpo.spec import CUSTOM, DEFAULT_PARAMS, StudySpec
+from hpo.specs import CUSTOM, DEFAULT_PARAMS, StudySpec
 from hpo.words import format_params
 
 # A model builder: (params, input_shape, n_outputs) -> an uncompiled keras.Model.
@@ -27,7 +27,7 @@ def model_factory(spec: StudySpec) -> Builder:
     against the hash the study recorded; a KerasTuner-style `build(hp)` answered from the
     params), or a built-in family's."""
     if spec.model.family == CUSTOM:
-        from hpo.spec.tuner_hp import build_hp_model, is_hp_build, load_build
+        from hpo.specs.tuner_hp import build_hp_model, is_hp_build, load_build
 
         user_build = load_build(spec)
         if not is_hp_build(user_build):
@@ -44,7 +44,7 @@ def model_factory(spec: StudySpec) -> Builder:
 def compiles_itself(spec: StudySpec) -> bool:
     """Whether the spec's models come compiled (a KerasTuner-style `build(hp)`, whose
     optimizer, loss and metrics are kept) rather than compiled by hpo from the params."""
-    from hpo.spec.tuner_hp import hp_build
+    from hpo.specs.tuner_hp import hp_build
 
     return hp_build(spec) is not None
 
@@ -56,7 +56,7 @@ def check_first_params(spec: StudySpec) -> dict[str, Any]:
     Raises:
         SpecError: Naming the study file, the hook and the fix.
     """
-    from hpo.spec.space import first_params
+    from hpo.specs.space import first_params
 
     try:
         return first_params(spec)
@@ -119,7 +119,7 @@ def check_model(spec: StudySpec, params: dict[str, Any], input_shape: tuple[int,
 
 
 def _build_failed(spec: StudySpec, error: Exception, params: dict[str, Any]) -> SpecError:
-    from hpo.spec.tuner_hp import SUPPORTED, UnsupportedHyperParameter
+    from hpo.specs.tuner_hp import SUPPORTED, UnsupportedHyperParameter
 
     what = spec.model.build or spec.model.family
     field = "model.build" if spec.model.family == CUSTOM else "model.family"
@@ -141,7 +141,7 @@ def _build_failed(spec: StudySpec, error: Exception, params: dict[str, Any]) -> 
 def _check_hp_model(spec: StudySpec, model: keras.Model, params: dict[str, Any]) -> None:
     # A build(hp) brings its own compile: check what hpo needs of it, and that [space],
     # [training] loss and the sampler leave its space to its hp calls.
-    from hpo.spec.tuner_hp import FIT_PARAMS, HyperParameters, hp_build
+    from hpo.specs.tuner_hp import FIT_PARAMS, HyperParameters, hp_build
 
     what = spec.model.build
     if not getattr(model, "compiled", False):

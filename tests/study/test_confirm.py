@@ -15,7 +15,7 @@ from hpo.errors import TrialDiverged, TrialFailed
 from hpo.reports.report import build_report, format_report
 from hpo.reports.results import confirmations_frame, run_sql
 from hpo.reports.stats import bootstrap_ci
-from hpo.spec import parse_spec
+from hpo.specs import parse_spec
 from hpo.store.storage import claim_work, get_storage, rdb_storage, release_claim
 from hpo.study.race import INCUMBENT_CLAIM_PREFIX, fit_incumbent_seeds
 from hpo.study.study import create_study
@@ -183,7 +183,7 @@ def test_adaptive_seeds_spend_fewer_fits_than_fixed_seeds_and_reach_the_same_win
 
 def test_seeds_confirm_and_score_are_checked_with_one_line_errors(tmp_path):
     from hpo.errors import SpecError
-    from hpo.spec import parse_spec, spec_to_dict
+    from hpo.specs import parse_spec, spec_to_dict
 
     base = {"name": "s", "model": {"family": "analytic"}, "space": {"x": {"low": -1.0, "high": 1.0}}}
     spec = parse_spec({**base, "seeds": {"min": 2, "max": 6}, "confirm": {"top": 2, "seeds": 4},

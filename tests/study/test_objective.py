@@ -1,7 +1,7 @@
 import optuna
 import pytest
 
-from hpo.spec import parse_spec
+from hpo.specs import parse_spec
 from hpo.store.storage import get_storage
 from hpo.study.study import create_study, load_study
 from hpo.study.workers import run_trials

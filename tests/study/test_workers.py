@@ -376,7 +376,7 @@ def test_workers_share_the_cores():
     from hpo.cli import _workers_type
     from hpo.study.workers import available_cores
     from hpo.study.local import worker_threads
-    from hpo.train.backend import limit_threads
+    from hpo.backend import limit_threads
 
     assert worker_threads(4, cores=8) == 2 and worker_threads(3, cores=2) == 1
     assert _workers_type("auto") == available_cores()
@@ -570,7 +570,7 @@ def test_memory_restarts_and_top_ups_propose_the_same_trials_as_a_straight_run(t
 
 def test_only_the_tensorflow_backend_restarts_for_memory_by_default(monkeypatch):
     # TensorFlow keeps memory per fitted model; the JAX engine's caches are bounded.
-    from hpo.spec import parse_spec
+    from hpo.specs import parse_spec
     from hpo.study.workers import MAX_MEMORY_GROWTH_MB, memory_growth_limit
 
     monkeypatch.delenv("HPO_BACKEND", raising=False)
@@ -589,7 +589,7 @@ def test_only_the_tensorflow_backend_restarts_for_memory_by_default(monkeypatch)
 def test_workers_do_not_each_take_most_of_a_gpu(monkeypatch):
     # Each `hpo worker` process (those hpo run starts, and those started by hand) allocates
     # GPU memory as needed, unless the user said otherwise.
-    from hpo.train.backend import share_gpu
+    from hpo.backend import share_gpu
 
     for name in ("XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_PYTHON_CLIENT_MEM_FRACTION"):
         monkeypatch.setenv(name, "")  # so that teardown restores what was there before

@@ -3,7 +3,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from hpo.spec import DataSpec
+from hpo.specs import DataSpec
 from hpo.train.data import load_dataset
 
 

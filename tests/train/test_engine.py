@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from hpo.errors import TrialDiverged
-from hpo.spec import parse_spec
-from hpo.spec.space import default_params
+from hpo.specs import parse_spec
+from hpo.specs.space import default_params
 from hpo.train import engine, initial
 from hpo.train.fit import _lock_step, fit_repeats
 
@@ -281,9 +281,9 @@ def _built(make):
 
 _ONE_EPOCH = """
 import numpy as np
-from hpo.train.backend import use_backend
+from hpo.backend import use_backend
 use_backend()
-from hpo.train.backend import configure_determinism
+from hpo.backend import configure_determinism
 configure_determinism("jax")
 from hpo.train import engine
 from tests.train.test_engine import builder
@@ -449,7 +449,7 @@ def test_a_new_shapes_train_and_test_steps_compile_side_by_side(arrays):
 
     from jax._src import dispatch
 
-    from hpo.train.backend import available_cores
+    from hpo.backend import available_cores
 
     threads = {}
 
@@ -477,7 +477,7 @@ def test_a_new_shapes_train_and_test_steps_compile_side_by_side(arrays):
 
 def _family_builder(family, units, **params):
     from hpo.train.models import build_model, compile_model
-    from hpo.spec import DEFAULT_PARAMS
+    from hpo.specs import DEFAULT_PARAMS
 
     params = dict(DEFAULT_PARAMS, layers=2, units=units, **params)
 

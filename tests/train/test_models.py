@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from hpo.spec import DEFAULT_PARAMS
+from hpo.specs import DEFAULT_PARAMS
 from hpo.train.models import build_model, compile_model
 
 

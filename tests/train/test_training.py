@@ -3,8 +3,8 @@ import math
 import pytest
 
 from hpo.errors import TrialDiverged
-from hpo.spec import parse_spec
-from hpo.spec.space import default_params
+from hpo.specs import parse_spec
+from hpo.specs.space import default_params
 from hpo.train.fit import EarlyStopper, fit_repeats
 
 
@@ -94,7 +94,7 @@ def test_stateful_lstm_trains_with_fixed_batches():
 def test_a_process_cannot_switch_the_backend_keras_loaded_with():
     import keras
 
-    from hpo.train.backend import use_backend
+    from hpo.backend import use_backend
     from hpo.errors import BackendError
 
     other = "tensorflow" if keras.backend.backend() == "jax" else "jax"

@@ -1,6 +1,9 @@
 """Keras backend: the spec's choice (or `HPO_BACKEND`) in; `KERAS_BACKEND` set before
 Keras is first imported, or a clear error when this process already loaded another. Also
-JAX's persistent compilation cache (`HPO_CACHE_DIR`), shared by every process that trains.
+the rest of the process's training environment: JAX's persistent compilation cache
+(`HPO_CACHE_DIR`), shared by every process that trains; deterministic ops; thread caps.
+Below every stage: a study file naming a KerasTuner `build(hp)` already needs Keras
+loaded on its backend to read its space.
 """
 
 from __future__ import annotations
@@ -11,7 +14,9 @@ import sys
 from pathlib import Path
 
 from hpo.errors import BackendError
-from hpo.spec import BACKENDS
+
+# The Keras backends hpo trains on (a study's [training] backend, `HPO_BACKEND`).
+BACKENDS = ("jax", "tensorflow")
 
 # Measured with `hpo bench` on this project's CPUs: the JAX engine trains a trial's
 # seeds as one vectorised program, which the TensorFlow backend cannot.

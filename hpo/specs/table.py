@@ -61,7 +61,7 @@ def read_text_file(path: Path, source: str, field: str, what: str) -> str:
 def hook_sha256(t: "Table", key: str, ref: str, base_dir: Path | None) -> str | None:
     # A spec read back from a study carries the hash it was created with (checked when a
     # worker loads the code); a study file gets the hash of the code found now.
-    from hpo.spec.hooks import code_hash
+    from hpo.specs.hooks import code_hash
 
     sha = t.str(f"{key}_sha256", default=None)
     return code_hash(ref, base_dir, t.source, f"{t.prefix}{key}") if sha is None else sha

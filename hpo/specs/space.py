@@ -11,7 +11,8 @@ from typing import Any
 
 import optuna
 
-from hpo.spec import DEFAULT_PARAMS, RECURRENT_FAMILIES, Choice, Fixed, FloatRange, IntRange, Param, StudySpec
+from hpo.specs import DEFAULT_PARAMS, RECURRENT_FAMILIES, Choice, Fixed, FloatRange, IntRange, Param, StudySpec
+from hpo.specs.params import suggest_param
 
 # Parameters that are suggested only when another parameter makes them matter.
 _CONDITIONS = {
@@ -54,23 +55,10 @@ def suggest_params(spec: StudySpec, trial: optuna.trial.BaseTrial) -> dict[str, 
     return params
 
 
-def suggest_param(trial: optuna.trial.BaseTrial, name: str, p: Param) -> Any:
-    """The trial's suggestion for one parameter of a space (a fixed one's value)."""
-    if isinstance(p, Fixed):
-        return p.value
-    if isinstance(p, Choice):
-        return trial.suggest_categorical(name, list(p.choices))
-    if isinstance(p, IntRange):
-        return trial.suggest_int(name, p.low, p.high, step=p.step, log=p.log)
-    if isinstance(p, FloatRange):
-        return trial.suggest_float(name, p.low, p.high, step=p.step, log=p.log)
-    raise TypeError(f"unknown parameter kind {p!r}")
-
-
 def _suggest_hp_params(spec: StudySpec, trial: optuna.trial.BaseTrial | None) -> dict[str, Any] | None:
     # A KerasTuner-style build(hp) declares its space as it runs: it is run once here
     # (None for a trial: each call's default); [space] holds only how it is fed.
-    from hpo.spec.tuner_hp import FIT_PARAMS, hp_build, suggest_hp_params
+    from hpo.specs.tuner_hp import FIT_PARAMS, hp_build, suggest_hp_params
 
     build = hp_build(spec)
     if build is None:

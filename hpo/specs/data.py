@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hpo.errors import SpecError, did_you_mean
-from hpo.spec.model import OUTPUTS
-from hpo.spec.table import Table, hook_sha256, read_text_file, why_not_a_file
+from hpo.specs.model import OUTPUTS
+from hpo.specs.table import Table, hook_sha256, read_text_file, why_not_a_file
 
 
 DATASETS = ("noisy_sine", "sequence_echo", "digits", "csv_series", "csv_table", "csv_text")

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from hpo.errors import OptionError, SpecError
-from hpo.spec import STUDIES_DIR, FloatRange, IntRange, list_specs, load_spec, parse_spec, spec_to_dict
+from hpo.specs import STUDIES_DIR, FloatRange, IntRange, list_specs, load_spec, parse_spec, spec_to_dict
 from tests.conftest import run_hpo
 
 GOOD = """

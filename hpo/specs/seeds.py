@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from hpo.errors import SpecError
-from hpo.spec.table import Table
+from hpo.specs.table import Table
 
 
 # Limits of the study-wide counts, shared with the command-line options that override them.
@@ -41,8 +41,8 @@ def parse_seeds(top: "Table") -> tuple[int, int | None]:
         raise SpecError(top.source, "seeds.max", f"max = {high} is below min = {low}; set max >= min")
     if high > low and low < 2:
         # A race at one seed would never start: Welch's test needs two scores a side.
-        raise SpecError(top.source, "seeds.min", f"adaptive seeds test each trial against the best by Welch's "
-                                                 f"test, which needs 2 seeds or more; set min = 2 or more")
+        raise SpecError(top.source, "seeds.min", "adaptive seeds test each trial against the best by Welch's "
+                                                 "test, which needs 2 seeds or more; set min = 2 or more")
     return low, (high if high > low else None)
 
 

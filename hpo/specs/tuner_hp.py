@@ -20,7 +20,8 @@ from typing import Any, Callable, Iterator
 
 import optuna
 
-from hpo.spec import CUSTOM, DATA_PARAMS, Choice, Fixed, FloatRange, IntRange, Param, StudySpec, param_to_raw
+from hpo.specs import CUSTOM, DATA_PARAMS, Choice, Fixed, FloatRange, IntRange, Param, StudySpec, param_to_raw
+from hpo.specs.params import suggest_param
 
 # The trial user attribute holding the space a trial's `hp` calls declared (active ones,
 # `hp.Fixed` included), in a study file's `[space]` form.
@@ -187,8 +188,6 @@ class HyperParameters:
         if isinstance(param, Fixed):
             value = param.value
         elif self._trial is not None:
-            from hpo.spec.space import suggest_param
-
             value = suggest_param(self._trial, name, param)
         else:
             value = self._given.get(name, default)
@@ -247,7 +246,7 @@ def is_hp_build(fn: Callable[..., Any]) -> bool:
 
 def load_build(spec: StudySpec) -> Callable[..., Any]:
     """The spec's `[model] build` function, its code checked against the recorded hash."""
-    from hpo.spec import hooks
+    from hpo.specs import hooks
 
     return hooks.load_hook(spec.model.build, None if spec.base_dir is None else Path(spec.base_dir), spec.source,
                            "model.build", sha256=spec.model.build_sha256, parameters=(3, 1))
@@ -257,7 +256,7 @@ def hp_build(spec: StudySpec) -> Callable[..., Any] | None:
     """The spec's build when it is a KerasTuner-style `build(hp)`, else None."""
     if spec.model.family != CUSTOM:
         return None
-    from hpo.train.backend import configure_determinism, use_backend
+    from hpo.backend import configure_determinism, use_backend
 
     # The build's module imports Keras: the backend is chosen before it is loaded.
     configure_determinism(use_backend(spec.training.backend))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hpo.spec.table import Table
+from hpo.specs.table import Table
 
 
 SAMPLERS = ("tpe", "random", "grid", "cmaes", "gp")

@@ -12,8 +12,8 @@ import numpy as np
 import optuna
 import pytest
 
-from hpo.spec import STUDIES_DIR, load_spec
-from hpo.spec.tuner_hp import HyperParameters, UnsupportedHyperParameter, is_hp_build
+from hpo.specs import STUDIES_DIR, load_spec
+from hpo.specs.tuner_hp import HyperParameters, UnsupportedHyperParameter, is_hp_build
 from tests.conftest import run_hpo
 from tests.test_api import run_python
 
@@ -74,7 +74,7 @@ def test_each_call_is_the_trials_suggestion_of_the_same_name_and_range():
 
 
 def declare_all_raw(hp):
-    from hpo.spec.tuner_hp import declared_raw
+    from hpo.specs.tuner_hp import declared_raw
 
     return declared_raw(hp.declared)
 
@@ -167,7 +167,7 @@ def test_a_shipped_kerastuner_build_runs_unchanged_vectorised_with_the_space_it_
 
 def test_the_model_keeps_its_own_compile_and_a_traced_learning_rate():
     from hpo.train.engine import _config_key
-    from hpo.spec.space import suggest_params
+    from hpo.specs.space import suggest_params
     from hpo.train.fit import _compiled_builder, _load_data
 
     spec = load_spec("tuner_mlp")

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hpo.spec.table import Table
+from hpo.backend import BACKENDS
+from hpo.specs.table import Table
 
 
-BACKENDS = ("jax", "tensorflow")
 OBJECTIVE_MODES = ("mean", "mean+k*std", "pareto")
 
 METRICS = {

@@ -1,5 +1,5 @@
 """The [space] table: the built-in families' hyperparameter vocabulary (defaults, allowed values, bounds) in,
-validated `IntRange`/`FloatRange`/`Choice`/`Fixed` parameters out.
+validated `IntRange`/`FloatRange`/`Choice`/`Fixed` parameters out; and what an Optuna trial suggests for each.
 """
 
 from __future__ import annotations
@@ -8,9 +8,11 @@ import math
 from dataclasses import dataclass
 from typing import Any, Union
 
+import optuna
+
 from hpo.errors import SpecError, did_you_mean
-from hpo.spec.model import CUSTOM
-from hpo.spec.table import Table
+from hpo.specs.model import CUSTOM
+from hpo.specs.table import Table
 
 
 # Range bounds beyond this are refused: Optuna computes high - low (infinite for ±1e308,
@@ -215,3 +217,16 @@ def _check_param_values(source: str, field_name: str, name: str, param: Param) -
                 raise SpecError(source, field_name, f"expected {kind}, got {v!r}")
             if not (lo <= v <= hi) or (isinstance(v, float) and not math.isfinite(v)):
                 raise SpecError(source, field_name, f"{v!r} is outside {lo}..{hi}; choose values in that range")
+
+
+def suggest_param(trial: optuna.trial.BaseTrial, name: str, p: Param) -> Any:
+    """The trial's suggestion for one parameter of a space (a fixed one's value)."""
+    if isinstance(p, Fixed):
+        return p.value
+    if isinstance(p, Choice):
+        return trial.suggest_categorical(name, list(p.choices))
+    if isinstance(p, IntRange):
+        return trial.suggest_int(name, p.low, p.high, step=p.step, log=p.log)
+    if isinstance(p, FloatRange):
+        return trial.suggest_float(name, p.low, p.high, step=p.step, log=p.log)
+    raise TypeError(f"unknown parameter kind {p!r}")

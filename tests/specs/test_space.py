@@ -1,8 +1,8 @@
 import optuna
 import pytest
 
-from hpo.spec import load_spec
-from hpo.spec.space import default_params, grid_search_space, suggest_params
+from hpo.specs import load_spec
+from hpo.specs.space import default_params, grid_search_space, suggest_params
 
 
 def test_suggested_params_stay_in_the_declared_ranges():

@@ -13,13 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from hpo.errors import OptionError, SpecError, did_you_mean
-from hpo.spec.data import LOADER, SERIES_DATASETS, DataSpec, parse_data
-from hpo.spec.model import CUSTOM, ModelSpec, parse_model
-from hpo.spec.params import FloatRange, Param, param_to_raw, parse_space
-from hpo.spec.search import PrunerSpec, SamplerSpec, parse_pruner, parse_sampler
-from hpo.spec.seeds import MAX_SEEDS, ConfirmSpec, parse_confirm, parse_seeds
-from hpo.spec.table import Table, display_path, read_text_file, why_not_a_file
-from hpo.spec.training import MAX_EPOCHS, METRICS, ObjectiveSpec, TrainingSpec, parse_objective, parse_training
+from hpo.specs.data import LOADER, SERIES_DATASETS, DataSpec, parse_data
+from hpo.specs.model import CUSTOM, ModelSpec, parse_model
+from hpo.specs.params import FloatRange, Param, param_to_raw, parse_space
+from hpo.specs.search import PrunerSpec, SamplerSpec, parse_pruner, parse_sampler
+from hpo.specs.seeds import MAX_SEEDS, ConfirmSpec, parse_confirm, parse_seeds
+from hpo.specs.table import Table, display_path, read_text_file, why_not_a_file
+from hpo.specs.training import MAX_EPOCHS, METRICS, ObjectiveSpec, TrainingSpec, parse_objective, parse_training
 
 
 STUDIES_DIR = Path(__file__).resolve().parents[2] / "studies"

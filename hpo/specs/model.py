@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hpo.errors import SpecError
-from hpo.spec.table import Table, hook_sha256
+from hpo.specs.table import Table, hook_sha256
 
 
 FAMILIES = ("lstm", "gru", "simple_rnn", "mlp", "analytic")

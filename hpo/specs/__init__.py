@@ -7,14 +7,14 @@ Each table has its own module, its fields and their checks side by side: `data`,
 `study` puts them together. The names below are the ones the rest of hpo uses.
 """
 
-from hpo.spec.data import LOADER, SERIES_DATASETS, DataSpec, resolve_data_path
-from hpo.spec.model import CUSTOM, FAMILIES, RECURRENT_FAMILIES, ModelSpec
-from hpo.spec.params import DATA_PARAMS, DEFAULT_PARAMS, Choice, Fixed, FloatRange, IntRange, Param, param_to_raw
-from hpo.spec.search import PrunerSpec, SamplerSpec
-from hpo.spec.seeds import MAX_SEEDS, ConfirmSpec
-from hpo.spec.study import (MAX_TRIALS, STUDIES_DIR, StudySpec, find_spec_file, list_specs, load_spec, parse_spec,
-                            spec_to_dict)
-from hpo.spec.training import BACKENDS, MAX_EPOCHS, ObjectiveSpec, TrainingSpec
+from hpo.specs.data import LOADER, SERIES_DATASETS, DataSpec, resolve_data_path
+from hpo.specs.model import CUSTOM, FAMILIES, RECURRENT_FAMILIES, ModelSpec
+from hpo.specs.params import DATA_PARAMS, DEFAULT_PARAMS, Choice, Fixed, FloatRange, IntRange, Param, param_to_raw
+from hpo.specs.search import PrunerSpec, SamplerSpec
+from hpo.specs.seeds import MAX_SEEDS, ConfirmSpec
+from hpo.specs.study import (MAX_TRIALS, STUDIES_DIR, StudySpec, find_spec_file, list_specs, load_spec, parse_spec,
+                             spec_to_dict)
+from hpo.specs.training import BACKENDS, MAX_EPOCHS, ObjectiveSpec, TrainingSpec
 
 __all__ = ["BACKENDS", "CUSTOM", "DATA_PARAMS", "DEFAULT_PARAMS", "FAMILIES", "LOADER", "MAX_EPOCHS", "MAX_SEEDS",
            "MAX_TRIALS", "RECURRENT_FAMILIES", "SERIES_DATASETS", "STUDIES_DIR", "Choice", "ConfirmSpec", "DataSpec",
