@@ -8,6 +8,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 from tests.conftest import ROOT, run_hpo
 
@@ -23,6 +24,17 @@ def notebook_env(*paths) -> dict:
 def run_python(script, cwd, *paths) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=cwd, timeout=600,
                           env=notebook_env(*paths))
+
+
+def run_notebook(tmp_path, source: str, db_name: str = "tune.db") -> tuple[Path, subprocess.CompletedProcess]:
+    """`source` (a notebook's code, `{db}` standing for its study database) run as a script
+    in a fresh Python, which must succeed: the database's path and the run."""
+    db = tmp_path / db_name
+    script = tmp_path / "notebook.py"
+    script.write_text(textwrap.dedent(source).replace("{db}", str(db)))
+    out = run_python(script, tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return db, out
 
 SCRIPT = """
 import numpy as np
@@ -49,11 +61,7 @@ print("TRIALS", len(study.trials), type(study).__name__)
 
 
 def test_tune_runs_in_a_subprocess_and_stores_what_hpo_run_stores(tmp_path):
-    db = tmp_path / "tune.db"
-    script = tmp_path / "notebook.py"
-    script.write_text(textwrap.dedent(SCRIPT).replace("{db}", str(db)))
-    out = run_python(script, tmp_path)
-    assert out.returncode == 0, out.stderr[-3000:]
+    db, out = run_notebook(tmp_path, SCRIPT)
     assert "TRIALS 3 Study" in out.stdout
     conn = sqlite3.connect(db)
     rows = conn.execute("SELECT t.number, a.key, a.value_json FROM trials t JOIN trial_user_attributes a "

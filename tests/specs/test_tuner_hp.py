@@ -6,7 +6,6 @@ trial in one line."""
 import json
 import shutil
 import sqlite3
-import textwrap
 
 import numpy as np
 import optuna
@@ -15,7 +14,7 @@ import pytest
 from hpo.specs import STUDIES_DIR, load_spec
 from hpo.specs.tuner_hp import HyperParameters, UnsupportedHyperParameter, is_hp_build
 from tests.conftest import run_hpo
-from tests.test_api import run_python
+from tests.test_api import run_notebook
 
 
 def declare_all(hp):
@@ -207,11 +206,7 @@ print("TRIALS", len(study.trials))
 
 
 def test_tune_takes_a_kerastuner_build_without_a_space(tmp_path):
-    db = tmp_path / "tune.db"
-    script = tmp_path / "notebook.py"
-    script.write_text(textwrap.dedent(TUNE).replace("{db}", str(db)))
-    out = run_python(script, tmp_path)
-    assert out.returncode == 0, out.stderr[-3000:]
+    db, out = run_notebook(tmp_path, TUNE)
     assert "TRIALS 2" in out.stdout
     for t in trial_rows(db).values():
         assert t["training_path"] == "vectorized"

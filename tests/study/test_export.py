@@ -8,14 +8,13 @@ import shutil
 import sqlite3
 import subprocess
 import sys
-import textwrap
 
 import optuna
 import pytest
 from optuna.trial import TrialState
 
 from tests.conftest import ROOT, run_hpo
-from tests.test_api import notebook_env, run_python
+from tests.test_api import notebook_env, run_notebook
 
 STUDY = "conv1d_csv"
 
@@ -188,10 +187,7 @@ print("TEXT", repr(report).splitlines()[0])
 
 
 def test_tune_prints_its_summary_without_optunas_log_and_its_models_and_report_follow(tmp_path):
-    script = tmp_path / "notebook.py"
-    script.write_text(textwrap.dedent(TUNE).replace("{db}", str(tmp_path / "t.db")))
-    out = run_python(script, tmp_path)
-    assert out.returncode == 0, out.stderr[-3000:]
+    _, out = run_notebook(tmp_path, TUNE, "t.db")
     summary = out.stdout.split("=== tuned")[0]
     assert "done in" in summary and "best trial #" in summary and "params: units=" in summary
     assert 'hpo.best_models(' in summary
