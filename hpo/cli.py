@@ -41,11 +41,9 @@ def cli(ctx: click.Context, debug: bool) -> None:
     quiet_optuna()
 
 
-def _workers_type(value: str) -> int:
-    from hpo.backend import available_cores
-
+def _workers_type(value: str) -> int | str:
     if value == "auto":
-        return available_cores()
+        return value
     try:
         n = int(value)
     except ValueError:
@@ -139,9 +137,10 @@ def _restart_if_memory_grew(summary, label: str, resume: dict | None = None) -> 
 @_worker_options
 @_memory_option
 @click.option("--workers", type=_workers_type, default="1", show_default=True, metavar="N|auto",
-              help="Local worker processes on the study, or auto (one per core).")
+              help="Local worker processes on the study, or auto: the count `hpo bench-workers throughput` measured "
+                   "fastest on this machine's cores, else one per core.")
 def run(study: str, storage: str, study_name: str | None, trials: int | None, timeout: float | None,
-        seeds: int | None, max_epochs: int | None, workers: int, max_failures: int,
+        seeds: int | None, max_epochs: int | None, workers: int | str, max_failures: int,
         heartbeat_interval: int | None, grace_period: int | None, max_memory_growth: float | None) -> None:
     """Run the study STUDY (a file, or a name from studies/) until its budget is spent."""
     import dataclasses
@@ -154,6 +153,12 @@ def run(study: str, storage: str, study_name: str | None, trials: int | None, ti
 
     spec = load_spec(study).with_overrides(seeds=seeds, max_epochs=max_epochs, trials=trials, name=study_name)
     resumed = json.loads(os.environ.pop(RESUMED_ENV, "") or "null")
+    if workers == "auto":
+        from hpo.study.local import auto_workers
+
+        workers, why = auto_workers()
+        if resumed is None:
+            click.echo(f"--workers auto: {workers} ({why})")
 
     def created(optuna_study) -> None:
         nonlocal resumed
@@ -354,8 +359,11 @@ def bench_memory(study: str, storage: str, trials: int, seeds: int, max_epochs: 
 @click.option("--seeds", type=int, default=1, show_default=True)
 @click.option("--max-epochs", type=int, default=5, show_default=True)
 def bench_throughput(study: str, storage: str, trials: int, worker_counts: str, seeds: int, max_epochs: int) -> None:
-    """Trials per minute of `hpo run STUDY --workers N`, each N on a new study."""
+    """Trials per minute of `hpo run STUDY --workers N`, each N on a new study; the fastest N
+    becomes this machine's `--workers auto`."""
+    from hpo.backend import available_cores
     from hpo.bench.workers import measure_throughput
+    from hpo.study.local import measured_workers_path, record_throughput
 
     rates = {}
     for n in (int(x) for x in worker_counts.split(",")):
@@ -365,6 +373,9 @@ def bench_throughput(study: str, storage: str, trials: int, worker_counts: str, 
     for n, rate in rates.items():
         if n != first:
             click.echo(f"{n} vs {plural(first, 'worker')}: x{rate / rates[first]:.2f}")
+    best = record_throughput(study, rates)
+    click.echo(f"recorded in {measured_workers_path()}: hpo run --workers auto on {plural(available_cores(), 'core')} "
+               f"now starts {plural(best, 'worker')}")
 
 
 @bench_workers.command("scale")

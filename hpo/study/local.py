@@ -5,12 +5,15 @@ lines relayed with a prefix, out (`hpo run --workers N`).
 
 from __future__ import annotations
 
+import datetime
+import json
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Callable
 
 import optuna
@@ -24,6 +27,55 @@ from hpo.words import plural
 
 # How long `run_workers` waits for a stopped child before it kills it.
 STOP_SECONDS = 20.0
+
+
+def measured_workers_path() -> Path:
+    """Where `hpo bench-workers throughput` keeps, per core count, the worker count that
+    ran fastest: `hpo/workers.json` in the user's cache folder (`$XDG_CACHE_HOME`, else
+    `~/.cache`)."""
+    base = os.environ.get("XDG_CACHE_HOME", "").strip() or Path.home() / ".cache"
+    return Path(base) / "hpo" / "workers.json"
+
+
+def record_throughput(study: str, rates: dict[int, float], cores: int | None = None) -> int:
+    """Keep the fastest of `rates` (trials per minute by worker count, measured on `study`)
+    as this machine's choice for `--workers auto`; returns that count. Written whole to a
+    new file then renamed, so a reader never sees half of it."""
+    cores = cores or available_cores()
+    best = max(rates, key=lambda n: (rates[n], -n))
+    path = measured_workers_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    records = _measured_workers(path)
+    records[str(cores)] = {"workers": best, "study": study, "rates": {str(n): round(r, 2) for n, r in rates.items()},
+                           "measured": datetime.date.today().isoformat()}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(records, indent=1, sort_keys=True))
+    tmp.replace(path)
+    return best
+
+
+def auto_workers(cores: int | None = None) -> tuple[int, str]:
+    """`--workers auto`: the count `hpo bench-workers throughput` measured fastest on this
+    many cores, else one worker per core; with the reason, for the start line."""
+    cores = cores or available_cores()
+    path = measured_workers_path()
+    record = _measured_workers(path).get(str(cores))
+    if isinstance(record, dict) and isinstance(record.get("workers"), int) and record["workers"] >= 1:
+        rates = ", ".join(f"{plural(int(n), 'worker')} {r:g}/min" for n, r in sorted(
+            record.get("rates", {}).items(), key=lambda kv: int(kv[0])))
+        return record["workers"], (f"fastest measured on {plural(cores, 'core')} by hpo bench-workers throughput "
+                                   f"{record.get('study', '?')} on {record.get('measured', '?')}: {rates}")
+    return cores, (f"one per core, {plural(cores, 'core')}; run hpo bench-workers throughput STUDY once to "
+                   "choose by measurement on this machine")
+
+
+def _measured_workers(path: Path) -> dict:
+    # A missing or damaged record is no record: auto falls back to one worker per core.
+    try:
+        records = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return records if isinstance(records, dict) else {}
 
 
 def worker_threads(workers: int, cores: int | None = None) -> int:

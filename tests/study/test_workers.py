@@ -3,6 +3,7 @@ mid-trial, a PostgreSQL restart, several workers on one SQLite file, Ctrl-C."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -372,14 +373,37 @@ def test_consecutive_failures_stop_the_study(tmp_path):
     assert not by_state(trials, TrialState.RUNNING)
 
 
+def test_workers_auto_starts_the_count_measured_fastest_here(tmp_path):
+    """`hpo bench-workers throughput` records the fastest worker count for this machine's
+    cores; `hpo run --workers auto` then starts that many and says why. Without a record,
+    or with a damaged one, it starts one per core and says how to measure."""
+    from hpo.backend import available_cores
+
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
+    cores = available_cores()
+    first = run_hpo("run", "beale", "--workers", "auto", "--trials", "2", "--storage", f"sqlite:///{tmp_path / 'a.db'}",
+                    env=env)
+    assert first.stdout.startswith(f"--workers auto: {cores} (one per core"), first.stdout
+    run_hpo("bench-workers", "throughput", "beale", "--trials", "2", "--workers", "1,2", "--storage",
+            f"sqlite:///{tmp_path / 'b.db'}", env=env)
+    record = json.loads((tmp_path / "cache" / "hpo" / "workers.json").read_text())[str(cores)]
+    rates = {int(n): r for n, r in record["rates"].items()}
+    assert set(rates) == {1, 2} and record["workers"] == max(rates, key=rates.get) and record["study"] == "beale"
+    measured = run_hpo("run", "beale", "--workers", "auto", "--trials", "2", "--storage",
+                       f"sqlite:///{tmp_path / 'c.db'}", env=env)
+    assert measured.stdout.startswith(f"--workers auto: {record['workers']} (fastest measured on"), measured.stdout
+    assert "finished" in measured.stdout or "complete" in measured.stdout
+    (tmp_path / "cache" / "hpo" / "workers.json").write_text("{not json")
+    damaged = run_hpo("run", "beale", "--workers", "auto", "--trials", "2", "--storage",
+                      f"sqlite:///{tmp_path / 'd.db'}", env=env)
+    assert damaged.stdout.startswith(f"--workers auto: {cores} (one per core"), damaged.stdout
+
+
 def test_workers_share_the_cores():
-    from hpo.cli import _workers_type
-    from hpo.study.workers import available_cores
-    from hpo.study.local import worker_threads
     from hpo.backend import limit_threads
+    from hpo.study.local import worker_threads
 
     assert worker_threads(4, cores=8) == 2 and worker_threads(3, cores=2) == 1
-    assert _workers_type("auto") == available_cores()
     env = dict(os.environ)
     try:
         os.environ.pop("XLA_FLAGS", None)
