@@ -24,9 +24,9 @@ _default_keras_backend()
 __version__ = "0.1.0"
 
 
-# The documented modules under their short names: `hpo.results.trials_frame(...)`,
+# The documented modules, imported on first use too: `hpo.results.trials_frame(...)`,
 # `hpo.plots.seed_scores_figure(...)`, `hpo.export.validation_split(...)`.
-_MODULES = {"results": "hpo.reports.results", "plots": "hpo.reports.plots", "export": "hpo.study.export"}
+_MODULES = ("results", "plots", "export")
 
 
 def __getattr__(name: str):
@@ -39,5 +39,5 @@ def __getattr__(name: str):
     if name in _MODULES:
         import importlib
 
-        return importlib.import_module(_MODULES[name])
+        return importlib.import_module(f"hpo.{name}")
     raise AttributeError(f"module 'hpo' has no attribute {name!r}")

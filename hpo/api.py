@@ -78,9 +78,12 @@ def summary_lines(spec: StudySpec, summary: RunSummary, storage: str) -> list[st
     lines.append(f"params: {format_params(best.params)}")
     name, where = shlex.quote(spec.name), storage_arg(storage)
     if any(ref.startswith(hooks.PYTHON_PREFIX) for ref in (spec.model.build or "", spec.data.loader or "")):
-        # A function handed over from a notebook is importable only in this process.
+        # A function handed over from a notebook is importable only in this process: no
+        # other command can refit the trial, so none is offered.
         lines.append(f"its models: hpo.best_models({mask_url(storage)!r}, {spec.name!r}) in this Python process")
-    elif spec.model.family != "analytic":
+        lines.append(f"stored in {mask_url(storage)} (study {spec.name})")
+        return lines
+    if spec.model.family != "analytic":
         lines.append(f"export its models with: hpo export --study-name {name}{where} -o {shlex.quote(spec.name)}-models")
     # Last: a command to copy from the end of the output.
     lines.append(f"stored in {mask_url(storage)} (study {spec.name}); "
@@ -106,7 +109,9 @@ def run(spec: StudySpec | str | Path, storage: str = DEFAULT_STORAGE, *, trials:
     if not isinstance(spec, StudySpec):
         spec = load_spec(spec)
     spec = spec.with_overrides(seeds=seeds, max_epochs=max_epochs, trials=trials, name=study_name)
-    study, _ = start(spec, storage, timeout=timeout, echo=echo, max_memory_growth=0)
+    study, summary = start(spec, storage, timeout=timeout, echo=echo, max_memory_growth=0)
+    for line in summary_lines(spec, summary, storage):
+        echo(line)
     return study
 
 

@@ -177,3 +177,25 @@ def test_tune_given_three_arrays_speaks_of_the_data_argument_and_writes_nothing(
     assert "[data] the data= argument: expected (x_train, y_train, x_val, y_val), got tuple of 3" in str(e.value)
     assert "loader" not in str(e.value)
     assert not db.exists()
+
+
+RUN_AND_READ = """
+import hpo
+import hpo.export
+import hpo.plots
+from hpo.results import build_report, trials_frame
+
+storage = "sqlite:///{db}"
+study = hpo.run("beale", storage, trials=3)
+print("FRAME", len(trials_frame(storage, "beale")), "BEST", build_report(storage, "beale").comparison is not None)
+print("NAMES", callable(hpo.results.seed_scores_frame), callable(hpo.plots.seed_scores_figure),
+      callable(hpo.export.validation_split))
+"""
+
+
+def test_hpo_run_closes_like_hpo_run_and_the_documented_modules_import(tmp_path):
+    """`hpo.run` ends with the lines `hpo run` ends with; `hpo.results`, `hpo.plots` and
+    `hpo.export` answer as the README writes them, imported or reached as attributes."""
+    _, out = run_notebook(tmp_path, RUN_AND_READ)
+    assert "done in" in out.stdout and "best trial #" in out.stdout and "replay it with: hpo replay" in out.stdout
+    assert "FRAME 3 BEST True" in out.stdout and "NAMES True True True" in out.stdout

@@ -4,6 +4,7 @@ the fix; a key nobody asked for is refused. Also the checks on a file a field na
 
 from __future__ import annotations
 
+import difflib
 import errno
 import math
 import os
@@ -91,7 +92,9 @@ class Table:
 
     def str(self, key: str, default: Any = None, required: bool = False) -> Any:
         if required and key not in self.raw:
-            raise self._fail(key, f"is missing; add {key} = \"...\"")
+            near = difflib.get_close_matches(key, [k for k in self.raw if isinstance(k, str)], n=1)
+            typo = f" ({near[0]!r} is not a key here: a misspelling of {key}?)" if near else ""
+            raise self._fail(key, f"is missing{typo}; add {key} = \"...\"")
         v = self.get(key, default)
         if v is not None and not isinstance(v, str):
             raise self._fail(key, f"expected a string, got {v!r}; put it in quotes")

@@ -51,6 +51,8 @@ def test_required_vocabulary_in_default_study():
     (lambda t: t.replace('family = "lstm"', 'family = "transformer"'), "model.family", "'lstm'"),
     (lambda t: t.replace("batch_size = 32", "batch_size = 0"), "space.batch_size", "outside 1.."),
     (lambda t: t.replace("units = {", "unitz = {"), "space.unitz", "did you mean 'units'"),
+    (lambda t: t.replace('family = "lstm"', 'famly = "lstm"'), "model.family",
+     "is missing ('famly' is not a key here: a misspelling of family?)"),
     (lambda t: t.replace('name = "noisy_sine"', 'name = "noisy_sine"\nscaling = "minmax"'), "data.scaling", "'normalize'"),
     (lambda t: t.replace('metric = "val_loss"', 'metric = "val_loss"\n[objective]\nmode = "pareto"')
      .replace("[data]", "[pruner]\nkind = \"median\"\n[data]"), "pruner.kind", "cannot prune multi-objective"),
