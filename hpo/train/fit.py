@@ -4,7 +4,9 @@ The seeds train in lock-step, one epoch at a time, so that after each epoch the 
 sees each seed's score so far (its best epoch's) and may stop the whole trial (pruning).
 One loop serves every path; a path only says how an epoch of all seeds is trained:
 `vectorized` (the JAX engine, all seeds as replicas of one program), `sequential` (one
-Keras model per seed) or `analytic` (a pseudo learning curve, no Keras).
+Keras model per seed) or `analytic` (a pseudo learning curve, no Keras). A trial built
+ahead on another thread (`prepare`) and the memory given back after it (`release_memory`)
+are here too: both hold the one lock that guards Keras' state while models are built.
 """
 
 from __future__ import annotations
