@@ -373,6 +373,10 @@ def bench_throughput(study: str, storage: str, trials: int, worker_counts: str, 
     for n, rate in rates.items():
         if n != first:
             click.echo(f"{n} vs {plural(first, 'worker')}: x{rate / rates[first]:.2f}")
+    if len(rates) < 2:
+        # One count measured says nothing about which is fastest.
+        click.echo("not recorded for --workers auto: measure two or more counts (e.g. --workers 1,2) to compare")
+        return
     best = record_throughput(study, rates)
     click.echo(f"recorded in {measured_workers_path()}: hpo run --workers auto on {plural(available_cores(), 'core')} "
                f"now starts {plural(best, 'worker')}")
