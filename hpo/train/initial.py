@@ -175,8 +175,11 @@ def build_native(build: Callable[[], Any], seed: int, sample: tuple) -> tuple[An
 
 
 def _constant_in_numpy(initializer: Any, dtype: str) -> Callable[..., Any] | None:
-    """Keras' float Zeros, Ones and Constant as the same values made in NumPy: on JAX each
-    new shape of theirs costs a compilation (a bias, each optimizer slot), 20-30 ms apiece."""
+    """Keras' float Zeros, Ones and Constant as the same values made in NumPy and put on
+    the device as they are: on JAX each new shape of theirs costs a compilation (a bias,
+    each optimizer slot), 20-30 ms apiece, and so does handing JAX a NumPy array of a new
+    shape (`jnp.asarray` stages it), about 10 ms; `jax.device_put` compiles nothing."""
+    import jax
     from keras.src.initializers import Constant, Ones, Zeros
 
     if type(initializer) not in (Zeros, Ones, Constant) or not str(dtype).startswith("float"):
@@ -184,7 +187,7 @@ def _constant_in_numpy(initializer: Any, dtype: str) -> Callable[..., Any] | Non
     value = {Zeros: 0.0, Ones: 1.0}.get(type(initializer), getattr(initializer, "value", None))
     if not isinstance(value, (int, float)):
         return None
-    return lambda shape, dtype=None: np.full(shape, value, dtype=dtype)
+    return lambda shape, dtype=None: jax.device_put(np.full(shape, value, dtype=dtype))
 
 
 def checked_draws(model: Any, initializers: list, seed: int) -> Draws | None:
