@@ -305,7 +305,8 @@ def _bucket_program(model: Any, bucket: buckets.Bucket | None, seed: int,
     if bucket.units == bucket.padded:
         program = _programs.get("bucket:" + _config_key(model))
         return (program, buckets.Padding.between(model, model, bucket.units, bucket.units)) if program else (None, None)
-    twin, _ = build_native(lambda: bucket.build(bucket.padded), seed, sample)
+    # Its structure only: the state is the native model's, padded into the twin's shapes.
+    twin, _ = build_native(lambda: bucket.build(bucket.padded), seed, sample, values=False)
     padding = buckets.Padding.between(model, twin, bucket.units, bucket.padded)
     masks = buckets.Masks.between(model, twin) if padding is not None else None
     if masks is None:

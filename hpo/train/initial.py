@@ -147,9 +147,11 @@ def initial_state(template: Any, build: Callable[[], Any], seeds: list[int], dra
             [repeat(v) for v in optimizer_vars], [repeat(v) for v in metric_vars])
 
 
-def build_native(build: Callable[[], Any], seed: int, sample: tuple) -> tuple[Any, list]:
+def build_native(build: Callable[[], Any], seed: int, sample: tuple, values: bool = True) -> tuple[Any, list]:
     """`build()` under the seed, built for `sample`; with the initializer that drew each
-    of its variables (in `model.variables` order, None where none did).
+    of its variables (in `model.variables` order, None where none did). With `values`
+    False every variable starts at zero instead, drawing nothing: for a model whose
+    structure is wanted and whose state comes from elsewhere (a width bucket's twin).
 
     Keras forgets a variable's initializer once it has run, so the build is watched.
     """
@@ -161,6 +163,8 @@ def build_native(build: Callable[[], Any], seed: int, sample: tuple) -> tuple[An
 
     def watched(variable: Any, initializer: Any) -> Any:
         used[id(variable)] = initializer
+        if not values:
+            return initialize(variable, _zeros_on_device)
         return initialize(variable, _constant_in_numpy(initializer, variable.dtype) or initializer)
 
     keras.utils.set_random_seed(seed)
@@ -172,6 +176,12 @@ def build_native(build: Callable[[], Any], seed: int, sample: tuple) -> tuple[An
     finally:
         Variable._initialize_with_initializer = initialize
     return model, [used.get(id(v)) for v in model.variables]
+
+
+def _zeros_on_device(shape: Any, dtype: Any = None) -> Any:
+    import jax
+
+    return jax.device_put(np.zeros(shape, dtype=dtype))
 
 
 def _constant_in_numpy(initializer: Any, dtype: str) -> Callable[..., Any] | None:
