@@ -18,10 +18,11 @@ import optuna
 from hpo.errors import SpecError
 from hpo.specs import StudySpec, hooks, load_spec, parse_spec
 from hpo.store.urls import DEFAULT_STORAGE, mask_url
+from hpo.study.run import describe_start
 from hpo.study.workers import RunSummary
 from hpo.words import format_params, mean_std, noun_for, plural
 
-__all__ = ["best_models", "load_spec", "report", "run", "start", "storage_arg", "summary_lines", "tune"]
+__all__ = ["best_models", "describe_start", "load_spec", "report", "run", "start", "storage_arg", "summary_lines", "tune"]
 
 
 def start(spec: StudySpec, storage: str = DEFAULT_STORAGE, *, timeout: float | None = None,
@@ -36,6 +37,8 @@ def start(spec: StudySpec, storage: str = DEFAULT_STORAGE, *, timeout: float | N
 
     Raises:
         SpecError: The spec's data or model cannot be built; nothing was written.
+        OptionError: The grace period is not longer than the heartbeat interval.
+        StorageError: The database cannot be reached or opened.
     """
     from hpo.study.run import run_study
     from hpo.study.study import quiet_optuna

@@ -377,7 +377,11 @@ def bench_throughput(study: str, storage: str, trials: int, worker_counts: str, 
         # One count measured says nothing about which is fastest.
         click.echo("not recorded for --workers auto: measure two or more counts (e.g. --workers 1,2) to compare")
         return
-    best = record_throughput(study, rates)
+    try:
+        best = record_throughput(study, rates)
+    except OSError as e:
+        click.echo(f"not recorded for --workers auto: cannot write {measured_workers_path()} ({e.strerror or e})")
+        return
     click.echo(f"recorded in {measured_workers_path()}: hpo run --workers auto on {plural(available_cores(), 'core')} "
                f"now starts {plural(best, 'worker')}")
 

@@ -2,6 +2,9 @@
 each seed's Keras model and their ensemble out. They live in `hpo.study.export`.
 """
 
-from hpo.study.export import SeedModel, TrialModels, export, rebuild_models, validation_split
+from hpo.study.export import (SUFFIX, ExportPlan, SeedModel, TrialModels, check_output, custom_classes,
+                              ensemble_model, export, output_files, plan_export, rebuild_models, save_models,
+                              score_model, validation_split)
 
-__all__ = ["SeedModel", "TrialModels", "export", "rebuild_models", "validation_split"]
+__all__ = ["SUFFIX", "ExportPlan", "SeedModel", "TrialModels", "check_output", "custom_classes", "ensemble_model",
+           "export", "output_files", "plan_export", "rebuild_models", "save_models", "score_model", "validation_split"]

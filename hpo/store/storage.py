@@ -382,6 +382,3 @@ def count_trials(storage: optuna.storages.RDBStorage, study_id: int) -> TrialCou
                        failed=counts.get("FAIL_OWN", 0), lost=counts.get("FAIL_LOST", 0),
                        running=counts.get("RUNNING", 0), waiting=counts.get("WAITING", 0),
                        stop_reason=json.loads(stop_json) if stop_json else None)
-
-
-        # Anything else (a WAL file we may not open read-only, ...) is met, and named, later.

@@ -97,3 +97,4 @@ def check_sqlite_file(path: str) -> None:
         if "file is not a database" in str(e):
             raise StorageError(f"{path} is not a SQLite database (file is not a database); "
                                "pass --storage with a study database") from e
+        # Anything else (a WAL file we may not open read-only, ...) is met, and named, later.

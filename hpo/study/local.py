@@ -60,11 +60,15 @@ def auto_workers(cores: int | None = None) -> tuple[int, str]:
     cores = cores or available_cores()
     path = measured_workers_path()
     record = _measured_workers(path).get(str(cores))
-    if isinstance(record, dict) and isinstance(record.get("workers"), int) and record["workers"] >= 1:
-        rates = ", ".join(f"{plural(int(n), 'worker')} {r:g}/min" for n, r in sorted(
-            record.get("rates", {}).items(), key=lambda kv: int(kv[0])))
-        return record["workers"], (f"fastest measured on {plural(cores, 'core')} by hpo bench-workers throughput "
-                                   f"{record.get('study', '?')} on {record.get('measured', '?')}: {rates}")
+    try:
+        workers = record["workers"]
+        if isinstance(workers, int) and not isinstance(workers, bool) and workers >= 1:
+            rates = ", ".join(f"{plural(int(n), 'worker')} {float(r):g}/min" for n, r in sorted(
+                record["rates"].items(), key=lambda kv: int(kv[0])))
+            return workers, (f"fastest measured on {plural(cores, 'core')} by hpo bench-workers throughput "
+                             f"{record.get('study', '?')} on {record.get('measured', '?')}: {rates}")
+    except (KeyError, TypeError, ValueError, AttributeError):
+        pass  # a damaged record is no record
     return cores, (f"one per core, {plural(cores, 'core')}; run hpo bench-workers throughput STUDY once to "
                    "choose by measurement on this machine")
 

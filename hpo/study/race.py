@@ -3,10 +3,11 @@ the seeds cannot yet tell a challenger from the incumbent.
 
 - `race`: a challenger adds batches of seeds (continuing its own sequence) while Welch's
   test cannot tell it from the incumbent, up to `seeds_max`.
-- `add_incumbent_seeds`: when a challenger's race ends undecided, the incumbent gains a
-  batch of seeds (`incumbent_seeds`, `incumbent_scores`, ...), so later races test against
-  a sharper incumbent. Workers claim the batch first (a study system attribute set under
-  the admission lock), so no two fit it.
+- `add_incumbent_seeds` (the worker's call, which says what happened) and
+  `fit_incumbent_seeds` (the fit): when a challenger's race ends undecided, the incumbent
+  gains a batch of seeds (`incumbent_seeds`, `incumbent_scores`, ...), so later races test
+  against a sharper incumbent. Workers claim the batch first (a study system attribute set
+  under the admission lock), so no two fit it.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import threading
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -52,11 +53,24 @@ def _is_exact() -> bool:
     return _exact
 
 
+# `drawing()` patches Keras process-wide: one thread at a time (builds on two threads
+# would restore each other's patches out of order).
+_drawing_lock = threading.RLock()
+
+
 @contextlib.contextmanager
 def drawing() -> Iterator[None]:
     """While in it, Keras' JAX `uniform`, `normal` and `truncated_normal` of float32 draw
-    flat (`_flat`); other dtypes, and a JAX that does not draw element by element, are
-    left as they are."""
+    flat (`_flat`), and its `Orthogonal` initializer runs as one program per shape
+    (`_orthogonalize`); other dtypes, and a JAX that does not draw element by element, are
+    left as they are. Held by one thread at a time."""
+    with _drawing_lock:
+        with _drawing():
+            yield
+
+
+@contextlib.contextmanager
+def _drawing() -> Iterator[None]:
     from keras.src.backend.jax import random as keras_random
 
     if not _is_exact():
@@ -104,12 +118,13 @@ def drawing() -> Iterator[None]:
         # Keras' own steps, with everything after the draw in `_orthogonalize`.
         from keras.src import random as keras_ops_random
 
-        if len(shape) < 2 or (dtype or keras_random.floatx()) != "float32":
+        # Keras' own where the gain is not a plain number (a static argument of the
+        # program must hash) or the seed is traced (many seeds in one compiled loop).
+        if (len(shape) < 2 or (dtype or keras_random.floatx()) != "float32" or isinstance(self.gain, bool)
+                or not isinstance(self.gain, (int, float, np.generic)) or isinstance(self.seed, jax.core.Tracer)):
             return keras_orthogonal(self, shape, dtype)
         rows, cols = math.prod(shape[:-1]), shape[-1]
         a = keras_ops_random.normal((max(cols, rows), min(cols, rows)), seed=self.seed, dtype=dtype)
-        if isinstance(a, jax.core.Tracer):
-            return keras_orthogonal(self, shape, dtype)
         return _orthogonalize(a, tuple(shape), rows < cols, self.gain)
 
     try:

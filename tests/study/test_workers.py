@@ -393,10 +393,11 @@ def test_workers_auto_starts_the_count_measured_fastest_here(tmp_path):
                        f"sqlite:///{tmp_path / 'c.db'}", env=env)
     assert measured.stdout.startswith(f"--workers auto: {record['workers']} (fastest measured on"), measured.stdout
     assert "finished" in measured.stdout or "complete" in measured.stdout
-    (tmp_path / "cache" / "hpo" / "workers.json").write_text("{not json")
-    damaged = run_hpo("run", "beale", "--workers", "auto", "--trials", "2", "--storage",
-                      f"sqlite:///{tmp_path / 'd.db'}", env=env)
-    assert damaged.stdout.startswith(f"--workers auto: {cores} (one per core"), damaged.stdout
+    for i, damage in enumerate(["{not json", json.dumps({str(cores): {"workers": 2, "rates": ["fast"]}})]):
+        (tmp_path / "cache" / "hpo" / "workers.json").write_text(damage)
+        damaged = run_hpo("run", "beale", "--workers", "auto", "--trials", "2", "--storage",
+                          f"sqlite:///{tmp_path / f'd{i}.db'}", env=env)
+        assert damaged.stdout.startswith(f"--workers auto: {cores} (one per core"), damaged.stdout
 
 
 def test_workers_share_the_cores():

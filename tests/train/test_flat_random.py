@@ -17,6 +17,8 @@ INITIALIZERS = [
     lambda seed: keras.initializers.RandomNormal(mean=0.5, stddev=2.0, seed=seed),
     lambda seed: keras.initializers.Orthogonal(seed=seed),
     lambda seed: keras.initializers.Orthogonal(gain=2.0, seed=seed),
+    lambda seed: keras.initializers.Orthogonal(gain=np.float32(1.3), seed=seed),
+    lambda seed: keras.initializers.Orthogonal(gain=np.array(1.5), seed=seed),  # not hashable: Keras' own path
 ]
 
 
