@@ -151,16 +151,21 @@ _cache_dir: Path | None = None
 _cache_configured = False
 
 
+def user_cache_dir() -> Path:
+    """hpo's folder in the user's cache folder: `$XDG_CACHE_HOME/hpo`, else `~/.cache/hpo`."""
+    base = os.environ.get("XDG_CACHE_HOME", "").strip() or Path.home() / ".cache"
+    return Path(base) / "hpo"
+
+
 def compilation_cache_dir() -> Path | None:
-    """Where compiled programs are kept: `$HPO_CACHE_DIR`, else `hpo/jax` in the user's
-    cache folder (`$XDG_CACHE_HOME`, else `~/.cache`); None when `HPO_CACHE_DIR=off`."""
+    """Where compiled programs are kept: `$HPO_CACHE_DIR`, else `jax` in `user_cache_dir()`;
+    None when `HPO_CACHE_DIR=off`."""
     value = os.environ.get(CACHE_DIR_ENV, "").strip()
     if value.lower() in CACHE_OFF:
         return None
     if value:
         return Path(value).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME", "").strip() or Path.home() / ".cache"
-    return Path(base) / "hpo" / "jax"
+    return user_cache_dir() / "jax"
 
 
 def use_compilation_cache() -> Path | None:

@@ -237,12 +237,12 @@ def worker(storage: str, study_name: str, trials: int | None, timeout: float | N
            max_memory_growth: float | None, worker_index: int | None, study_dir: Path | None) -> None:
     """Join the study STUDY_NAME from any machine and run trials until its budget is spent;
     the spec is rebuilt from the database."""
-    from hpo.store.urls import mask_url
-    from hpo.study.study import load_study
-    from hpo.train.fit import check_spec_runs
-    from hpo.study.workers import memory_growth_limit, run_trials
-    from hpo.study.local import die_with_parent
     from hpo.backend import limit_threads, share_gpu
+    from hpo.store.urls import mask_url
+    from hpo.study.local import die_with_parent
+    from hpo.study.study import load_study
+    from hpo.study.workers import memory_growth_limit, run_trials
+    from hpo.train.fit import check_spec_runs
 
     die_with_parent()
     if threads is not None:
@@ -293,9 +293,9 @@ def _auto_confirm(optuna_study, spec, summary) -> None:
 def confirm(study_name: str | None, storage: str, top: int, seeds: int) -> None:
     """Refit the top trials on fresh seeds and store confirm_seeds/scores/mean/std on each;
     several of these on one study share the work (each trial is refitted once)."""
+    from hpo.backend import share_gpu
     from hpo.study.confirm import confirm_study
     from hpo.study.study import load_study
-    from hpo.backend import share_gpu
 
     # Several of these (and workers) may share one GPU.
     share_gpu()

@@ -78,7 +78,13 @@ class BackendError(HpoError):
     exit_code = 2
 
 
+def closest(word: str, options: list[str]) -> str | None:
+    """The option closest to a mistyped word, or None when none is close."""
+    close = difflib.get_close_matches(word, options, n=1)
+    return close[0] if close else None
+
+
 def did_you_mean(word: str, options: list[str]) -> str:
     """" (did you mean 'x'?)" for the option closest to a mistyped word, or ""."""
-    close = difflib.get_close_matches(word, options, n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+    close = closest(word, options)
+    return f" (did you mean {close!r}?)" if close else ""

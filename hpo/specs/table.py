@@ -4,7 +4,6 @@ the fix; a key nobody asked for is refused. Also the checks on a file a field na
 
 from __future__ import annotations
 
-import difflib
 import errno
 import math
 import os
@@ -12,7 +11,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from hpo.errors import SpecError, did_you_mean
+from hpo.errors import SpecError, closest, did_you_mean
 
 
 def why_not_a_file(path: Path) -> str | None:
@@ -92,8 +91,8 @@ class Table:
 
     def str(self, key: str, default: Any = None, required: bool = False) -> Any:
         if required and key not in self.raw:
-            near = difflib.get_close_matches(key, [k for k in self.raw if isinstance(k, str)], n=1)
-            typo = f" ({near[0]!r} is not a key here: a misspelling of {key}?)" if near else ""
+            near = closest(key, [k for k in self.raw if isinstance(k, str)])
+            typo = f" ({near!r} is not a key here: a misspelling of {key}?)" if near else ""
             raise self._fail(key, f"is missing{typo}; add {key} = \"...\"")
         v = self.get(key, default)
         if v is not None and not isinstance(v, str):

@@ -18,7 +18,7 @@ from typing import Callable
 
 import optuna
 
-from hpo.backend import available_cores
+from hpo.backend import available_cores, user_cache_dir
 from hpo.specs import StudySpec
 from hpo.study.signals import record_signals, stop_requested, stop_signal
 from hpo.study.workers import RunSummary, best_trial
@@ -31,10 +31,8 @@ STOP_SECONDS = 20.0
 
 def measured_workers_path() -> Path:
     """Where `hpo bench-workers throughput` keeps, per core count, the worker count that
-    ran fastest: `hpo/workers.json` in the user's cache folder (`$XDG_CACHE_HOME`, else
-    `~/.cache`)."""
-    base = os.environ.get("XDG_CACHE_HOME", "").strip() or Path.home() / ".cache"
-    return Path(base) / "hpo" / "workers.json"
+    ran fastest: `workers.json` in `user_cache_dir()`."""
+    return user_cache_dir() / "workers.json"
 
 
 def record_throughput(study: str, rates: dict[int, float], cores: int | None = None) -> int:

@@ -62,7 +62,7 @@ _drawing_lock = threading.RLock()
 def drawing() -> Iterator[None]:
     """While in it, Keras' JAX `uniform`, `normal` and `truncated_normal` of float32 draw
     flat (`_flat`), and its `Orthogonal` initializer runs as one program per shape
-    (`_orthogonalize`); other dtypes, and a JAX that does not draw element by element, are
+    (`_orthogonalizer`); other dtypes, and a JAX that does not draw element by element, are
     left as they are. Held by one thread at a time."""
     with _drawing_lock:
         with _drawing():
@@ -115,17 +115,17 @@ def _drawing() -> Iterator[None]:
     keras_orthogonal = Orthogonal.__call__
 
     def orthogonal(self: Any, shape: Any, dtype: Any = None) -> Any:
-        # Keras' own steps, with everything after the draw in `_orthogonalize`.
+        # Keras' own steps, with everything after the draw in one program (`_orthogonalizer`).
         from keras.src import random as keras_ops_random
 
         # Keras' own where the gain is not a plain number (a static argument of the
         # program must hash) or the seed is traced (many seeds in one compiled loop).
-        if (len(shape) < 2 or (dtype or keras_random.floatx()) != "float32" or isinstance(self.gain, bool)
+        if (len(shape) < 2 or (dtype or keras_random.floatx()) != "float32"
                 or not isinstance(self.gain, (int, float, np.generic)) or isinstance(self.seed, jax.core.Tracer)):
             return keras_orthogonal(self, shape, dtype)
         rows, cols = math.prod(shape[:-1]), shape[-1]
         a = keras_ops_random.normal((max(cols, rows), min(cols, rows)), seed=self.seed, dtype=dtype)
-        return _orthogonalize(a, tuple(shape), rows < cols, self.gain)
+        return _orthogonalizer()(a, shape=tuple(shape), transpose=rows < cols, gain=self.gain)
 
     try:
         for name, function in replacements.items():
@@ -145,6 +145,8 @@ def _orthogonalizer() -> Callable[..., Any]:
 
     @functools.partial(jax.jit, static_argnames=("shape", "transpose", "gain"))
     def orthogonalize(a: Any, shape: tuple, transpose: bool, gain: float) -> Any:
+        """Keras' `Orthogonal` after its normal draw `a`: Q of `a`'s QR with the signs of R's
+        diagonal, transposed where the shape is wider than tall, reshaped, times the gain."""
         q, r = jnp.linalg.qr(a, mode="reduced")
         q = q * jnp.sign(jnp.diag(r))
         if transpose:
@@ -152,9 +154,3 @@ def _orthogonalizer() -> Callable[..., Any]:
         return gain * jnp.reshape(q, shape)
 
     return orthogonalize
-
-
-def _orthogonalize(a: Any, shape: tuple, transpose: bool, gain: float) -> Any:
-    """Keras' `Orthogonal` after its normal draw `a`: Q of `a`'s QR with the signs of R's
-    diagonal, transposed where the shape is wider than tall, reshaped, times the gain."""
-    return _orthogonalizer()(a, shape=shape, transpose=transpose, gain=gain)

@@ -164,7 +164,7 @@ def build_native(build: Callable[[], Any], seed: int, sample: tuple, values: boo
     def watched(variable: Any, initializer: Any) -> Any:
         used[id(variable)] = initializer
         if not values:
-            return initialize(variable, _zeros_on_device)
+            return initialize(variable, _filled(0))
         return initialize(variable, _constant_in_numpy(initializer, variable.dtype) or initializer)
 
     keras.utils.set_random_seed(seed)
@@ -178,10 +178,11 @@ def build_native(build: Callable[[], Any], seed: int, sample: tuple, values: boo
     return model, [used.get(id(v)) for v in model.variables]
 
 
-def _zeros_on_device(shape: Any, dtype: Any = None) -> Any:
+def _filled(value: float) -> Callable[..., Any]:
+    """An initializer of `value` everywhere, made in NumPy and put on the device as it is."""
     import jax
 
-    return jax.device_put(np.zeros(shape, dtype=dtype))
+    return lambda shape, dtype=None: jax.device_put(np.full(shape, value, dtype=dtype))
 
 
 def _constant_in_numpy(initializer: Any, dtype: str) -> Callable[..., Any] | None:
@@ -189,7 +190,6 @@ def _constant_in_numpy(initializer: Any, dtype: str) -> Callable[..., Any] | Non
     the device as they are: on JAX each new shape of theirs costs a compilation (a bias,
     each optimizer slot), 20-30 ms apiece, and so does handing JAX a NumPy array of a new
     shape (`jnp.asarray` stages it), about 10 ms; `jax.device_put` compiles nothing."""
-    import jax
     from keras.src.initializers import Constant, Ones, Zeros
 
     if type(initializer) not in (Zeros, Ones, Constant) or not str(dtype).startswith("float"):
@@ -197,7 +197,7 @@ def _constant_in_numpy(initializer: Any, dtype: str) -> Callable[..., Any] | Non
     value = {Zeros: 0.0, Ones: 1.0}.get(type(initializer), getattr(initializer, "value", None))
     if not isinstance(value, (int, float)):
         return None
-    return lambda shape, dtype=None: jax.device_put(np.full(shape, value, dtype=dtype))
+    return _filled(value)
 
 
 def checked_draws(model: Any, initializers: list, seed: int) -> Draws | None:
