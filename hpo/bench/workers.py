@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import os
 import subprocess
 import sys
 import tempfile
@@ -22,7 +21,7 @@ from hpo.errors import HpoError, TrialFailed
 from hpo.specs import load_spec
 from hpo.store.storage import count_trials, get_storage
 from hpo.store.urls import STORAGE_ENV, mask_url
-from hpo.study.local import package_root
+from hpo.study.local import package_env
 from hpo.study.objective import Objective
 from hpo.study.study import create_study, make_pruner, make_sampler, quiet_optuna
 from hpo.study.workers import rss_mb, run_trials
@@ -86,15 +85,18 @@ def measure_memory(url: str, study: str, trials: int, checkpoints: tuple[int, ..
     seen: list[tuple[int, float]] = []
     pending = sorted(checkpoints)
     with tempfile.TemporaryFile("w+") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.DEVNULL, cwd=package_root(),
-                                env={**os.environ, STORAGE_ENV: url})
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=package_env({STORAGE_ENV: url}))
         while proc.poll() is None:
             done = count_trials(storage, hpo_study._study_id).spent
             while pending and done >= pending[0]:
                 seen.append((pending.pop(0), rss_mb(proc.pid)))
             time.sleep(0.5)
         out.seek(0)
-        restarts = sum("restarting" in line for line in out)
+        lines = out.read().splitlines()
+    if proc.returncode != 0:
+        last = next((line for line in reversed(lines) if line.strip()), "no output")
+        raise HpoError(f"the measured worker exited with status {proc.returncode}: {last.strip()}")
+    restarts = sum("restarting" in line for line in lines)
     return seen, restarts
 
 
@@ -109,7 +111,7 @@ def measure_throughput(url: str, study: str, trials: int, workers: int, *, seeds
     if max_epochs is not None:
         cmd += ["--max-epochs", str(max_epochs)]
     start = time.perf_counter()
-    subprocess.run(cmd, check=True, capture_output=True, cwd=package_root())
+    subprocess.run(cmd, check=True, capture_output=True, env=package_env({}))
     return trials / ((time.perf_counter() - start) / 60)
 
 
@@ -151,11 +153,10 @@ def measure_scale(url: str, workers: int, trials: int, study: str = "beale") -> 
     spec = load_spec(study).with_overrides(trials=trials, name=f"bench_scale_{workers}_{uuid.uuid4().hex[:8]}")
     storage = get_storage(url)
     hpo_study = create_study(spec, storage)
-    env = {**os.environ, STORAGE_ENV: url, "PYTHONPATH": os.pathsep.join(
-        filter(None, [package_root(), os.environ.get("PYTHONPATH")]))}
+    env = package_env({STORAGE_ENV: url})
     procs = [subprocess.Popen([sys.executable, "-m", "hpo.bench.workers", spec.name], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                              cwd=package_root()) for _ in range(workers)]
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+             for _ in range(workers)]
     # "ready": imported, storage open, study loaded; a worker that could not get there
     # (a server refusing more clients) says why and has exited.
     early = [p.stdout.readline() for p in procs]

@@ -129,9 +129,7 @@ def run_workers(storage_url: str, spec: StudySpec, workers: int, *, budget: int,
         cmd_tail += ["--max-memory-growth", str(max_memory_growth)]
     # The URL travels in the environment, not on the command line, where `ps` would show
     # its password.
-    env = {**os.environ, STORAGE_ENV: storage_url, "PYTHONUNBUFFERED": "1", PARENT_ENV: str(os.getpid()),
-           # The workers run this very package, wherever the command was started from.
-           "PYTHONPATH": os.pathsep.join(filter(None, [package_root(), os.environ.get("PYTHONPATH")]))}
+    env = package_env({STORAGE_ENV: storage_url, "PYTHONUNBUFFERED": "1", PARENT_ENV: str(os.getpid())})
     lock = threading.Lock()
     procs: list[subprocess.Popen] = []
     for i in range(workers):
@@ -180,6 +178,13 @@ def run_workers(storage_url: str, spec: StudySpec, workers: int, *, budget: int,
 def package_root() -> str:
     """The folder that holds the `hpo` package this process runs."""
     return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def package_env(extra: dict[str, str]) -> dict[str, str]:
+    """This process's environment and `extra`, for a child that runs this very `hpo`
+    package from the caller's own folder (where a relative `sqlite:///study.db` lies)."""
+    return {**os.environ, **extra,
+            "PYTHONPATH": os.pathsep.join(filter(None, [package_root(), os.environ.get("PYTHONPATH")]))}
 
 
 def _relay(stream, prefix: str, echo: Callable[[str], None], lock: threading.Lock) -> None:

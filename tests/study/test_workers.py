@@ -544,6 +544,15 @@ def test_worker_restarts_itself_when_memory_grows(tmp_path):
     assert len(by_state(trials, TrialState.COMPLETE)) == 3 == len(trials)
 
 
+def test_bench_workers_memory_measures_a_worker_on_a_database_named_from_the_callers_folder(tmp_path):
+    # A relative `sqlite:///` names a file in the folder the command runs from; the measured
+    # worker used to run from the package's folder, found no study and measured nothing.
+    result = run_hpo("bench-workers", "memory", "sine_lstm", "--trials", "3", "--seeds", "1", "--max-epochs", "1",
+                     "--storage", "sqlite:///rel.db", cwd=tmp_path)
+    assert re.search(r"after +1 trial: RSS \d+ MB", result.stdout), result.stdout
+    assert len(trials_of(f"sqlite:///{tmp_path / 'rel.db'}", None)) == 3
+
+
 def test_bench_workers_storage_runs_through_the_real_command(tmp_path):
     result = run_hpo("bench-workers", "storage", "--storage", f"sqlite:///{tmp_path / 'b.db'}", "--trials", "3")
     assert "plain optuna" in result.stdout and "hpo worker" in result.stdout and "ratio" in result.stdout
