@@ -27,8 +27,13 @@ from hpo.train.initial import Draws, build_native, checked_draws, initial_state
 
 # One compiled epoch per model configuration: a later trial with the same configuration
 # (and batch shapes) reuses it, so it pays no tracing or compilation. Bounded, so a long
-# study whose configurations keep changing does not accumulate compiled programs.
-_CACHE_SIZE = 4
+# study whose configurations keep changing does not accumulate compiled programs: the
+# least recently used goes first, once the cache holds _CACHE_SIZE programs or their
+# models' variables (each program keeps its model) would pass _CACHE_BYTES. An evicted
+# program takes its traces and executables with it (JAX keys them on the program's own
+# functions): a worker cycling through 16 configurations with room for 4 stayed flat.
+_CACHE_SIZE = 8
+_CACHE_BYTES = 512 * 2**20
 _programs: dict[str, "_Program"] = {}
 
 # Structures whose numbers could not be traced as inputs (`knobs.Escaped`): their
@@ -275,12 +280,12 @@ def _program_for(model: Any, initializers: list | None, seed: int, masks: bucket
     bucket's (`masks`) is cached apart from the plain program of the same width."""
     prefix = "bucket:" if masks is not None else ""
     key = prefix + _config_key(model)
-    program = _programs.get(key)
+    program = _cached(key)
     if program is None:
-        if len(_programs) >= _CACHE_SIZE:
-            # JAX keeps traces and executables in process-wide caches that an evicted
-            # program alone would not release; start afresh instead of growing.
-            clear_cache()
+        size = _variable_bytes(model)
+        while _programs and (len(_programs) >= _CACHE_SIZE
+                             or size + sum(_variable_bytes(p.model) for p in _programs.values()) > _CACHE_BYTES):
+            _programs.pop(next(iter(_programs)))  # the least recently used
 
         def compile_numbers_in() -> None:
             # The model's numbers could not be traced: its structure's programs take them
@@ -295,60 +300,61 @@ def _program_for(model: Any, initializers: list | None, seed: int, masks: bucket
     return program
 
 
+def _cached(key: str) -> _Program | None:
+    """The cached program of the key, now the most recently used, or None."""
+    program = _programs.pop(key, None)
+    if program is not None:
+        _programs[key] = program
+    return program
+
+
 def _bucket_program(model: Any, bucket: buckets.Bucket | None, seed: int,
                     sample: tuple) -> tuple[_Program | None, buckets.Padding | None]:
     """The program of the model's width bucket and how the model's state pads into it, or
     (None, None) where the model runs in its own program: no bucket, a padding that cannot
-    be proven exact, or a model as wide as its bucket before the bucket has a program."""
+    be proven exact, or a model as wide as its bucket that shares it with no narrower width.
+
+    A bucket's program is traced for the widths it pads (their dropout masks gathered
+    over the padded units); a model as wide as its bucket runs in it at full width, and
+    where it is the first of its bucket compiles it for the bucket's narrower widths."""
     if bucket is None:
         return None, None
     if bucket.units == bucket.padded:
-        program = _programs.get("bucket:" + _config_key(model))
-        return (program, buckets.Padding.between(model, model, bucket.units, bucket.units)) if program else (None, None)
-    # Its structure only: the state is the native model's, padded into the twin's shapes.
-    twin, _ = build_native(lambda: bucket.build(bucket.padded), seed, sample, values=False)
-    padding = buckets.Padding.between(model, twin, bucket.units, bucket.padded)
-    masks = buckets.Masks.between(model, twin) if padding is not None else None
+        padding = buckets.Padding.between(model, model, bucket.units, bucket.units)
+        program = _cached("bucket:" + _config_key(model))
+        if program is not None:
+            return program, padding
+        if bucket.narrower is None:
+            return None, None
+        # The bucket's first trial: its program is traced as the narrower widths it will
+        # serve are (their structure only).
+        twin = model
+        native, _ = build_native(lambda: bucket.build(bucket.narrower), seed, sample, values=False)
+        if buckets.Padding.between(native, twin, bucket.narrower, bucket.padded) is None:
+            return None, None
+    else:
+        # Structure only: the state is the native model's, padded into the twin's shapes.
+        twin, _ = build_native(lambda: bucket.build(bucket.padded), seed, sample, values=False)
+        native = model
+        padding = buckets.Padding.between(model, twin, bucket.units, bucket.padded)
+        if padding is None:
+            return None, None
+    masks = buckets.Masks.between(native, twin)
     if masks is None:
         return None, None
     return _program_for(twin, None, seed, masks), padding
 
 
 def clear_cache() -> None:
-    """Forget every compiled epoch (and the models they hold), and JAX's own caches.
-
-    While a trial is built ahead (`building_ahead`) JAX's caches are left for the
-    thread that runs trials to clear between them (`clear_cache_if_due`): clearing them
-    now would make the trial running beside it trace and compile its steps again."""
-    global _jax_clear_due
-    _programs.clear()
-    if getattr(_ahead, "building", False):
-        _jax_clear_due = True
-        return
+    """Forget every compiled epoch (and the models they hold), and JAX's own caches."""
     import jax
 
-    _jax_clear_due = False
+    _programs.clear()
     jax.clear_caches()
 
 
-_jax_clear_due = False
-_ahead = threading.local()
-
-
-@contextlib.contextmanager
-def building_ahead() -> Iterator[None]:
-    """Mark this thread as building a trial ahead while another thread trains one."""
-    _ahead.building = True
-    try:
-        yield
-    finally:
-        _ahead.building = False
-
-
-def clear_cache_if_due() -> None:
-    """Between trials: clear JAX's caches if a trial built ahead left them to be cleared."""
-    if _jax_clear_due and not getattr(_ahead, "building", False):
-        clear_cache()
+def _variable_bytes(model: Any) -> int:
+    return sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in model.variables)
 
 
 def _compile_epoch(model: Any, compile_numbers_in: Callable[[], None],

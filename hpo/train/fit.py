@@ -232,10 +232,8 @@ def prepare(spec: StudySpec, params: dict[str, Any], seeds: list[int], settings:
     try:
         for name, value in settings.items():
             global_state.set_global_attribute(name, value)
-        from hpo.train.engine import building_ahead
-
         start = time.perf_counter()
-        with _keras_lock, building_ahead():
+        with _keras_lock:
             trainer = _vectorized_trainer(spec, params, seeds)
             trainer.compile()
             _prepared[_prepared_key(params, seeds)] = (trainer, time.perf_counter() - start)
@@ -250,10 +248,7 @@ def discard_prepared() -> None:
 
 def _take_prepared(params: dict[str, Any], seeds: list[int]) -> tuple[EpochTrainer, float] | None:
     """The trainer `prepare` built for these params and seeds, with the seconds it took."""
-    from hpo.train.engine import clear_cache_if_due
-
     with _keras_lock:  # nothing is being built ahead meanwhile
-        clear_cache_if_due()
         return _prepared.pop(_prepared_key(params, seeds), None)
 
 
@@ -416,12 +411,13 @@ def _width_bucket(spec: StudySpec, params: dict[str, Any], data: Any) -> Any:
             or not isinstance(searched, (IntRange, Choice)) or not keeps_zero(params["activation"])):
         return None
     high = searched.high if isinstance(searched, IntRange) else max(searched.choices)
+    low = searched.low if isinstance(searched, IntRange) else min(searched.choices)
     units = int(params["units"])
 
     def build(width: int) -> Any:
         return _compiled_builder(spec, dict(params, units=width), data, len(data.x_train))()
 
-    return Bucket(units, bucket(units, int(high)), build)
+    return Bucket(units, bucket(units, int(high)), build, int(low))
 
 
 class _SequentialTrainer:

@@ -274,6 +274,35 @@ def test_a_repeated_shape_reuses_its_compiled_program_but_a_custom_layer_never_s
     assert len(engine._programs) <= engine._CACHE_SIZE
 
 
+def test_a_full_program_cache_lets_the_least_recently_used_go(arrays, monkeypatch):
+    # One program goes, not all: a study cycling through more shapes than the cache holds
+    # keeps the ones it came back to.
+    def make(units):
+        def build():
+            inputs = keras.Input((STEPS, 2))
+            model = keras.Model(inputs, keras.layers.Dense(1)(keras.layers.Dense(units)(keras.layers.Flatten()(inputs))))
+            model.compile(keras.optimizers.Adam(0.01), "mse")
+            return model
+        return build
+
+    def program(units):
+        engine.Replicas(make(units), [1], arrays["x"], arrays["y"], arrays["xv"], arrays["yv"], batch_size=32)
+        return engine._programs[engine._config_key(_built(make(units)))]
+
+    engine.clear_cache()
+    monkeypatch.setattr(engine, "_CACHE_SIZE", 2)
+    first, second = program(3), program(5)
+    assert program(3) is first  # used again: now the most recent
+    program(6)
+    assert program(3) is first
+    assert program(5) is not second  # the least recently used went, and is compiled anew
+    assert len(engine._programs) == 2
+    # The models the programs keep count too: one too big for the budget stays alone.
+    monkeypatch.setattr(engine, "_CACHE_BYTES", engine._variable_bytes(_built(make(6))))
+    program(6)
+    assert len(engine._programs) == 1
+
+
 def _built(make):
     keras.utils.set_random_seed(1)
     return make()
@@ -492,9 +521,10 @@ def _family_builder(family, units, **params):
                                             ("gru", dict(dropout=0.3, recurrent_dropout=0.2, l2=1e-3)),
                                             ("mlp", dict(dropout=0.3, activation="relu"))])
 def test_widths_in_one_bucket_share_its_program_and_each_replica_is_its_native_fit(family, params, arrays):
-    # 5 and 7 units both run in the program of 8 (their extra units zero, their dropout
-    # masks gathered from the native positions): the second width compiles no step, and
-    # each replica's curves and final weights are its own width's model.fit.
+    # 8, 5 and 7 units all run in the program of 8 (the narrower widths' extra units zero,
+    # their dropout masks gathered from the native positions): the first trial, as wide as
+    # its bucket, compiles it for the narrower widths, which compile no step; each
+    # replica's curves and final weights are its own width's model.fit.
     from jax._src import dispatch
 
     from hpo.train import buckets
@@ -510,15 +540,15 @@ def test_widths_in_one_bucket_share_its_program_and_each_replica_is_its_native_f
     seeds, epochs = [7, 8], 3
     jax.monitoring.register_event_duration_secs_listener(on_duration)
     try:
-        for units in (5, 7):
+        for units in (8, 5, 7):
             steps.clear()
             build = _family_builder(family, units, **params)
-            bucket = buckets.Bucket(units, 8, lambda width: _family_builder(family, width, **params)())
+            bucket = buckets.Bucket(units, 8, lambda width: _family_builder(family, width, **params)(), low=4)
             replicas = engine.Replicas(build, seeds, arrays["x"], arrays["y"], arrays["xv"], arrays["yv"], 32,
                                        bucket=bucket)
             assert replicas._padding is not None, "the trial ran in its own program, not its bucket's"
             logs = [replicas.run_epoch(np.ones(len(seeds), bool)) for _ in range(epochs)]
-            assert bool(steps) == (units == 5), steps
+            assert bool(steps) == (units == 8), steps
             for r, seed in enumerate(seeds):
                 keras.utils.set_random_seed(seed)
                 model = native(build)
@@ -538,6 +568,11 @@ def test_a_width_bucket_is_only_taken_where_a_zero_unit_stays_zero():
 
     assert [buckets.bucket(u, 32) for u in (1, 3, 4, 5, 9, 17, 32)] == [1, 4, 4, 8, 16, 32, 32]
     assert buckets.bucket(20, 24) == 24  # never wider than the space's top
+    # A trial as wide as its bucket compiles it for the widest width below it there.
+    assert buckets.Bucket(8, 8, None, low=4).narrower == 7
+    assert buckets.Bucket(24, 24, None, low=4).narrower == 23  # the space's top, not a power of two
+    assert buckets.Bucket(4, 4, None, low=4).narrower is None  # the space has nothing narrower
+    assert buckets.Bucket(16, 16, None, low=16).narrower is None
     assert buckets.keeps_zero("tanh") and buckets.keeps_zero("relu")
     assert not buckets.keeps_zero("sigmoid")  # sigmoid(0) = 0.5: a padded unit would feed its neighbours
 
