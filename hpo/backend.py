@@ -279,3 +279,12 @@ def share_gpu() -> None:
     """
     if not {"XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_PYTHON_CLIENT_MEM_FRACTION"} & set(os.environ):
         os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+
+
+def rss_mb(pid: int | str = "self") -> float:
+    """A process's resident memory in MB (this one by default; Linux, 0 elsewhere)."""
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return 0.0

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import optuna
 
+from hpo.backend import rss_mb
 from hpo.errors import HpoError, TrialFailed
 from hpo.specs import load_spec
 from hpo.store.storage import count_trials, get_storage
@@ -24,7 +25,7 @@ from hpo.store.urls import STORAGE_ENV, mask_url
 from hpo.study.local import package_env
 from hpo.study.objective import Objective
 from hpo.study.study import create_study, make_pruner, make_sampler, quiet_optuna
-from hpo.study.workers import rss_mb, run_trials
+from hpo.study.workers import run_trials
 
 
 @dataclass
@@ -90,7 +91,7 @@ def measure_memory(url: str, study: str, trials: int, checkpoints: tuple[int, ..
             done = count_trials(storage, hpo_study._study_id).spent
             while pending and done >= pending[0]:
                 seen.append((pending.pop(0), rss_mb(proc.pid)))
-            time.sleep(0.5)
+            time.sleep(0.1)
         out.seek(0)
         lines = out.read().splitlines()
     if proc.returncode != 0:

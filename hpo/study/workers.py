@@ -23,7 +23,7 @@ from typing import Callable
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from hpo.backend import available_cores, thread_cap
+from hpo.backend import available_cores, rss_mb, thread_cap
 from hpo.errors import HpoError, TrialFailed
 from hpo.record import ATTR_FAIL_REASON, ATTR_INTERRUPTED, ATTR_PRUNED_AT, ATTR_UNDECIDED_AGAINST, ATTR_WORKER
 from hpo.specs import StudySpec
@@ -268,15 +268,6 @@ def asks_ahead(spec: StudySpec) -> bool:
     if setting == "0" or not can_prepare(spec):
         return False
     return setting == "1" or min(available_cores(), thread_cap() or available_cores()) >= 2
-
-
-def rss_mb(pid: int | str = "self") -> float:
-    """A process's resident memory in MB (this one by default; Linux, 0 elsewhere)."""
-    try:
-        with open(f"/proc/{pid}/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except OSError:
-        return 0.0
 
 
 def _admit(study: optuna.Study, budget: int, sweep: bool,

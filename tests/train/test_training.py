@@ -173,3 +173,37 @@ def test_the_sequential_path_goes_on_when_an_earlier_seed_has_stopped():
     assert [f.epochs_run for f in vectorized.fits] == [f.epochs_run for f in sequential.fits] == [2, 6]
     for a, b in zip(vectorized.fits, sequential.fits):
         assert a.curves["val_metric"] == pytest.approx(b.curves["val_metric"], rel=1e-4)
+
+
+def test_jax_caches_are_cleared_between_trials_once_memory_has_grown_and_trials_are_unchanged(monkeypatch):
+    # JAX's staging caches fill with every shape a study meets; between trials, once the
+    # process has grown JAX_CACHE_GROWTH_MB past its floor, they are cleared. A trial after
+    # a clear scores exactly what it scored before.
+    from hpo.train import fit as fit_module
+
+    spec = tiny_spec()
+    params = default_params(spec) | {"units": 4, "batch_size": 16}
+    before = fit_repeats(spec, params, [11, 12]).scores
+    readings, cleared = [], []
+    monkeypatch.setattr(fit_module, "rss_mb", lambda: readings.pop(0))
+    monkeypatch.setattr(fit_module, "_clear_jax_staging",
+                        lambda real=fit_module._clear_jax_staging: (cleared.append(True), real()))
+    monkeypatch.setattr(fit_module, "_floor_mb", None)
+    grow = fit_module.JAX_CACHE_GROWTH_MB
+    # The floor, a little growth, past the limit (cleared), still past it after the clear
+    # (the new floor, not a clear every trial), then past the new floor.
+    for rss, clears in [(500, 0), (500 + grow / 2, 0), (501 + grow, 1), (502 + grow, 1), (503 + 2 * grow, 2)]:
+        readings.append(rss)
+        staged = _jax_staged()
+        fit_module.release_memory()
+        assert len(cleared) == clears, (rss, cleared)
+        if clears and rss == 501 + grow:
+            assert _jax_staged() < staged / 2, "the installed JAX kept its staging caches"
+        assert fit_repeats(spec, params, [11, 12]).scores == before
+
+
+def _jax_staged() -> int:
+    """Entries in JAX's Python-side caches (what the clear between trials empties)."""
+    from jax._src import util
+
+    return sum(c.cache_info().currsize for c in util._caches if hasattr(c, "cache_info"))
