@@ -56,14 +56,17 @@ class StudyTime:
         self.epochs_s = sum(t.fit_s - t.compile_s for t in self.trials)
         self.rest_s = self.wall_s - self.compile_s - self.epochs_s - self.database_s
 
-    def median_s(self, state: str) -> float | None:
-        times = [t.seconds for t in self.trials if t.state == state]
+    def median_s(self, state: str, part: str = "seconds") -> float | None:
+        """The median wall time (or `part`: `fit_s`) of the trials in the state."""
+        times = [getattr(t, part) for t in self.trials if t.state == state]
         return statistics.median(times) if times else None
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
         out["load"] = list(self.load)
         out["median_complete_s"], out["median_pruned_s"] = self.median_s("COMPLETE"), self.median_s("PRUNED")
+        out["median_complete_fit_s"] = self.median_s("COMPLETE", "fit_s")
+        out["median_pruned_fit_s"] = self.median_s("PRUNED", "fit_s")
         return out
 
 
@@ -180,4 +183,10 @@ def format_study_time(result: StudyTime) -> str:
     if complete and pruned is not None:
         lines.append(f"a pruned trial took {pruned:.2f} s (median) against {complete:.2f} s for a complete one "
                      f"({pruned / complete:.0%})")
+        fit_complete, fit_pruned = result.median_s("COMPLETE", "fit_s"), result.median_s("PRUNED", "fit_s")
+        if fit_complete:
+            waits = " (with ask-ahead, the rest of a short trial's wall time is waiting for its build on the " \
+                    "second thread)" if ahead else ""
+            lines.append(f"  its own fit {fit_pruned:.2f} s against {fit_complete:.2f} s "
+                         f"({fit_pruned / fit_complete:.0%}){waits}")
     return "\n".join(lines)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -93,6 +94,8 @@ def test_bench_study_splits_a_real_runs_wall_time_into_its_parts(tmp_path):
     assert parts == pytest.approx(result["wall_s"])
     assert result["database_s"] > 0 and result["rest_s"] > 0
     assert result["cache"] == "empty at the start"
+    complete = [t["fit_s"] for t in result["trials"] if t["state"] == "COMPLETE"]
+    assert result["median_complete_fit_s"] == (pytest.approx(statistics.median(complete)) if complete else None)
     assert not (tmp_path / "user-cache").exists()  # the user's cache was left alone
     assert "trial    1 complete" in proc.stderr or "trial    1 pruned" in proc.stderr
 
