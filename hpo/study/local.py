@@ -181,8 +181,9 @@ def package_root() -> str:
 
 
 def package_env(extra: dict[str, str]) -> dict[str, str]:
-    """This process's environment and `extra`, for a child that runs this very `hpo`
-    package from the caller's own folder (where a relative `sqlite:///study.db` lies)."""
+    """This process's environment and `extra`, for a child that runs from the caller's
+    own folder (where a relative `sqlite:///study.db` lies) with this process's `hpo`
+    package on its path (an `hpo` folder in the caller's folder would come first)."""
     return {**os.environ, **extra,
             "PYTHONPATH": os.pathsep.join(filter(None, [package_root(), os.environ.get("PYTHONPATH")]))}
 

@@ -33,21 +33,22 @@ _RECURRENT = {"LSTM", "GRU", "SimpleRNN"}
 @dataclass(frozen=True)
 class Bucket:
     """A trial's width (`units`), the width its program is compiled at (`padded`),
-    `build(width)`: a new compiled model of the trial at a width, and the lowest width
-    the search space has (`low`)."""
+    `build(width)`: a new compiled model of the trial at a width, and the widths the
+    search space has (`widths`; empty: unknown)."""
 
     units: int
     padded: int
     build: Callable[[int], Any]
-    low: int = 1
+    widths: tuple[int, ...] = ()
 
     @property
     def narrower(self) -> int | None:
         """The widest width below `units` that the space has and that runs in this
         bucket too, if any: a trial as wide as its bucket compiles the bucket's program
         for it, so that a narrower trial later finds the program made."""
-        width = self.units - 1
-        return width if width >= self.low and bucket(width, self.padded) == self.padded else None
+        # `padded` for the space's top: where `units` is its own bucket the two agree.
+        below = [w for w in self.widths if w < self.units and bucket(w, self.padded) == self.padded]
+        return max(below) if below else None
 
 
 def bucket(units: int, high: int) -> int:

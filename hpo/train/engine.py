@@ -31,10 +31,14 @@ from hpo.train.initial import Draws, build_native, checked_draws, initial_state
 # least recently used goes first, once the cache holds _CACHE_SIZE programs or their
 # models' variables (each program keeps its model) would pass _CACHE_BYTES. An evicted
 # program takes its traces and executables with it (JAX keys them on the program's own
-# functions): a worker cycling through 16 configurations with room for 4 stayed flat.
+# functions) once the trials using it, the running one and one built ahead, are done: a
+# worker cycling through 16 configurations with room for 4 stayed flat. The thread that
+# builds ahead and the one that trains (re-keying a program, `compile_numbers_in`) both
+# change the cache, under `_programs_lock`.
 _CACHE_SIZE = 8
 _CACHE_BYTES = 512 * 2**20
 _programs: dict[str, "_Program"] = {}
+_programs_lock = threading.RLock()
 
 # Structures whose numbers could not be traced as inputs (`knobs.Escaped`): their
 # programs compile the numbers in, and their keys name them.
@@ -282,30 +286,39 @@ def _program_for(model: Any, initializers: list | None, seed: int, masks: bucket
     key = prefix + _config_key(model)
     program = _cached(key)
     if program is None:
-        size = _variable_bytes(model)
-        while _programs and (len(_programs) >= _CACHE_SIZE
-                             or size + sum(_variable_bytes(p.model) for p in _programs.values()) > _CACHE_BYTES):
-            _programs.pop(next(iter(_programs)))  # the least recently used
-
         def compile_numbers_in() -> None:
             # The model's numbers could not be traced: its structure's programs take them
-            # as constants from now on, so this one is kept under a key that names them.
+            # as constants from now on, so this one is kept under a key that names them
+            # (where it is still cached).
             _numbers_compiled_in.add(key.removeprefix(prefix))
-            _programs.pop(key, None)
-            _programs[prefix + _config_key(model)] = program
+            with _programs_lock:
+                if _programs.get(key) is program:
+                    del _programs[key]
+                    _programs[prefix + _config_key(model)] = program
 
         draws = checked_draws(model, initializers, seed) if initializers is not None else None
         program = _Program(model, _compile_epoch(model, compile_numbers_in, masks), draws)
-        _programs[key] = program
+        _keep(key, program)
     return program
 
 
 def _cached(key: str) -> _Program | None:
     """The cached program of the key, now the most recently used, or None."""
-    program = _programs.pop(key, None)
-    if program is not None:
+    with _programs_lock:
+        program = _programs.pop(key, None)
+        if program is not None:
+            _programs[key] = program
+        return program
+
+
+def _keep(key: str, program: _Program) -> None:
+    """Cache a new program, letting the least recently used go to make room."""
+    size = _variable_bytes(program.model)
+    with _programs_lock:
+        while _programs and (len(_programs) >= _CACHE_SIZE
+                             or size + sum(_variable_bytes(p.model) for p in _programs.values()) > _CACHE_BYTES):
+            _programs.pop(next(iter(_programs)))
         _programs[key] = program
-    return program
 
 
 def _bucket_program(model: Any, bucket: buckets.Bucket | None, seed: int,
@@ -349,7 +362,8 @@ def clear_cache() -> None:
     """Forget every compiled epoch (and the models they hold), and JAX's own caches."""
     import jax
 
-    _programs.clear()
+    with _programs_lock:
+        _programs.clear()
     jax.clear_caches()
 
 

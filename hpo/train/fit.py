@@ -234,6 +234,9 @@ def prepare(spec: StudySpec, params: dict[str, Any], seeds: list[int], settings:
             global_state.set_global_attribute(name, value)
         start = time.perf_counter()
         with _keras_lock:
+            # Here, not after the trial that runs meanwhile: the staging a clear drops
+            # holds a compiled program until its first call, which this one's is not yet.
+            _clear_jax_caches_once_grown()
             trainer = _vectorized_trainer(spec, params, seeds)
             trainer.compile()
             _prepared[_prepared_key(params, seeds)] = (trainer, time.perf_counter() - start)
@@ -410,14 +413,15 @@ def _width_bucket(spec: StudySpec, params: dict[str, Any], data: Any) -> Any:
     if (spec.model.family not in (*RECURRENT_LAYERS, "mlp") or os.environ.get("HPO_WIDTH_BUCKETS", "1") == "0"
             or not isinstance(searched, (IntRange, Choice)) or not keeps_zero(params["activation"])):
         return None
-    high = searched.high if isinstance(searched, IntRange) else max(searched.choices)
-    low = searched.low if isinstance(searched, IntRange) else min(searched.choices)
+    widths = (tuple(range(searched.low, searched.high + 1, searched.step)) if isinstance(searched, IntRange)
+              else tuple(sorted(int(c) for c in searched.choices)))
+    high = max(widths)
     units = int(params["units"])
 
     def build(width: int) -> Any:
         return _compiled_builder(spec, dict(params, units=width), data, len(data.x_train))()
 
-    return Bucket(units, bucket(units, int(high)), build, int(low))
+    return Bucket(units, bucket(units, int(high)), build, widths)
 
 
 class _SequentialTrainer:
@@ -486,7 +490,7 @@ def release_memory() -> None:
         # One collection, not two (clear_session collects too unless told not to).
         keras.backend.clear_session(free_memory=False)
         gc.collect()
-        if keras.backend.backend() == "jax":
+        if keras.backend.backend() == "jax" and not _prepared:
             _clear_jax_caches_once_grown()
         _return_free_memory()
 
@@ -495,11 +499,13 @@ def release_memory() -> None:
 # abstract evaluations, the eager ops of each new model and width) in caches bounded by
 # entries, not bytes: a worker grew 200 MB through them from trial 10 to 200 of the
 # default study. Between trials, once the process has grown this much past the least it
-# held after a trial, those staging caches are cleared; the executables of compiled
-# programs stay (JAX's public `jax.clear_caches` drops them too, and retracing the cached
-# programs after it made a 120-trial study 13% slower). What a clear cannot give back
-# (the trial after it still that far above) becomes the new floor, so a process never
-# clears every trial.
+# held after a trial, those staging caches are cleared; the executables of programs that
+# have run stay (JAX's public `jax.clear_caches` drops them too, and retracing the cached
+# programs after it made a 120-trial study 13% slower). A program compiled but not yet
+# called lives in that staging only, so with ask-ahead the clear comes before the next
+# trial is built, never between its build and its run. What a clear cannot give back (the
+# trial after it still that far above) becomes the new floor, so a process never clears
+# every trial.
 JAX_CACHE_GROWTH_MB = 64
 _floor_mb: float | None = None
 _just_cleared = False

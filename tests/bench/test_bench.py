@@ -95,7 +95,9 @@ def test_bench_study_splits_a_real_runs_wall_time_into_its_parts(tmp_path):
     assert result["database_s"] > 0 and result["rest_s"] > 0
     assert result["cache"] == "empty at the start"
     complete = [t["fit_s"] for t in result["trials"] if t["state"] == "COMPLETE"]
+    pruned = [t["fit_s"] for t in result["trials"] if t["state"] == "PRUNED"]
     assert result["median_complete_fit_s"] == (pytest.approx(statistics.median(complete)) if complete else None)
+    assert result["median_pruned_fit_s"] == (pytest.approx(statistics.median(pruned)) if pruned else None)
     assert not (tmp_path / "user-cache").exists()  # the user's cache was left alone
     assert "trial    1 complete" in proc.stderr or "trial    1 pruned" in proc.stderr
 

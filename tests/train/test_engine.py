@@ -543,7 +543,8 @@ def test_widths_in_one_bucket_share_its_program_and_each_replica_is_its_native_f
         for units in (8, 5, 7):
             steps.clear()
             build = _family_builder(family, units, **params)
-            bucket = buckets.Bucket(units, 8, lambda width: _family_builder(family, width, **params)(), low=4)
+            bucket = buckets.Bucket(units, 8, lambda width: _family_builder(family, width, **params)(),
+                                    widths=tuple(range(4, 33)))
             replicas = engine.Replicas(build, seeds, arrays["x"], arrays["y"], arrays["xv"], arrays["yv"], 32,
                                        bucket=bucket)
             assert replicas._padding is not None, "the trial ran in its own program, not its bucket's"
@@ -569,10 +570,12 @@ def test_a_width_bucket_is_only_taken_where_a_zero_unit_stays_zero():
     assert [buckets.bucket(u, 32) for u in (1, 3, 4, 5, 9, 17, 32)] == [1, 4, 4, 8, 16, 32, 32]
     assert buckets.bucket(20, 24) == 24  # never wider than the space's top
     # A trial as wide as its bucket compiles it for the widest width below it there.
-    assert buckets.Bucket(8, 8, None, low=4).narrower == 7
-    assert buckets.Bucket(24, 24, None, low=4).narrower == 23  # the space's top, not a power of two
-    assert buckets.Bucket(4, 4, None, low=4).narrower is None  # the space has nothing narrower
-    assert buckets.Bucket(16, 16, None, low=16).narrower is None
+    assert buckets.Bucket(8, 8, None, tuple(range(4, 33))).narrower == 7
+    assert buckets.Bucket(24, 24, None, tuple(range(4, 25))).narrower == 23  # the space's top, not a power of two
+    assert buckets.Bucket(4, 4, None, tuple(range(4, 33))).narrower is None  # the space has nothing narrower
+    assert buckets.Bucket(16, 16, None, tuple(range(16, 33))).narrower is None
+    assert buckets.Bucket(16, 16, None, tuple(range(4, 33, 4))).narrower == 12  # a step: only widths it has
+    assert buckets.Bucket(32, 32, None, (16, 32, 64)).narrower is None  # choices: 16 has a bucket of its own
     assert buckets.keeps_zero("tanh") and buckets.keeps_zero("relu")
     assert not buckets.keeps_zero("sigmoid")  # sigmoid(0) = 0.5: a padded unit would feed its neighbours
 

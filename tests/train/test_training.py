@@ -207,3 +207,28 @@ def _jax_staged() -> int:
     from jax._src import util
 
     return sum(c.cache_info().currsize for c in util._caches if hasattr(c, "cache_info"))
+
+
+def test_a_trial_built_ahead_keeps_its_compiled_program_through_the_clear(monkeypatch):
+    # A program compiled but not yet run lives only in the staging a clear drops: with
+    # ask-ahead the clear comes before the next trial is built, and not between the
+    # trial that runs meanwhile and the one built ahead, which then compiles nothing.
+    from hpo.train import fit as fit_module
+    from hpo.train.engine import CompileClock
+
+    spec = tiny_spec()
+    params = default_params(spec) | {"units": 5, "batch_size": 16}
+    cleared = []
+    monkeypatch.setattr(fit_module, "rss_mb", lambda: 500 + 2 * fit_module.JAX_CACHE_GROWTH_MB)
+    monkeypatch.setattr(fit_module, "_floor_mb", 500)
+    monkeypatch.setattr(fit_module, "_just_cleared", False)
+    monkeypatch.setattr(fit_module, "_clear_jax_staging",
+                        lambda real=fit_module._clear_jax_staging: (cleared.append(True), real()))
+    fit_module.prepare(spec, params, [21, 22], fit_module.keras_settings())
+    assert cleared == [True]  # grown: cleared before the build
+    monkeypatch.setattr(fit_module, "_floor_mb", 500)
+    fit_module.release_memory()  # the trial that ran meanwhile ends
+    assert cleared == [True]  # not again while a trial built ahead waits
+    clock = CompileClock.now()
+    fit = fit_repeats(spec, params, [21, 22])
+    assert fit.prepared_seconds is not None and clock.since().programs == 0
