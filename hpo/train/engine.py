@@ -333,17 +333,17 @@ def _bucket_program(model: Any, bucket: buckets.Bucket | None, seed: int,
     if bucket is None:
         return None, None
     if bucket.units == bucket.padded:
+        program, narrow = _cached("bucket:" + _config_key(model)), bucket.narrower
+        if program is None and narrow is None:
+            return None, None
         padding = buckets.Padding.between(model, model, bucket.units, bucket.units)
-        program = _cached("bucket:" + _config_key(model))
         if program is not None:
             return program, padding
-        if bucket.narrower is None:
-            return None, None
         # The bucket's first trial: its program is traced as the narrower widths it will
         # serve are (their structure only).
         twin = model
-        native, _ = build_native(lambda: bucket.build(bucket.narrower), seed, sample, values=False)
-        if buckets.Padding.between(native, twin, bucket.narrower, bucket.padded) is None:
+        native, _ = build_native(lambda: bucket.build(narrow), seed, sample, values=False)
+        if buckets.Padding.between(native, twin, narrow, bucket.padded) is None:
             return None, None
     else:
         # Structure only: the state is the native model's, padded into the twin's shapes.
