@@ -21,6 +21,7 @@ from hpo.reports.diagnosis import trial_note
 from hpo.reports.stats import bootstrap_ci
 from hpo.specs import StudySpec
 from hpo.specs.space import suggest_params
+from hpo.store.storage import rdb_storage, write_trial_user_attrs
 from hpo.study.race import race
 from hpo.train.fit import RepeatFit, fit_repeats, release_memory
 
@@ -67,8 +68,7 @@ class Objective:
             release_memory()
             if isinstance(on_epoch, _Reporter):
                 on_epoch.close()
-        record_fit(trial, fit)
-        record_note(trial, spec.metric)
+        record_note(trial, spec.metric, record_fit(trial, fit))
         if fit.pruned_at_epoch is not None:
             raise optuna.TrialPruned(f"pruned after epoch {fit.pruned_at_epoch}")
         return objective_value(spec, fit)
@@ -160,10 +160,12 @@ def objective_value(spec: StudySpec, fit: RepeatFit) -> float | tuple[float, flo
     return trial_value(spec, fit.scores)
 
 
-def record_fit(trial: optuna.Trial, fit: RepeatFit) -> None:
+def record_fit(trial: optuna.Trial, fit: RepeatFit) -> dict[str, Any]:
     """Store every per-seed figure of the fit as trial user attributes, with the bootstrap
     interval of their mean (the `hpo_trials` view's `ci_low`/`ci_high`, as `hpo report`
-    prints it: SQL cannot resample)."""
+    prints it: SQL cannot resample); returns them. In one transaction, not a dozen: each
+    is a round trip to a remote database or a storage proxy. `trial.user_attrs` does not
+    show them (read the stored trial)."""
     ci_low, ci_high = bootstrap_ci(fit.scores)
     attrs: dict[str, Any] = {
         ATTR_MEAN: fit.mean,
@@ -186,13 +188,13 @@ def record_fit(trial: optuna.Trial, fit: RepeatFit) -> None:
         attrs[ATTR_PREPARED_SECONDS] = round(fit.prepared_seconds, 4)
     if fit.pruned_at_epoch is not None:
         attrs[ATTR_PRUNED_AT] = fit.pruned_at_epoch
-    for key, value in attrs.items():
-        trial.set_user_attr(key, value)
+    write_trial_user_attrs(rdb_storage(trial.storage), trial._trial_id, attrs)
+    return attrs
 
 
-def record_note(trial: optuna.Trial, metric: str) -> None:
+def record_note(trial: optuna.Trial, metric: str, recorded: dict[str, Any]) -> None:
     """Write the trial's optuna-dashboard note (per-seed scores, diagnosis) from what
-    `record_fit` stored, so it is there the moment the trial finishes; `hpo dashboard`
-    fills in any trial that lacks one (e.g. recorded before notes existed)."""
+    `record_fit` stored (`recorded`), so it is there the moment the trial finishes; `hpo
+    dashboard` fills in any trial that lacks one (e.g. recorded before notes existed)."""
     write_trial_note(trial.storage, trial.study._study_id, trial._trial_id,
-                     trial_note(trial.number, trial.user_attrs, metric))
+                     trial_note(trial.number, {**trial.user_attrs, **recorded}, metric))
