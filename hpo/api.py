@@ -78,7 +78,9 @@ def summary_lines(spec: StudySpec, summary: RunSummary, storage: str) -> list[st
     lines.append(f"best trial #{best.number}: {spec.metric} {mean_std(a['mean'], a['std'], len(a['seeds']))} "
                  f"over {noun_for(len(a['seeds']), 'seed')} {a['seeds']} "
                  f"(per seed: {', '.join(f'{s:.4g}' for s in a['seed_scores'])})")
-    lines.append(f"params: {format_params(best.params)}")
+    # In the space's order: a trial read back through a storage proxy has its params in any order.
+    order = {name: i for i, name in enumerate(spec.space)}
+    lines.append(f"params: {format_params(dict(sorted(best.params.items(), key=lambda p: order.get(p[0], len(order)))))}")
     name, where = shlex.quote(spec.name), storage_arg(storage)
     if any(ref.startswith(hooks.PYTHON_PREFIX) for ref in (spec.model.build or "", spec.data.loader or "")):
         # A function handed over from a notebook is importable only in this process: no

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import click
 
-from hpo.errors import HpoError
+from hpo.errors import HpoError, OptionError
 from hpo.specs import MAX_EPOCHS, MAX_SEEDS, MAX_TRIALS
 from hpo.store.urls import DEFAULT_STORAGE, STORAGE_ENV
 from hpo.words import format_params, plural
@@ -83,16 +83,19 @@ def _worker_options(f):
 
 
 def _open_storage(storage: str, heartbeat_interval: int | None, grace_period: int | None, command: str,
-                  create: bool = True):
+                  create: bool = True, connections: int = 1):
     """The study database; `create=False` (commands that only join or read a study) first
     checks that a SQLite file exists, so a mistyped path creates no empty database."""
     from hpo.store.storage import GRACE_PERIOD, HEARTBEAT_INTERVAL, get_storage
-    from hpo.store.urls import existing_sqlite_path
+    from hpo.store.urls import existing_sqlite_path, proxy_address
 
+    if proxy_address(storage) is not None and (heartbeat_interval or grace_period):
+        raise OptionError("--heartbeat-interval" if heartbeat_interval else "--grace-period",
+                          "is the storage proxy's, the same for all its workers: pass it to hpo storage-proxy")
     if not create:
         existing_sqlite_path(storage)
     return get_storage(storage, heartbeat_interval=heartbeat_interval or HEARTBEAT_INTERVAL,
-                       grace_period=grace_period or GRACE_PERIOD, command=command)
+                       grace_period=grace_period or GRACE_PERIOD, command=command, connections=connections)
 
 
 def _storage_arg(storage: str) -> str:
@@ -393,16 +396,17 @@ def bench_throughput(study: str, storage: str, trials: int, worker_counts: str, 
               help="Comma-separated worker counts.")
 @click.option("--trials-per-worker", type=click.IntRange(1), default=4, show_default=True,
               help="Budget of each study: this many trials per worker, at least 100.")
-def bench_scale(urls: tuple[str, ...], worker_counts: str, trials_per_worker: int) -> None:
+@click.option("--proxy", is_flag=True, help="Workers go through an hpo storage-proxy on each database.")
+def bench_scale(urls: tuple[str, ...], worker_counts: str, trials_per_worker: int, proxy: bool) -> None:
     """N worker processes on one analytic (beale) study per database: trials per second,
     peak server connections, admission-lock wait, and whether the budget came out exact."""
     from hpo.bench.workers import measure_scale
 
     for url in urls:
         for n in (int(x) for x in worker_counts.split(",")):
-            r = measure_scale(url, n, max(100, trials_per_worker * n))
+            r = measure_scale(url, n, max(100, trials_per_worker * n), through_proxy=proxy)
             peak = "" if r.peak_connections is None else f", peak {r.peak_connections} connections"
-            click.echo(f"{r.url}: {n:>3} workers: {r.trials_per_second:6.1f} trials/s{peak}, "
+            click.echo(f"{r.url}{' via a storage proxy' if proxy else ''}: {n:>3} workers: {r.trials_per_second:6.1f} trials/s{peak}, "
                        f"lock wait {r.lock_wait_seconds:.1f} s, budget {r.spent}/{r.budget} "
                        f"{'exact' if r.exact else 'NOT exact'}, {r.running} running, {r.errors} workers failed; "
                        f"{r.worker_rss_mb:.0f} MB a worker" + (f" (loaded {', '.join(r.heavy_imports)})"
@@ -563,6 +567,46 @@ def dashboard(storage: str, host: str, port: int, allow_writes: bool, access_log
     from hpo.reports.dashboard import serve_dashboard
 
     serve_dashboard(storage, host, port, echo=click.echo, allow_writes=allow_writes, access_log=access_log)
+
+
+@cli.command("storage-proxy")
+@storage_option
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; 0.0.0.0 for workers on other machines.")
+@click.option("--port", type=click.IntRange(0, 65535), default=13000, show_default=True,
+              help="Port to listen on (0: a free one, printed).")
+@click.option("--threads", type=click.IntRange(1), default=32, show_default=True,
+              help="Calls answered at once.")
+@click.option("--connections", type=click.IntRange(1), default=4, show_default=True,
+              help="Database connections kept open (two more are opened at busy moments).")
+@click.option("--heartbeat-interval", type=click.IntRange(1), default=None,
+              help="Seconds between a running trial's heartbeats, for every worker [default: 10].")
+@click.option("--grace-period", type=click.IntRange(1), default=None,
+              help="Seconds without a heartbeat after which a trial's worker counts as dead [default: 60].")
+def storage_proxy(storage: str, host: str, port: int, threads: int, connections: int,
+                  heartbeat_interval: int | None, grace_period: int | None) -> None:
+    """Serve the study database to many workers on one port (Optuna's gRPC storage proxy,
+    with hpo's admission lock, counts and heartbeats): run workers with
+    `hpo worker --storage grpc://HOST:PORT`. They hold no database connection; the proxy
+    holds a few, however many workers it serves."""
+    from hpo.store.proxy import serve_proxy
+    from hpo.store.urls import mask_url, proxy_address
+    from hpo.store.views import create_views
+    from hpo.study.local import die_with_parent
+
+    die_with_parent()
+    if proxy_address(storage) is not None:
+        raise OptionError("--storage", f"{storage} is a storage proxy; pass the database's URL")
+    rdb = _open_storage(storage, heartbeat_interval, grace_period, "storage-proxy", connections=connections)
+    create_views(rdb.engine)
+
+    def ready(bound: int) -> None:
+        click.echo(f"storage proxy for {mask_url(storage)} on grpc://{host}:{bound} ({threads} calls at once, "
+                   f"{connections} database connections); workers: hpo worker --storage grpc://{host}:{bound} "
+                   "--study-name NAME; Ctrl-C stops it")
+
+    serve_proxy(rdb, host, port, threads=threads, ready=ready)
+    click.echo("storage proxy stopped")
 
 
 @cli.command()

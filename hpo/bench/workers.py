@@ -22,7 +22,7 @@ from hpo.errors import HpoError, TrialFailed
 from hpo.specs import load_spec
 from hpo.store.storage import count_trials, get_storage
 from hpo.store.urls import STORAGE_ENV, mask_url
-from hpo.study.local import package_env
+from hpo.study.local import package_env, start_storage_proxy
 from hpo.study.objective import Objective
 from hpo.study.study import create_study, make_pruner, make_sampler, quiet_optuna
 from hpo.study.workers import run_trials
@@ -137,7 +137,7 @@ class ScaleResult:
         return self.spent == self.budget and self.running == 0
 
 
-def measure_scale(url: str, workers: int, trials: int, study: str = "beale") -> ScaleResult:
+def measure_scale(url: str, workers: int, trials: int, study: str = "beale", through_proxy: bool = False) -> ScaleResult:
     """Start `workers` processes that each run hpo's worker loop (`run_trials`, as `hpo
     worker` does) on one new study of `trials` analytic trials; once every one has
     imported and connected, let them go together.
@@ -146,16 +146,30 @@ def measure_scale(url: str, workers: int, trials: int, study: str = "beale") -> 
     database records them); peak connections is the most client connections PostgreSQL's
     `pg_stat_activity` showed at once (None on SQLite); lock wait sums the seconds the
     workers spent waiting for the study's admission lock; errors counts workers that
-    exited non-zero.
+    exited non-zero. With `through_proxy`, the workers reach the database through an `hpo
+    storage-proxy` started for the drill, which holds its connections for them.
     """
-    import json
-    import threading
-
     spec = load_spec(study).with_overrides(trials=trials, name=f"bench_scale_{workers}_{uuid.uuid4().hex[:8]}")
     storage = get_storage(url)
     hpo_study = create_study(spec, storage)
-    env = package_env({STORAGE_ENV: url})
-    procs = [subprocess.Popen([sys.executable, "-m", "hpo.bench.workers", spec.name], stdin=subprocess.PIPE,
+    proxy = None
+    worker_url = url
+    if through_proxy:
+        proxy, worker_url = start_storage_proxy(url)
+    try:
+        return _drill(url, worker_url, storage, hpo_study, workers, trials)
+    finally:
+        if proxy is not None:
+            proxy.terminate()
+            proxy.wait()
+
+
+def _drill(url: str, worker_url: str, storage, hpo_study, workers: int, trials: int) -> ScaleResult:
+    import json
+    import threading
+
+    env = package_env({STORAGE_ENV: worker_url})
+    procs = [subprocess.Popen([sys.executable, "-m", "hpo.bench.workers", hpo_study.study_name], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
              for _ in range(workers)]
     # "ready": imported, storage open, study loaded; a worker that could not get there

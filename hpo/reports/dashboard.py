@@ -19,7 +19,7 @@ import sqlalchemy
 from hpo.record import SPEC_ATTR
 from hpo.reports.diagnosis import trial_note
 from hpo.store.storage import get_storage
-from hpo.store.urls import existing_sqlite_path, mask_url, resolve_storage_url
+from hpo.store.urls import existing_sqlite_path, mask_url, refuse_proxy, resolve_storage_url
 from hpo.store.views import create_views
 from hpo.words import plural
 
@@ -71,6 +71,7 @@ def serve_dashboard(storage: str | None = None, host: str = "127.0.0.1", port: i
     from optuna_dashboard import wsgi
 
     url = resolve_storage_url(storage)
+    refuse_proxy(url, "the dashboard's notes and views")
     existing_sqlite_path(url)
     write_missing_notes(url, echo)
     app = wsgi(get_storage(url, command="dashboard"))

@@ -16,7 +16,7 @@ import pandas as pd
 import sqlalchemy
 
 from hpo.errors import StorageError, StudyNotFound
-from hpo.store.urls import existing_sqlite_path, resolve_storage_url
+from hpo.store.urls import existing_sqlite_path, refuse_proxy, resolve_storage_url
 from hpo.store.views import create_views, sqlite_views_current
 
 FORMATS = ("table", "csv", "json", "markdown")
@@ -49,6 +49,7 @@ def connect_readonly(url: str | None = None) -> sqlalchemy.engine.Engine:
         StorageError: No such database, or it cannot be reached.
     """
     url = resolve_storage_url(url)
+    refuse_proxy(url, "reports, plots and hpo sql")
     path = existing_sqlite_path(url)
     if path is not None:
         uri = f"file:{quote(os.path.abspath(path))}?mode=ro"

@@ -59,6 +59,16 @@ def classify_storage_error(e: BaseException) -> tuple[str, str] | None:
         disk, a read-only, corrupt or inaccessible database, a constraint violation
         (stop at once); None when `e` is not a database fault at all.
     """
+    code = _proxy_status(e)
+    if code is not None:
+        # A storage proxy's answer (`hpo storage-proxy`): away (stopping cancels the calls
+        # in flight), or failing on its side.
+        if code in ("UNAVAILABLE", "CANCELLED", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED"):
+            return "transient", f"the storage proxy is not answering ({code.lower()})"
+        if code == "UNKNOWN":
+            details = (e.details() or "").strip().splitlines()
+            return "permanent", f"the storage proxy failed: {details[0] if details else code}"
+        return None
     if not isinstance(e, (sqlalchemy.exc.SQLAlchemyError, sqlite3.Error, optuna.exceptions.StorageInternalError)) \
             and type(e).__module__.split(".")[0] not in ("psycopg", "psycopg2"):
         return None  # e.g. Optuna's DuplicatedStudyError, raised from an IntegrityError on purpose
@@ -90,6 +100,16 @@ def classify_storage_error(e: BaseException) -> tuple[str, str] | None:
         # A server-side operational fault we do not know: most are a server going away.
         return "transient", cause
     return "permanent", cause
+
+
+def _proxy_status(e: BaseException) -> str | None:
+    """The gRPC status name of a failed call to a storage proxy, or None."""
+    if type(e).__module__.split(".")[0] != "grpc" or not callable(getattr(e, "code", None)):
+        return None
+    try:
+        return e.code().name
+    except Exception:  # noqa: BLE001 - an RpcError without a status
+        return None
 
 
 def _server_full(e: BaseException) -> bool:
@@ -157,7 +177,8 @@ def retry(call: Callable[[], Any], url: str, retry_seconds: float, command: str 
                                    f"{cause}; check the database and run hpo {command} again") from e
             if not warned and not quiet:
                 with _outage_lock:
-                    waiting = "a free connection" if _server_full(e) else "the database to come back"
+                    waiting = "a free connection" if _server_full(e) else (
+                        "the storage proxy" if _proxy_status(e) else "the database") + " to come back"
                     print(f"storage {mask_url(url)}: {cause}; waiting for {waiting} "
                           f"(up to {retry_seconds:.0f} s)", file=sys.stderr, flush=True)
             warned = True

@@ -28,7 +28,8 @@ from hpo.errors import OptionError, StorageError
 from hpo.record import ATTR_FAIL_REASON, ATTR_INTERRUPTED
 from hpo.store.faults import (DEFAULT_RETRY_SECONDS, RETRY_ENV, classify_storage_error, first_line, retry,
                               retry_storage_call)
-from hpo.store.urls import check_sqlite_file, engine_kwargs, mask_url, resolve_storage_url, sqlite_path
+from hpo.store.proxy import ProxyStorage
+from hpo.store.urls import check_sqlite_file, engine_kwargs, mask_url, proxy_address, resolve_storage_url, sqlite_path
 
 # Opening the storage gives up sooner, and without a "waiting" line: a mistyped URL or a
 # server that is down should cost a user a few seconds and one line.
@@ -52,14 +53,16 @@ _LOCK_MAX_PAUSE = 1.0
 
 def get_storage(url: str | None = None, *, heartbeat_interval: int | None = HEARTBEAT_INTERVAL,
                 grace_period: int | None = GRACE_PERIOD, retry_seconds: float | None = None,
-                command: str = "worker") -> optuna.storages.RDBStorage:
-    """Open (and create if needed) the study database.
+                command: str = "worker", connections: int = 1) -> optuna.storages.RDBStorage | ProxyStorage:
+    """Open (and create if needed) the study database, or a storage proxy in front of
+    one (`grpc://host:port`, `hpo storage-proxy`: its heartbeat settings hold, not these).
 
     Trials record heartbeats; a trial whose worker died is failed after `grace_period`
     seconds and queued again with the same params. Calls that hit a dropped connection
     are retried with backoff for `retry_seconds` (default `HPO_DB_RETRY_SECONDS` or 600);
     a fault that waiting does not mend (full disk, read-only or corrupt file, ...) stops at
-    once. `command` names what to run again in the message of a database that stays away.
+    once. `command` names what to run again in the message of a database that stays away;
+    `connections` is how many the engine keeps open between calls (a worker needs one).
 
     Raises:
         OptionError: The grace period is not longer than the heartbeat interval.
@@ -72,6 +75,8 @@ def get_storage(url: str | None = None, *, heartbeat_interval: int | None = HEAR
     url = resolve_storage_url(url)
     if retry_seconds is None:
         retry_seconds = float(os.environ.get(RETRY_ENV, DEFAULT_RETRY_SECONDS))
+    if proxy_address(url) is not None:
+        return ProxyStorage(url, retry_seconds=retry_seconds, connect_seconds=min(retry_seconds, CONNECT_RETRY_SECONDS))
     try:
         _use_wal(url)
         # Heartbeats and their retry callback are "experimental" in Optuna 5; we rely on them.
@@ -81,7 +86,7 @@ def get_storage(url: str | None = None, *, heartbeat_interval: int | None = HEAR
             if heartbeat_interval:
                 callback = RetryLostTrial(max_retry=MAX_RETRY)
             return retry(lambda: ResilientRDBStorage(
-                url, engine_kwargs=engine_kwargs(url), heartbeat_interval=heartbeat_interval or None,
+                url, engine_kwargs=engine_kwargs(url, connections), heartbeat_interval=heartbeat_interval or None,
                 grace_period=grace_period if heartbeat_interval else None, heartbeat_stale_trial_callback=callback,
                 retry_seconds=retry_seconds), url, min(retry_seconds, CONNECT_RETRY_SECONDS), command, quiet=True,
                 full_seconds=retry_seconds)
@@ -153,8 +158,16 @@ for _name in ("create_new_study", "delete_study", "set_study_user_attr", "set_st
     setattr(ResilientRDBStorage, _name, _retried(_name))
 
 
-def rdb_storage(storage: optuna.storages.BaseStorage) -> optuna.storages.RDBStorage:
-    """The `RDBStorage` under a study's storage (Optuna wraps it in a cache)."""
+def call_once(storage: optuna.storages.RDBStorage | ProxyStorage, name: str, *args: Any) -> Any:
+    """A storage call tried once, without the retries through faults (after a fault
+    already met, a worker does not wait for the database again)."""
+    plain = optuna.storages.GrpcStorageProxy if isinstance(storage, ProxyStorage) else optuna.storages.RDBStorage
+    return getattr(plain, name)(storage, *args)
+
+
+def rdb_storage(storage: optuna.storages.BaseStorage) -> optuna.storages.RDBStorage | ProxyStorage:
+    """The `RDBStorage` under a study's storage (Optuna wraps it in a cache), or its
+    storage proxy."""
     return getattr(storage, "_backend", storage)
 
 
@@ -182,12 +195,18 @@ def study_lock(storage: optuna.storages.RDBStorage, study_id: int) -> Iterator[N
     second connection, which 100 workers blocked in the lock on a 100-connection server
     (or on a PgBouncer pool) would leave it without. SQLite: an exclusive `flock` on
     `<file>.hpo-lock` beside the database (SQLite is one machine only). Other backends: a
-    lock within this process only.
+    lock within this process only. Through a storage proxy: the proxy's lock, asked for
+    the same way as on PostgreSQL.
     """
     global _lock_wait
+    asked = time.perf_counter()
+    if isinstance(storage, ProxyStorage):
+        with storage.study_lock(study_id, _LOCK_FIRST_PAUSE, _LOCK_MAX_PAUSE):
+            _lock_wait += time.perf_counter() - asked
+            yield
+        return
     url = storage.url
     backend = sqlalchemy.engine.make_url(url).get_backend_name()
-    asked = time.perf_counter()
     if backend == "postgresql":
         pause = _LOCK_FIRST_PAUSE
         while True:
@@ -233,6 +252,10 @@ def write_trial_user_attrs(storage: optuna.storages.RDBStorage, trial_id: int, a
     cache keeps a finished trial as it first saw it: read such attributes back from the
     `RDBStorage` itself (`rdb_storage(...).get_trial_user_attrs`), not through a study.
     """
+    if isinstance(storage, ProxyStorage):
+        storage.call("write_trial_user_attrs", trial_id=trial_id, attrs=attrs)
+        return
+
     def write() -> None:
         with storage.engine.begin() as conn:
             for key, value in attrs.items():
@@ -262,7 +285,7 @@ def claim_work(storage: optuna.storages.RDBStorage, study_id: int, key: str,
     with study_lock(storage, study_id):
         if done():
             return False
-        claim = _study_system_attr(storage, study_id, key)
+        claim = study_system_attr(storage, study_id, key)
         if claim is not None and _claim_live(claim):
             return False
         storage.set_study_system_attr(study_id, key, {"by": _claimant(), "at": time.time()})
@@ -272,7 +295,7 @@ def claim_work(storage: optuna.storages.RDBStorage, study_id: int, key: str,
 def release_claim(storage: optuna.storages.RDBStorage, study_id: int, key: str) -> None:
     """Give back this process's claim on `key` (one another process took over is left alone)."""
     with study_lock(storage, study_id):
-        claim = _study_system_attr(storage, study_id, key)
+        claim = study_system_attr(storage, study_id, key)
         if isinstance(claim, dict) and claim.get("by") == _claimant():
             storage.set_study_system_attr(study_id, key, None)
 
@@ -281,8 +304,12 @@ def _claimant() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _study_system_attr(storage: optuna.storages.RDBStorage, study_id: int, key: str) -> Any:
-    # One row, not `get_study_system_attrs`: that reads every dashboard note of the study.
+def study_system_attr(storage: optuna.storages.RDBStorage | ProxyStorage, study_id: int, key: str) -> Any:
+    """One study system attribute, or None. One row, not `get_study_system_attrs`: that
+    reads every dashboard note of the study."""
+    if isinstance(storage, ProxyStorage):
+        return storage.call("study_system_attr", study_id=study_id, key=key)
+
     def read() -> Any:
         with storage.engine.connect() as conn:
             return conn.execute(sqlalchemy.text("SELECT value_json FROM study_system_attributes "
@@ -314,19 +341,11 @@ def fail_heartless_trials(study: optuna.Study) -> None:
     storage = rdb_storage(study._storage)
     if not getattr(storage, "heartbeat_interval", None):
         return
-    grace = storage.grace_period or 2 * storage.heartbeat_interval
-    query = sqlalchemy.text(
-        "SELECT t.trial_id, t.datetime_start FROM trials t WHERE t.study_id = :sid AND t.state = 'RUNNING' "
-        "AND NOT EXISTS (SELECT 1 FROM trial_heartbeats h WHERE h.trial_id = t.trial_id)")
-    with storage.engine.connect() as conn:
-        rows = conn.execute(query, {"sid": study._study_id}).all()
-    # datetime_start is the starting worker's clock (Optuna writes it), so compare with ours.
-    cutoff = datetime.datetime.now() - datetime.timedelta(seconds=grace)
-    for trial_id, started in rows:
-        if isinstance(started, str):
-            started = datetime.datetime.fromisoformat(started)
-        if started is None or started > cutoff:
-            continue
+    if isinstance(storage, ProxyStorage):
+        trial_ids = storage.call("heartless_trial_ids", study_id=study._study_id)
+    else:
+        trial_ids = heartless_trial_ids(storage, study._study_id)
+    for trial_id in trial_ids:
         try:
             if storage.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL):
                 callback = storage.heartbeat_stale_trial_callback
@@ -334,6 +353,25 @@ def fail_heartless_trials(study: optuna.Study) -> None:
                     callback(study, storage.get_trial(trial_id))
         except optuna.exceptions.UpdateFinishedTrialError:
             pass
+
+
+def heartless_trial_ids(storage: optuna.storages.RDBStorage, study_id: int) -> list[int]:
+    """RUNNING trials without a heartbeat that started more than the grace period ago."""
+    grace = storage.grace_period or 2 * storage.heartbeat_interval
+    query = sqlalchemy.text(
+        "SELECT t.trial_id, t.datetime_start FROM trials t WHERE t.study_id = :sid AND t.state = 'RUNNING' "
+        "AND NOT EXISTS (SELECT 1 FROM trial_heartbeats h WHERE h.trial_id = t.trial_id)")
+    with storage.engine.connect() as conn:
+        rows = conn.execute(query, {"sid": study_id}).all()
+    # datetime_start is the starting process's clock (Optuna writes it), so compare with ours.
+    cutoff = datetime.datetime.now() - datetime.timedelta(seconds=grace)
+    stale = []
+    for trial_id, started in rows:
+        if isinstance(started, str):
+            started = datetime.datetime.fromisoformat(started)
+        if started is not None and started <= cutoff:
+            stale.append(trial_id)
+    return stale
 
 
 @dataclass(frozen=True)
@@ -364,6 +402,8 @@ def count_trials(storage: optuna.storages.RDBStorage, study_id: int) -> TrialCou
     A failed trial counts against the budget when it carries `fail_reason` (the objective
     failed on its own); one without (its worker died or was stopped) does not.
     """
+    if isinstance(storage, ProxyStorage):
+        return TrialCounts(**storage.call("counts", study_id=study_id))
     query = sqlalchemy.text(
         "SELECT t.state, CASE WHEN EXISTS (SELECT 1 FROM trial_user_attributes a "
         f"WHERE a.trial_id = t.trial_id AND a.key = '{ATTR_FAIL_REASON}') THEN 1 ELSE 0 END AS own, COUNT(*) "

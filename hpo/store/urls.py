@@ -13,16 +13,45 @@ from typing import Any
 
 import sqlalchemy
 
-from hpo.errors import StorageError
+from hpo.errors import OptionError, StorageError
 
 
 DEFAULT_STORAGE = "sqlite:///hpo.db"
 STORAGE_ENV = "HPO_STORAGE"
+# `grpc://host:port`: an `hpo storage-proxy` in front of the database (workers only).
+PROXY_SCHEME = "grpc://"
 
 
 def resolve_storage_url(url: str | None = None) -> str:
     """The storage URL to use: the given one, else `HPO_STORAGE`, else `sqlite:///hpo.db`."""
     return url or os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE
+
+
+def proxy_address(url: str) -> tuple[str, int] | None:
+    """(host, port) of a `grpc://host:port` URL, or None for a database URL.
+
+    Raises:
+        OptionError: A grpc URL without a host and a port.
+    """
+    if not url.startswith(PROXY_SCHEME):
+        return None
+    host, _, port = url[len(PROXY_SCHEME):].rstrip("/").rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise OptionError("--storage", f"{url!r} is not a storage proxy's URL; expected grpc://HOST:PORT, "
+                                       "e.g. grpc://localhost:13000")
+    return host.strip("[]"), int(port)
+
+
+def refuse_proxy(url: str, what: str) -> None:
+    """`what` (reports, SQL, the dashboard) reads the database's tables itself: it needs
+    the database's URL, not a storage proxy's.
+
+    Raises:
+        StorageError: `url` names a storage proxy.
+    """
+    if url.startswith(PROXY_SCHEME):
+        raise StorageError(f"{url} is a storage proxy, which serves workers; {what} read the database itself: "
+                           "pass the database's URL (the --storage hpo storage-proxy was started with)")
 
 
 def mask_url(url: str) -> str:
@@ -33,8 +62,9 @@ def mask_url(url: str) -> str:
         return url
 
 
-def engine_kwargs(url: str) -> dict:
-    """SQLAlchemy engine settings for the backend the URL names."""
+def engine_kwargs(url: str, connections: int = 1) -> dict:
+    """SQLAlchemy engine settings for the backend the URL names; a server's engine keeps
+    `connections` open between calls (a worker needs one, a storage proxy a few)."""
     if url.startswith("sqlite"):
         # Several local workers write one file: wait for the lock instead of failing.
         return {"connect_args": {"timeout": 60}}
@@ -42,7 +72,8 @@ def engine_kwargs(url: str) -> dict:
     # A worker keeps one connection between calls and opens at most two more at once (the
     # trial it starts while holding the admission lock's; its heartbeat thread's), closed
     # again after use: N workers hold about N of the server's max_connections, not 2-6 N.
-    kwargs: dict[str, Any] = {"pool_pre_ping": True, "pool_size": 1, "max_overflow": 2, "pool_recycle": 300}
+    kwargs: dict[str, Any] = {"pool_pre_ping": True, "pool_size": connections, "max_overflow": 2,
+                              "pool_recycle": 300}
     if sqlalchemy.engine.make_url(url).get_driver_name() == "psycopg":
         # No server-side prepared statements (psycopg makes them for a query run five
         # times): a pooler in transaction mode (PgBouncer) hands each transaction to

@@ -188,6 +188,38 @@ def package_env(extra: dict[str, str]) -> dict[str, str]:
             "PYTHONPATH": os.pathsep.join(filter(None, [package_root(), os.environ.get("PYTHONPATH")]))}
 
 
+def start_storage_proxy(storage_url: str, threads: int | None = None,
+                        wait_seconds: float = 60.0) -> tuple[subprocess.Popen, str]:
+    """An `hpo storage-proxy` process on `storage_url`, on a free loopback port; it and its
+    `grpc://` URL, once it listens. Stop it with SIGTERM.
+
+    Raises:
+        HpoError: It exited, or did not listen within `wait_seconds`, with its last line.
+    """
+    from hpo.errors import HpoError
+
+    cmd = [sys.executable, "-m", "hpo", "storage-proxy", "--storage", storage_url, "--port", "0"]
+    if threads is not None:
+        cmd += ["--threads", str(threads)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=package_env({PARENT_ENV: str(os.getpid())}))
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + wait_seconds
+    while time.monotonic() < deadline and proc.poll() is None:
+        found = [w for line in list(lines) for w in line.split() if w.startswith("grpc://")]
+        if found:
+            return proc, found[0].rstrip(";,")
+        time.sleep(0.05)
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+    reader.join(timeout=5)
+    raise HpoError(f"hpo storage-proxy on {storage_url} did not start: "
+                   f"{(lines[-1] if lines else 'no output').strip()}")
+
+
 def _relay(stream, prefix: str, echo: Callable[[str], None], lock: threading.Lock) -> None:
     for line in stream:
         with lock:

@@ -28,7 +28,8 @@ from hpo.errors import HpoError, TrialFailed
 from hpo.record import ATTR_FAIL_REASON, ATTR_INTERRUPTED, ATTR_PRUNED_AT, ATTR_UNDECIDED_AGAINST, ATTR_WORKER
 from hpo.specs import StudySpec
 from hpo.store.faults import classify_storage_error, retry_storage_call
-from hpo.store.storage import STOP_ATTR, TrialCounts, count_trials, fail_heartless_trials, rdb_storage, study_lock
+from hpo.store.storage import (STOP_ATTR, TrialCounts, call_once, count_trials, fail_heartless_trials, rdb_storage,
+                               study_lock)
 from hpo.study.objective import Objective
 from hpo.study.race import add_incumbent_seeds
 from hpo.study.signals import Interrupted, check_stop, record_signals, signals_held, stop_requested
@@ -382,7 +383,7 @@ def _give_back(study: optuna.Study, trial: optuna.Trial, reason: str, retry: boo
     """
     storage = rdb_storage(study._storage)
     call = (lambda name, *args: getattr(storage, name)(*args)) if retry else (
-        lambda name, *args: getattr(optuna.storages.RDBStorage, name)(storage, *args))
+        lambda name, *args: call_once(storage, name, *args))
     with signals_held():
         try:
             call("set_trial_user_attr", trial._trial_id, ATTR_INTERRUPTED, reason)
@@ -424,7 +425,7 @@ class _Heartbeat:
     def _beat(self) -> None:
         while not self.stop.wait(self.interval):
             try:
-                optuna.storages.RDBStorage.record_heartbeat(self.storage, self.trial_id)
+                self.storage.record_heartbeat(self.trial_id)
             except Exception:  # noqa: BLE001 - the next beat retries
                 pass
 

@@ -1,0 +1,279 @@
+"""The storage proxy: one database in, a gRPC port that many workers share out
+(`hpo storage-proxy`), and the workers' side of it (`ProxyStorage`, a `grpc://host:port` URL).
+
+The port serves Optuna's own gRPC storage service (`optuna.storages.GrpcStorageProxy`
+speaks it) and, beside it, what hpo's workers need that Optuna's storage API does not
+have: the study's admission lock, trial counts, heartbeats and the trials whose worker
+died, user attributes written on finished trials, one study attribute. The proxy holds
+a few database connections, however many workers it serves; they hold none.
+
+The admission lock lives in the proxy, so a study's workers either all go through one
+proxy or all connect to the database: a worker on the database and one on the proxy
+would not see each other's lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import signal
+import socket
+import threading
+import time
+import uuid
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Iterator
+
+import optuna
+
+from hpo.errors import StorageError
+from hpo.store.faults import retry
+from hpo.store.urls import proxy_address
+
+SERVICE = "hpo.StorageProxy"
+# A worker holds the admission lock for a few round trips; one that died holding it
+# (the proxy cannot see a client go) loses it after this long.
+LOCK_LEASE_SECONDS = 30.0
+# Optuna's storage calls and ours, each a short database round trip (a call waits in
+# the proxy, not in the worker, while the database is away).
+DEFAULT_THREADS = 32
+DEFAULT_CONNECTIONS = 4
+_METHODS = ("hello", "try_lock", "unlock", "record_heartbeat", "stale_trial_ids", "heartless_trial_ids",
+            "counts", "trial_user_attrs", "write_trial_user_attrs", "study_system_attr")
+
+
+class _Service:
+    """What the proxy answers beside Optuna's storage service: each method takes and
+    returns JSON-able values, against the proxy's own `ResilientRDBStorage`."""
+
+    def __init__(self, storage: optuna.storages.RDBStorage, clock: Callable[[], float] = time.monotonic) -> None:
+        self.storage = storage
+        self.clock = clock
+        self._holders: dict[int, tuple[str, float]] = {}
+        self._guard = threading.Lock()
+
+    def hello(self) -> dict[str, Any]:
+        return {"heartbeat_interval": self.storage.heartbeat_interval, "grace_period": self.storage.grace_period,
+                "optuna": optuna.__version__}
+
+    def try_lock(self, study_id: int, holder: str) -> bool:
+        """Take the study's admission lock for `holder`, unless another holds it (and its
+        lease has not run out). A worker asks again after a pause, as on PostgreSQL: no
+        call waits in the proxy's threads for a lock."""
+        now = self.clock()
+        with self._guard:
+            held = self._holders.get(study_id)
+            if held is not None and held[0] != holder and held[1] > now:
+                return False
+            self._holders[study_id] = (holder, now + LOCK_LEASE_SECONDS)
+            return True
+
+    def unlock(self, study_id: int, holder: str) -> None:
+        with self._guard:
+            if self._holders.get(study_id, ("",))[0] == holder:
+                del self._holders[study_id]
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        self.storage.record_heartbeat(trial_id)
+
+    def stale_trial_ids(self, study_id: int) -> list[int]:
+        return self.storage._get_stale_trial_ids(study_id)
+
+    def heartless_trial_ids(self, study_id: int) -> list[int]:
+        from hpo.store.storage import heartless_trial_ids
+
+        return heartless_trial_ids(self.storage, study_id)
+
+    def counts(self, study_id: int) -> dict[str, Any]:
+        from hpo.store.storage import count_trials
+
+        return dataclasses.asdict(count_trials(self.storage, study_id))
+
+    def trial_user_attrs(self, trial_id: int) -> dict[str, Any]:
+        return self.storage.get_trial_user_attrs(trial_id)
+
+    def write_trial_user_attrs(self, trial_id: int, attrs: dict[str, Any]) -> None:
+        from hpo.store.storage import write_trial_user_attrs
+
+        write_trial_user_attrs(self.storage, trial_id, attrs)
+
+    def study_system_attr(self, study_id: int, key: str) -> Any:
+        from hpo.store.storage import study_system_attr
+
+        return study_system_attr(self.storage, study_id, key)
+
+
+def _encode(value: Any) -> bytes:
+    return json.dumps(value).encode()
+
+
+def _handler(service: _Service) -> Any:
+    import grpc
+
+    def method(name: str) -> Any:
+        call = getattr(service, name)
+
+        def answer(request: dict, context: Any) -> Any:
+            try:
+                # Wrapped: gRPC sends no message at all for a handler's None.
+                return {"value": call(**request)}
+            except KeyError as e:
+                context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+            except Exception as e:  # noqa: BLE001 - the worker hears it as one line, the proxy goes on
+                context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}"[:2000])
+
+        return grpc.unary_unary_rpc_method_handler(answer, request_deserializer=json.loads,
+                                                   response_serializer=_encode)
+
+    return grpc.method_handlers_generic_handler(SERVICE, {name: method(name) for name in _METHODS})
+
+
+def serve_proxy(storage: optuna.storages.RDBStorage, host: str, port: int, *, threads: int = DEFAULT_THREADS,
+                ready: Callable[[int], None] = lambda port: None, stop: threading.Event | None = None) -> None:
+    """Serve `storage` on host:port until SIGTERM or SIGINT (or `stop` is set);
+    `ready(port)` is called once the port listens (port 0 picks a free one).
+
+    Raises:
+        StorageError: The port cannot be taken, or this Optuna has no gRPC proxy.
+    """
+    # gRPC's core logs a port it cannot take on stderr, beside our one line.
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+    try:
+        import grpc
+        from optuna.storages._grpc.auto_generated.api_pb2_grpc import add_StorageServiceServicer_to_server
+        from optuna.storages._grpc.servicer import OptunaStorageProxyService
+    except ImportError as e:
+        raise StorageError(f"this Optuna ({optuna.__version__}) has no gRPC storage proxy, or grpcio is missing "
+                           f"({e}); pip install 'optuna>=5' grpcio protobuf") from e
+    # Not gRPC's default SO_REUSEPORT: a second proxy on a port in use must fail, not
+    # share the port (and the workers) with the first, each with its own admission lock.
+    server = grpc.server(ThreadPoolExecutor(max_workers=threads), options=[("grpc.so_reuseport", 0)])
+    # Optuna's service reads through its trial cache, as `optuna.storages.get_storage` wraps it.
+    add_StorageServiceServicer_to_server(OptunaStorageProxyService(optuna.storages.get_storage(storage)), server)
+    server.add_generic_rpc_handlers((_handler(_Service(storage)),))
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError:
+        bound = 0
+    if not bound:
+        raise StorageError(f"hpo storage-proxy cannot listen on {host}:{port}: the port is taken or the address "
+                           "is not this machine's; pass another --port or --host")
+    stop = stop or threading.Event()
+    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGTERM, signal.SIGINT)} \
+        if threading.current_thread() is threading.main_thread() else {}
+    server.start()
+    try:
+        ready(bound)
+        stop.wait()
+    finally:
+        # Calls in flight finish (a worker's tell is not cut in half); new ones are refused.
+        server.stop(grace=5).wait()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+class ProxyStorage(optuna.storages.GrpcStorageProxy, optuna.storages._heartbeat.BaseHeartbeat):
+    """Optuna's gRPC storage client for a `grpc://host:port` URL (`hpo storage-proxy`),
+    with hpo's calls and heartbeats (their interval and grace period are the proxy's),
+    each call retried like `ResilientRDBStorage`'s while the proxy is away."""
+
+    def __init__(self, url: str, *, retry_seconds: float, connect_seconds: float) -> None:
+        host, port = proxy_address(url)
+        os.environ.setdefault("GRPC_VERBOSITY", "NONE")  # our lines say what went wrong, not its core's
+        self.url = url
+        self.retry_seconds = retry_seconds
+        self.check_stop: Callable[[], None] = lambda: None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            super().__init__(host=host, port=port)
+            from hpo.store.storage import MAX_RETRY, RetryLostTrial
+
+            callback = RetryLostTrial(max_retry=MAX_RETRY)
+        try:
+            self.wait_server_ready(timeout=connect_seconds)
+        except ConnectionError as e:
+            raise StorageError(f"cannot reach the storage proxy at {url} for {connect_seconds:.0f} s: check the "
+                               f"address, or start one there with hpo storage-proxy --storage DATABASE_URL "
+                               f"--port {port}") from e
+        hello = self.call("hello")
+        self.heartbeat_interval: int | None = hello["heartbeat_interval"]
+        self.grace_period: int | None = hello["grace_period"]
+        self.heartbeat_stale_trial_callback = callback if self.heartbeat_interval else None
+
+    def _setup(self) -> None:
+        super()._setup()
+        self._calls = {name: self._channel.unary_unary(f"/{SERVICE}/{name}", request_serializer=_encode,
+                                                       response_deserializer=json.loads) for name in _METHODS}
+
+    def call(self, name: str, **request: Any) -> Any:
+        """One of the proxy's own calls (`_Service`), retried while the proxy is away."""
+        return retry(lambda: self.call_once(name, **request), self.url, self.retry_seconds,
+                     check_stop=self.check_stop)
+
+    def call_once(self, name: str, **request: Any) -> Any:
+        import grpc
+
+        try:
+            return self._calls[name](request)["value"]
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.NOT_FOUND:
+                raise KeyError(e.details()) from e
+            if e.code() == grpc.StatusCode.INTERNAL:
+                raise StorageError(f"storage proxy {self.url}: {e.details()}") from e
+            raise
+
+    @contextlib.contextmanager
+    def study_lock(self, study_id: int, first_pause: float, max_pause: float) -> Iterator[None]:
+        """The proxy's admission lock for the study (see `_Service.try_lock`)."""
+        import random
+
+        holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
+        pause = first_pause
+        while not self.call("try_lock", study_id=study_id, holder=holder):
+            time.sleep(random.uniform(0, pause))
+            pause = min(2 * pause, max_pause)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(Exception):  # the lease runs out on its own
+                self.call_once("unlock", study_id=study_id, holder=holder)
+
+    # BaseHeartbeat: what Optuna's `fail_stale_trials` and hpo's workers use.
+    def record_heartbeat(self, trial_id: int) -> None:
+        self.call_once("record_heartbeat", trial_id=trial_id)
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        return self.call("stale_trial_ids", study_id=study_id)
+
+    def get_heartbeat_interval(self) -> int | None:
+        return self.heartbeat_interval
+
+    def get_heartbeat_stale_trial_callback(self) -> Callable | None:
+        return self.heartbeat_stale_trial_callback
+
+    def get_trial_user_attrs(self, trial_id: int) -> dict[str, Any]:
+        # From the database: attributes written on a finished trial after this process
+        # first read it (a confirmation) are not in the client's trial cache.
+        return self.call("trial_user_attrs", trial_id=trial_id)
+
+
+def _retried(name: str) -> Callable:
+    base = getattr(optuna.storages.GrpcStorageProxy, name)
+
+    def method(self: ProxyStorage, *args: Any, **kwargs: Any) -> Any:
+        return retry(lambda: base(self, *args, **kwargs), self.url, self.retry_seconds, check_stop=self.check_stop)
+
+    method.__name__ = method.__qualname__ = name
+    method.__doc__ = base.__doc__
+    return method
+
+
+for _name in ("create_new_study", "delete_study", "set_study_user_attr", "set_study_system_attr",
+              "get_study_id_from_name", "get_study_name_from_id", "get_study_directions", "get_study_user_attrs",
+              "get_study_system_attrs", "get_all_studies", "create_new_trial", "set_trial_param",
+              "set_trial_state_values", "set_trial_intermediate_value", "set_trial_user_attr",
+              "set_trial_system_attr", "get_trial_id_from_study_id_trial_number", "get_trial", "get_all_trials"):
+    setattr(ProxyStorage, _name, _retried(_name))

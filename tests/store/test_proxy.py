@@ -1,0 +1,199 @@
+"""The storage proxy, for real: an `hpo storage-proxy` process on a SQLite file and on a
+PostgreSQL database, `hpo worker` processes on `grpc://` in front of it, a worker
+SIGKILLed mid-trial, the proxy itself restarted mid-run, and the bad URLs a user types."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import threading
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from hpo.store.proxy import LOCK_LEASE_SECONDS, _Service
+from hpo.store.storage import get_storage
+from tests.conftest import ROOT, run_hpo, wait_until
+from tests.study.test_workers import by_state, start_hpo, stop_mid_trial, trials_of, wait_for_line, write_study
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_proxy(url: str, port: int, *args: str) -> tuple[subprocess.Popen, str]:
+    proc = start_hpo("storage-proxy", "--storage", url, "--port", str(port), *args)
+    line = wait_for_line(proc, "grpc://")
+    assert f"grpc://127.0.0.1:{port}" in line, line
+    return proc, f"grpc://127.0.0.1:{port}"
+
+
+def stop(*procs: subprocess.Popen) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        p.wait()
+
+
+def test_workers_share_a_study_through_the_proxy_with_an_exact_budget(storage_url, tmp_path):
+    """Four workers on `grpc://`, none with a database connection of its own: exactly the
+    budget runs, nothing is left RUNNING or given back, each trial names its worker, and
+    the reports read the database itself (the proxy's URL gets one line saying so)."""
+    spec = write_study(tmp_path, "proxied", trials=24, epoch_seconds=0.0)
+    run_hpo("create", str(spec), "--storage", storage_url)
+    proxy, grpc_url = start_proxy(storage_url, free_port())
+    workers = [start_hpo("worker", "--storage", grpc_url, "--study-name", "proxied", "--worker-index", str(i))
+               for i in range(4)]
+    try:
+        for w in workers:
+            out, err = w.communicate(timeout=300)
+            assert w.returncode == 0, out + err
+            assert "given back" in out and ", 0 given back" in out, out
+    finally:
+        stop(*workers, proxy)
+    trials = trials_of(storage_url, "proxied")
+    assert len(trials) == 24 and len(by_state(trials, TrialState.COMPLETE)) == 24
+    assert len({t.user_attrs["worker"] for t in trials}) > 1
+    refused = run_hpo("report", "--storage", grpc_url, check=False)
+    assert refused.returncode != 0 and "is a storage proxy" in refused.stderr, refused.stderr
+    assert "Traceback" not in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+    assert "proxied" in run_hpo("report", "--storage", storage_url).stdout
+
+
+def test_a_sigkilled_worker_behind_the_proxy_has_its_trial_retried(tmp_path):
+    """Heartbeats go through the proxy: a worker SIGKILLed mid-trial is seen dead after
+    the proxy's grace period, and its trial is failed and run again with the same params."""
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    spec = write_study(tmp_path, "killed", trials=8)
+    run_hpo("create", str(spec), "--storage", url)
+    proxy, grpc_url = start_proxy(url, free_port(), "--heartbeat-interval", "1", "--grace-period", "3")
+    workers = [start_hpo("worker", "--storage", grpc_url, "--study-name", "killed")]
+    try:
+        killed_number = stop_mid_trial(workers[0], url)
+        workers[0].kill()
+        workers[0].wait()
+        workers += [start_hpo("worker", "--storage", grpc_url, "--study-name", "killed") for _ in range(2)]
+        for w in workers[1:]:
+            out, err = w.communicate(timeout=300)
+            assert w.returncode == 0, out + err
+    finally:
+        stop(*workers, proxy)
+    trials = trials_of(url, "killed")
+    assert len(by_state(trials, TrialState.COMPLETE)) == 8 and not by_state(trials, TrialState.RUNNING)
+    killed = by_state(trials, TrialState.FAIL)
+    assert [t.number for t in killed] == [killed_number] and "fail_reason" not in killed[0].user_attrs
+    retries = [t for t in trials if t.system_attrs.get("failed_trial") == killed_number]
+    assert len(retries) == 1 and retries[0].params == killed[0].params
+
+
+def test_workers_wait_for_a_restarted_proxy_and_finish_the_budget(tmp_path):
+    """The proxy is stopped and started again on its port while two workers run: each
+    says it is waiting, carries on once it answers, and the budget ends exact."""
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    spec = write_study(tmp_path, "restart", trials=24, epoch_seconds=0.1)
+    run_hpo("create", str(spec), "--storage", url)
+    port = free_port()
+    proxy, grpc_url = start_proxy(url, port)
+    workers = [start_hpo("worker", "--storage", grpc_url, "--study-name", "restart") for _ in range(2)]
+    errors: list[str] = []
+    readers = [threading.Thread(target=lambda w=w: errors.extend(w.stderr), daemon=True) for w in workers]
+    for r in readers:
+        r.start()
+    try:
+        wait_for_line(workers[0], "trial ")
+        proxy.terminate()
+        proxy.wait(timeout=60)
+        wait_until(lambda: any("waiting for" in line for line in errors), "a worker to meet the outage")
+        proxy, _ = start_proxy(url, port)
+        for w in workers:
+            w.wait(timeout=300)
+            assert w.returncode == 0, "".join(errors)
+        for r in readers:
+            r.join(timeout=60)
+    finally:
+        stop(*workers, proxy)
+    err = "".join(errors)
+    assert "not answering" in err and "reachable again" in err, err
+    trials = trials_of(url, "restart")
+    finished = by_state(trials, TrialState.COMPLETE)
+    assert len(finished) == 24 and not by_state(trials, TrialState.RUNNING), [(t.number, t.state) for t in trials]
+
+
+@pytest.mark.parametrize("args, says", [
+    (["worker", "--storage", "grpc://localhost", "--study-name", "x"], "expected grpc://HOST:PORT"),
+    (["worker", "--storage", "grpc://127.0.0.1:{port}", "--study-name", "x"], "cannot reach the storage proxy"),
+    (["worker", "--storage", "grpc://127.0.0.1:{port}", "--study-name", "x", "--grace-period", "30"],
+     "pass it to hpo storage-proxy"),
+    (["storage-proxy", "--storage", "grpc://127.0.0.1:{port}"], "pass the database's URL"),
+    (["sql", "SELECT 1", "--storage", "grpc://127.0.0.1:{port}"], "is a storage proxy"),
+])
+def test_a_wrong_proxy_url_is_one_line(args, says):
+    port = str(free_port())
+    result = run_hpo(*[a.replace("{port}", port) for a in args], check=False, timeout=120)
+    assert result.returncode != 0 and says in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_the_proxy_port_taken_is_one_line(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_hpo("storage-proxy", "--storage", f"sqlite:///{tmp_path / 'p.db'}", "--port", str(port),
+                         check=False, timeout=120)
+    assert result.returncode != 0 and "cannot listen" in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_the_admission_lock_is_one_holders_until_released_or_its_lease_runs_out(tmp_path):
+    """The proxy's lock on a real storage: a second holder is refused while the first
+    holds it, gets it once released, and takes over a holder that never came back."""
+    clock = [0.0]
+    service = _Service(get_storage(f"sqlite:///{tmp_path / 'p.db'}"), clock=lambda: clock[0])
+    assert service.try_lock(1, "a") and not service.try_lock(1, "b")
+    assert service.try_lock(2, "b")  # another study's lock is its own
+    service.unlock(1, "b")  # not b's to give back
+    assert not service.try_lock(1, "b")
+    service.unlock(1, "a")
+    assert service.try_lock(1, "b")
+    assert service.try_lock(3, "dead")
+    clock[0] = LOCK_LEASE_SECONDS - 1
+    assert not service.try_lock(3, "live")
+    clock[0] = LOCK_LEASE_SECONDS + 1
+    assert service.try_lock(3, "live")
+
+
+def test_scale_drill_through_the_proxy_holds_few_connections(postgres):
+    """`hpo bench-workers scale --proxy`: sixteen workers through one proxy on PostgreSQL,
+    the budget exact, and the server never saw more connections than the proxy keeps
+    (4, and 2 more at busy moments) and the drill's own engine (1, and 2 more)."""
+    url = postgres.create_database()
+    result = run_hpo("bench-workers", "scale", "--storage", url, "--workers", "16", "--trials-per-worker", "1",
+                     "--proxy", timeout=600)
+    line = result.stdout.strip().splitlines()[-1]
+    assert "via a storage proxy" in line and "budget 100/100 exact, 0 running, 0 workers failed" in line, line
+    peak = int(line.split("peak ")[1].split()[0])
+    assert 1 <= peak <= (4 + 2) + (1 + 2) < 16, line
+
+
+def test_optuna_alone_reads_a_study_through_the_proxy(tmp_path):
+    """What the proxy serves is Optuna's own gRPC storage: a plain `GrpcStorageProxy`
+    loads the study hpo's workers wrote."""
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    spec = write_study(tmp_path, "plain", trials=3, epoch_seconds=0.0)
+    run_hpo("run", str(spec), "--storage", url)
+    port = free_port()
+    proxy, _ = start_proxy(url, port)
+    try:
+        code = ("import optuna, warnings; warnings.simplefilter('ignore'); "
+                f"s = optuna.storages.GrpcStorageProxy(host='127.0.0.1', port={port}); "
+                "print(len(optuna.load_study(study_name='plain', storage=s).trials))")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    finally:
+        stop(proxy)
+    assert out.stdout.strip() == "3", out.stderr
+    assert len(optuna.load_study(study_name="plain", storage=url).trials) == 3
