@@ -87,15 +87,22 @@ def _open_storage(storage: str, heartbeat_interval: int | None, grace_period: in
     """The study database; `create=False` (commands that only join or read a study) first
     checks that a SQLite file exists, so a mistyped path creates no empty database."""
     from hpo.store.storage import GRACE_PERIOD, HEARTBEAT_INTERVAL, get_storage
-    from hpo.store.urls import existing_sqlite_path, proxy_address
+    from hpo.store.urls import existing_sqlite_path
 
-    if proxy_address(storage) is not None and (heartbeat_interval or grace_period):
-        raise OptionError("--heartbeat-interval" if heartbeat_interval else "--grace-period",
-                          "is the storage proxy's, the same for all its workers: pass it to hpo storage-proxy")
+    _check_proxy_options(storage, heartbeat_interval, grace_period)
     if not create:
         existing_sqlite_path(storage)
     return get_storage(storage, heartbeat_interval=heartbeat_interval or HEARTBEAT_INTERVAL,
                        grace_period=grace_period or GRACE_PERIOD, command=command, connections=connections)
+
+
+def _check_proxy_options(storage: str, heartbeat_interval: int | None, grace_period: int | None) -> None:
+    """Heartbeat settings belong to a storage proxy, not to the workers behind it."""
+    from hpo.store.urls import proxy_address
+
+    if proxy_address(storage) is not None and (heartbeat_interval or grace_period):
+        raise OptionError("--heartbeat-interval" if heartbeat_interval else "--grace-period",
+                          "is the storage proxy's, the same for all its workers: pass it to hpo storage-proxy")
 
 
 def _storage_arg(storage: str) -> str:
@@ -154,6 +161,7 @@ def run(study: str, storage: str, study_name: str | None, trials: int | None, ti
     from hpo.store.storage import count_trials, rdb_storage
     from hpo.study.run import run_study
 
+    _check_proxy_options(storage, heartbeat_interval, grace_period)
     spec = load_spec(study).with_overrides(seeds=seeds, max_epochs=max_epochs, trials=trials, name=study_name)
     resumed = json.loads(os.environ.pop(RESUMED_ENV, "") or "null")
     if workers == "auto":
@@ -305,8 +313,10 @@ def confirm(study_name: str | None, storage: str, top: int, seeds: int) -> None:
     study_name = _study_name_or_only(study_name, storage)
     optuna_study, spec = load_study(_open_storage(storage, None, None, "confirm", create=False), study_name)
     done = confirm_study(optuna_study, spec, top, seeds, echo=click.echo)
-    click.echo(f"confirmed {plural(len(done), 'trial')} here; "
-               f"see hpo report --study-name {shlex.quote(study_name)}{_storage_arg(storage)}")
+    from hpo.store.urls import proxy_address
+
+    where = " --storage DATABASE_URL" if proxy_address(storage) is not None else _storage_arg(storage)
+    click.echo(f"confirmed {plural(len(done), 'trial')} here; see hpo report --study-name {shlex.quote(study_name)}{where}")
 
 
 def _print_summary(spec, summary, storage: str) -> None:
@@ -523,7 +533,7 @@ def report(study_name: str | None, storage: str, top: int, fmt: str, wide: bool)
     expected best score vs number of trials."""
     from hpo.reports.report import build_report, format_report
 
-    study_name = _study_name_or_only(study_name, storage)
+    study_name = _study_name_or_only(study_name, storage, reads_tables=True)
     click.echo(format_report(build_report(storage, study_name, top), fmt, wide=wide))
 
 
@@ -542,7 +552,7 @@ def plot(study_name: str | None, storage: str, top: int, by_param: str | None, t
     or --expected-best (expected best score vs trials), as PNG."""
     from hpo.reports.plots import plot_expected_best, plot_learning_curves, plot_seed_scores
 
-    study_name = _study_name_or_only(study_name, storage)
+    study_name = _study_name_or_only(study_name, storage, reads_tables=True)
     if expected_best:
         path = plot_expected_best(storage, study_name, output or f"{study_name}-expected-best.png")
     elif trial_number is not None:
@@ -590,7 +600,7 @@ def storage_proxy(storage: str, host: str, port: int, threads: int, connections:
     `hpo worker --storage grpc://HOST:PORT`. They hold no database connection; the proxy
     holds a few, however many workers it serves."""
     from hpo.store.proxy import serve_proxy
-    from hpo.store.urls import mask_url, proxy_address
+    from hpo.store.urls import address, mask_url, proxy_address
     from hpo.store.views import create_views
     from hpo.study.local import die_with_parent
 
@@ -601,8 +611,9 @@ def storage_proxy(storage: str, host: str, port: int, threads: int, connections:
     create_views(rdb.engine)
 
     def ready(bound: int) -> None:
-        click.echo(f"storage proxy for {mask_url(storage)} on grpc://{host}:{bound} ({threads} calls at once, "
-                   f"{connections} database connections); workers: hpo worker --storage grpc://{host}:{bound} "
+        where = f"grpc://{address(host, bound)}"
+        click.echo(f"storage proxy for {mask_url(storage)} on {where} ({threads} calls at once, "
+                   f"{connections} database connections); workers: hpo worker --storage {where} "
                    "--study-name NAME; Ctrl-C stops it")
 
     serve_proxy(rdb, host, port, threads=threads, ready=ready)
@@ -720,13 +731,25 @@ def _storage_of(args: list[str]) -> str:
     return mask_url(resolve_storage_url(url))
 
 
-def _study_name_or_only(study_name: str | None, storage: str) -> str:
-    """`--study-name`, or the storage's only study when it was not given."""
+def _study_name_or_only(study_name: str | None, storage: str, reads_tables: bool = False) -> str:
+    """`--study-name`, or the storage's only study when it was not given; a command that
+    `reads_tables` (SQL) is refused a storage proxy first."""
+    from hpo.reports.results import study_names
+    from hpo.store.urls import proxy_address, refuse_proxy
+
+    if reads_tables:
+        refuse_proxy(storage, "reports, plots and hpo sql")
     if study_name:
         return study_name
-    from hpo.reports.results import study_names
+    if proxy_address(storage) is not None:
+        # A storage proxy serves Optuna's calls, not SQL.
+        import optuna
 
-    names = study_names(storage)
+        from hpo.store.storage import get_storage
+
+        names = sorted(optuna.get_all_study_names(get_storage(storage, command="--study-name lookup")))
+    else:
+        names = study_names(storage)
     if len(names) == 1:
         return names[0]
     raise click.UsageError("--study-name is needed: " + (f"this storage holds {len(names)} studies: {', '.join(names)}"

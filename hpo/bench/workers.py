@@ -21,7 +21,7 @@ from hpo.backend import rss_mb
 from hpo.errors import HpoError, TrialFailed
 from hpo.specs import load_spec
 from hpo.store.storage import count_trials, get_storage
-from hpo.store.urls import STORAGE_ENV, mask_url
+from hpo.store.urls import STORAGE_ENV, mask_url, refuse_proxy
 from hpo.study.local import package_env, start_storage_proxy
 from hpo.study.objective import Objective
 from hpo.study.study import create_study, make_pruner, make_sampler, quiet_optuna
@@ -49,6 +49,7 @@ def measure_storage_overhead(url: str, trials: int = 100, study: str = "beale", 
     heartbeats, progress line) and with a plain `study.optimize` on the same database,
     same objective, sampler and pruner, each in a new study. The two grow in turns, a
     `trials / rounds` chunk at a time, so a busy machine slows both alike."""
+    refuse_proxy(url, "plain Optuna's side of this comparison and its database URL")
     quiet_optuna()
     tag = uuid.uuid4().hex[:8]
     spec = load_spec(study).with_overrides(trials=trials, name=f"bench_plain_{tag}")
@@ -149,6 +150,7 @@ def measure_scale(url: str, workers: int, trials: int, study: str = "beale", thr
     exited non-zero. With `through_proxy`, the workers reach the database through an `hpo
     storage-proxy` started for the drill, which holds its connections for them.
     """
+    refuse_proxy(url, "the scale drill's connection count and the database behind it (--proxy puts a proxy in front)")
     spec = load_spec(study).with_overrides(trials=trials, name=f"bench_scale_{workers}_{uuid.uuid4().hex[:8]}")
     storage = get_storage(url)
     hpo_study = create_study(spec, storage)
@@ -194,7 +196,7 @@ def _drill(url: str, worker_url: str, storage, hpo_study, workers: int, trials: 
         if p.returncode or not lines:
             errors += 1
             said[f"worker exit {p.returncode}: {(out.strip().splitlines() or [''])[-1]}"] += 1
-        elif "waiting for the database" in out:
+        elif "waiting for" in out:
             said[f"worker: {out.strip().splitlines()[0]}"] += 1
         else:
             report = json.loads(lines[-1])

@@ -63,12 +63,16 @@ def classify_storage_error(e: BaseException) -> tuple[str, str] | None:
     if code is not None:
         # A storage proxy's answer (`hpo storage-proxy`): away (stopping cancels the calls
         # in flight), or failing on its side.
-        if code in ("UNAVAILABLE", "CANCELLED", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED"):
-            return "transient", f"the storage proxy is not answering ({code.lower()})"
-        if code == "UNKNOWN":
+        if code in ("UNAVAILABLE", "CANCELLED", "DEADLINE_EXCEEDED"):
+            details = (e.details() or "").strip().splitlines()
+            return "transient", f"the storage proxy is not answering ({details[0] if details else code.lower()})"
+        if code in ("UNKNOWN", "RESOURCE_EXHAUSTED"):
             details = (e.details() or "").strip().splitlines()
             return "permanent", f"the storage proxy failed: {details[0] if details else code}"
         return None
+    if isinstance(e, sqlalchemy.exc.TimeoutError):
+        # The engine's pool had no free connection in time: busy, not broken.
+        return "transient", f"every database connection of this process is busy ({first_line(e)})"
     if not isinstance(e, (sqlalchemy.exc.SQLAlchemyError, sqlite3.Error, optuna.exceptions.StorageInternalError)) \
             and type(e).__module__.split(".")[0] not in ("psycopg", "psycopg2"):
         return None  # e.g. Optuna's DuplicatedStudyError, raised from an IntegrityError on purpose
@@ -173,8 +177,9 @@ def retry(call: Callable[[], Any], url: str, retry_seconds: float, command: str 
             if full_seconds is not None and _server_full(e):
                 retry_seconds, deadline, quiet = full_seconds, started + full_seconds, False
             if time.monotonic() + delay > deadline:
+                what = "storage proxy" if _proxy_status(e) else "database"
                 raise StorageError(f"storage {mask_url(url)} unreachable for {retry_seconds:.0f} s: "
-                                   f"{cause}; check the database and run hpo {command} again") from e
+                                   f"{cause}; check the {what} and run hpo {command} again") from e
             if not warned and not quiet:
                 with _outage_lock:
                     waiting = "a free connection" if _server_full(e) else (

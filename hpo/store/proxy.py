@@ -31,11 +31,12 @@ import optuna
 
 from hpo.errors import StorageError
 from hpo.store.faults import retry
-from hpo.store.urls import proxy_address
+from hpo.store.urls import address, proxy_address
 
 SERVICE = "hpo.StorageProxy"
-# A worker holds the admission lock for a few round trips; one that died holding it
-# (the proxy cannot see a client go) loses it after this long.
+# A worker holds the admission lock for a few round trips, and renews it every third of
+# this while it does (a slow database); one that died holding it (the proxy cannot see a
+# client go) loses it after this long.
 LOCK_LEASE_SECONDS = 30.0
 # Optuna's storage calls and ours, each a short database round trip (a call waits in
 # the proxy, not in the worker, while the database is away).
@@ -43,15 +44,23 @@ DEFAULT_THREADS = 32
 DEFAULT_CONNECTIONS = 4
 _METHODS = ("hello", "try_lock", "unlock", "record_heartbeat", "stale_trial_ids", "heartless_trial_ids",
             "counts", "trial_user_attrs", "write_trial_user_attrs", "study_system_attr")
+# Calls that wait in the proxy while the database is away; a heartbeat does not (the next
+# one will do, as on a direct connection), and the lock and hello touch no database.
+_WAITING = ("stale_trial_ids", "heartless_trial_ids", "counts", "trial_user_attrs", "write_trial_user_attrs",
+            "study_system_attr")
+# No limit on a message: a trial's record (every seed's curves) is sent whole.
+_MESSAGE_OPTIONS = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
 
 
 class _Service:
     """What the proxy answers beside Optuna's storage service: each method takes and
     returns JSON-able values, against the proxy's own `ResilientRDBStorage`."""
 
-    def __init__(self, storage: optuna.storages.RDBStorage, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, storage: optuna.storages.RDBStorage, clock: Callable[[], float] = time.monotonic,
+                 cached: optuna.storages.BaseStorage | None = None) -> None:
         self.storage = storage
         self.clock = clock
+        self.cached = cached
         self._holders: dict[int, tuple[str, float]] = {}
         self._guard = threading.Lock()
 
@@ -95,15 +104,48 @@ class _Service:
     def trial_user_attrs(self, trial_id: int) -> dict[str, Any]:
         return self.storage.get_trial_user_attrs(trial_id)
 
-    def write_trial_user_attrs(self, trial_id: int, attrs: dict[str, Any]) -> None:
+    def write_trial_user_attrs(self, trial_id: int, attrs: dict[str, Any], running_only: bool = False) -> None:
         from hpo.store.storage import write_trial_user_attrs
 
-        write_trial_user_attrs(self.storage, trial_id, attrs)
+        write_trial_user_attrs(self.storage, trial_id, attrs, running_only=running_only)
+        if not running_only and self.cached is not None:
+            _refresh_cached_trial(self.cached, self.storage, trial_id)
 
     def study_system_attr(self, study_id: int, key: str) -> Any:
         from hpo.store.storage import study_system_attr
 
         return study_system_attr(self.storage, study_id, key)
+
+
+def _refresh_cached_trial(cached: optuna.storages.BaseStorage, storage: optuna.storages.RDBStorage,
+                          trial_id: int) -> None:
+    """Replace a finished trial in the trial cache of the proxy's Optuna service with the
+    database's (attributes written after it finished, such as a confirmation, are not
+    in the cache). Optuna's cache keeps no public way to do this; where its layout has
+    changed, nothing is done and clients see the trial as it finished."""
+    try:
+        with cached._lock:
+            study_id, number = cached._trial_id_to_study_id_and_number[trial_id]
+            cached._studies[study_id].trials[number] = storage.get_trial(trial_id)
+    except (AttributeError, KeyError):
+        pass
+
+
+class _Waiting:
+    """The proxy's storage as Optuna's service sees it: every call waits out a database
+    fault that goes away by itself (a restart), as a worker's own calls do, instead of
+    failing the worker's call."""
+
+    def __init__(self, storage: optuna.storages.BaseStorage, rdb: optuna.storages.RDBStorage) -> None:
+        self._storage, self._rdb = storage, rdb
+
+    def __getattr__(self, name: str) -> Any:
+        from hpo.store.faults import retry_storage_call
+
+        attr = getattr(self._storage, name)
+        if not callable(attr):
+            return attr
+        return lambda *args, **kwargs: retry_storage_call(self._rdb, lambda: attr(*args, **kwargs))
 
 
 def _encode(value: Any) -> bytes:
@@ -113,16 +155,27 @@ def _encode(value: Any) -> bytes:
 def _handler(service: _Service) -> Any:
     import grpc
 
+    from hpo.store.faults import classify_storage_error, retry_storage_call
+
     def method(name: str) -> Any:
         call = getattr(service, name)
+        waits = name in _WAITING
 
         def answer(request: dict, context: Any) -> Any:
             try:
                 # Wrapped: gRPC sends no message at all for a handler's None.
+                if waits:
+                    return {"value": retry_storage_call(service.storage, lambda: call(**request))}
                 return {"value": call(**request)}
             except KeyError as e:
                 context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+            except optuna.exceptions.UpdateFinishedTrialError as e:
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
             except Exception as e:  # noqa: BLE001 - the worker hears it as one line, the proxy goes on
+                fault = classify_storage_error(e)
+                if fault is not None and fault[0] == "transient":
+                    # The worker waits and asks again (a heartbeat: the next one will do).
+                    context.abort(grpc.StatusCode.UNAVAILABLE, f"the database is away: {fault[1]}")
                 context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}"[:2000])
 
         return grpc.unary_unary_rpc_method_handler(answer, request_deserializer=json.loads,
@@ -150,16 +203,18 @@ def serve_proxy(storage: optuna.storages.RDBStorage, host: str, port: int, *, th
                            f"({e}); pip install 'optuna>=5' grpcio protobuf") from e
     # Not gRPC's default SO_REUSEPORT: a second proxy on a port in use must fail, not
     # share the port (and the workers) with the first, each with its own admission lock.
-    server = grpc.server(ThreadPoolExecutor(max_workers=threads), options=[("grpc.so_reuseport", 0)])
+    server = grpc.server(ThreadPoolExecutor(max_workers=threads),
+                         options=[("grpc.so_reuseport", 0), *_MESSAGE_OPTIONS])
     # Optuna's service reads through its trial cache, as `optuna.storages.get_storage` wraps it.
-    add_StorageServiceServicer_to_server(OptunaStorageProxyService(optuna.storages.get_storage(storage)), server)
-    server.add_generic_rpc_handlers((_handler(_Service(storage)),))
+    cached = optuna.storages.get_storage(storage)
+    add_StorageServiceServicer_to_server(OptunaStorageProxyService(_Waiting(cached, storage)), server)
+    server.add_generic_rpc_handlers((_handler(_Service(storage, cached=cached)),))
     try:
-        bound = server.add_insecure_port(f"{host}:{port}")
+        bound = server.add_insecure_port(address(host, port))
     except RuntimeError:
         bound = 0
     if not bound:
-        raise StorageError(f"hpo storage-proxy cannot listen on {host}:{port}: the port is taken or the address "
+        raise StorageError(f"hpo storage-proxy cannot listen on {address(host, port)}: the port is taken or the address "
                            "is not this machine's; pass another --port or --host")
     stop = stop or threading.Event()
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGTERM, signal.SIGINT)} \
@@ -204,9 +259,26 @@ class ProxyStorage(optuna.storages.GrpcStorageProxy, optuna.storages._heartbeat.
         self.heartbeat_stale_trial_callback = callback if self.heartbeat_interval else None
 
     def _setup(self) -> None:
-        super()._setup()
+        import grpc
+        from optuna.storages._grpc.auto_generated.api_pb2_grpc import StorageServiceStub
+        from optuna.storages._grpc.client import GrpcClientCache
+
+        # Optuna's own channel, with no limit on what it sends either (a trial's record).
+        self._channel = grpc.insecure_channel(address(self._host, self._port), options=_MESSAGE_OPTIONS)
+        self._stub = StorageServiceStub(self._channel)
+        self._cache = GrpcClientCache(self._stub)
         self._calls = {name: self._channel.unary_unary(f"/{SERVICE}/{name}", request_serializer=_encode,
                                                        response_deserializer=json.loads) for name in _METHODS}
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.pop("_calls", None)
+        state.pop("check_stop", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.check_stop = lambda: None
+        super().__setstate__(state)
 
     def call(self, name: str, **request: Any) -> Any:
         """One of the proxy's own calls (`_Service`), retried while the proxy is away."""
@@ -221,13 +293,16 @@ class ProxyStorage(optuna.storages.GrpcStorageProxy, optuna.storages._heartbeat.
         except grpc.RpcError as e:
             if e.code() == grpc.StatusCode.NOT_FOUND:
                 raise KeyError(e.details()) from e
+            if e.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                raise optuna.exceptions.UpdateFinishedTrialError(e.details()) from e
             if e.code() == grpc.StatusCode.INTERNAL:
                 raise StorageError(f"storage proxy {self.url}: {e.details()}") from e
             raise
 
     @contextlib.contextmanager
     def study_lock(self, study_id: int, first_pause: float, max_pause: float) -> Iterator[None]:
-        """The proxy's admission lock for the study (see `_Service.try_lock`)."""
+        """The proxy's admission lock for the study (see `_Service.try_lock`), its lease
+        renewed while this process holds it (the database may be slow, or away)."""
         import random
 
         holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
@@ -235,11 +310,23 @@ class ProxyStorage(optuna.storages.GrpcStorageProxy, optuna.storages._heartbeat.
         while not self.call("try_lock", study_id=study_id, holder=holder):
             time.sleep(random.uniform(0, pause))
             pause = min(2 * pause, max_pause)
+        held = threading.Event()
+
+        def renew() -> None:
+            while not held.wait(LOCK_LEASE_SECONDS / 3):
+                with contextlib.suppress(Exception):  # the proxy is away: it lost the lock anyway
+                    self.call_once("try_lock", study_id=study_id, holder=holder)
+
+        renewer = threading.Thread(target=renew, name=f"lock-{study_id}", daemon=True)
+        renewer.start()
         try:
             yield
         finally:
-            with contextlib.suppress(Exception):  # the lease runs out on its own
-                self.call_once("unlock", study_id=study_id, holder=holder)
+            held.set()
+            renewer.join()
+            with contextlib.suppress(Exception):  # a proxy away for this long lost the lock anyway
+                retry(lambda: self.call_once("unlock", study_id=study_id, holder=holder), self.url,
+                      min(self.retry_seconds, LOCK_LEASE_SECONDS), quiet=True)
 
     # BaseHeartbeat: what Optuna's `fail_stale_trials` and hpo's workers use.
     def record_heartbeat(self, trial_id: int) -> None:

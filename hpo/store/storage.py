@@ -242,8 +242,10 @@ def lock_wait_seconds() -> float:
     return _lock_wait
 
 
-def write_trial_user_attrs(storage: optuna.storages.RDBStorage, trial_id: int, attrs: dict[str, Any]) -> None:
-    """Write user attributes on a trial, finished or not, all in one transaction.
+def write_trial_user_attrs(storage: optuna.storages.RDBStorage | ProxyStorage, trial_id: int, attrs: dict[str, Any],
+                           running_only: bool = False) -> None:
+    """Write user attributes on a trial, finished or not, all in one transaction (with
+    `running_only`, only while it runs, as Optuna's `set_trial_user_attr` would).
 
     Optuna refuses `set_trial_user_attr` once a trial has finished, yet what is learnt
     about a trial later (its confirmation on fresh seeds, seeds added while it was the
@@ -251,13 +253,30 @@ def write_trial_user_attrs(storage: optuna.storages.RDBStorage, trial_id: int, a
     rows go into Optuna's own `trial_user_attributes` table directly. A process's Optuna
     cache keeps a finished trial as it first saw it: read such attributes back from the
     `RDBStorage` itself (`rdb_storage(...).get_trial_user_attrs`), not through a study.
+
+    Raises:
+        UpdateFinishedTrialError: With `running_only`, the trial has finished (another
+            worker took it for dead).
     """
     if isinstance(storage, ProxyStorage):
-        storage.call("write_trial_user_attrs", trial_id=trial_id, attrs=attrs)
+        storage.call("write_trial_user_attrs", trial_id=trial_id, attrs=attrs, running_only=running_only)
+        return
+    if not hasattr(storage, "engine"):
+        # Another Optuna storage (in memory, a journal): its own calls, on a running trial.
+        for key, value in attrs.items():
+            storage.set_trial_user_attr(trial_id, key, value)
         return
 
     def write() -> None:
         with storage.engine.begin() as conn:
+            if running_only:
+                # The trial's row held until commit (PostgreSQL; SQLite writes one at a time).
+                lock = " FOR UPDATE" if conn.dialect.name == "postgresql" else ""
+                state = conn.execute(sqlalchemy.text(f"SELECT state FROM trials WHERE trial_id = :t{lock}"),
+                                     {"t": trial_id}).scalar()
+                if getattr(state, "name", state) != "RUNNING":
+                    raise optuna.exceptions.UpdateFinishedTrialError(
+                        f"trial {trial_id} has finished ({getattr(state, 'name', state)}): its record is not written")
             for key, value in attrs.items():
                 conn.execute(sqlalchemy.text("DELETE FROM trial_user_attributes WHERE trial_id = :t AND key = :k"),
                              {"t": trial_id, "k": key})

@@ -39,7 +39,14 @@ def proxy_address(url: str) -> tuple[str, int] | None:
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise OptionError("--storage", f"{url!r} is not a storage proxy's URL; expected grpc://HOST:PORT, "
                                        "e.g. grpc://localhost:13000")
-    return host.strip("[]"), int(port)
+    if ":" in host and not (host.startswith("[") and host.endswith("]")):
+        raise OptionError("--storage", f"{url!r}: write an IPv6 address in brackets, e.g. grpc://[::1]:13000")
+    return host, int(port)
+
+
+def address(host: str, port: int) -> str:
+    """`host:port` as gRPC takes it, an IPv6 address in brackets."""
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
 def refuse_proxy(url: str, what: str) -> None:
@@ -58,7 +65,7 @@ def mask_url(url: str) -> str:
     """The URL with any password replaced by `***`, safe to print or log."""
     try:
         return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
-    except sqlalchemy.exc.ArgumentError:
+    except (sqlalchemy.exc.ArgumentError, ValueError):
         return url
 
 

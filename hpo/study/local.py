@@ -20,6 +20,7 @@ import optuna
 
 from hpo.backend import available_cores, user_cache_dir
 from hpo.specs import StudySpec
+from hpo.store.urls import STORAGE_ENV, mask_url
 from hpo.study.signals import record_signals, stop_requested, stop_signal
 from hpo.study.workers import RunSummary, best_trial
 from hpo.words import plural
@@ -109,7 +110,6 @@ def run_workers(storage_url: str, spec: StudySpec, workers: int, *, budget: int,
     killed, and its trial is retried after the grace period by the next run.
     """
     from hpo.store.storage import count_trials as _count, get_storage
-    from hpo.store.urls import STORAGE_ENV
 
     echo_err = echo_err or (lambda line: print(line, file=sys.stderr, flush=True))
     threads = worker_threads(workers)
@@ -196,28 +196,35 @@ def start_storage_proxy(storage_url: str, threads: int | None = None,
     Raises:
         HpoError: It exited, or did not listen within `wait_seconds`, with its last line.
     """
+    import queue
+
     from hpo.errors import HpoError
 
-    cmd = [sys.executable, "-m", "hpo", "storage-proxy", "--storage", storage_url, "--port", "0"]
+    # The URL (its password) in the environment, not on a command line others can read.
+    cmd = [sys.executable, "-m", "hpo", "storage-proxy", "--port", "0"]
     if threads is not None:
         cmd += ["--threads", str(threads)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=package_env({PARENT_ENV: str(os.getpid())}))
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
-    reader.start()
+                            env=package_env({STORAGE_ENV: storage_url, PARENT_ENV: str(os.getpid())}))
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
     deadline = time.monotonic() + wait_seconds
-    while time.monotonic() < deadline and proc.poll() is None:
-        found = [w for line in list(lines) for w in line.split() if w.startswith("grpc://")]
+    last = "no output"
+    while time.monotonic() < deadline:
+        try:
+            line = lines.get(timeout=0.1)
+        except queue.Empty:
+            if proc.poll() is not None and lines.empty():
+                break
+            continue
+        last = line.strip() or last
+        found = [w for w in line.split() if w.startswith("grpc://")]
         if found:
             return proc, found[0].rstrip(";,")
-        time.sleep(0.05)
     if proc.poll() is None:
         proc.kill()
     proc.wait()
-    reader.join(timeout=5)
-    raise HpoError(f"hpo storage-proxy on {storage_url} did not start: "
-                   f"{(lines[-1] if lines else 'no output').strip()}")
+    raise HpoError(f"hpo storage-proxy on {mask_url(storage_url)} did not start: {last}")
 
 
 def _relay(stream, prefix: str, echo: Callable[[str], None], lock: threading.Lock) -> None:

@@ -188,7 +188,7 @@ def record_fit(trial: optuna.Trial, fit: RepeatFit) -> dict[str, Any]:
         attrs[ATTR_PREPARED_SECONDS] = round(fit.prepared_seconds, 4)
     if fit.pruned_at_epoch is not None:
         attrs[ATTR_PRUNED_AT] = fit.pruned_at_epoch
-    write_trial_user_attrs(rdb_storage(trial.storage), trial._trial_id, attrs)
+    write_trial_user_attrs(rdb_storage(trial.storage), trial._trial_id, attrs, running_only=True)
     return attrs
 
 

@@ -4,17 +4,21 @@ SIGKILLed mid-trial, the proxy itself restarted mid-run, and the bad URLs a user
 
 from __future__ import annotations
 
+import contextlib
+import queue
 import socket
 import subprocess
 import sys
 import threading
+import time
 
 import optuna
 import pytest
 from optuna.trial import TrialState
 
-from hpo.store.proxy import LOCK_LEASE_SECONDS, _Service
-from hpo.store.storage import get_storage
+from hpo.store import proxy as proxy_module
+from hpo.store.proxy import LOCK_LEASE_SECONDS, _Service, serve_proxy
+from hpo.store.storage import get_storage, write_trial_user_attrs
 from tests.conftest import ROOT, run_hpo, wait_until
 from tests.study.test_workers import by_state, start_hpo, stop_mid_trial, trials_of, wait_for_line, write_study
 
@@ -130,6 +134,9 @@ def test_workers_wait_for_a_restarted_proxy_and_finish_the_budget(tmp_path):
      "pass it to hpo storage-proxy"),
     (["storage-proxy", "--storage", "grpc://127.0.0.1:{port}"], "pass the database's URL"),
     (["sql", "SELECT 1", "--storage", "grpc://127.0.0.1:{port}"], "is a storage proxy"),
+    (["run", "beale", "--storage", "grpc://127.0.0.1:{port}", "--heartbeat-interval", "5"],
+     "pass it to hpo storage-proxy"),
+    (["bench-workers", "scale", "--storage", "grpc://127.0.0.1:{port}", "--workers", "2"], "--proxy puts a proxy"),
 ])
 def test_a_wrong_proxy_url_is_one_line(args, says):
     port = str(free_port())
@@ -197,3 +204,95 @@ def test_optuna_alone_reads_a_study_through_the_proxy(tmp_path):
         stop(proxy)
     assert out.stdout.strip() == "3", out.stderr
     assert len(optuna.load_study(study_name="plain", storage=url).trials) == 3
+
+
+@contextlib.contextmanager
+def proxy_in_this_process(url: str):
+    """`serve_proxy` on a thread of the test (its grpc:// URL), stopped at the end."""
+    ports: queue.Queue[int] = queue.Queue()
+    stop_event = threading.Event()
+    server = threading.Thread(target=serve_proxy, args=(get_storage(url), "127.0.0.1", 0),
+                              kwargs={"ready": ports.put, "stop": stop_event}, daemon=True)
+    server.start()
+    try:
+        yield f"grpc://127.0.0.1:{ports.get(timeout=60)}"
+    finally:
+        stop_event.set()
+        server.join(timeout=60)
+
+
+def test_the_admission_lock_is_renewed_while_its_holder_works(tmp_path, monkeypatch):
+    """A holder slower than the lease (a database that takes its time) keeps the lock:
+    nobody else gets it until it lets go."""
+    monkeypatch.setattr(proxy_module, "LOCK_LEASE_SECONDS", 0.6)
+    with proxy_in_this_process(f"sqlite:///{tmp_path / 'p.db'}") as url:
+        holder, other = get_storage(url), get_storage(url)
+        with holder.study_lock(1, 0.005, 0.05):
+            deadline = time.monotonic() + 2.0  # more than three leases
+            while time.monotonic() < deadline:
+                assert not other.call("try_lock", study_id=1, holder="other")
+                time.sleep(0.1)
+        assert other.call("try_lock", study_id=1, holder="other")
+
+
+def test_a_finished_trial_takes_no_record_meant_for_a_running_one(storage_url, tmp_path):
+    """A trial another worker failed as dead gets no record from the worker that still
+    ran it (as Optuna's own set_trial_user_attr refuses), directly and through the proxy;
+    a confirmation (meant for finished trials) is written, and the proxy's Optuna service
+    shows it to a new client."""
+    study = optuna.create_study(study_name="s", storage=storage_url)
+    trial = study.ask()
+    study.tell(trial, state=TrialState.FAIL)
+    storage = get_storage(storage_url)
+    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
+        write_trial_user_attrs(storage, trial._trial_id, {"mean": 1.0}, running_only=True)
+    with proxy_in_this_process(storage_url) as url:
+        proxied = get_storage(url)
+        assert proxied.get_all_trials(study._study_id)[0].state == TrialState.FAIL  # now in the proxy's cache
+        with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
+            write_trial_user_attrs(proxied, trial._trial_id, {"mean": 1.0}, running_only=True)
+        write_trial_user_attrs(proxied, trial._trial_id, {"confirm_mean": 2.0})
+        fresh = get_storage(url)
+        assert fresh.get_all_trials(study._study_id)[0].user_attrs == {"confirm_mean": 2.0}
+        assert fresh.get_trial(trial._trial_id).user_attrs == {"confirm_mean": 2.0}
+    assert storage.get_trial_user_attrs(trial._trial_id) == {"confirm_mean": 2.0}
+
+
+def test_a_record_larger_than_grpcs_default_message_goes_through(tmp_path):
+    """A trial's record is sent whole: 300 seeds' curves of 1,000 epochs (about 7 MB of
+    JSON, over gRPC's default 4 MB)."""
+    url = f"sqlite:///{tmp_path / 'p.db'}"
+    study = optuna.create_study(study_name="s", storage=url)
+    trial = study.ask()
+    curves = [{"loss": [0.123456789] * 1000, "val_loss": [0.987654321] * 1000} for _ in range(300)]
+    with proxy_in_this_process(url) as proxy_url:
+        write_trial_user_attrs(get_storage(proxy_url), trial._trial_id, {"curves": curves}, running_only=True)
+        assert get_storage(proxy_url).get_trial(trial._trial_id).user_attrs["curves"] == curves
+
+
+def test_workers_behind_the_proxy_survive_a_postgresql_restart(postgres, tmp_path):
+    """PostgreSQL is stopped and started again while two workers run behind the proxy:
+    the proxy waits for it, the workers' calls wait in the proxy (or ask again), and the
+    study ends complete with nothing lost."""
+    url = postgres.create_database()
+    spec = write_study(tmp_path, "pgrestart", trials=12, epoch_seconds=0.05)
+    run_hpo("create", str(spec), "--storage", url)
+    proxy, grpc_url = start_proxy(url, free_port())
+    said: list[str] = []
+    reader = threading.Thread(target=lambda: said.extend(proxy.stderr), daemon=True)
+    reader.start()
+    workers = [start_hpo("worker", "--storage", grpc_url, "--study-name", "pgrestart") for _ in range(2)]
+    try:
+        wait_for_line(workers[0], "trial ")
+        postgres.stop()
+        wait_until(lambda: any("waiting for the database to come back" in line for line in said),
+                   "the proxy to meet the outage")
+        postgres.start()
+        for w in workers:
+            out, err = w.communicate(timeout=300)
+            assert w.returncode == 0, out + err
+    finally:
+        stop(*workers, proxy)
+        postgres.start_if_stopped()
+    trials = trials_of(url, "pgrestart")
+    assert len(by_state(trials, TrialState.COMPLETE)) == 12 and not by_state(trials, TrialState.RUNNING)
