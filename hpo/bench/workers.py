@@ -144,8 +144,8 @@ def measure_scale(url: str, workers: int, trials: int, study: str = "beale", thr
     imported and connected, let them go together.
 
     Trials per second run from the first trial's start to the last one's end (as the
-    database records them); peak connections is the most client connections PostgreSQL's
-    `pg_stat_activity` showed at once (None on SQLite); lock wait sums the seconds the
+    database records them); peak connections is the most client connections to the
+    study's database PostgreSQL's `pg_stat_activity` showed at once (None on SQLite); lock wait sums the seconds the
     workers spent waiting for the study's admission lock; errors counts workers that
     exited non-zero. With `through_proxy`, the workers reach the database through an `hpo
     storage-proxy` started for the drill, which holds its connections for them.
@@ -221,6 +221,7 @@ def _sample_connections(storage, peak: list[int], done) -> None:
     import sqlalchemy
 
     query = sqlalchemy.text("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' "
+                            "AND datname = current_database() "
                             "AND pid <> pg_backend_pid()")
     with storage.engine.connect() as conn:
         while not done.wait(0.05):
