@@ -7,8 +7,8 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from tests.conftest import run_hpo
-from tests.study.test_workers import trials_of
+from tests.conftest import run_hpo, wait_until
+from tests.study.test_workers import start_hpo, trials_of
 
 AHEAD_LSTM = """
 name = "ahead"
@@ -63,3 +63,33 @@ def test_ask_ahead_builds_the_next_trial_while_one_trains_exactly_as_it_would_bu
     for mine, theirs in zip(ahead[:3], alone[:3]):
         assert mine.params == theirs.params
         assert mine.user_attrs["seed_scores"] == pytest.approx(theirs.user_attrs["seed_scores"], rel=1e-6)
+
+
+def test_a_worker_asking_ahead_recovers_a_dead_workers_trial_while_it_runs(tmp_path):
+    """A trial left RUNNING by a dead worker (no heartbeat) is failed and queued again by
+    a live worker that asks ahead within about a heartbeat interval of the grace period
+    running out, not once the budget looks full: ask-ahead admits every trial but the
+    first, so it looks for dead trials too."""
+    (tmp_path / "sweep.toml").write_text(AHEAD_LSTM.replace('name = "ahead"', 'name = "sweep"')
+                                         .replace("trials = 4", "trials = 8"))
+    url = f"sqlite:///{tmp_path / 'sweep.db'}"
+    run_hpo("create", str(tmp_path / "sweep.toml"), "--storage", url)
+    worker = start_hpo("worker", "--storage", url, "--study-name", "sweep", "--heartbeat-interval", "1",
+                       "--grace-period", "3", env={"HPO_ASK_AHEAD": "1", "HPO_CACHE_DIR": str(tmp_path / "cache")})
+    try:
+        wait_until(lambda: any(t.state == TrialState.COMPLETE for t in trials_of(url, "sweep")), "a first trial",
+                   timeout=300)
+        dead = optuna.load_study(study_name="sweep", storage=url).ask()  # its worker died at once
+        out, err = worker.communicate(timeout=300)
+    finally:
+        worker.kill()
+        worker.wait()
+    assert worker.returncode == 0, out + err
+    trials = trials_of(url, "sweep")
+    failed = trials[dead.number]
+    assert failed.state == TrialState.FAIL and not [t for t in trials if t.state == TrialState.RUNNING]
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == 8
+    # Trials the live worker started after the dead one's grace period, before failing it.
+    late = [t.number for t in trials if t.number != dead.number
+            and failed.datetime_start.timestamp() + 4 < t.datetime_start.timestamp() < failed.datetime_complete.timestamp()]
+    assert len(late) <= 2, (late, [(t.number, t.datetime_start, t.datetime_complete) for t in trials])
