@@ -17,7 +17,7 @@ import optuna
 
 from hpo.errors import SpecError
 from hpo.specs import StudySpec, hooks, load_spec, parse_spec
-from hpo.store.urls import DEFAULT_STORAGE, mask_url
+from hpo.store.urls import DEFAULT_STORAGE, mask_url, proxy_address
 from hpo.study.run import describe_start
 from hpo.study.workers import RunSummary
 from hpo.words import format_params, mean_std, noun_for, plural
@@ -89,7 +89,10 @@ def summary_lines(spec: StudySpec, summary: RunSummary, storage: str) -> list[st
         lines.append(f"stored in {mask_url(storage)} (study {spec.name})")
         return lines
     if spec.model.family != "analytic":
-        lines.append(f"export its models with: hpo export --study-name {name}{where} -o {shlex.quote(spec.name)}-models")
+        # Through a storage proxy the winner cannot be chosen (that reads the report): name it.
+        trial = f" --trial {best.number}" if proxy_address(storage) is not None else ""
+        lines.append(f"export its models with: hpo export --study-name {name}{where}{trial} "
+                     f"-o {shlex.quote(spec.name)}-models")
     # Last: a command to copy from the end of the output.
     lines.append(f"stored in {mask_url(storage)} (study {spec.name}); "
                  f"replay it with: hpo replay --study-name {name}{where} {best.number}")

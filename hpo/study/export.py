@@ -163,6 +163,11 @@ def _pick_trial(storage_url: str, study: optuna.Study, spec: StudySpec, number: 
                 ) -> tuple[FrozenTrial, bool]:
     if number is None:
         from hpo.reports.report import build_report
+        from hpo.store.urls import proxy_address
+
+        if proxy_address(storage_url) is not None:
+            raise OptionError("--trial", "through a storage proxy, name the trial to export (choosing the winner "
+                                         "reads the report's tables): --trial N, or pass the database's URL")
 
         # One ranking of trials everywhere: hpo report's (confirmed mean first).
         report = build_report(storage_url, study.study_name, top=1)
