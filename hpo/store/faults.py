@@ -63,11 +63,10 @@ def classify_storage_error(e: BaseException) -> tuple[str, str] | None:
     if code is not None:
         # A storage proxy's answer (`hpo storage-proxy`): away (stopping cancels the calls
         # in flight), or failing on its side.
+        details = (e.details() or "").strip().splitlines()
         if code in ("UNAVAILABLE", "CANCELLED", "DEADLINE_EXCEEDED"):
-            details = (e.details() or "").strip().splitlines()
             return "transient", f"the storage proxy is not answering ({details[0] if details else code.lower()})"
         if code in ("UNKNOWN", "RESOURCE_EXHAUSTED"):
-            details = (e.details() or "").strip().splitlines()
             return "permanent", f"the storage proxy failed: {details[0] if details else code}"
         return None
     if isinstance(e, sqlalchemy.exc.TimeoutError):

@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterator
 import optuna
 
 from hpo.errors import StorageError
-from hpo.store.faults import retry
+from hpo.store.faults import classify_storage_error, retry, retry_storage_call
 from hpo.store.urls import address, proxy_address
 
 SERVICE = "hpo.StorageProxy"
@@ -140,8 +140,6 @@ class _Waiting:
         self._storage, self._rdb = storage, rdb
 
     def __getattr__(self, name: str) -> Any:
-        from hpo.store.faults import retry_storage_call
-
         attr = getattr(self._storage, name)
         if not callable(attr):
             return attr
@@ -154,8 +152,6 @@ def _encode(value: Any) -> bytes:
 
 def _handler(service: _Service) -> Any:
     import grpc
-
-    from hpo.store.faults import classify_storage_error, retry_storage_call
 
     def method(name: str) -> Any:
         call = getattr(service, name)
