@@ -122,7 +122,18 @@ class ResilientRDBStorage(optuna.storages.RDBStorage):
         # Called between retries; a worker sets it to raise once it was asked to stop, so
         # a SIGTERM during a long outage is not held up by the wait.
         self.check_stop: Callable[[], None] = lambda: None
-        super().__init__(url, skip_compatibility_check=True, **kwargs)
+        for attempt in range(_CREATION_ATTEMPTS):
+            try:
+                super().__init__(url, skip_compatibility_check=True, **kwargs)
+                break
+            except sqlalchemy.exc.DatabaseError as e:
+                # Another process created Optuna's tables (or stamped their version) while
+                # this one did: they exist now, so this one's next try finds them.
+                if attempt == _CREATION_ATTEMPTS - 1 or not _created_meanwhile(e):
+                    raise
+                if getattr(self, "engine", None) is not None:
+                    self.engine.dispose()
+                time.sleep(random.uniform(0.05, 0.5))
         self._check_schema()
 
     def _check_schema(self) -> None:
@@ -136,6 +147,21 @@ class ResilientRDBStorage(optuna.storages.RDBStorage):
             raise StorageError(f"storage {mask_url(self.url)}: its tables have Optuna schema {current}, this Optuna "
                                f"({optuna.__version__}) needs {head}; upgrade them with: optuna storage upgrade "
                                f"--storage URL")
+
+
+_CREATION_ATTEMPTS = 5
+# PostgreSQL's errors for a table created by another transaction at the same time:
+# duplicate_table, duplicate_object.
+_CREATED_MEANWHILE = {"42P07", "42710"}
+
+
+def _created_meanwhile(e: sqlalchemy.exc.DatabaseError) -> bool:
+    """Whether opening a database failed because another process was creating the same
+    tables: a duplicate key (opening writes only Optuna's version rows, and PostgreSQL's
+    catalog rows of a new table), a table that exists already."""
+    code = getattr(e.orig, "sqlstate", None) or getattr(e.orig, "pgcode", None)
+    return (isinstance(e, sqlalchemy.exc.IntegrityError) or code in _CREATED_MEANWHILE
+            or "already exists" in str(e.orig))
 
 
 def _retried(name: str) -> Callable:
@@ -180,9 +206,18 @@ def _use_wal(url: str) -> None:
     if os.path.isfile(path):
         check_sqlite_file(path)
 
+    # Switching wants the file to itself: processes opening a new file together are
+    # refused at once ("database is locked", whatever the busy timeout), until one of
+    # them has switched it.
+    deadline = time.monotonic() + 60
     with contextlib.closing(sqlite3.connect(path, timeout=60)) as conn:
-        if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
-            conn.execute("PRAGMA journal_mode=WAL")
+        while conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(random.uniform(0.01, 0.1))
 
 
 @contextlib.contextmanager

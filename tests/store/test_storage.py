@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import sqlite3
+import subprocess
+import sys
+import time
 
 import optuna
 import pytest
 from optuna.trial import TrialState
 
 from hpo.store.storage import count_trials, get_storage, rdb_storage
-from tests.conftest import run_hpo
+from tests.conftest import ROOT, run_hpo
 
 
 def test_password_is_never_printed():
@@ -90,3 +93,17 @@ def test_an_unreachable_postgresql_url_on_run_is_one_line_that_says_run(tmp_path
     assert result.returncode == 1 and len(lines) == 1, lines
     assert lines[0].startswith("error: storage postgresql+psycopg://hpo@127.0.0.1:1/none unreachable")
     assert "run hpo run again" in lines[0] and "worker" not in lines[0]
+
+
+def test_processes_opening_a_fresh_database_at_once_all_open_it(storage_url, tmp_path):
+    """Several processes opening an empty database at the same moment (a compose stack's
+    proxy and `create`, workers started together on a new PostgreSQL): each creating
+    Optuna's tables collides with the others (PostgreSQL: a duplicate key in its catalog;
+    SQLite: a table that already exists); each must open it all the same."""
+    start = time.time() + 3
+    code = ("import sys, time; from hpo.store.storage import get_storage; "
+            f"time.sleep(max(0, {start} - time.time())); get_storage(sys.argv[1]); print('opened')")
+    procs = [subprocess.Popen([sys.executable, "-c", code, storage_url], cwd=ROOT, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(6)]
+    results = [p.communicate(timeout=180) for p in procs]
+    assert all(out.strip() == "opened" for out, _ in results), [err[-600:] for _, err in results]
