@@ -45,7 +45,8 @@ DEFAULT_CONNECTIONS = 4
 _METHODS = ("hello", "try_lock", "unlock", "record_heartbeat", "stale_trial_ids", "heartless_trial_ids",
             "counts", "trial_user_attrs", "write_trial_user_attrs", "study_system_attr")
 # Calls that wait in the proxy while the database is away; a heartbeat does not (the next
-# one will do, as on a direct connection), and the lock and hello touch no database.
+# one will do, as on a direct connection), nor the lock (the worker asks again after a
+# pause), and hello touches no database.
 _WAITING = ("stale_trial_ids", "heartless_trial_ids", "counts", "trial_user_attrs", "write_trial_user_attrs",
             "study_system_attr")
 # No limit on a message: a trial's record (every seed's curves) is sent whole.
@@ -61,7 +62,9 @@ class _Service:
         self.storage = storage
         self.clock = clock
         self.cached = cached
-        self._holders: dict[int, tuple[str, float]] = {}
+        # Per study: its holder, when the holder's lease runs out, and what lets go of
+        # the database's lock taken for it.
+        self._holders: dict[int, tuple[str, float, Callable[[], None]]] = {}
         self._guard = threading.Lock()
 
     def hello(self) -> dict[str, Any]:
@@ -69,21 +72,47 @@ class _Service:
                 "optuna": optuna.__version__}
 
     def try_lock(self, study_id: int, holder: str) -> bool:
-        """Take the study's admission lock for `holder`, unless another holds it (and its
-        lease has not run out). A worker asks again after a pause, as on PostgreSQL: no
-        call waits in the proxy's threads for a lock."""
+        """Take the study's admission lock for `holder` (or renew its lease), unless another
+        holds it and its lease has not run out. The proxy takes the database's own lock
+        for the holder (`try_study_lock`), so workers straight on the database and workers
+        of another proxy in front of it wait for this one too. A worker asks again after a
+        pause, as on PostgreSQL: no call waits in the proxy's threads for a lock."""
+        from hpo.store.storage import try_study_lock
+
         now = self.clock()
         with self._guard:
             held = self._holders.get(study_id)
-            if held is not None and held[0] != holder and held[1] > now:
+            if held is not None and held[0] == holder:
+                self._holders[study_id] = (holder, now + LOCK_LEASE_SECONDS, held[2])
+                return True
+            if held is not None and held[1] > now:
                 return False
-            self._holders[study_id] = (holder, now + LOCK_LEASE_SECONDS)
+            if held is not None:  # its holder never came back
+                del self._holders[study_id]
+                held[2]()
+            release = try_study_lock(self.storage, study_id)
+            if release is None:  # a worker on the database, or another proxy, holds it
+                return False
+            self._holders[study_id] = (holder, now + LOCK_LEASE_SECONDS, release)
             return True
 
     def unlock(self, study_id: int, holder: str) -> None:
         with self._guard:
-            if self._holders.get(study_id, ("",))[0] == holder:
+            held = self._holders.get(study_id)
+            if held is not None and held[0] == holder:
                 del self._holders[study_id]
+                held[2]()
+
+    def expire(self, everyone: bool = False) -> None:
+        """Let go of the locks whose holders' leases ran out (a worker that died holding
+        one: nobody through this proxy may be asking for it, but a worker on the database
+        may be), or of every lock (the proxy stops)."""
+        now = self.clock()
+        with self._guard:
+            for study_id, (_, until, release) in list(self._holders.items()):
+                if everyone or until <= now:
+                    del self._holders[study_id]
+                    release()
 
     def record_heartbeat(self, trial_id: int) -> None:
         self.storage.record_heartbeat(trial_id)
@@ -199,12 +228,12 @@ def serve_proxy(storage: optuna.storages.RDBStorage, host: str, port: int, *, th
                            f"({e}); pip install 'optuna>=5' grpcio protobuf") from e
     # Not gRPC's default SO_REUSEPORT: a second proxy on a port in use must fail, not
     # share the port (and the workers) with the first, each with its own admission lock.
-    server = grpc.server(ThreadPoolExecutor(max_workers=threads),
-                         options=[("grpc.so_reuseport", 0), *_MESSAGE_OPTIONS])
+    server = grpc.server(ThreadPoolExecutor(max_workers=threads), options=[("grpc.so_reuseport", 0), *_MESSAGE_OPTIONS])
     # Optuna's service reads through its trial cache, as `optuna.storages.get_storage` wraps it.
     cached = optuna.storages.get_storage(storage)
     add_StorageServiceServicer_to_server(OptunaStorageProxyService(_Waiting(cached, storage)), server)
-    server.add_generic_rpc_handlers((_handler(_Service(storage, cached=cached)),))
+    service = _Service(storage, cached=cached)
+    server.add_generic_rpc_handlers((_handler(service),))
     try:
         bound = server.add_insecure_port(address(host, port))
     except RuntimeError:
@@ -218,10 +247,12 @@ def serve_proxy(storage: optuna.storages.RDBStorage, host: str, port: int, *, th
     server.start()
     try:
         ready(bound)
-        stop.wait()
+        while not stop.wait(LOCK_LEASE_SECONDS / 3):
+            service.expire()
     finally:
         # Calls in flight finish (a worker's tell is not cut in half); new ones are refused.
         server.stop(grace=5).wait()
+        service.expire(everyone=True)
         for s, handler in previous.items():
             signal.signal(s, handler)
 

@@ -224,14 +224,13 @@ def _use_wal(url: str) -> None:
 def study_lock(storage: optuna.storages.RDBStorage, study_id: int) -> Iterator[None]:
     """Hold the study's admission lock: one worker at a time counts the trials and starts one.
 
-    PostgreSQL: a transaction-level advisory lock (released on commit, or by the server if
-    the connection drops), asked for again after a random pause while another worker
-    holds it, so a waiting worker holds no transaction: the holder's own queries need a
-    second connection, which 100 workers blocked in the lock on a 100-connection server
-    (or on a PgBouncer pool) would leave it without. SQLite: an exclusive `flock` on
-    `<file>.hpo-lock` beside the database (SQLite is one machine only). Other backends: a
-    lock within this process only. Through a storage proxy: the proxy's lock, asked for
-    the same way as on PostgreSQL.
+    PostgreSQL: asked for again after a random pause while another worker holds it
+    (`try_study_lock`), so a waiting worker holds no transaction: the holder's own queries
+    need a second connection, which 100 workers blocked in the lock on a 100-connection
+    server (or on a PgBouncer pool) would leave it without. SQLite: waited for in `flock`
+    (one machine only). Through a storage proxy: the proxy's lock, asked for the same way
+    as on PostgreSQL; the proxy holds the database's lock for it, so workers through a
+    proxy, through another proxy and straight to the database share one lock.
     """
     global _lock_wait
     asked = time.perf_counter()
@@ -240,22 +239,9 @@ def study_lock(storage: optuna.storages.RDBStorage, study_id: int) -> Iterator[N
             _lock_wait += time.perf_counter() - asked
             yield
         return
-    url = storage.url
-    backend = sqlalchemy.engine.make_url(url).get_backend_name()
-    if backend == "postgresql":
-        pause = _LOCK_FIRST_PAUSE
-        while True:
-            with storage.engine.begin() as conn:
-                if conn.execute(sqlalchemy.text("SELECT pg_try_advisory_xact_lock(:ns, :sid)"),
-                                {"ns": _LOCK_NAMESPACE, "sid": study_id}).scalar():
-                    _lock_wait += time.perf_counter() - asked
-                    yield
-                    return
-            time.sleep(random.uniform(0, pause))
-            pause = min(2 * pause, _LOCK_MAX_PAUSE)
-    path = sqlite_path(url)
+    path = sqlite_path(storage.url)
     if path is not None:
-        with open(f"{path}.hpo-lock", "a+") as f:
+        with open(_lock_file(path), "a+") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             _lock_wait += time.perf_counter() - asked
             try:
@@ -263,8 +249,60 @@ def study_lock(storage: optuna.storages.RDBStorage, study_id: int) -> Iterator[N
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
         return
-    with _local_lock:
+    pause = _LOCK_FIRST_PAUSE
+    while (release := try_study_lock(storage, study_id)) is None:
+        time.sleep(random.uniform(0, pause))
+        pause = min(2 * pause, _LOCK_MAX_PAUSE)
+    _lock_wait += time.perf_counter() - asked
+    try:
         yield
+    finally:
+        release()
+
+
+def try_study_lock(storage: optuna.storages.RDBStorage, study_id: int) -> Callable[[], None] | None:
+    """Take the study's admission lock without waiting: the function that lets it go, or
+    None while another holds it. PostgreSQL: a transaction-level advisory lock in a
+    transaction of its own (let go on rollback, or by the server if the connection drops).
+    SQLite: an exclusive `flock` on `<file>.hpo-lock` beside the database. Other backends:
+    a lock within this process only."""
+    path = sqlite_path(storage.url)
+    if path is not None:
+        f = open(_lock_file(path), "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            return None
+
+        def unlock_file() -> None:
+            fcntl.flock(f, fcntl.LOCK_UN)
+            f.close()
+        return unlock_file
+    if sqlalchemy.engine.make_url(storage.url).get_backend_name() != "postgresql":
+        return _local_lock.release if _local_lock.acquire(blocking=False) else None
+    conn = storage.engine.connect()
+    try:
+        transaction = conn.begin()
+        held = conn.execute(sqlalchemy.text("SELECT pg_try_advisory_xact_lock(:ns, :sid)"),
+                            {"ns": _LOCK_NAMESPACE, "sid": study_id}).scalar()
+    except BaseException:
+        conn.close()
+        raise
+
+    def unlock_database() -> None:
+        # A connection the server dropped has let go already.
+        with contextlib.suppress(sqlalchemy.exc.SQLAlchemyError):
+            transaction.rollback()
+        conn.close()
+    if not held:
+        unlock_database()
+        return None
+    return unlock_database
+
+
+def _lock_file(path: str) -> str:
+    return f"{path}.hpo-lock"
 
 
 _local_lock = threading.Lock()

@@ -68,6 +68,28 @@ def test_workers_share_a_study_through_the_proxy_with_an_exact_budget(storage_ur
     assert "proxied" in run_hpo("report", "--storage", storage_url).stdout
 
 
+def test_workers_of_two_proxies_and_one_on_the_database_share_one_budget(postgres, tmp_path):
+    """Two proxies in front of one PostgreSQL study and a worker straight on it: the
+    admission lock is the database's, so the budget comes out exact, with each kind of
+    worker having run trials."""
+    url = postgres.create_database()
+    spec = write_study(tmp_path, "mixed", trials=30, epoch_seconds=0.0)
+    run_hpo("create", str(spec), "--storage", url)
+    (first, first_url), (second, second_url) = (start_proxy(url, free_port()) for _ in range(2))
+    workers = [start_hpo("worker", "--storage", where, "--study-name", "mixed", "--worker-index", str(i))
+               for i, where in enumerate((first_url, second_url, url))]
+    try:
+        for w in workers:
+            out, err = w.communicate(timeout=300)
+            assert w.returncode == 0, out + err
+    finally:
+        stop(*workers, first, second)
+    trials = trials_of(url, "mixed")
+    assert len(trials) == 30 and len(by_state(trials, TrialState.COMPLETE)) == 30
+    pids = {str(w.pid) for w in workers}
+    assert {t.user_attrs["worker"].rsplit(":", 1)[1] for t in trials} == pids
+
+
 def test_a_sigkilled_worker_behind_the_proxy_has_its_trial_retried(tmp_path):
     """Heartbeats go through the proxy: a worker SIGKILLed mid-trial is seen dead after
     the proxy's grace period, and its trial is failed and run again with the same params."""
@@ -156,22 +178,47 @@ def test_the_proxy_port_taken_is_one_line(tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
-def test_the_admission_lock_is_one_holders_until_released_or_its_lease_runs_out(tmp_path):
+def test_the_admission_lock_is_one_holders_until_released_or_its_lease_runs_out(storage_url):
     """The proxy's lock on a real storage: a second holder is refused while the first
-    holds it, gets it once released, and takes over a holder that never came back."""
+    holds it, gets it once released, and takes over a holder that never came back; the
+    proxy holds the database's own lock meanwhile, so a worker straight on the database
+    (or behind another proxy) waits for it, and gets it once a dead holder's lease runs out."""
+    from hpo.store.storage import try_study_lock
+
     clock = [0.0]
-    service = _Service(get_storage(f"sqlite:///{tmp_path / 'p.db'}"), clock=lambda: clock[0])
+    storage = get_storage(storage_url)
+    service, other_proxy = (_Service(get_storage(storage_url), clock=lambda: clock[0]) for _ in range(2))
+
+    def direct_worker_gets_it(study_id: int = 1) -> bool:
+        release = try_study_lock(storage, study_id)
+        if release is not None:
+            release()
+        return release is not None
+
     assert service.try_lock(1, "a") and not service.try_lock(1, "b")
-    assert service.try_lock(2, "b")  # another study's lock is its own
+    assert not direct_worker_gets_it() and not other_proxy.try_lock(1, "c")
+    assert service.try_lock(1, "a")  # its holder renews the lease
     service.unlock(1, "b")  # not b's to give back
     assert not service.try_lock(1, "b")
     service.unlock(1, "a")
+    assert direct_worker_gets_it()
+    release = try_study_lock(storage, 1)  # a worker on the database holds it: the proxy waits
+    assert not service.try_lock(1, "b")
+    release()
     assert service.try_lock(1, "b")
+    service.unlock(1, "b")
+    if storage_url.startswith("postgresql"):  # SQLite's lock is the file's, for all its studies
+        assert service.try_lock(1, "a") and service.try_lock(2, "b")
+        service.unlock(1, "a"), service.unlock(2, "b")
     assert service.try_lock(3, "dead")
     clock[0] = LOCK_LEASE_SECONDS - 1
-    assert not service.try_lock(3, "live")
+    service.expire()
+    assert not service.try_lock(3, "live") and not direct_worker_gets_it(3)
     clock[0] = LOCK_LEASE_SECONDS + 1
-    assert service.try_lock(3, "live")
+    service.expire()  # the proxy lets go of the dead holder's lock by itself
+    assert direct_worker_gets_it(3) and service.try_lock(3, "live")
+    service.expire(everyone=True)
+    assert direct_worker_gets_it(3)
 
 
 def test_scale_drill_through_the_proxy_holds_few_connections(postgres):
@@ -296,3 +343,4 @@ def test_workers_behind_the_proxy_survive_a_postgresql_restart(postgres, tmp_pat
         postgres.start_if_stopped()
     trials = trials_of(url, "pgrestart")
     assert len(by_state(trials, TrialState.COMPLETE)) == 12 and not by_state(trials, TrialState.RUNNING)
+
