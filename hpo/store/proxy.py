@@ -51,6 +51,26 @@ _WAITING = ("stale_trial_ids", "heartless_trial_ids", "counts", "trial_user_attr
             "study_system_attr")
 # No limit on a message: a trial's record (every seed's curves) is sent whole.
 _MESSAGE_OPTIONS = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
+# A proxy that stops answering without closing its connections (its machine gone, the
+# network cut, the process stopped) would leave a worker's call waiting forever: workers
+# ping it every 20 s and drop a connection whose ping goes 10 s unanswered, so the call
+# fails, and is retried (or given up, in one line) as for a proxy that is down.
+KEEPALIVE_MS = (20_000, 10_000)
+
+
+def _client_options() -> list[tuple[str, int]]:
+    every, within = KEEPALIVE_MS
+    # gRPC 1.8x waits `ping_timeout_ms` (a minute by default) for a ping's answer, whatever
+    # `keepalive_timeout_ms` says: both are set.
+    return [*_MESSAGE_OPTIONS, ("grpc.keepalive_time_ms", every), ("grpc.keepalive_timeout_ms", within),
+            ("grpc.http2.ping_timeout_ms", within), ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0)]
+
+
+# The proxy takes those pings, idle or not, however often (gRPC's server default would
+# close the connection of a client pinging more often than every 5 minutes).
+_SERVER_OPTIONS = [*_MESSAGE_OPTIONS, ("grpc.keepalive_permit_without_calls", 1),
+                   ("grpc.http2.min_recv_ping_interval_without_data_ms", 1_000), ("grpc.http2.max_ping_strikes", 0)]
 
 
 class _Service:
@@ -228,7 +248,7 @@ def serve_proxy(storage: optuna.storages.RDBStorage, host: str, port: int, *, th
                            f"({e}); pip install 'optuna>=5' grpcio protobuf") from e
     # Not gRPC's default SO_REUSEPORT: a second proxy on a port in use must fail, not
     # share the port (and the workers) with the first, each with its own admission lock.
-    server = grpc.server(ThreadPoolExecutor(max_workers=threads), options=[("grpc.so_reuseport", 0), *_MESSAGE_OPTIONS])
+    server = grpc.server(ThreadPoolExecutor(max_workers=threads), options=[("grpc.so_reuseport", 0), *_SERVER_OPTIONS])
     # Optuna's service reads through its trial cache, as `optuna.storages.get_storage` wraps it.
     cached = optuna.storages.get_storage(storage)
     add_StorageServiceServicer_to_server(OptunaStorageProxyService(_Waiting(cached, storage)), server)
@@ -290,8 +310,9 @@ class ProxyStorage(optuna.storages.GrpcStorageProxy, optuna.storages._heartbeat.
         from optuna.storages._grpc.auto_generated.api_pb2_grpc import StorageServiceStub
         from optuna.storages._grpc.client import GrpcClientCache
 
-        # Optuna's own channel, with no limit on what it sends either (a trial's record).
-        self._channel = grpc.insecure_channel(address(self._host, self._port), options=_MESSAGE_OPTIONS)
+        # Optuna's own channel, with no limit on what it sends either (a trial's record),
+        # and pings that notice a proxy gone silent.
+        self._channel = grpc.insecure_channel(address(self._host, self._port), options=_client_options())
         self._stub = StorageServiceStub(self._channel)
         self._cache = GrpcClientCache(self._stub)
         self._calls = {name: self._channel.unary_unary(f"/{SERVICE}/{name}", request_serializer=_encode,

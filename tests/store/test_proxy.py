@@ -344,3 +344,31 @@ def test_workers_behind_the_proxy_survive_a_postgresql_restart(postgres, tmp_pat
     trials = trials_of(url, "pgrestart")
     assert len(by_state(trials, TrialState.COMPLETE)) == 12 and not by_state(trials, TrialState.RUNNING)
 
+
+def test_a_proxy_gone_silent_fails_a_call_instead_of_leaving_it_waiting(tmp_path, monkeypatch):
+    """A proxy that stops answering but keeps its connections open (here: SIGSTOPped; a
+    machine cut off the network looks the same) is noticed by the client's pings: the
+    call fails as a proxy that is away (and is retried, or given up in one line) instead
+    of waiting forever."""
+    import grpc
+    import signal
+
+    monkeypatch.setattr(proxy_module, "KEEPALIVE_MS", (500, 500))
+    url = f"sqlite:///{tmp_path / 'p.db'}"
+    proxy, grpc_url = start_proxy(url, free_port())
+    try:
+        client = get_storage(grpc_url)
+        assert client.call_once("hello")["optuna"] == optuna.__version__
+        proxy.send_signal(signal.SIGSTOP)
+        outcome: queue.Queue = queue.Queue()
+
+        def call() -> None:
+            try:
+                outcome.put(client.call_once("hello"))
+            except grpc.RpcError as e:
+                outcome.put(e.code())
+        threading.Thread(target=call, daemon=True).start()
+        assert outcome.get(timeout=30) == grpc.StatusCode.UNAVAILABLE
+    finally:
+        proxy.send_signal(signal.SIGCONT)
+        stop(proxy)
