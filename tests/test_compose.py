@@ -146,7 +146,7 @@ POSTGRES_IMAGE = "hpo-postgres:local"
 STACK_STUDY = """
 name = "compose_slow"
 seeds = 1
-trials = 20
+trials = TRIALS
 [model]
 family = "analytic"
 function = "beale"
@@ -178,101 +178,161 @@ def _sh(*cmd: str, env: dict | None = None, timeout: float = 1800) -> str:
     return result.stdout
 
 
-@pytest.mark.compose
-def test_the_compose_stack_runs_a_study_through_a_killed_worker_and_a_database_restart(tmp_path):
-    """Build the images, `docker-compose up` postgres, create, two workers and the
-    dashboard; kill a worker mid-trial and restart PostgreSQL mid-run: the study ends with
-    exactly its budget, nothing RUNNING, every trial run by a worker container; the
-    dashboard reads (200) and refuses writes (403); `hpo report` reads it from the host."""
-    import secrets
+class _Stack:
+    """One compose project of the real files (and `extra` ones from the repository) on
+    images built here, with PostgreSQL published on this machine for the test alone, a
+    study of `trials` analytic trials, and what the tests ask of it."""
 
-    _docker_or_skip()
-    if subprocess.run(["docker", "image", "inspect", BASE_IMAGE], capture_output=True).returncode != 0:
-        _sh(str(ROOT / "docker" / "make-base.sh"), BASE_IMAGE)
-    _sh("docker", "build", "-q", "--build-arg", f"BASE={BASE_IMAGE}", "-t", POSTGRES_IMAGE, "docker/postgres")
+    def __init__(self, tmp_path, trials: int, *extra: str) -> None:
+        import secrets
 
-    studies = tmp_path / "studies"
-    studies.mkdir()
-    (studies / "compose_slow.toml").write_text(STACK_STUDY)
-    studies.chmod(0o755)
-    (studies / "compose_slow.toml").chmod(0o644)
-    pg_port, web_port = _free_port(), _free_port()
-    # The test only: PostgreSQL published on this machine, so `hpo report` can read it.
-    override = tmp_path / "override.yml"
-    override.write_text(f"""
+        _docker_or_skip()
+        if subprocess.run(["docker", "image", "inspect", BASE_IMAGE], capture_output=True).returncode != 0:
+            _sh(str(ROOT / "docker" / "make-base.sh"), BASE_IMAGE)
+        _sh("docker", "build", "-q", "--build-arg", f"BASE={BASE_IMAGE}", "-t", POSTGRES_IMAGE, "docker/postgres")
+        studies = tmp_path / "studies"
+        studies.mkdir()
+        (studies / "compose_slow.toml").write_text(STACK_STUDY.replace("TRIALS", str(trials)))
+        studies.chmod(0o755)
+        (studies / "compose_slow.toml").chmod(0o644)
+        pg_port, self.web_port, self.proxy_port = _free_port(), _free_port(), _free_port()
+        # The test only: PostgreSQL published on this machine, so `hpo report` can read it.
+        override = tmp_path / "override.yml"
+        override.write_text(f"""
 services:
   postgres:
     ports: ["127.0.0.1:{pg_port}:5432"]
   create:
     volumes: ["{studies}:/app/test-studies:ro"]
 """)
-    password = secrets.token_hex(12)
-    project = f"hpotest{secrets.token_hex(4)}"
-    env = {**os.environ, "POSTGRES_PASSWORD": password, "HPO_STUDY": "/app/test-studies/compose_slow.toml",
-           "HPO_STUDY_NAME": "compose_slow", "HPO_TRIALS": "20", "HPO_BASE_IMAGE": BASE_IMAGE,
-           "HPO_POSTGRES_IMAGE": POSTGRES_IMAGE, "HPO_DASHBOARD_PORT": str(web_port)}
-    compose_cmd = ["docker-compose", "-p", project, "-f", str(COMPOSE), "-f", str(override)]
-    url = f"postgresql+psycopg://hpo:{password}@127.0.0.1:{pg_port}/hpo"
+        password = secrets.token_hex(12)
+        self.trials_wanted = trials
+        self.env = {**os.environ, "POSTGRES_PASSWORD": password, "HPO_STUDY": "/app/test-studies/compose_slow.toml",
+                    "HPO_STUDY_NAME": "compose_slow", "HPO_TRIALS": str(trials), "HPO_BASE_IMAGE": BASE_IMAGE,
+                    "HPO_POSTGRES_IMAGE": POSTGRES_IMAGE, "HPO_DASHBOARD_PORT": str(self.web_port),
+                    "HPO_PROXY_PORT": str(self.proxy_port)}
+        files = [COMPOSE, *(ROOT / name for name in extra), override]
+        self.cmd = ["docker-compose", "-p", f"hpotest{secrets.token_hex(4)}",
+                    *(arg for f in files for arg in ("-f", str(f)))]
+        self.url = f"postgresql+psycopg://hpo:{password}@127.0.0.1:{pg_port}/hpo"
+        _sh(*self.cmd, "build", env=self.env)
 
-    def trials() -> list:
+    def compose(self, *args: str, timeout: float = 600) -> str:
+        return _sh(*self.cmd, *args, env=self.env, timeout=timeout)
+
+    def trials(self) -> list:
         try:
-            return optuna.load_study(study_name="compose_slow", storage=url).get_trials(deepcopy=False)
+            return optuna.load_study(study_name="compose_slow", storage=self.url).get_trials(deepcopy=False)
         except Exception:  # noqa: BLE001 - not created yet, or the database is restarting
             return []
 
-    def container(service: str) -> list[str]:
-        return _sh(*compose_cmd, "ps", "-q", service, env=env).split()
+    def containers(self, service: str) -> list[str]:
+        return self.compose("ps", "-q", service).split()
 
-    _sh(*compose_cmd, "build", env=env)
-    try:
-        start = time.monotonic()
-        _sh(*compose_cmd, "up", "-d", "--scale", "worker=2", env=env, timeout=600)
-        workers = wait_until(lambda: len(container("worker")) == 2 and container("worker"), "two worker containers",
-                             timeout=600, poll=1)
-        # A worker container killed mid-trial: its trial is retried after the grace period.
-        victim = workers[0]
-        host = _sh("docker", "inspect", "-f", "{{.Config.Hostname}}", victim).strip()
+    @staticmethod
+    def hostname(container: str) -> str:
+        return _sh("docker", "inspect", "-f", "{{.Config.Hostname}}", container).strip()
+
+    def up_with_workers(self, n: int) -> list[str]:
+        self.compose("up", "-d", "--scale", f"worker={n}")
+        return wait_until(lambda: len(self.containers("worker")) == n and self.containers("worker"),
+                          f"{n} worker containers", timeout=600, poll=1)
+
+    def kill_mid_trial(self, victim: str) -> None:
+        """`docker kill` a worker container while it runs a trial: its trial is retried
+        after the grace period."""
+        host = self.hostname(victim)
         wait_until(lambda: any(t.state == TrialState.RUNNING and t.user_attrs.get("worker", "").startswith(f"{host}:")
-                               for t in trials()), "a trial running on the first worker", timeout=600, poll=1)
+                               for t in self.trials()), "a trial running on the first worker", timeout=600, poll=1)
         _sh("docker", "kill", victim)
-        # PostgreSQL restarted mid-run: the workers wait for it and carry on.
-        wait_until(lambda: sum(t.state == TrialState.COMPLETE for t in trials()) >= 8, "8 complete trials", timeout=600, poll=1)
-        _sh("docker", "restart", container("postgres")[0])
 
-        def finished() -> bool:
+    def wait_complete(self, n: int) -> None:
+        wait_until(lambda: sum(t.state == TrialState.COMPLETE for t in self.trials()) >= n, f"{n} complete trials",
+                   timeout=600, poll=1)
+
+    def check_finished(self, workers: list[str], victim: str) -> None:
+        """Every worker container exits (the killed one 137, the others 0); exactly the
+        budget ran, nothing RUNNING, the killed worker's trial lost and retried, every
+        trial run by a worker container."""
+        def finished() -> list[str]:
             states = [_sh("docker", "inspect", "-f", "{{.State.Status}} {{.State.ExitCode}}", c).strip()
-                      for c in container("worker")]
+                      for c in self.containers("worker")]
             return all(s.startswith("exited") for s in states) and states
         states = wait_until(finished, "every worker to finish", timeout=900, poll=1)
-        seconds = time.monotonic() - start
-        print(f"compose stack: up to a finished 20-trial study (with a kill and a restart) in {seconds:.0f} s")
-
-        done = trials()
+        done = self.trials()
         spent = [t for t in done if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
                  or (t.state == TrialState.FAIL and "fail_reason" in t.user_attrs)]
-        assert len(spent) == 20, [(t.number, t.state, t.user_attrs.get("worker")) for t in done]
+        assert len(spent) == self.trials_wanted, [(t.number, t.state, t.user_attrs.get("worker")) for t in done]
         assert not [t for t in done if t.state in (TrialState.RUNNING, TrialState.WAITING)]
         assert any(t.state == TrialState.FAIL and "fail_reason" not in t.user_attrs for t in done)  # the lost one
-        hosts = {_sh("docker", "inspect", "-f", "{{.Config.Hostname}}", c).strip() for c in workers}
+        hosts = {self.hostname(c) for c in workers}
         assert {t.user_attrs["worker"].split(":")[0] for t in spent} <= hosts
-        # Docker does not restart a container it was told to kill; the other worker ends cleanly.
+        # Docker does not restart a container it was told to kill; the others end cleanly.
         exits = {c: _sh("docker", "inspect", "-f", "{{.State.ExitCode}}", c).strip() for c in workers}
-        assert exits == {victim: "137", workers[1]: "0"}, (exits, states)
+        assert exits == {c: "137" if c == victim else "0" for c in workers}, (exits, states)
 
-        base = f"http://127.0.0.1:{web_port}"
+    def report(self) -> None:
+        """`hpo report` from the host reads the study from the database."""
+        report = subprocess.run([sys.executable, "-m", "hpo", "report", "--study-name", "compose_slow"],
+                                capture_output=True, text=True, cwd=ROOT, timeout=300,
+                                env={**os.environ, "HPO_STORAGE": self.url})
+        assert report.returncode == 0 and "compose_slow" in report.stdout, report.stdout + report.stderr
+
+    def __enter__(self) -> "_Stack":
+        return self
+
+    def __exit__(self, kind, *_) -> None:
+        if kind is not None:
+            print(subprocess.run([*self.cmd, "logs", "--tail", "40"], capture_output=True, text=True,
+                                 env=self.env, cwd=ROOT).stdout)
+        subprocess.run([*self.cmd, "down", "-v"], capture_output=True, env=self.env, cwd=ROOT, timeout=300)
+
+
+@pytest.mark.compose
+def test_the_compose_stack_runs_a_study_through_a_killed_worker_and_a_database_restart(tmp_path):
+    """Build the images, `docker-compose up` postgres, create, two workers and the
+    dashboard; kill a worker mid-trial and restart PostgreSQL mid-run: the study ends with
+    exactly its budget, nothing RUNNING, every trial run by a worker container; the
+    dashboard reads (200) and refuses writes (403); `hpo report` reads it from the host."""
+    with _Stack(tmp_path, 20) as stack:
+        start = time.monotonic()
+        workers = stack.up_with_workers(2)
+        stack.kill_mid_trial(workers[0])
+        # PostgreSQL restarted mid-run: the workers wait for it and carry on.
+        stack.wait_complete(8)
+        _sh("docker", "restart", stack.containers("postgres")[0])
+        stack.check_finished(workers, workers[0])
+        print(f"compose stack: up to a finished 20-trial study (with a kill and a restart) in "
+              f"{time.monotonic() - start:.0f} s")
+        base = f"http://127.0.0.1:{stack.web_port}"
         with urllib.request.urlopen(f"{base}/api/studies", timeout=10) as r:
             assert r.status == 200
             assert [s["study_name"] for s in json.loads(r.read())["study_summaries"]] == ["compose_slow"]
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(urllib.request.Request(f"{base}/api/studies/1", method="DELETE"), timeout=10)
         assert refused.value.code == 403
-        report = subprocess.run([sys.executable, "-m", "hpo", "report", "--study-name", "compose_slow"],
-                                capture_output=True, text=True, cwd=ROOT, timeout=300,
-                                env={**os.environ, "HPO_STORAGE": url})
-        assert report.returncode == 0 and "compose_slow" in report.stdout, report.stdout + report.stderr
-    except BaseException:
-        print(subprocess.run([*compose_cmd, "logs", "--tail", "40"], capture_output=True, text=True,
-                             env=env, cwd=ROOT).stdout)
-        raise
-    finally:
-        subprocess.run([*compose_cmd, "down", "-v"], capture_output=True, env=env, cwd=ROOT, timeout=300)
+        stack.report()
+
+
+@pytest.mark.compose
+def test_the_compose_stack_through_the_storage_proxy(tmp_path):
+    """`docker-compose.proxy.yml` beside the main file: the workers reach the study only
+    through the `proxy` container (gRPC), one of them killed mid-trial and the proxy
+    restarted mid-run; the study ends with exactly its budget and nothing RUNNING; the
+    proxy's port is published on this machine and plain Optuna reads the study through it."""
+    with _Stack(tmp_path, 12, "docker-compose.proxy.yml") as stack:
+        workers = stack.up_with_workers(2)
+        for c in workers:
+            env = json.loads(_sh("docker", "inspect", "-f", "{{json .Config.Env}}", c))
+            assert "HPO_STORAGE=grpc://proxy:13000" in env, env
+        stack.kill_mid_trial(workers[0])
+        # The proxy restarted mid-run: the workers wait for it and carry on.
+        stack.wait_complete(4)
+        _sh("docker", "restart", stack.containers("proxy")[0])
+        stack.check_finished(workers, workers[0])
+        code = ("import optuna, warnings; warnings.simplefilter('ignore'); "
+                f"s = optuna.storages.GrpcStorageProxy(host='127.0.0.1', port={stack.proxy_port}); "
+                "print(len(optuna.load_study(study_name='compose_slow', storage=s).trials))")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+        assert out.stdout.strip() == str(len(stack.trials())), out.stderr
+        stack.report()
