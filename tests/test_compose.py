@@ -66,12 +66,24 @@ def test_services_healthcheck_dependencies_and_ports(compose):
     assert [name for name, s in services.items() if "ports" in s] == ["dashboard"]
 
 
+def test_the_proxy_file_puts_the_workers_behind_the_proxy(compose):
+    proxied = yaml.safe_load((ROOT / "docker-compose.proxy.yml").read_text())["services"]
+    assert proxied["worker"]["environment"] == {"HPO_STORAGE": "grpc://proxy:13000"}
+    assert proxied["worker"]["depends_on"] == {"proxy": {"condition": "service_healthy"}}
+    proxy = proxied["proxy"]
+    assert proxy["build"] == compose["x-hpo"]["build"] and proxy["image"] == compose["x-hpo"]["image"]
+    assert proxy["environment"] == compose["x-hpo"]["environment"]  # the database's URL, from .env
+    assert interpolate(proxy["ports"], {}) == ["127.0.0.1:13000:13000"]  # this machine only, unless told
+    assert proxy["command"][:2] == ["hpo", "storage-proxy"] and "healthcheck" in proxy
+
+
 def test_credentials_come_from_the_environment(compose):
     text = COMPOSE.read_text()
     assert "${POSTGRES_PASSWORD:?" in text
-    for service in compose["services"].values():
+    proxied = yaml.safe_load((ROOT / "docker-compose.proxy.yml").read_text())["services"]
+    for service in [*compose["services"].values(), *proxied.values()]:
         for key, value in (service.get("environment") or {}).items():
-            if "PASSWORD" in key or "STORAGE" in key:
+            if "PASSWORD" in key or "postgresql" in value:  # a proxy's grpc:// URL holds none
                 assert "${POSTGRES_PASSWORD" in value, (key, value)
         command = " ".join(service.get("command", []))
         assert "POSTGRES_PASSWORD" not in command and "postgresql" not in command  # never on a command line
