@@ -50,6 +50,12 @@ _PERMANENT = (
 )
 
 
+class LockLost(Exception):
+    """The study's admission lock went while a worker held it (the storage proxy lost it,
+    or could not be reached to let go of it): the worker's admission may have overlapped
+    another's, so its new trial is given back, as when the lock's database connection drops."""
+
+
 def classify_storage_error(e: BaseException) -> tuple[str, str] | None:
     """Tell a database fault that goes away by itself from one that does not.
 
@@ -59,6 +65,8 @@ def classify_storage_error(e: BaseException) -> tuple[str, str] | None:
         disk, a read-only, corrupt or inaccessible database, a constraint violation
         (stop at once); None when `e` is not a database fault at all.
     """
+    if isinstance(e, LockLost):
+        return "transient", str(e)
     code = _proxy_status(e)
     if code is not None:
         # A storage proxy's answer (`hpo storage-proxy`): away (stopping cancels the calls

@@ -7,9 +7,11 @@ have: the study's admission lock, trial counts, heartbeats and the trials whose 
 died, user attributes written on finished trials, one study attribute. The proxy holds
 a few database connections, however many workers it serves; they hold none.
 
-The admission lock lives in the proxy, so a study's workers either all go through one
-proxy or all connect to the database: a worker on the database and one on the proxy
-would not see each other's lock.
+The admission lock is the database's: the proxy takes it for the worker that asked and
+holds it (one connection) while that worker admits its trial, so workers behind this
+proxy, behind another and straight on the database share it. A lock lost meanwhile (its
+connection dropped, its lease run out) is reported when the worker lets go, and the
+worker gives its new trial back.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from typing import Any, Callable, Iterator
 import optuna
 
 from hpo.errors import StorageError
-from hpo.store.faults import classify_storage_error, retry, retry_storage_call
+from hpo.store.faults import LockLost, classify_storage_error, retry, retry_storage_call
 from hpo.store.urls import address, proxy_address
 
 SERVICE = "hpo.StorageProxy"
@@ -42,7 +44,7 @@ LOCK_LEASE_SECONDS = 30.0
 # the proxy, not in the worker, while the database is away).
 DEFAULT_THREADS = 32
 DEFAULT_CONNECTIONS = 4
-_METHODS = ("hello", "try_lock", "unlock", "record_heartbeat", "stale_trial_ids", "heartless_trial_ids",
+_METHODS = ("hello", "try_lock", "renew", "unlock", "record_heartbeat", "stale_trial_ids", "heartless_trial_ids",
             "counts", "trial_user_attrs", "write_trial_user_attrs", "study_system_attr")
 # Calls that wait in the proxy while the database is away; a heartbeat does not (the next
 # one will do, as on a direct connection), nor the lock (the worker asks again after a
@@ -85,6 +87,8 @@ class _Service:
         # Per study: its holder, when the holder's lease runs out, and what lets go of
         # the database's lock taken for it.
         self._holders: dict[int, tuple[str, float, Callable[[], None]]] = {}
+        # Studies whose database lock is being taken (outside the guard) right now.
+        self._taking: set[int] = set()
         self._guard = threading.Lock()
 
     def hello(self) -> dict[str, Any]:
@@ -96,43 +100,71 @@ class _Service:
         holds it and its lease has not run out. The proxy takes the database's own lock
         for the holder (`try_study_lock`), so workers straight on the database and workers
         of another proxy in front of it wait for this one too. A worker asks again after a
-        pause, as on PostgreSQL: no call waits in the proxy's threads for a lock."""
+        pause, as on PostgreSQL: no call waits in the proxy's threads for a lock, and none
+        waits for the database while holding the proxy's guard."""
         from hpo.store.storage import try_study_lock
 
-        now = self.clock()
         with self._guard:
+            now = self.clock()
             held = self._holders.get(study_id)
             if held is not None and held[0] == holder:
                 self._holders[study_id] = (holder, now + LOCK_LEASE_SECONDS, held[2])
                 return True
-            if held is not None and held[1] > now:
+            if (held is not None and held[1] > now) or study_id in self._taking:
                 return False
-            if held is not None:  # its holder never came back
-                del self._holders[study_id]
-                held[2]()
+            dead = self._holders.pop(study_id, None)  # its holder never came back
+            self._taking.add(study_id)
+        try:
+            if dead is not None:
+                _let_go(dead[2])
             release = try_study_lock(self.storage, study_id)
-            if release is None:  # a worker on the database, or another proxy, holds it
-                return False
-            self._holders[study_id] = (holder, now + LOCK_LEASE_SECONDS, release)
-            return True
+        finally:
+            with self._guard:
+                self._taking.discard(study_id)
+        if release is None:  # a worker on the database, or another proxy, holds it
+            return False
+        with self._guard:
+            self._holders[study_id] = (holder, self.clock() + LOCK_LEASE_SECONDS, release)
+        return True
 
-    def unlock(self, study_id: int, holder: str) -> None:
+    def renew(self, study_id: int, holder: str) -> bool:
+        """Renew `holder`'s lease; False where it holds the lock no more (never taken
+        again for it: a lock lost meanwhile must be seen lost at `unlock`)."""
         with self._guard:
             held = self._holders.get(study_id)
-            if held is not None and held[0] == holder:
-                del self._holders[study_id]
-                held[2]()
+            if held is None or held[0] != holder:
+                return False
+            self._holders[study_id] = (holder, self.clock() + LOCK_LEASE_SECONDS, held[2])
+            return True
+
+    def unlock(self, study_id: int, holder: str) -> bool:
+        """Let go of `holder`'s lock. False where it was lost meanwhile: its lease ran out
+        (the holder could not reach the proxy to renew it, or the proxy restarted), or the
+        database dropped the connection that held it; the holder's admission may then
+        have overlapped another's, and the worker gives its trial back."""
+        with self._guard:
+            held = self._holders.get(study_id)
+            if held is None or held[0] != holder:
+                return False
+            del self._holders[study_id]
+        try:
+            held[2]()
+        except Exception as e:  # noqa: BLE001 - a database fault: the lock went with the connection
+            if classify_storage_error(e) is None:
+                raise
+            return False
+        return True
 
     def expire(self, everyone: bool = False) -> None:
         """Let go of the locks whose holders' leases ran out (a worker that died holding
         one: nobody through this proxy may be asking for it, but a worker on the database
         may be), or of every lock (the proxy stops)."""
-        now = self.clock()
         with self._guard:
-            for study_id, (_, until, release) in list(self._holders.items()):
-                if everyone or until <= now:
-                    del self._holders[study_id]
-                    release()
+            now = self.clock()
+            gone = [study_id for study_id, (_, until, _) in self._holders.items() if everyone or until <= now]
+            releases = [self._holders.pop(study_id)[2] for study_id in gone]
+        for release in releases:
+            _let_go(release)
 
     def record_heartbeat(self, trial_id: int) -> None:
         self.storage.record_heartbeat(trial_id)
@@ -164,6 +196,12 @@ class _Service:
         from hpo.store.storage import study_system_attr
 
         return study_system_attr(self.storage, study_id, key)
+
+
+def _let_go(release: Callable[[], None]) -> None:
+    """Let go of a lock nobody holds any more; a connection that dropped already has."""
+    with contextlib.suppress(Exception):
+        release()
 
 
 def _refresh_cached_trial(cached: optuna.storages.BaseStorage, storage: optuna.storages.RDBStorage,
@@ -268,7 +306,8 @@ def serve_proxy(storage: optuna.storages.RDBStorage, host: str, port: int, *, th
     try:
         ready(bound)
         while not stop.wait(LOCK_LEASE_SECONDS / 3):
-            service.expire()
+            with contextlib.suppress(Exception):  # nothing it meets may stop the proxy
+                service.expire()
     finally:
         # Calls in flight finish (a worker's tell is not cut in half); new ones are refused.
         server.stop(grace=5).wait()
@@ -362,19 +401,30 @@ class ProxyStorage(optuna.storages.GrpcStorageProxy, optuna.storages._heartbeat.
 
         def renew() -> None:
             while not held.wait(LOCK_LEASE_SECONDS / 3):
-                with contextlib.suppress(Exception):  # the proxy is away: it lost the lock anyway
-                    self.call_once("try_lock", study_id=study_id, holder=holder)
+                with contextlib.suppress(Exception):  # the proxy is away: unlock will say it was lost
+                    self.call_once("renew", study_id=study_id, holder=holder)
 
         renewer = threading.Thread(target=renew, name=f"lock-{study_id}", daemon=True)
         renewer.start()
-        try:
-            yield
-        finally:
+
+        def unlock() -> bool:
             held.set()
             renewer.join()
-            with contextlib.suppress(Exception):  # a proxy away for this long lost the lock anyway
-                retry(lambda: self.call_once("unlock", study_id=study_id, holder=holder), self.url,
-                      min(self.retry_seconds, LOCK_LEASE_SECONDS), quiet=True)
+            try:
+                return retry(lambda: self.call_once("unlock", study_id=study_id, holder=holder), self.url,
+                             min(self.retry_seconds, LOCK_LEASE_SECONDS), quiet=True)
+            except Exception:  # noqa: BLE001 - a proxy away for this long lost the lock anyway
+                return False
+
+        try:
+            yield
+        except BaseException:
+            unlock()
+            raise
+        if not unlock():
+            raise LockLost(f"storage proxy {self.url}: the study's admission lock was lost while this worker "
+                           "held it (the proxy restarted or could not be reached, or the database dropped the "
+                           "lock's connection)")
 
     # BaseHeartbeat: what Optuna's `fail_stale_trials` and hpo's workers use.
     def record_heartbeat(self, trial_id: int) -> None:

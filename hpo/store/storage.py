@@ -122,14 +122,15 @@ class ResilientRDBStorage(optuna.storages.RDBStorage):
         # Called between retries; a worker sets it to raise once it was asked to stop, so
         # a SIGTERM during a long outage is not held up by the wait.
         self.check_stop: Callable[[], None] = lambda: None
-        for attempt in range(_CREATION_ATTEMPTS):
+        deadline = time.monotonic() + _CREATION_SECONDS
+        while True:
             try:
                 super().__init__(url, skip_compatibility_check=True, **kwargs)
                 break
             except sqlalchemy.exc.DatabaseError as e:
                 # Another process created Optuna's tables (or stamped their version) while
                 # this one did: they exist now, so this one's next try finds them.
-                if attempt == _CREATION_ATTEMPTS - 1 or not _created_meanwhile(e):
+                if time.monotonic() > deadline or not _created_meanwhile(e):
                     raise
                 if getattr(self, "engine", None) is not None:
                     self.engine.dispose()
@@ -149,7 +150,7 @@ class ResilientRDBStorage(optuna.storages.RDBStorage):
                                f"--storage URL")
 
 
-_CREATION_ATTEMPTS = 5
+_CREATION_SECONDS = 30.0
 # PostgreSQL's errors for a table created by another transaction at the same time:
 # duplicate_table, duplicate_object.
 _CREATED_MEANWHILE = {"42P07", "42710"}
@@ -214,6 +215,7 @@ def _use_wal(url: str) -> None:
         while conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
             try:
                 conn.execute("PRAGMA journal_mode=WAL")
+                break  # switched, or kept where WAL cannot be (SQLite then says its mode, no error)
             except sqlite3.OperationalError as e:
                 if "locked" not in str(e) or time.monotonic() > deadline:
                     raise
@@ -263,17 +265,21 @@ def study_lock(storage: optuna.storages.RDBStorage, study_id: int) -> Iterator[N
 def try_study_lock(storage: optuna.storages.RDBStorage, study_id: int) -> Callable[[], None] | None:
     """Take the study's admission lock without waiting: the function that lets it go, or
     None while another holds it. PostgreSQL: a transaction-level advisory lock in a
-    transaction of its own (let go on rollback, or by the server if the connection drops).
-    SQLite: an exclusive `flock` on `<file>.hpo-lock` beside the database. Other backends:
-    a lock within this process only."""
+    transaction of its own, let go at its commit (or by the server, if the connection
+    drops); letting go raises the connection's fault where it dropped meanwhile, so the
+    holder knows that its admission may have overlapped another's. SQLite: an exclusive
+    `flock` on `<file>.hpo-lock` beside the database. Other backends: a lock within this
+    process only."""
     path = sqlite_path(storage.url)
     if path is not None:
         f = open(_lock_file(path), "a+")
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        except BaseException as e:
             f.close()
-            return None
+            if isinstance(e, BlockingIOError):
+                return None
+            raise
 
         def unlock_file() -> None:
             fcntl.flock(f, fcntl.LOCK_UN)
@@ -290,14 +296,17 @@ def try_study_lock(storage: optuna.storages.RDBStorage, study_id: int) -> Callab
         conn.close()
         raise
 
-    def unlock_database() -> None:
-        # A connection the server dropped has let go already.
+    if not held:
         with contextlib.suppress(sqlalchemy.exc.SQLAlchemyError):
             transaction.rollback()
         conn.close()
-    if not held:
-        unlock_database()
         return None
+
+    def unlock_database() -> None:
+        try:
+            transaction.commit()
+        finally:
+            conn.close()
     return unlock_database
 
 

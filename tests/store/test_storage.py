@@ -100,10 +100,17 @@ def test_processes_opening_a_fresh_database_at_once_all_open_it(storage_url, tmp
     proxy and `create`, workers started together on a new PostgreSQL): each creating
     Optuna's tables collides with the others (PostgreSQL: a duplicate key in its catalog;
     SQLite: a table that already exists); each must open it all the same."""
-    start = time.time() + 3
-    code = ("import sys, time; from hpo.store.storage import get_storage; "
-            f"time.sleep(max(0, {start} - time.time())); get_storage(sys.argv[1]); print('opened')")
-    procs = [subprocess.Popen([sys.executable, "-c", code, storage_url], cwd=ROOT, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(6)]
+    go = tmp_path / "go"
+    # Each process imports, says it is ready, and waits for the others: under load the
+    # imports take seconds, and the opening must still come at one moment.
+    code = ("import pathlib, sys, time; from hpo.store.storage import get_storage; "
+            "pathlib.Path(sys.argv[2]).touch(); go = pathlib.Path(sys.argv[3]); "
+            "[time.sleep(0.01) for _ in iter(lambda: go.exists(), True)]; get_storage(sys.argv[1]); print('opened')")
+    procs = [subprocess.Popen([sys.executable, "-c", code, storage_url, str(tmp_path / f"ready{i}"), str(go)],
+                              cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(6)]
+    deadline = time.monotonic() + 180
+    while not all((tmp_path / f"ready{i}").exists() for i in range(6)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    go.touch()
     results = [p.communicate(timeout=180) for p in procs]
     assert all(out.strip() == "opened" for out, _ in results), [err[-600:] for _, err in results]
