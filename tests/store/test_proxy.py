@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import contextlib
 import queue
+import re
 import socket
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import optuna
 import pytest
@@ -397,11 +399,15 @@ def test_a_proxy_gone_silent_fails_a_call_instead_of_leaving_it_waiting(tmp_path
 
     monkeypatch.setattr(proxy_module, "KEEPALIVE_MS", (500, 500))
     url = f"sqlite:///{tmp_path / 'p.db'}"
-    proxy, grpc_url = start_proxy(url, free_port())
+    # A port of its own choosing (--port 0): no other test's server can be the one answering.
+    proxy = start_hpo("storage-proxy", "--storage", url, "--port", "0")
+    grpc_url = re.search(r"grpc://127\.0\.0\.1:\d+", wait_for_line(proxy, "grpc://")).group(0)
     try:
         client = get_storage(grpc_url)
         assert client.call_once("hello")["optuna"] == optuna.__version__
         proxy.send_signal(signal.SIGSTOP)
+        wait_until(lambda: Path(f"/proc/{proxy.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T",
+                   "the proxy to be stopped")
         outcome: queue.Queue = queue.Queue()
 
         def call() -> None:
