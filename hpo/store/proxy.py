@@ -27,7 +27,7 @@ import time
 import uuid
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import optuna
 
@@ -104,13 +104,11 @@ class _Service:
         waits for the database while holding the proxy's guard."""
         from hpo.store.storage import try_study_lock
 
+        if self.renew(study_id, holder):  # it holds it already (its answer was lost on the way)
+            return True
         with self._guard:
-            now = self.clock()
             held = self._holders.get(study_id)
-            if held is not None and held[0] == holder:
-                self._holders[study_id] = (holder, now + LOCK_LEASE_SECONDS, held[2])
-                return True
-            if (held is not None and held[1] > now) or study_id in self._taking:
+            if (held is not None and held[1] > self.clock()) or study_id in self._taking:
                 return False
             dead = self._holders.pop(study_id, None)  # its holder never came back
             self._taking.add(study_id)
@@ -386,17 +384,13 @@ class ProxyStorage(optuna.storages.GrpcStorageProxy, optuna.storages._heartbeat.
                 raise StorageError(f"storage proxy {self.url}: {e.details()}") from e
             raise
 
-    @contextlib.contextmanager
-    def study_lock(self, study_id: int, first_pause: float, max_pause: float) -> Iterator[None]:
-        """The proxy's admission lock for the study (see `_Service.try_lock`), its lease
-        renewed while this process holds it (the database may be slow, or away)."""
-        import random
-
+    def try_study_lock(self, study_id: int) -> Callable[[], None] | None:
+        """The proxy's admission lock for the study (see `_Service.try_lock`), or None while
+        another holds it: the function that lets it go. Its lease is renewed meanwhile (the
+        database may be slow, or away); letting go raises `LockLost` where the proxy lost it."""
         holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
-        pause = first_pause
-        while not self.call("try_lock", study_id=study_id, holder=holder):
-            time.sleep(random.uniform(0, pause))
-            pause = min(2 * pause, max_pause)
+        if not self.call("try_lock", study_id=study_id, holder=holder):
+            return None
         held = threading.Event()
 
         def renew() -> None:
@@ -407,24 +401,19 @@ class ProxyStorage(optuna.storages.GrpcStorageProxy, optuna.storages._heartbeat.
         renewer = threading.Thread(target=renew, name=f"lock-{study_id}", daemon=True)
         renewer.start()
 
-        def unlock() -> bool:
+        def release() -> None:
             held.set()
             renewer.join()
             try:
-                return retry(lambda: self.call_once("unlock", study_id=study_id, holder=holder), self.url,
-                             min(self.retry_seconds, LOCK_LEASE_SECONDS), quiet=True)
+                intact = retry(lambda: self.call_once("unlock", study_id=study_id, holder=holder), self.url,
+                               min(self.retry_seconds, LOCK_LEASE_SECONDS), quiet=True)
             except Exception:  # noqa: BLE001 - a proxy away for this long lost the lock anyway
-                return False
-
-        try:
-            yield
-        except BaseException:
-            unlock()
-            raise
-        if not unlock():
-            raise LockLost(f"storage proxy {self.url}: the study's admission lock was lost while this worker "
-                           "held it (the proxy restarted or could not be reached, or the database dropped the "
-                           "lock's connection)")
+                intact = False
+            if not intact:
+                raise LockLost(f"storage proxy {self.url}: the study's admission lock was lost while this worker "
+                               "held it (the proxy restarted or could not be reached, or the database dropped the "
+                               "lock's connection)")
+        return release
 
     # BaseHeartbeat: what Optuna's `fail_stale_trials` and hpo's workers use.
     def record_heartbeat(self, trial_id: int) -> None:

@@ -223,68 +223,52 @@ def _use_wal(url: str) -> None:
 
 
 @contextlib.contextmanager
-def study_lock(storage: optuna.storages.RDBStorage, study_id: int) -> Iterator[None]:
+def study_lock(storage: optuna.storages.RDBStorage | ProxyStorage, study_id: int) -> Iterator[None]:
     """Hold the study's admission lock: one worker at a time counts the trials and starts one.
 
-    PostgreSQL: asked for again after a random pause while another worker holds it
-    (`try_study_lock`), so a waiting worker holds no transaction: the holder's own queries
-    need a second connection, which 100 workers blocked in the lock on a 100-connection
-    server (or on a PgBouncer pool) would leave it without. SQLite: waited for in `flock`
-    (one machine only). Through a storage proxy: the proxy's lock, asked for the same way
-    as on PostgreSQL; the proxy holds the database's lock for it, so workers through a
-    proxy, through another proxy and straight to the database share one lock.
+    PostgreSQL, and through a storage proxy: asked for again after a random pause while
+    another worker holds it (`try_study_lock`), so a waiting worker holds no transaction:
+    the holder's own queries need a second connection, which 100 workers blocked in the
+    lock on a 100-connection server (or on a PgBouncer pool) would leave it without.
+    SQLite: waited for in `flock` (one machine only). Letting go raises where the lock was
+    lost while held (its connection dropped, `LockLost` through a proxy), unless the
+    holder's own work raised first.
     """
     global _lock_wait
     asked = time.perf_counter()
-    if isinstance(storage, ProxyStorage):
-        with storage.study_lock(study_id, _LOCK_FIRST_PAUSE, _LOCK_MAX_PAUSE):
-            _lock_wait += time.perf_counter() - asked
-            yield
-        return
-    path = sqlite_path(storage.url)
+    path = None if isinstance(storage, ProxyStorage) else sqlite_path(storage.url)
     if path is not None:
-        with open(_lock_file(path), "a+") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            _lock_wait += time.perf_counter() - asked
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
-        return
-    pause = _LOCK_FIRST_PAUSE
-    while (release := try_study_lock(storage, study_id)) is None:
-        time.sleep(random.uniform(0, pause))
-        pause = min(2 * pause, _LOCK_MAX_PAUSE)
+        release = _lock_sqlite_file(path, wait=True)
+    else:
+        pause = _LOCK_FIRST_PAUSE
+        while (release := try_study_lock(storage, study_id)) is None:
+            time.sleep(random.uniform(0, pause))
+            pause = min(2 * pause, _LOCK_MAX_PAUSE)
     _lock_wait += time.perf_counter() - asked
     try:
         yield
-    finally:
-        release()
+    except BaseException:
+        with contextlib.suppress(Exception):  # the holder's own fault is the one to hear
+            release()
+        raise
+    release()
 
 
-def try_study_lock(storage: optuna.storages.RDBStorage, study_id: int) -> Callable[[], None] | None:
+def try_study_lock(storage: optuna.storages.RDBStorage | ProxyStorage,
+                   study_id: int) -> Callable[[], None] | None:
     """Take the study's admission lock without waiting: the function that lets it go, or
     None while another holds it. PostgreSQL: a transaction-level advisory lock in a
     transaction of its own, let go at its commit (or by the server, if the connection
     drops); letting go raises the connection's fault where it dropped meanwhile, so the
     holder knows that its admission may have overlapped another's. SQLite: an exclusive
-    `flock` on `<file>.hpo-lock` beside the database. Other backends: a lock within this
-    process only."""
+    `flock` on `<file>.hpo-lock` beside the database. Through a storage proxy: the
+    proxy's (`ProxyStorage.try_study_lock`). Other backends: a lock within this process
+    only."""
+    if isinstance(storage, ProxyStorage):
+        return storage.try_study_lock(study_id)
     path = sqlite_path(storage.url)
     if path is not None:
-        f = open(_lock_file(path), "a+")
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BaseException as e:
-            f.close()
-            if isinstance(e, BlockingIOError):
-                return None
-            raise
-
-        def unlock_file() -> None:
-            fcntl.flock(f, fcntl.LOCK_UN)
-            f.close()
-        return unlock_file
+        return _lock_sqlite_file(path, wait=False)
     if sqlalchemy.engine.make_url(storage.url).get_backend_name() != "postgresql":
         return _local_lock.release if _local_lock.acquire(blocking=False) else None
     conn = storage.engine.connect()
@@ -310,8 +294,22 @@ def try_study_lock(storage: optuna.storages.RDBStorage, study_id: int) -> Callab
     return unlock_database
 
 
-def _lock_file(path: str) -> str:
-    return f"{path}.hpo-lock"
+def _lock_sqlite_file(path: str, wait: bool) -> Callable[[], None] | None:
+    """An exclusive `flock` on `<file>.hpo-lock` beside a SQLite database, waited for or
+    not (None while another process holds it): the function that lets it go."""
+    f = open(f"{path}.hpo-lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BaseException as e:
+        f.close()
+        if isinstance(e, BlockingIOError):
+            return None
+        raise
+
+    def unlock_file() -> None:
+        fcntl.flock(f, fcntl.LOCK_UN)
+        f.close()
+    return unlock_file
 
 
 _local_lock = threading.Lock()

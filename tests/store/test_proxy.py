@@ -21,7 +21,7 @@ from optuna.trial import TrialState
 from hpo.store import proxy as proxy_module
 from hpo.store.faults import LockLost
 from hpo.store.proxy import LOCK_LEASE_SECONDS, _Service, serve_proxy
-from hpo.store.storage import get_storage, write_trial_user_attrs
+from hpo.store.storage import get_storage, study_lock, write_trial_user_attrs
 from tests.conftest import ROOT, run_hpo, wait_until
 from tests.study.test_workers import by_state, start_hpo, stop_mid_trial, trials_of, wait_for_line, write_study
 
@@ -260,7 +260,7 @@ def test_a_lock_whose_database_connection_dropped_is_reported_lost(postgres):
     assert service.try_lock(7, "b") and service.unlock(7, "b")
     with proxy_in_this_process(url) as grpc_url:
         with pytest.raises(LockLost, match="lost"):
-            with get_storage(grpc_url).study_lock(7, 0.005, 0.05):
+            with study_lock(get_storage(grpc_url), 7):
                 drop_the_locks_connection()
     admin.dispose()
 
@@ -318,7 +318,7 @@ def test_the_admission_lock_is_renewed_while_its_holder_works(tmp_path, monkeypa
     monkeypatch.setattr(proxy_module, "LOCK_LEASE_SECONDS", 0.6)
     with proxy_in_this_process(f"sqlite:///{tmp_path / 'p.db'}") as url:
         holder, other = get_storage(url), get_storage(url)
-        with holder.study_lock(1, 0.005, 0.05):
+        with study_lock(holder, 1):
             deadline = time.monotonic() + 2.0  # more than three leases
             while time.monotonic() < deadline:
                 assert not other.call("try_lock", study_id=1, holder="other")
