@@ -444,8 +444,11 @@ def _compile_epoch(model: Any, compile_numbers_in: Callable[[], None],
         with inputs.tracing(traced, leaves), buckets.tracing(masks, width):
             return jax.vmap(test_replica, in_axes=(0, None, None, None))(state, xv[idx], yv[idx], weights)
 
-    options = _compiler_options()
-    steps = {"train": jax.jit(train_batch, **options), "test": jax.jit(test_batch, **options)}
+    def jitted() -> dict[str, Callable[..., Any]]:
+        options = _compiler_options()
+        return {"train": jax.jit(train_batch, **options), "test": jax.jit(test_batch, **options)}
+
+    steps = jitted()
 
     def run(step: str, knob_values: tuple, width: int, *args: Any) -> tuple[Any, Any]:
         nonlocal traced
@@ -454,7 +457,7 @@ def _compile_epoch(model: Any, compile_numbers_in: Callable[[], None],
             out = steps[step](*args, inputs.values(knob_values), width)
         except knobs.Escaped:
             traced = []
-            steps.update(train=jax.jit(train_batch, **options), test=jax.jit(test_batch, **options))
+            steps.update(jitted())
             compile_numbers_in()
             return steps[step](*args, inputs.values(knob_values), width)
         if len(inputs.exprs) != read:
