@@ -230,6 +230,16 @@ class _Waiting:
             return attr
         return lambda *args, **kwargs: retry_storage_call(self._rdb, lambda: attr(*args, **kwargs))
 
+    def set_trial_param(self, trial_id: int, *args: Any) -> None:
+        # Optuna's cache sets params only on trials it has read or created: a worker's trial
+        # created before this proxy (re)started, and sampled from what the last one said, is
+        # unknown to it (a bare KeyError). The database itself takes it, checking the
+        # distribution as the cache would; a trial the database lacks is still a KeyError.
+        try:
+            retry_storage_call(self._rdb, lambda: self._storage.set_trial_param(trial_id, *args))
+        except KeyError:
+            retry_storage_call(self._rdb, lambda: self._rdb.set_trial_param(trial_id, *args))
+
 
 def _encode(value: Any) -> bytes:
     return json.dumps(value).encode()

@@ -175,13 +175,16 @@ def _retried(name: str) -> Callable:
     return method
 
 
+# Where a public method only hands over to a private one (`create_new_trial` to
+# `_create_new_trial`, ...), the private one is retried: Optuna's cache around a study's
+# storage calls those directly, and TPE reads every trial through `_get_trials`.
 for _name in ("create_new_study", "delete_study", "set_study_user_attr", "set_study_system_attr",
               "get_study_id_from_name", "get_study_name_from_id", "get_study_directions",
               "get_study_user_attrs", "get_study_system_attrs", "get_trial_user_attrs",
-              "get_trial_system_attrs", "get_all_studies", "create_new_trial", "set_trial_param",
+              "get_trial_system_attrs", "get_all_studies", "_create_new_trial", "_set_trial_param",
               "get_trial_param", "set_trial_state_values", "set_trial_intermediate_value",
               "set_trial_user_attr", "set_trial_system_attr", "get_trial_id_from_study_id_trial_number",
-              "get_trial", "get_all_trials", "get_best_trial", "_get_stale_trial_ids"):
+              "get_trial", "_get_trials", "_get_best_trial_id", "_get_stale_trial_ids"):
     setattr(ResilientRDBStorage, _name, _retried(_name))
 
 
@@ -241,7 +244,8 @@ def study_lock(storage: optuna.storages.RDBStorage | ProxyStorage, study_id: int
         release = _lock_sqlite_file(path, wait=True)
     else:
         pause = _LOCK_FIRST_PAUSE
-        while (release := try_study_lock(storage, study_id)) is None:
+        # Asking again is harmless (a failed ask holds nothing), so an outage is waited out.
+        while (release := retry_storage_call(storage, lambda: try_study_lock(storage, study_id))) is None:
             time.sleep(random.uniform(0, pause))
             pause = min(2 * pause, _LOCK_MAX_PAUSE)
     _lock_wait += time.perf_counter() - asked
@@ -460,8 +464,11 @@ def heartless_trial_ids(storage: optuna.storages.RDBStorage, study_id: int) -> l
     query = sqlalchemy.text(
         "SELECT t.trial_id, t.datetime_start FROM trials t WHERE t.study_id = :sid AND t.state = 'RUNNING' "
         "AND NOT EXISTS (SELECT 1 FROM trial_heartbeats h WHERE h.trial_id = t.trial_id)")
-    with storage.engine.connect() as conn:
-        rows = conn.execute(query, {"sid": study_id}).all()
+    def read() -> list:
+        with storage.engine.connect() as conn:
+            return conn.execute(query, {"sid": study_id}).all()
+
+    rows = retry_storage_call(storage, read)
     # datetime_start is the starting process's clock (Optuna writes it), so compare with ours.
     cutoff = datetime.datetime.now() - datetime.timedelta(seconds=grace)
     stale = []
@@ -508,9 +515,12 @@ def count_trials(storage: optuna.storages.RDBStorage, study_id: int) -> TrialCou
         f"WHERE a.trial_id = t.trial_id AND a.key = '{ATTR_FAIL_REASON}') THEN 1 ELSE 0 END AS own, COUNT(*) "
         "FROM trials t WHERE t.study_id = :sid GROUP BY t.state, own")
     stop = sqlalchemy.text("SELECT value_json FROM study_user_attributes WHERE study_id = :sid AND key = :key")
-    with storage.engine.connect() as conn:
-        rows = conn.execute(query, {"sid": study_id}).all()
-        stop_json = conn.execute(stop, {"sid": study_id, "key": STOP_ATTR}).scalar()
+    def read() -> tuple[list, str | None]:
+        with storage.engine.connect() as conn:
+            return (conn.execute(query, {"sid": study_id}).all(),
+                    conn.execute(stop, {"sid": study_id, "key": STOP_ATTR}).scalar())
+
+    rows, stop_json = retry_storage_call(storage, read)
     counts: dict[str, int] = {}
     for state, own, n in rows:
         name = getattr(state, "name", str(state))

@@ -57,8 +57,9 @@ class Objective:
         except TrialFailed as e:
             trial.set_user_attr(ATTR_FAIL_REASON, str(e))
             raise
-        except StorageError:
-            # The database failed, not the trial: the worker gives the trial back.
+        except (StorageError, optuna.exceptions.UpdateFinishedTrialError):
+            # The database failed, not the trial (the worker gives the trial back), or another
+            # worker took this one for dead while the database was away (its copy will run).
             raise
         except Exception as e:  # noqa: BLE001 - any fault in user-shaped code fails this trial only
             reason = f"{type(e).__name__}: {e}"

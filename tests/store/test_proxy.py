@@ -149,7 +149,34 @@ def test_workers_wait_for_a_restarted_proxy_and_finish_the_budget(tmp_path):
     assert "not answering" in err and "reachable again" in err, err
     trials = trials_of(url, "restart")
     finished = by_state(trials, TrialState.COMPLETE)
-    assert len(finished) == 24 and not by_state(trials, TrialState.RUNNING), [(t.number, t.state) for t in trials]
+    assert len(finished) == 24 and not by_state(trials, TrialState.RUNNING), [
+        (t.number, t.state.name, t.user_attrs.get("fail_reason") or t.user_attrs.get("interrupted")) for t in trials]
+
+
+def test_a_trial_begun_before_the_proxy_restarted_takes_its_params_after(tmp_path):
+    """A restarted proxy's trial cache (Optuna's) knows no trial created before it started.
+    A worker sampling such a trial when the proxy came back once got a bare KeyError, and
+    the trial was failed as if by its own fault, spending the budget; its params must be
+    set as any other's."""
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    spec = write_study(tmp_path, "resumed", trials=2)
+    run_hpo("create", str(spec), "--storage", url)
+    port = free_port()
+    proxy, grpc_url = start_proxy(url, port)
+    try:
+        study = optuna.load_study(study_name="resumed", storage=get_storage(grpc_url))
+        trial = study.ask()
+        x = trial.suggest_float("x", -4.5, 4.5)
+        stop(proxy)
+        proxy, _ = start_proxy(url, port)
+        # Sampled from the trials the first proxy gave (Optuna reads them once a trial),
+        # then set through the second.
+        y = trial.suggest_float("y", -4.5, 4.5)
+        study.tell(trial, x + y)
+    finally:
+        stop(proxy)
+    [stored] = trials_of(url, "resumed")
+    assert stored.state == TrialState.COMPLETE and stored.params == {"x": x, "y": y}
 
 
 @pytest.mark.parametrize("args, says", [

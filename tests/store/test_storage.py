@@ -114,3 +114,53 @@ def test_processes_opening_a_fresh_database_at_once_all_open_it(storage_url, tmp
     go.touch()
     results = [p.communicate(timeout=180) for p in procs]
     assert all(out.strip() == "opened" for out, _ in results), [err[-600:] for _, err in results]
+
+
+def test_every_call_of_a_worker_survives_a_dropped_connection(postgres, capsys):
+    """A study's storage is Optuna's cache around hpo's: it reads and writes through private
+    methods (`_get_trials`, `_create_new_trial`, `_set_trial_param`, `_get_best_trial_id`),
+    which must wait out a dropped connection as the public ones do, and so must hpo's own
+    SQL (the budget's count, the admission lock). A PostgreSQL restart once killed TPE's
+    read of the trials mid-query, and the trial was failed as if by its own fault, spending
+    the budget; another killed `hpo run`'s count after its workers had finished."""
+    import psycopg
+    import sqlalchemy
+
+    from hpo.store.storage import heartless_trial_ids, study_lock
+
+    url = postgres.create_database()
+    storage = get_storage(url)
+    study = optuna.create_study(study_name="drop", storage=storage)
+    dropped = []
+
+    def drop_this_connection(conn, cursor, *args) -> None:
+        # The server ends this statement's connection before the statement reaches it, as
+        # a restart or pg_terminate_backend does: the real fault, at a chosen moment.
+        if dropped and dropped[-1] is None:
+            pid = conn.connection.dbapi_connection.info.backend_pid
+            with psycopg.connect(f"host=127.0.0.1 port={postgres.port} user=hpo dbname=postgres",
+                                 autocommit=True) as admin:
+                assert admin.execute("SELECT pg_terminate_backend(%s, 10000)", (pid,)).fetchone()[0]
+            dropped[-1] = pid
+
+    sqlalchemy.event.listen(storage.engine, "before_cursor_execute", drop_this_connection)
+
+    def through_a_drop(call):
+        dropped.append(None)
+        result = call()
+        assert dropped[-1] is not None, "no statement ran, so nothing was dropped"
+        return result
+
+    trial = through_a_drop(study.ask)
+    x = through_a_drop(lambda: trial.suggest_float("x", -1, 1))
+    study.tell(trial, x * x)
+    assert [t.params for t in through_a_drop(study.get_trials)] == [{"x": x}]
+    assert through_a_drop(lambda: study.best_trial).number == trial.number
+    assert through_a_drop(lambda: count_trials(storage, study._study_id)).complete == 1
+    assert through_a_drop(lambda: heartless_trial_ids(storage, study._study_id)) == []
+
+    def admit() -> None:
+        with study_lock(storage, study._study_id):
+            pass
+    through_a_drop(admit)
+    assert "reachable again" in capsys.readouterr().err

@@ -211,8 +211,10 @@ def test_workers_survive_a_postgresql_restart(postgres, tmp_path):
     assert proc.returncode == 0, out + err
     assert "waiting for the database to come back" in err and "reachable again" in err, err  # felt, and survived
     trials = trials_of(url, "restart")
-    assert len(by_state(trials, TrialState.COMPLETE)) == 10
-    assert not by_state(trials, TrialState.RUNNING)
+    seen = [(t.number, t.state.name, t.user_attrs.get("fail_reason") or t.user_attrs.get("interrupted"))
+            for t in trials]
+    assert len(by_state(trials, TrialState.COMPLETE)) == 10, (seen, err)
+    assert not by_state(trials, TrialState.RUNNING), seen
 
 
 # The server refuses every new row of a trial once it has reported two epochs, with the
