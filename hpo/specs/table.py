@@ -79,8 +79,11 @@ class Table:
         self.prefix = prefix
         self._seen: list[str] = []
 
-    def get(self, key: str, default: Any) -> Any:
-        self._seen.append(key)
+    def get(self, key: str, default: Any, listed: bool = True) -> Any:
+        """The key's value (popped: `finish` refuses what is left); not `listed` among the
+        keys an unknown one is told of (what hpo writes itself, not the user)."""
+        if listed:
+            self._seen.append(key)
         return self.raw.pop(key, default)
 
     def table(self, key: str) -> "Table":

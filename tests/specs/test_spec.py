@@ -64,6 +64,8 @@ def test_required_vocabulary_in_default_study():
      "seeds.min", "is missing; adaptive seeds take both bounds, e.g. seeds = { min = 3, max = 15 }; or write seeds = 3"),
     (lambda t: t.replace('metric = "val_loss"', 'metric = "val_loss"\nseeds = { min = 4 }'),
      "seeds.max", "is missing; adaptive seeds take both bounds"),
+    (lambda t: t.replace('metric = "val_loss"', 'metric = "val_loss"\nseeds = "five"'),
+     "seeds", "expected a whole number (seeds = 5), or seeds = { min = 3, max = 15 }"),
 ])
 def test_malformed_spec_names_file_field_and_fix(tmp_path, edit, field, words):
     path = write(tmp_path, edit(GOOD))
@@ -73,6 +75,12 @@ def test_malformed_spec_names_file_field_and_fix(tmp_path, edit, field, words):
     assert message.startswith(f"spec {path}") or "s.toml" in message
     assert f"[{field}]" in message
     assert words in message
+
+
+def test_an_unknown_key_is_told_the_keys_users_write_not_those_hpo_stores():
+    with pytest.raises(SpecError) as e:
+        parse_spec(tomllib.loads(GOOD.replace('metric = "val_loss"', 'metric = "val_loss"\nbase = 3')), source="s.toml")
+    assert "known keys here: " in str(e.value) and "metric" in str(e.value) and "base_dir" not in str(e.value)
 
 
 def test_missing_csv_column_is_named_with_the_columns_there(tmp_path):
