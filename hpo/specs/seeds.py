@@ -24,12 +24,10 @@ class ConfirmSpec:
 
 def parse_seeds(top: "Table") -> tuple[int, int | None]:
     """`seeds = 5` (fixed) or `seeds = { min = 3, max = 15 }` (adaptive): (min, max or None)."""
-    given = top.raw.get("seeds", 3)
-    if not isinstance(given, dict):
-        if isinstance(given, bool) or not isinstance(given, int):
-            raise SpecError(top.source, "seeds", f"expected a whole number (seeds = 5), or seeds = {{ min = 3, max = 15 }} "
-                                                  f"to add seeds while a trial cannot be told apart; got {given!r}")
-        return top.int("seeds", default=3, low=1, high=MAX_SEEDS), None
+    if not isinstance(top.raw.get("seeds"), dict):
+        return top.int("seeds", default=3, low=1, high=MAX_SEEDS,
+                       expected="a whole number (seeds = 5), or seeds = { min = 3, max = 15 } to add seeds while a "
+                                "trial cannot be told apart"), None
     t = top.table("seeds")
     given = set(t.raw)
     low = t.int("min", default=3, low=1, high=MAX_SEEDS)

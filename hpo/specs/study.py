@@ -168,9 +168,7 @@ def parse_spec(raw: dict[str, Any], *, source: str = "<memory>", base_dir: Path 
         raise SpecError(source, "name", 'is empty; name the study, e.g. name = "my_study"')
     description = top.str("description", default="")
     # Written by hpo beside a spec stored in the study database, not by users.
-    stored_dir = top.get("base_dir", None, listed=False)
-    if stored_dir is not None and not isinstance(stored_dir, str):
-        raise SpecError(source, "base_dir", f"expected a string, got {stored_dir!r}")
+    stored_dir = top.str("base_dir", default=None, listed=False)
     if base_dir is None and stored_dir is not None:
         base_dir = Path(stored_dir)
     model = parse_model(top.table("model"), base_dir)

@@ -92,20 +92,20 @@ class Table:
     def _fail(self, key: str, message: str) -> SpecError:
         return SpecError(self.source, f"{self.prefix}{key}", message)
 
-    def str(self, key: str, default: Any = None, required: bool = False) -> Any:
+    def str(self, key: str, default: Any = None, required: bool = False, listed: bool = True) -> Any:
         if required and key not in self.raw:
             near = closest(key, [k for k in self.raw if isinstance(k, str)])
             typo = f" ({near!r} is not a key here: a misspelling of {key}?)" if near else ""
             raise self._fail(key, f"is missing{typo}; add {key} = \"...\"")
-        v = self.get(key, default)
+        v = self.get(key, default, listed)
         if v is not None and not isinstance(v, str):
             raise self._fail(key, f"expected a string, got {v!r}; put it in quotes")
         return v
 
-    def int(self, key: str, default: int, low: int, high: int) -> int:
+    def int(self, key: str, default: int, low: int, high: int, expected: str = "a whole number") -> int:
         v = self.get(key, default)
         if isinstance(v, bool) or not isinstance(v, int):
-            raise self._fail(key, f"expected a whole number, got {v!r}")
+            raise self._fail(key, f"expected {expected}, got {v!r}")
         if not low <= v <= high:
             raise self._fail(key, f"{v} is outside {low}..{high}; choose a value in that range")
         return v
