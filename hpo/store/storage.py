@@ -135,6 +135,9 @@ class ResilientRDBStorage(optuna.storages.RDBStorage):
                 if getattr(self, "engine", None) is not None:
                     self.engine.dispose()
                 time.sleep(random.uniform(0.05, 0.5))
+        if self.engine.dialect.name == "sqlite":
+            sqlalchemy.event.listen(self.engine, "connect", _sqlite_sync_normal)
+            self.engine.dispose()  # the connections Optuna opened so far, made without it
         self._check_schema()
 
     def _check_schema(self) -> None:
@@ -148,6 +151,13 @@ class ResilientRDBStorage(optuna.storages.RDBStorage):
             raise StorageError(f"storage {mask_url(self.url)}: its tables have Optuna schema {current}, this Optuna "
                                f"({optuna.__version__}) needs {head}; upgrade them with: optuna storage upgrade "
                                f"--storage URL")
+
+
+def _sqlite_sync_normal(connection: Any, record: Any) -> None:
+    # In WAL mode (`_use_wal`), NORMAL syncs the log at checkpoints instead of at every
+    # commit: a killed worker loses nothing, a power cut may lose the last commits but
+    # never the file. A trial's epoch reports are commits, each ~1 ms of fsync at FULL.
+    connection.execute("PRAGMA synchronous=NORMAL")
 
 
 _CREATION_SECONDS = 30.0
