@@ -90,6 +90,8 @@ class _Reporter:
         self.check_stop = check_stop
         self.report = report
         self.line = _ProgressLine(trial.number, spec.training.max_epochs) if sys.stdout.isatty() else None
+        pruner = trial.study.pruner
+        self.complete = _CompleteTrials(trial.study) if isinstance(pruner, optuna.pruners.PercentilePruner) else None
 
     def __call__(self, epoch: int, scores: list[float]) -> bool:
         self.check_stop()
@@ -100,11 +102,48 @@ class _Reporter:
         if not self.report or not math.isfinite(value):
             return False
         self.trial.report(value, epoch)
-        return self.trial.should_prune()
+        if self.complete is None:
+            return self.trial.should_prune()
+        study = self.trial.study
+        return study.pruner.prune(self.complete, study._storage.get_trial(self.trial._trial_id))
 
     def close(self) -> None:
         if self.line is not None:
             self.line.close()
+
+
+class _CompleteTrials:
+    """The study as a percentile pruner (Optuna's `PercentilePruner`, `MedianPruner`) reads
+    it, for one trial's epochs: its complete trials, read on the first epoch and again
+    once `COMPLETE_READ_SECONDS` have passed; anything else is the study's own.
+
+    Optuna's `should_prune` reads every unfinished trial of the study (with all its
+    reports) from the database at each epoch to find the complete ones: 9 ms an epoch on
+    SQLite with one worker, and one more running trial to read for each other worker.
+    With one worker no trial completes while this one runs, so its pruning is Optuna's to
+    the decision; with several, a trial another worker completes meanwhile counts from the
+    next read on."""
+
+    COMPLETE_READ_SECONDS = 10.0
+
+    def __init__(self, study: optuna.Study, clock: Callable[[], float] = time.monotonic) -> None:
+        self.study = study
+        self.clock = clock
+        self.read_at = -math.inf
+        self.trials: list[optuna.trial.FrozenTrial] = []
+
+    def get_trials(self, deepcopy: bool = True,
+                   states: Any = None) -> list[optuna.trial.FrozenTrial]:
+        complete = (optuna.trial.TrialState.COMPLETE,)
+        if deepcopy or tuple(states or ()) != complete:
+            return self.study.get_trials(deepcopy=deepcopy, states=states)
+        if self.clock() - self.read_at > self.COMPLETE_READ_SECONDS:
+            self.trials = self.study.get_trials(deepcopy=False, states=complete)
+            self.read_at = self.clock()
+        return self.trials
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.study, name)
 
 
 class _ProgressLine:

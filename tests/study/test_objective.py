@@ -201,3 +201,36 @@ def test_a_pruned_trial_replays_up_to_the_epoch_it_was_pruned_at(tmp_path):
         assert max(t.intermediate_values) == t.user_attrs["pruned_at_epoch"]
         result = replay_trial(f"sqlite:///{tmp_path / 'o.db'}", "noisy", t.number)
         assert result.replayed == pytest.approx(t.user_attrs["seed_scores"], abs=0, rel=1e-12)
+
+
+def test_a_median_pruner_judges_each_epoch_on_the_complete_trials_read_once_a_trial(tmp_path):
+    # Optuna's should_prune reads every unfinished trial from the database at each epoch
+    # to find the complete ones; the objective's view reads them once, again only after
+    # its interval, and the pruner decides as it does on the study itself.
+    from hpo.study.objective import _CompleteTrials
+
+    storage = get_storage(f"sqlite:///{tmp_path / 'p.db'}")
+    study = optuna.create_study(storage=storage, pruner=optuna.pruners.MedianPruner(n_startup_trials=2))
+    for curve in ([5.0, 4.0, 3.0], [6.0, 5.0, 4.0], [4.0, 3.5, 3.0]):
+        study.add_trial(optuna.create_trial(value=curve[-1], intermediate_values=dict(enumerate(curve))))
+    reads = []
+    backend = storage._get_trials
+    storage._get_trials = lambda *a, **k: (reads.append(True), backend(*a, **k))[1]
+    now = [0.0]
+    trial = study.ask()
+    view = _CompleteTrials(study, clock=lambda: now[0])
+    decisions = []
+    for step, value in enumerate([4.5, 5.5, 2.0]):
+        trial.report(value, step)
+        frozen = study._storage.get_trial(trial._trial_id)
+        decisions.append(study.pruner.prune(view, frozen))
+        assert decisions[-1] == study.pruner.prune(study, frozen)
+    assert decisions == [False, True, False]
+    reads.clear()
+    view.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    assert reads == []  # served from its read
+    study.add_trial(optuna.create_trial(value=1.0, intermediate_values={0: 1.0}))
+    now[0] += _CompleteTrials.COMPLETE_READ_SECONDS + 1
+    assert len(view.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))) == 4
+    assert reads  # read again after its interval, with the trial completed meanwhile
+    assert view.direction == study.direction
