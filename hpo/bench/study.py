@@ -37,8 +37,8 @@ class TrialTime:
 
 @dataclass
 class StudyTime:
-    """A study run's wall time and its parts; `rest_s` is what the other three leave:
-    the sampler and pruner, loading data, checks, Python between trials."""
+    """A study run's wall time and its parts; `rest_s` is what the others leave: the
+    sampler and pruner, loading data, checks, Python between trials."""
 
     study: str
     wall_s: float
@@ -46,6 +46,8 @@ class StudyTime:
     trials: list[TrialTime]
     load: tuple[float, float]
     cache: str
+    # With ask-ahead: the worker waiting between trials for the next one's build.
+    ahead_wait_s: float = 0.0
     compile_s: float = field(init=False)
     epochs_s: float = field(init=False)
     rest_s: float = field(init=False)
@@ -54,7 +56,7 @@ class StudyTime:
         self.compile_s = sum(t.compile_s for t in self.trials)
         # A fit less its compiling: its epochs, and building its models and weights.
         self.epochs_s = sum(t.fit_s - t.compile_s for t in self.trials)
-        self.rest_s = self.wall_s - self.compile_s - self.epochs_s - self.database_s
+        self.rest_s = self.wall_s - self.compile_s - self.epochs_s - self.database_s - self.ahead_wait_s
 
     def median_s(self, state: str, part: str = "seconds") -> float | None:
         """The median wall time (or `part`: `fit_s`) of the trials in the state."""
@@ -131,12 +133,13 @@ def time_study(spec: StudySpec, *, cache: str, echo: Callable[[str], None] = pri
         clock = _DatabaseClock(study._storage)
         load_before = os.getloadavg()[0]
         start = time.perf_counter()
-        run_trials(study, spec, budget=spec.trials, echo=echo)
+        summary = run_trials(study, spec, budget=spec.trials, echo=echo)
         wall = time.perf_counter() - start
         finished = study.get_trials(deepcopy=False)
         trials = [_trial_time(t, finished[i - 1] if i else None) for i, t in enumerate(finished)]
         storage.engine.dispose()
-    return StudyTime(spec.name, wall, clock.seconds, trials, (load_before, os.getloadavg()[0]), cache)
+    return StudyTime(spec.name, wall, clock.seconds, trials, (load_before, os.getloadavg()[0]), cache,
+                     summary.ahead_wait_seconds)
 
 
 def _trial_time(trial: Any, before: Any | None) -> TrialTime:
@@ -172,6 +175,9 @@ def format_study_time(result: StudyTime) -> str:
              ("epochs and set-up", result.epochs_s, "each fit less its compiling: epochs, models, initial weights"),
              ("the database", result.database_s, "storage calls and SQL of this process's main thread"),
              ("the rest", result.rest_s, "sampler, pruner, data, checks, Python between trials")]
+    if result.ahead_wait_s:
+        parts.insert(3, ("waiting for builds", result.ahead_wait_s,
+                         "between trials, for the next trial's build on the second thread to finish"))
     for name, seconds, what in parts:
         share = 100 * seconds / result.wall_s if result.wall_s else 0.0
         lines.append(f"  {name:<22} {seconds:7.1f} s {share:4.0f}%  ({what})")
@@ -185,8 +191,8 @@ def format_study_time(result: StudyTime) -> str:
                      f"({pruned / complete:.0%})")
         fit_complete, fit_pruned = result.median_s("COMPLETE", "fit_s"), result.median_s("PRUNED", "fit_s")
         if fit_complete:
-            waits = " (with ask-ahead, the rest of a short trial's wall time is waiting for its build on the " \
-                    "second thread)" if ahead else ""
+            waits = " (with ask-ahead, a trial's wall time also holds waiting for its own build to finish)" \
+                if ahead else ""
             lines.append(f"  its own fit {fit_pruned:.2f} s against {fit_complete:.2f} s "
                          f"({fit_pruned / fit_complete:.0%}){waits}")
     return "\n".join(lines)

@@ -75,6 +75,8 @@ class RunSummary:
     best: FrozenTrial | None = None
     exit_code: int = 0
     restart: bool = False
+    # With ask-ahead: seconds the worker waited between trials for the next one's build.
+    ahead_wait_seconds: float = 0.0
 
 
 def clear_stop(study: optuna.Study) -> None:
@@ -180,6 +182,7 @@ def run_trials(study: optuna.Study, spec: StudySpec, *, budget: int, timeout: fl
         # ahead: it is given back, its params queued again.
         if ahead is not None:
             summary.lost += ahead.close("its worker stopped before running it")
+            summary.ahead_wait_seconds = ahead.waited
         restore()
         if hasattr(storage, "check_stop"):
             storage.check_stop = lambda: None
@@ -221,6 +224,7 @@ class _Ahead:
         self.trial: optuna.Trial | None = None
         self.heartbeat: _Heartbeat | None = None
         self.builder: threading.Thread | None = None
+        self.waited = 0.0  # seconds `take` waited for builds to finish
 
     def start(self) -> None:
         """Admit, sample and start building the next trial, unless one waits already or
@@ -251,7 +255,9 @@ class _Ahead:
         """The admitted next trial (its build finished, unless not `wait`), or None."""
         trial, self.trial = self.trial, None
         if self.builder is not None and wait:
+            asked = time.perf_counter()
             self.builder.join()
+            self.waited += time.perf_counter() - asked
             self.builder = None
         if self.heartbeat is not None:
             self.heartbeat.__exit__(None, None, None)

@@ -179,6 +179,7 @@ def fit_repeats(spec: StudySpec, params: dict[str, Any], seeds: list[int],
         trainer, ahead_seconds = prepared
     else:
         with _keras_lock:
+            _release_if_due()
             trainer = (_vectorized_trainer if chosen == "vectorized" else _SequentialTrainer)(spec, params, seeds)
     fit = _lock_step(spec, seeds, trainer, on_epoch, chosen, backend, setup=time.perf_counter() - start,
                      keep_best=keep_best)
@@ -252,6 +253,9 @@ def discard_prepared() -> None:
 def _take_prepared(params: dict[str, Any], seeds: list[int]) -> tuple[EpochTrainer, float] | None:
     """The trainer `prepare` built for these params and seeds, with the seconds it took."""
     with _keras_lock:  # nothing is being built ahead meanwhile
+        # Before the trainer is taken: a program built ahead and not yet run lives in
+        # JAX's staging, which the release must not clear.
+        _release_if_due()
         return _prepared.pop(_prepared_key(params, seeds), None)
 
 
@@ -476,23 +480,50 @@ class _SequentialTrainer:
 
 
 def release_memory() -> None:
-    """Free what Keras and TensorFlow hold between trials, so a long study stays flat."""
-    import gc
+    """Free what Keras and TensorFlow hold between trials, so a long study stays flat.
+
+    While the next trial is being built ahead (`prepare` holds `_keras_lock`), this does
+    not wait for that build: the release is left to the next fit, which takes the lock
+    anyway (`_release_if_due`). A trial that ends before the build of the one after it
+    then ends at once, and the wait for that build is the next trial's own."""
     import sys
 
+    global _release_due
     # Without Keras (the analytic family) there is nothing to free, and a full collection
     # of a large heap would cost more than the trial.
     if "keras" not in sys.modules:
         return
+    if not _keras_lock.acquire(blocking=False):
+        _release_due = True
+        return
+    try:
+        _release()
+    finally:
+        _keras_lock.release()
+
+
+def _release_if_due() -> None:
+    """A release `release_memory` left for later, done now; with `_keras_lock` held."""
+    if _release_due:
+        _release()
+
+
+def _release() -> None:
+    import gc
+
     import keras
 
-    with _keras_lock:
-        # One collection, not two (clear_session collects too unless told not to).
-        keras.backend.clear_session(free_memory=False)
-        gc.collect()
-        if keras.backend.backend() == "jax" and not _prepared:
-            _clear_jax_caches_once_grown()
-        _return_free_memory()
+    global _release_due
+    _release_due = False
+    # One collection, not two (clear_session collects too unless told not to).
+    keras.backend.clear_session(free_memory=False)
+    gc.collect()
+    if keras.backend.backend() == "jax" and not _prepared:
+        _clear_jax_caches_once_grown()
+    _return_free_memory()
+
+
+_release_due = False
 
 
 # JAX keeps, process-wide, what it staged for every shape it has met (traces, lowerings,

@@ -90,7 +90,7 @@ def test_bench_study_splits_a_real_runs_wall_time_into_its_parts(tmp_path):
         assert t["compile_s"] > 0 or (t["prepared_s"] or 0) > 0, t
     assert result["trials"][0]["compile_s"] > 0 and result["trials"][0]["prepared_s"] is None
     assert result["compile_s"] == pytest.approx(sum(t["compile_s"] for t in result["trials"]))
-    parts = result["compile_s"] + result["epochs_s"] + result["database_s"] + result["rest_s"]
+    parts = result["compile_s"] + result["epochs_s"] + result["database_s"] + result["ahead_wait_s"] + result["rest_s"]
     assert parts == pytest.approx(result["wall_s"])
     assert result["database_s"] > 0 and result["rest_s"] > 0
     assert result["cache"] == "empty at the start"

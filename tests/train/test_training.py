@@ -232,3 +232,39 @@ def test_a_trial_built_ahead_keeps_its_compiled_program_through_the_clear(monkey
     clock = CompileClock.now()
     fit = fit_repeats(spec, params, [21, 22])
     assert fit.prepared_seconds is not None and clock.since().programs == 0
+
+
+def test_a_trial_that_ends_while_the_next_one_builds_ahead_does_not_wait_for_that_build(monkeypatch):
+    # The build ahead holds Keras' lock; the trial that ends meanwhile leaves its release
+    # (clear_session, a collection) to the next fit, which takes the lock anyway, so the
+    # wait for a build is the trial's that was built.
+    import threading
+    import time
+
+    import keras
+
+    from hpo.train import fit as fit_module
+
+    spec = tiny_spec()
+    params = default_params(spec) | {"units": 4, "batch_size": 16}
+    fit_repeats(spec, params, [1, 2])
+    cleared = []
+    monkeypatch.setattr(keras.backend, "clear_session",
+                        lambda real=keras.backend.clear_session, **kw: (cleared.append(True), real(**kw)))
+    building, built = threading.Event(), threading.Event()
+
+    def build() -> None:  # what `prepare` holds while it builds and compiles
+        with fit_module._keras_lock:
+            building.set()
+            built.wait(60)
+
+    builder = threading.Thread(target=build)
+    builder.start()
+    assert building.wait(60)
+    start = time.perf_counter()
+    fit_module.release_memory()
+    assert time.perf_counter() - start < 1.0 and cleared == []
+    built.set()
+    builder.join()
+    fit_repeats(spec, params, [1, 2])
+    assert cleared == [True]  # done by the next fit, before it built anything
