@@ -23,7 +23,7 @@ from typing import Callable
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from hpo.backend import available_cores, rss_mb, thread_cap
+from hpo.backend import available_cores, thread_cap
 from hpo.errors import HpoError, TrialFailed
 from hpo.record import ATTR_FAIL_REASON, ATTR_INTERRUPTED, ATTR_PRUNED_AT, ATTR_UNDECIDED_AGAINST, ATTR_WORKER
 from hpo.specs import StudySpec
@@ -159,12 +159,14 @@ def run_trials(study: optuna.Study, spec: StudySpec, *, budget: int, timeout: fl
                 # After the challenger is told, so nothing that happens here can cost it its result.
                 add_incumbent_seeds(study, spec, frozen.user_attrs[ATTR_UNDECIDED_AGAINST], check_stop, echo)
             if max_memory_growth_mb is not None:
+                from hpo.train.fit import settled_rss_mb
+
                 if baseline_mb is None:
-                    baseline_mb = rss_mb()
-                elif (rss_mb() - baseline_mb > max_memory_growth_mb
+                    baseline_mb = settled_rss_mb()
+                elif ((grown := settled_rss_mb() - baseline_mb) > max_memory_growth_mb
                       and count_trials(storage, study._study_id).spent < budget):  # no restart just to stop
                     summary.restart = True
-                    summary.stopped_reason = (f"memory grew {rss_mb() - baseline_mb:.0f} MB since the first trial "
+                    summary.stopped_reason = (f"memory grew {grown:.0f} MB since the first trial "
                                               f"(over {max_memory_growth_mb:g} MB); restarting to release it")
                     break
             if failures_in_a_row >= max_consecutive_failures:

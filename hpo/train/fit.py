@@ -579,20 +579,50 @@ def _return_free_memory() -> None:
         import ctypes
 
         try:
-            trim = ctypes.CDLL(None).malloc_trim
+            _trimmer = _Trimmer(ctypes.CDLL(None).malloc_trim)
         except (AttributeError, OSError):
             _trimmer = False
-            return
-        _trimmer = threading.Event()
-
-        def run(due: threading.Event) -> None:
-            while due.wait():
-                due.clear()
-                trim(0)
-
-        threading.Thread(target=run, args=(_trimmer,), name="hpo-malloc-trim", daemon=True).start()
     if _trimmer:
-        _trimmer.set()
+        _trimmer.ask()
 
 
-_trimmer: threading.Event | bool | None = None
+class _Trimmer:
+    """`malloc_trim` on a thread of its own, run whenever asked; `settle` waits for the
+    trims asked so far."""
+
+    def __init__(self, trim: Callable[[int], Any]) -> None:
+        self.trim = trim
+        self.asked = self.done = 0
+        self.changed = threading.Condition()
+        threading.Thread(target=self._run, name="hpo-malloc-trim", daemon=True).start()
+
+    def ask(self) -> None:
+        with self.changed:
+            self.asked += 1
+            self.changed.notify_all()
+
+    def settle(self, timeout: float) -> None:
+        with self.changed:
+            self.changed.wait_for(lambda: self.done >= self.asked, timeout)
+
+    def _run(self) -> None:
+        while True:
+            with self.changed:
+                self.changed.wait_for(lambda: self.done < self.asked)
+                asked = self.asked
+            self.trim(0)
+            with self.changed:
+                self.done = asked
+                self.changed.notify_all()
+
+
+_trimmer: _Trimmer | bool | None = None
+
+
+def settled_rss_mb(timeout: float = 5.0) -> float:
+    """The resident size once the trims asked for so far have handed their pages back
+    (waiting at most `timeout` s): read right after a trial, the size would still hold
+    what its trim is about to give back, by as much as the trial grew the process."""
+    if _trimmer:
+        _trimmer.settle(timeout)
+    return rss_mb()

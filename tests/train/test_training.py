@@ -268,3 +268,27 @@ def test_a_trial_that_ends_while_the_next_one_builds_ahead_does_not_wait_for_tha
     builder.join()
     fit_repeats(spec, params, [1, 2])
     assert cleared == [True]  # done by the next fit, before it built anything
+
+
+def test_settling_waits_for_the_trim_asked_after_a_trial():
+    import threading
+    import time
+
+    from hpo.train.fit import _Trimmer
+
+    started, release, trimmed = threading.Event(), threading.Event(), []
+
+    def slow_trim(pad):
+        started.set()
+        release.wait(10)
+        trimmed.append(pad)
+
+    trimmer = _Trimmer(slow_trim)
+    trimmer.ask()
+    assert started.wait(10)
+    t0 = time.monotonic()
+    trimmer.settle(timeout=0.2)  # the trim is still running: settle gives up at its timeout
+    assert not trimmed and time.monotonic() - t0 >= 0.2
+    threading.Timer(0.1, release.set).start()
+    trimmer.settle(timeout=10)  # ... and returns once the trim has run
+    assert trimmed == [0]
