@@ -92,6 +92,7 @@ class _Reporter:
         self.line = _ProgressLine(trial.number, spec.training.max_epochs) if sys.stdout.isatty() else None
         pruner = trial.study.pruner
         self.complete = _CompleteTrials(trial.study) if isinstance(pruner, optuna.pruners.PercentilePruner) else None
+        self.frozen: optuna.trial.FrozenTrial | None = None  # this trial as its pruner reads it, kept here
 
     def __call__(self, epoch: int, scores: list[float]) -> bool:
         self.check_stop()
@@ -105,7 +106,10 @@ class _Reporter:
         if self.complete is None:
             return self.trial.should_prune()
         study = self.trial.study
-        return study.pruner.prune(self.complete, study._storage.get_trial(self.trial._trial_id))
+        if self.frozen is None:  # read once: a percentile pruner reads only the reports, which are this process's
+            self.frozen = study._storage.get_trial(self.trial._trial_id)
+        self.frozen.intermediate_values[epoch] = value
+        return study.pruner.prune(self.complete, self.frozen)
 
     def close(self) -> None:
         if self.line is not None:
