@@ -393,7 +393,9 @@ def test_workers_behind_the_proxy_survive_a_postgresql_restart(postgres, tmp_pat
     the proxy waits for it, the workers' calls wait in the proxy (or ask again), and the
     study ends complete with nothing lost."""
     url = postgres.create_database()
-    spec = write_study(tmp_path, "pgrestart", trials=12, epoch_seconds=0.05)
+    # Trials long enough (2 s) that the workers are still at them when the server stops,
+    # however slowly this test gets there under load: a finished study meets no outage.
+    spec = write_study(tmp_path, "pgrestart", trials=12, epoch_seconds=0.25)
     run_hpo("create", str(spec), "--storage", url)
     proxy, grpc_url = start_proxy(url, free_port())
     said: list[str] = []

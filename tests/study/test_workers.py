@@ -188,7 +188,8 @@ def test_workers_survive_a_postgresql_restart(postgres, tmp_path):
     """PostgreSQL is stopped and started again while two workers run: both carry on and
     the study ends complete, with nothing lost."""
     url = postgres.create_database()
-    spec = write_study(tmp_path, "restart", trials=10, epoch_seconds=0.1)
+    # Trials long enough (1.6 s) that the workers are still at them when the server stops.
+    spec = write_study(tmp_path, "restart", trials=10, epoch_seconds=0.2)
     proc = start_hpo("run", str(spec), "--storage", url, "--workers", "2", "--heartbeat-interval", "1")
     errors: list[str] = []
     reader = threading.Thread(target=lambda: errors.extend(proc.stderr), daemon=True)
