@@ -4,10 +4,12 @@ reports and the per-seed record out, with the mean (or mean and std) as its valu
 
 from __future__ import annotations
 
+import collections
 import math
 import statistics
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable
 
 import optuna
@@ -52,6 +54,7 @@ class Objective:
             # Inside the try: a fault while suggesting fails this trial, not the worker.
             params = suggest_params(spec, trial)
             fit = fit_repeats(spec, params, seeds, on_epoch)
+            on_epoch.flush()  # its reports are in the database before anything reads them
             if spec.seeds_max is not None and fit.pruned_at_epoch is None:
                 fit = race(spec, trial, params, fit, self.check_stop)
         except TrialFailed as e:
@@ -81,7 +84,16 @@ class _Reporter:
     report the value the trial would get if it stopped now, at step = the epoch, and ask
     to prune. That value is the objective's own (`trial_value`) over each seed's best
     score so far, so the pruner judges the number the trial is scored by and the last
-    report equals the trial's value. When stdout is a terminal a live line shows it."""
+    report equals the trial's value. When stdout is a terminal a live line shows it.
+
+    Where the pruner decides from this process's reports alone (a percentile or median
+    pruner, which also reads the complete trials, or none), the reports are written by a
+    thread of their own, in order, while the next epoch trains: each is a database
+    transaction (4-5 ms on SQLite, a round trip or more on a server). A report that fails
+    (the database away past its retries) raises at the next epoch, or at `flush`, which
+    the trial calls before anything reads its reports back. Any other pruner (Hyperband,
+    successive halving, threshold, patience, Wilcoxon) reads its trial as Optuna keeps
+    it, so reports are written before it asks."""
 
     def __init__(self, trial: optuna.Trial, spec: StudySpec, check_stop: Callable[[], None],
                  report: bool = True) -> None:
@@ -93,6 +105,11 @@ class _Reporter:
         pruner = trial.study.pruner
         self.complete = _CompleteTrials(trial.study) if isinstance(pruner, optuna.pruners.PercentilePruner) else None
         self.frozen: optuna.trial.FrozenTrial | None = None  # this trial as its pruner reads it, kept here
+        self.writer: ThreadPoolExecutor | None = None
+        self.written: collections.deque[Future] = collections.deque()
+        self.failed = False
+        if self.complete is not None or isinstance(pruner, optuna.pruners.NopPruner):
+            self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"hpo-report-{trial.number}")
 
     def __call__(self, epoch: int, scores: list[float]) -> bool:
         self.check_stop()
@@ -102,16 +119,42 @@ class _Reporter:
             self.line.update(epoch, f"value so far {value:.5g}")
         if not self.report or not math.isfinite(value):
             return False
-        self.trial.report(value, epoch)
-        if self.complete is None:
+        if self.writer is None:
+            self.trial.report(value, epoch)
             return self.trial.should_prune()
+        self._raise_failed(wait=False)
         study = self.trial.study
-        if self.frozen is None:  # read once: a percentile pruner reads only the reports, which are this process's
+        if self.complete is not None and self.frozen is None:
+            # Read once, before the first report: the pruner reads only the reports, this process's.
             self.frozen = study._storage.get_trial(self.trial._trial_id)
+        self.written.append(self.writer.submit(self._write, value, epoch))
+        if self.complete is None:
+            return False
         self.frozen.intermediate_values[epoch] = value
         return study.pruner.prune(self.complete, self.frozen)
 
+    def _write(self, value: float, epoch: int) -> None:
+        if self.failed:  # no gap in the curve: once one fails, the later ones are not written
+            return
+        try:
+            self.trial.report(value, epoch)
+        except BaseException:
+            self.failed = True
+            raise
+
+    def _raise_failed(self, wait: bool) -> None:
+        while self.written and (wait or self.written[0].done()):
+            self.written.popleft().result()
+
+    def flush(self) -> None:
+        """Wait for the reports written so far; raise the first that failed."""
+        self._raise_failed(wait=True)
+
     def close(self) -> None:
+        """Wait for the reports (a trial that raised has its own error to tell) and end
+        the live line."""
+        if self.writer is not None:
+            self.writer.shutdown(wait=True)
         if self.line is not None:
             self.line.close()
 

@@ -252,3 +252,51 @@ def test_a_median_pruner_reads_its_trial_from_the_database_once_not_every_epoch(
         return len(calls)
 
     assert reads("short", 3) == reads("long", 12)
+
+
+def test_reports_are_written_beside_the_training_in_order_and_all_before_the_trial_ends(tmp_path):
+    import threading
+
+    spec = parse_spec({**NOISY, "pruner": {"n_startup_trials": 1, "n_warmup_steps": 0}})
+    study = create_study(spec, get_storage(f"sqlite:///{tmp_path / 'r.db'}"))
+    writes = []
+    backend = study._storage.set_trial_intermediate_value
+
+    def recorded(trial_id, step, value):
+        writes.append((threading.current_thread().name, trial_id, step))
+        backend(trial_id, step, value)
+
+    study._storage.set_trial_intermediate_value = recorded
+    run_trials(study, spec, budget=5, echo=lambda line: None)
+    trials = study.get_trials()
+    assert {t.state for t in trials} <= {optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED}
+    assert any(t.state == optuna.trial.TrialState.PRUNED for t in trials)
+    for t in trials:
+        epochs = len(t.user_attrs["curves"][0]["val_metric"])
+        assert sorted(t.intermediate_values) == list(range(1, epochs + 1))
+        assert [s for _, i, s in writes if i == t._trial_id] == list(range(1, epochs + 1))
+        # Told after its last report was written: a pruned trial's value is its last report.
+        assert t.value == pytest.approx(t.intermediate_values[epochs])
+    assert all(name.startswith("hpo-report-") for name, _, _ in writes)
+
+
+def test_a_report_the_database_refuses_stops_the_worker_and_leaves_nothing_running(tmp_path):
+    from hpo.errors import StorageError
+
+    spec = parse_spec(NOISY)
+    study = create_study(spec, get_storage(f"sqlite:///{tmp_path / 'f.db'}"))
+    backend = study._storage.set_trial_intermediate_value
+
+    def refused(trial_id, step, value):
+        if step == 3:
+            raise StorageError("the database went away")
+        backend(trial_id, step, value)
+
+    study._storage.set_trial_intermediate_value = refused
+    with pytest.raises(StorageError, match="went away"):
+        run_trials(study, spec, budget=3, echo=lambda line: None)
+    trial, *others = study.get_trials()
+    assert trial.state == optuna.trial.TrialState.FAIL  # given back, not left RUNNING
+    assert "went away" in trial.user_attrs["interrupted"]
+    assert sorted(trial.intermediate_values) == [1, 2]  # nothing written after the refused report
+    assert all(t.state == optuna.trial.TrialState.WAITING for t in others)  # its params queued again
