@@ -70,8 +70,7 @@ class Objective:
             raise TrialFailed(reason) from e
         finally:
             release_memory()
-            if isinstance(on_epoch, _Reporter):
-                on_epoch.close()
+            on_epoch.close()
         record_note(trial, spec.metric, record_fit(trial, fit))
         if fit.pruned_at_epoch is not None:
             raise optuna.TrialPruned(f"pruned after epoch {fit.pruned_at_epoch}")
