@@ -78,8 +78,9 @@ def engine_kwargs(url: str, connections: int = 1) -> dict:
     # pool_pre_ping replaces connections a database restart has cut before they are used.
     # A worker keeps one connection between calls and opens at most two more at once (of
     # the trial it starts while holding the admission lock's, its heartbeat thread's and
-    # its report thread's; a call finding all three in use waits for one), closed again
-    # after use: N workers hold about N of the server's max_connections, not 2-6 N.
+    # its report thread's; a call finding all three of its connections in use waits for
+    # one), closed again after use: N workers hold about N of the server's
+    # max_connections, not 2-6 N.
     kwargs: dict[str, Any] = {"pool_pre_ping": True, "pool_size": connections, "max_overflow": 2,
                               "pool_recycle": 300}
     if sqlalchemy.engine.make_url(url).get_driver_name() == "psycopg":
