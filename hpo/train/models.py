@@ -14,6 +14,7 @@ import keras
 
 from hpo.errors import SpecError
 from hpo.specs import CUSTOM, DEFAULT_PARAMS, StudySpec
+from hpo.train import flat_random
 from hpo.words import format_params
 
 # A model builder: (params, input_shape, n_outputs) -> an uncompiled keras.Model.
@@ -79,7 +80,10 @@ def check_model(spec: StudySpec, params: dict[str, Any], input_shape: tuple[int,
     build = model_factory(spec)
     compiled_by_build = compiles_itself(spec)
     try:
-        model = build(params, input_shape, n_outputs)
+        # Initial weights drawn as a trial's are (`flat_random`): the check compiles no
+        # random draw of its own shapes, and the first trial finds its draws compiled.
+        with flat_random.drawing():
+            model = build(params, input_shape, n_outputs)
     except SpecError:
         raise
     except Exception as e:  # noqa: BLE001 - any failure of the user's code, reported as theirs
@@ -92,7 +96,8 @@ def check_model(spec: StudySpec, params: dict[str, Any], input_shape: tuple[int,
         if not model.built:
             # A Sequential without an Input (KerasTuner's guide writes them so) is built
             # for the data on its first call, as `fit` would.
-            model.build((None, *input_shape))
+            with flat_random.drawing():
+                model.build((None, *input_shape))
         out = model.compute_output_spec(keras.KerasTensor((2, *input_shape), dtype=_input_dtype(input_shape, model)))
     except Exception as e:  # noqa: BLE001
         raise SpecError(spec.source, field, f"{what} builds a model that cannot take inputs of shape {input_shape}: "

@@ -47,3 +47,25 @@ def test_the_orthogonal_initializer_compiles_one_program_per_new_shape():
         jax.block_until_ready(keras.initializers.Orthogonal(seed=4)((12, 40)))
         seen_shape = clock.since().programs
     assert new_shape == 1 and seen_shape == 0, (new_shape, seen_shape)
+
+
+def test_the_spec_check_draws_its_models_weights_as_the_trials_do(caplog):
+    """`hpo run` builds the model once before any trial (`check_model`); drawn flat, as a
+    trial's are, a width never met compiles no random draw of its own shapes (each about
+    0.1 s of every run's start-up, and the first trial then found none compiled)."""
+    import logging
+
+    import jax
+
+    from hpo.specs.study import load_spec
+    from hpo.train.models import check_first_params, check_model
+
+    with flat_random.drawing():  # the flat draws themselves, compiled once per process
+        keras.initializers.GlorotUniform(seed=1)((3, 4))
+        keras.initializers.Orthogonal(seed=1)((8, 4))
+    spec = load_spec("sine_lstm")
+    params = {**check_first_params(spec), "units": 23, "layers": 2}
+    with caplog.at_level(logging.WARNING, logger="jax"), jax.log_compiles(True):
+        check_model(spec, params, (20, 1), 1, 400)
+    compiled = {m.split("(", 2)[1].split(")")[0] for m in caplog.messages if m.startswith("Compiling jit(")}
+    assert compiled and not compiled & {"_uniform", "_normal", "_truncated_normal", "qr"}, compiled
