@@ -227,21 +227,32 @@ class _Ahead:
         self.heartbeat: _Heartbeat | None = None
         self.builder: threading.Thread | None = None
         self.waited = 0.0  # seconds `take` waited for builds to finish
+        # The budget was full at the last ask, since the running trial began: only a sweep
+        # (a dead worker's trial failed, its room freed) can change that before the next one.
+        self.refused = False
 
     def start(self) -> None:
         """Admit, sample and start building the next trial, unless one waits already or
-        the budget is full. A storage fault here only skips the look ahead (a trial it
-        created is given back on the next admission, as `_admit` does)."""
+        the budget is full. Refused once during a trial, it asks again only when dead
+        workers' trials are due to be looked for (`_SweepClock`). A storage fault here
+        only skips the look ahead (a trial it created is given back on the next
+        admission, as `_admit` does)."""
         from hpo.specs.space import suggest_params
         from hpo.train.fit import keras_settings, prepare
 
         if self.trial is not None:
             return
+        sweep = self.sweeps.due()
+        if self.refused and not sweep:
+            # Not at every epoch: each ask is a transaction under the study's lock, which
+            # every worker of the study waits on.
+            return
         try:
-            trial, _ = _admit(self.study, self.budget, self.sweeps.due(), self.orphans)
+            trial, _ = _admit(self.study, self.budget, sweep, self.orphans)
         except Exception:  # noqa: BLE001 - the worker loop's own admission meets it again
             return
         if trial is None:
+            self.refused = True
             return
         self.trial = trial
         self.heartbeat = _Heartbeat(rdb_storage(self.study._storage), trial._trial_id).__enter__()
@@ -256,6 +267,7 @@ class _Ahead:
     def take(self, wait: bool = True) -> optuna.Trial | None:
         """The admitted next trial (its build finished, unless not `wait`), or None."""
         trial, self.trial = self.trial, None
+        self.refused = False
         if self.builder is not None and wait:
             asked = time.perf_counter()
             self.builder.join()

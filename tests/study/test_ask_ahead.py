@@ -93,3 +93,34 @@ def test_a_worker_asking_ahead_recovers_a_dead_workers_trial_while_it_runs(tmp_p
     late = [t.number for t in trials if t.number != dead.number
             and failed.datetime_start.timestamp() + 4 < t.datetime_start.timestamp() < failed.datetime_complete.timestamp()]
     assert len(late) <= 2, (late, [(t.number, t.datetime_start, t.datetime_complete) for t in trials])
+
+
+def test_once_the_budget_is_full_ask_ahead_stops_asking_at_every_epoch(tmp_path, monkeypatch):
+    """Ask-ahead admits the next trial after a trial's first epoch. Once the study's lock
+    says the budget is full it asks again only when dead workers' trials are due to be
+    looked for (once per heartbeat interval, so a dead worker's trial is still recovered
+    while this one runs) or when the next trial begins: each ask is a transaction under
+    the study's lock, which every worker of the study waits on. The code before asked
+    after every epoch of the last trial (13 asks here)."""
+    import tomllib
+
+    from hpo.specs import parse_spec
+    from hpo.store.storage import get_storage
+    from hpo.study import workers
+    from hpo.study.study import create_study
+
+    asks = []
+    admit = workers._admit
+    monkeypatch.setattr(workers, "_admit", lambda *args: asks.append(1) or admit(*args))
+    raw = tomllib.loads(AHEAD_LSTM.replace("trials = 4", "trials = 2").replace("max_epochs = 4", "max_epochs = 12")
+                        .replace("[training]", "[training]\npatience = 12"))
+    spec = parse_spec(raw)
+    study = create_study(spec, get_storage(f"sqlite:///{tmp_path / 'full.db'}"))  # heartbeats every 10 s
+    workers.run_trials(study, spec, budget=2, echo=lambda line: None, ask_ahead=True)
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
+    assert all(e == 12 for t in trials for e in t.user_attrs["epochs_run"])
+    # The loop's trial 0, ask-ahead's trial 1, one refusal during trial 1, the loop's last
+    # refusal; and one more per 10 s that trial 1 runs (a loaded machine).
+    seconds = (trials[1].datetime_complete - trials[1].datetime_start).total_seconds()
+    assert len(asks) <= 4 + seconds // 10, (len(asks), seconds)
