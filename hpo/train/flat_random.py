@@ -47,7 +47,8 @@ def _is_exact() -> bool:
     older generator, which pairs the first half of a draw's counters with the second,
     does not): checked once, on one shape of rank 3 against the smallest flat draw.
     Each shape checked is a compilation of each draw, about 0.1 s in every process's
-    first trial, so one shape, and a flat size that trials draw from anyway."""
+    first build (the spec check's), so one shape, and a flat size that trials draw from
+    anyway."""
     global _exact
     if _exact is None:
         import jax

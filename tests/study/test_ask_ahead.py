@@ -101,7 +101,7 @@ def test_once_the_budget_is_full_ask_ahead_stops_asking_at_every_epoch(tmp_path,
     looked for (once per heartbeat interval, so a dead worker's trial is still recovered
     while this one runs) or when the next trial begins: each ask is a transaction under
     the study's lock, which every worker of the study waits on. The code before asked
-    after every epoch of the last trial (13 asks here)."""
+    after every epoch of the last trial (15 asks here)."""
     import tomllib
 
     from hpo.specs import parse_spec
